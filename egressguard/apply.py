@@ -1,0 +1,207 @@
+"""The apply sequence: preflight, lockdown first, resolve, commit, read back, status. Fails closed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from egressguard import facts as facts_mod
+from egressguard import policy as policy_mod
+from egressguard import status as status_mod
+from egressguard._version import __version__
+from egressguard.backends import Backend, Installed
+from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
+from egressguard.policy import Policy
+from egressguard.ruleset import FAMILIES, Facts, Ruleset, build, hosts_of
+from egressguard.verify import differences
+
+log = structlog.get_logger("egressguard")
+
+LOCK_NAME = b"\0egressguard-apply-lock"  # abstract socket: one per network namespace, no file needed
+LOCK_WAIT_S = 60.0
+
+
+@contextmanager
+def namespace_lock(wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Serialise apply/reset within one network namespace (released when the process dies)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    end = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                sock.bind(LOCK_NAME)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                if time.monotonic() > end:
+                    raise ApplyFailed(f"another egressguard apply/reset held the lock for more than {wait_s:g}s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        sock.close()
+
+
+def guarded(installed: Installed) -> bool:
+    """Our filter chains and jump are in place in both families (a previous apply completed)."""
+    for family in FAMILIES:
+        t = installed.table(family, "filter")
+        if not t.present or t.jump_positions != (0,) or len(t.chains) != 2:
+            return False
+    return True
+
+
+@dataclass
+class Outcome:
+    """What one apply did, for the summary event and the status file."""
+
+    policy_digest: str
+    source: str
+    backend: str
+    ruleset: Ruleset | None = None
+    resolution: facts_mod.Resolution | None = None
+    resolvers: tuple[str, ...] = ()
+    lockdown_first: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def status(self, state: str, exit_code: int, error: str | None = None) -> dict[str, Any]:
+        rs = self.ruleset
+        return {
+            "egressguard": __version__,
+            "state": state,
+            "exit_code": exit_code,
+            "error": error,
+            "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "policy_source": self.source,
+            "policy_digest": self.policy_digest,
+            "ruleset_digest": rs.digest() if rs else None,
+            "backend": self.backend,
+            "resolvers": list(self.resolvers),
+            "hosts": {k: list(v) for k, v in (self.resolution.addresses if self.resolution else {}).items()},
+            "hosts_skipped": dict(self.resolution.skipped) if self.resolution else {},
+            "rule_counts": {f"ipv{t.family}/{t.name}": sum(len(c.rules) for c in t.chains) for t in rs.tables}
+            if rs
+            else {},
+            "lockdown_first": self.lockdown_first,
+            "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+        }
+
+
+class _Clock:
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+
+    @contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.into[step] = (time.perf_counter() - t) * 1000
+
+
+def apply(
+    policy: Policy,
+    source: str,
+    backend: Backend,
+    status_path: Path | None,
+    resolv_conf: Path = facts_mod.RESOLV_CONF,
+) -> Outcome:
+    """Install `policy` in the current network namespace, or raise with lockdown in place."""
+    out = Outcome(policy_digest=policy_mod.digest(policy), source=source, backend=backend.name)
+    clock = _Clock(out.timings_ms)
+    with clock("preflight"):
+        backend.preflight()  # exit 3 before any change
+        out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
+        lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True)
+    with namespace_lock():
+        with clock("read_before"):
+            out.lockdown_first = not guarded(backend.read())
+        if out.lockdown_first:
+            # Deny first: nothing guarded yet, so lock down before anything slow or fallible.
+            with clock("lockdown"):
+                backend.commit(lockdown)
+            log.info("lockdown_committed", rules=lockdown.rule_count())
+        try:
+            with clock("resolve"):
+                out.resolution = facts_mod.resolve_hosts(hosts_of(policy), out.resolvers)
+            _report_resolution(out.resolution)
+            ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses))
+            out.ruleset = ruleset
+            with clock("commit"):
+                backend.commit(ruleset)
+            log.info("rules_committed", rules=ruleset.rule_count(), digest=ruleset.digest())
+            with clock("verify"):
+                diffs = differences(ruleset, backend.read())
+            if diffs:
+                raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
+            log.info("rules_verified")
+            if status_path is not None:
+                with clock("status"):
+                    status_mod.write(status_path, out.status("policy", 0))
+            return out
+        except BaseException as exc:
+            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc)
+            raise
+
+
+def _report_resolution(res: facts_mod.Resolution) -> None:
+    for name, addrs in res.addresses.items():
+        log.info("host_resolved", host=name, addresses=list(addrs))
+    for name, why in res.skipped.items():
+        log.warning("optional_host_skipped", host=name, reason=why)
+    for addr, names in res.shared.items():
+        log.warning("hosts_share_address", address=addr, hosts=list(names))
+
+
+def _fall_back_to_lockdown(
+    backend: Backend, lockdown: Ruleset, out: Outcome, status_path: Path | None, exc: BaseException
+) -> None:
+    code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
+    try:
+        backend.commit(lockdown)
+        log.warning("lockdown_committed", reason=type(exc).__name__)
+    except Exception as again:  # noqa: BLE001 - the original error is what gets reported
+        log.error("lockdown_failed", error=str(again))
+    if status_path is not None:
+        try:
+            status_mod.write(status_path, out.status("lockdown", code, error=str(exc)))
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def reset(backend: Backend, status_path: Path | None) -> None:
+    backend.preflight()
+    with namespace_lock():
+        backend.commit(build_empty())
+    if status_path is not None:
+        try:
+            status_mod.remove(status_path)
+        except ApplyFailed as exc:
+            log.warning("status_not_removed", error=str(exc))
+
+
+def build_empty() -> Ruleset:
+    from egressguard.ruleset import Table  # noqa: PLC0415
+
+    return Ruleset(tables=tuple(Table(f, n, ()) for f in FAMILIES for n in ("filter", "nat")))
+
+
+def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOLV_CONF, hosts: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Differences between the kernel and `policy` (hosts as resolved by the last apply)."""
+    backend.preflight()
+    resolvers = facts_mod.resolvers_for(policy, resolv_conf)
+    want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}))
+    missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
+    if missing:
+        raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
+    return differences(want, backend.read())

@@ -1,0 +1,59 @@
+"""The back-end interface: commit a Ruleset atomically per table, read back what is installed, reset."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from egressguard.ruleset import Chain, Family, Ruleset
+
+
+@dataclass(frozen=True)
+class InstalledTable:
+    """What the kernel holds in one (family, table), as far as egressguard is concerned."""
+
+    family: Family
+    name: str
+    present: bool  # the table exists in this kernel / namespace
+    jump_positions: tuple[int, ...]  # 0-based positions of our jump rules in OUTPUT
+    chains: tuple[Chain, ...]  # owned chains, as decoded from the kernel
+    counters: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # chain -> (packets, bytes)
+    foreign_output_rules: int = 0  # rules in OUTPUT that are not ours
+
+
+@dataclass(frozen=True)
+class Installed:
+    tables: tuple[InstalledTable, ...]
+
+    def table(self, family: Family, name: str) -> InstalledTable:
+        for t in self.tables:
+            if t.family == family and t.name == name:
+                return t
+        raise KeyError((family, name))
+
+
+class Backend(abc.ABC):
+    """A firewall back end. Each method acts on the current network namespace."""
+
+    name: str
+
+    @abc.abstractmethod
+    def preflight(self) -> None:
+        """Raise EnvironmentUnsupported if this back end cannot work here. Changes nothing."""
+
+    @abc.abstractmethod
+    def commit(self, ruleset: Ruleset) -> None:
+        """Replace everything egressguard owns with `ruleset`, one atomic commit per table.
+        Raise ApplyFailed (or EnvironmentUnsupported) if the kernel refuses."""
+
+    @abc.abstractmethod
+    def read(self) -> Installed:
+        """Read back what egressguard owns (and the position of its jumps)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Remove everything egressguard owns and nothing else."""
+
+    def other_firewalls(self) -> list[str]:
+        """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""
+        return []

@@ -1,0 +1,365 @@
+"""The python-iptables (libiptc, legacy x_tables) back end: one atomic commit per table."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import ipaddress
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from egressguard.backends import Backend, Installed, InstalledTable
+from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
+from egressguard.ruleset import DISPATCH, FAMILIES, JUMP_COMMENT, OWNED_CHAINS, Chain, Family, Rule, Ruleset, Table
+
+T = TypeVar("T")
+
+TABLES = ("filter", "nat")
+COMMIT_ATTEMPTS = 20  # a commit that races another writer fails with EAGAIN: rebuild and retry
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+_PR_SET_PDEATHSIG = 1
+
+
+def _xtables_libdir() -> str | None:
+    for pattern in ("/usr/lib/*/xtables", "/usr/lib/xtables", "/usr/lib64/xtables", "/usr/libexec/xtables", "/lib/xtables"):
+        for d in sorted(glob.glob(pattern)):
+            if os.path.exists(os.path.join(d, "libxt_comment.so")):
+                return d
+    return None
+
+
+def import_iptc() -> Any:
+    """Import python-iptables the fast way (XTABLES_LIBDIR set: no ldconfig run)."""
+    if "XTABLES_LIBDIR" not in os.environ:
+        libdir = _xtables_libdir()
+        if libdir:
+            os.environ["XTABLES_LIBDIR"] = libdir
+    try:
+        import iptc  # noqa: PLC0415 - costly; only the kernel-facing commands need it
+    except Exception as exc:  # ImportError, OSError (libiptc missing), XTablesError
+        raise EnvironmentUnsupported(f"python-iptables cannot be loaded: {exc}") from None
+    return iptc
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _in_child(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a forked child and return its result (or raise its exception).
+
+    libxtables keeps per-process state that breaks when one process uses both families
+    (python-iptables #135, #316, #325: "can't find target REDIRECT"), so each family's
+    work runs in its own short-lived process. The child dies with its parent.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            try:
+                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            try:
+                payload = (True, fn(*args))
+            except EgressGuardError as exc:
+                payload = (False, exc)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which maps it
+                payload = (False, ApplyFailed(f"{type(exc).__name__}: {exc}"))
+            with os.fdopen(w, "wb") as fh:
+                pickle.dump(payload, fh)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise ApplyFailed(f"iptables worker died (status {status})")
+    ok, value = pickle.loads(data)  # noqa: S301 - from our own child
+    if ok:
+        return value
+    raise value
+
+
+class IptablesBackend(Backend):
+    name = "iptables-legacy (python-iptables)"
+
+    def __init__(self) -> None:
+        self._iptc: Any = None
+
+    @property
+    def iptc(self) -> Any:
+        if self._iptc is None:
+            self._iptc = import_iptc()
+        return self._iptc
+
+    # -- preflight ---------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        caps = effective_caps()
+        missing = [n for n, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_NET_RAW", CAP_NET_RAW)) if not caps >> bit & 1]
+        if missing:
+            raise EnvironmentUnsupported(
+                f"missing capability {' and '.join(missing)} (python-iptables needs both NET_ADMIN and NET_RAW)"
+            )
+        self.iptc  # noqa: B018 - import now, so a missing library is exit 3 before any change
+        for family in FAMILIES:
+            _in_child(self._probe_family, family)
+
+    def _probe_family(self, family: Family) -> None:
+        try:
+            self._table(family, "filter").refresh()
+        except Exception as exc:  # noqa: BLE001
+            raise EnvironmentUnsupported(
+                f"{_tool(family)} filter table unavailable ({exc}): the kernel lacks legacy x_tables "
+                f"(ip{'6' if family == 6 else ''}_tables); egressguard refuses to run without it"
+            ) from None
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def commit(self, ruleset: Ruleset) -> None:
+        for family in FAMILIES:
+            tables = [t for t in ruleset.tables if t.family == family]
+            _in_child(self._commit_family, family, tables)
+
+    def _commit_family(self, family: Family, tables: list[Table]) -> None:
+        for table in tables:
+            self._commit_table(table)
+
+    def _table(self, family: Family, name: str) -> Any:
+        cls = self.iptc.Table6 if family == 6 else self.iptc.Table
+        return cls(name, autocommit=False)
+
+    def _commit_table(self, want: Table) -> None:
+        iptc = self.iptc
+        last: Exception | None = None
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                tbl = self._table(want.family, want.name)
+                tbl.refresh()
+            except Exception as exc:  # noqa: BLE001
+                if not want.chains:
+                    return  # a table this kernel lacks (e.g. nat) holds nothing of ours
+                raise EnvironmentUnsupported(f"{_tool(want.family)} {want.name} table unavailable: {exc}") from None
+            try:
+                self._stage(tbl, want)
+                tbl.commit()
+                return
+            except iptc.IPTCError as exc:
+                last = exc
+                if "temporarily unavailable" in str(exc) or "Resource" in str(exc):
+                    time.sleep(0.005 * (attempt + 1))
+                    continue
+                raise _commit_error(want, exc) from None
+            except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
+                raise _commit_error(want, exc) from None
+        raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
+
+    def _stage(self, tbl: Any, want: Table) -> None:
+        """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one)."""
+        iptc = self.iptc
+        output = iptc.Chain(tbl, "OUTPUT")
+        for rule in list(output.rules):
+            if _is_our_jump(rule):
+                output.delete_rule(rule)
+        owned = OWNED_CHAINS[want.name]
+        for name in owned:
+            if tbl.is_chain(name):
+                iptc.Chain(tbl, name).flush()
+        wanted = {c.name for c in want.chains}
+        for name in owned:
+            if name not in wanted and tbl.is_chain(name):
+                tbl.delete_chain(name)
+        for chain in want.chains:
+            if not tbl.is_chain(chain.name):
+                tbl.create_chain(chain.name)
+        for chain in want.chains:
+            ch = iptc.Chain(tbl, chain.name)
+            for rule in chain.rules:
+                ch.append_rule(self._encode(want.family, rule))
+        if want.jump:
+            output.insert_rule(self._encode(want.family, want.jump), 0)
+
+    def _encode(self, family: Family, r: Rule) -> Any:
+        iptc = self.iptc
+        x = iptc.Rule6() if family == 6 else iptc.Rule()
+        if r.dst:
+            x.dst = r.dst
+        if r.out_iface:
+            x.out_interface = r.out_iface
+        if r.protocol:
+            x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
+        if r.uid:
+            x.create_match("owner").uid_owner = r.uid
+        if r.ctstate or r.ctdir or r.ctorigdst:
+            m = x.create_match("conntrack")
+            if r.ctstate:
+                m.ctstate = r.ctstate
+            if r.ctorigdst:
+                m.ctorigdst = r.ctorigdst
+            if r.ctorigdstport is not None:
+                m.ctorigdstport = str(r.ctorigdstport)
+            if r.ctdir:
+                m.ctdir = r.ctdir
+        if r.hoplimit is not None:
+            x.create_match("hl").hl_eq = str(r.hoplimit)
+        if r.icmp6_type:
+            x.create_match("icmp6").icmpv6_type = r.icmp6_type
+        if len(r.dports) == 1:
+            x.create_match(r.protocol or "tcp").dport = str(r.dports[0])
+        elif r.dports:
+            x.create_match("multiport").dports = ",".join(map(str, r.dports))
+        if r.match_set:
+            x.create_match("set").match_set = [r.match_set, "dst"]
+        x.create_match("comment").comment = r.comment
+        t = x.create_target(r.target)
+        if r.reject_with:
+            t.reject_with = r.reject_with
+        if r.to_ports is not None:
+            t.to_ports = str(r.to_ports)
+        return x
+
+    # -- read back ---------------------------------------------------------------------------
+
+    def read(self) -> Installed:
+        tables: list[InstalledTable] = []
+        for family in FAMILIES:
+            tables += _in_child(self._read_family, family)
+        return Installed(tables=tuple(tables))
+
+    def _read_family(self, family: Family) -> list[InstalledTable]:
+        out = []
+        for name in TABLES:
+            try:
+                tbl = self._table(family, name)
+                tbl.refresh()
+            except Exception:  # noqa: BLE001
+                out.append(InstalledTable(family, name, present=False, jump_positions=(), chains=()))
+                continue
+            output_rules = self.iptc.Chain(tbl, "OUTPUT").rules
+            jumps = tuple(i for i, rule in enumerate(output_rules) if _is_our_jump(rule))
+            chains, counters = [], {}
+            for cname in OWNED_CHAINS[name]:
+                if tbl.is_chain(cname):
+                    rules = self.iptc.Chain(tbl, cname).rules
+                    chains.append(Chain(cname, tuple(_decode(rule) for rule in rules)))
+                    counters[cname] = tuple(tuple(rule.get_counters()) for rule in rules)
+            out.append(
+                InstalledTable(
+                    family,
+                    name,
+                    present=True,
+                    jump_positions=jumps,
+                    chains=tuple(chains),
+                    counters=counters,
+                    foreign_output_rules=len(output_rules) - len(jumps),
+                )
+            )
+        return out
+
+    # -- reset -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        for family in FAMILIES:
+            _in_child(self._commit_family, family, [Table(family, n, ()) for n in TABLES])
+
+    def other_firewalls(self) -> list[str]:
+        found = []
+        try:
+            with open("/proc/net/ip_tables_names") as fh:
+                names = fh.read().split()
+            found += [f"x_tables ipv4: {' '.join(names)}"] if names else []
+        except OSError:
+            pass
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _tool(family: Family) -> str:
+    return "ip6tables" if family == 6 else "iptables"
+
+
+def _commit_error(want: Table, exc: Exception) -> EgressGuardError:
+    msg = f"{_tool(want.family)} {want.name}: the kernel refused the commit: {exc}"
+    if "No chain/target/match" in str(exc) or "can't find" in str(exc):
+        return EnvironmentUnsupported(msg + " (a needed kernel module or xtables extension is missing)")
+    return ApplyFailed(msg)
+
+
+def _is_our_jump(rule: Any) -> bool:
+    try:
+        if rule.target.name != DISPATCH:
+            return False
+        return any(m.name == "comment" and m.comment == JUMP_COMMENT for m in rule.matches)
+    except Exception:  # noqa: BLE001 - an undecodable foreign rule is not ours
+        return False
+
+
+def _net(value: str | None) -> str | None:
+    if not value:
+        return None
+    addr, _, mask = value.partition("/")
+    if mask and not mask.isdigit():
+        mask = str(bin(int(ipaddress.ip_address(mask))).count("1"))
+    net = ipaddress.ip_network(f"{addr}/{mask}" if mask else addr, strict=False)
+    return None if net.prefixlen == 0 and int(net.network_address) == 0 else str(net)
+
+
+def _decode(x: Any) -> Rule:
+    """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
+    fields: dict[str, Any] = {"target": x.target.name, "comment": ""}
+    fields["dst"] = _net(x.dst)
+    fields["out_iface"] = x.out_interface or None
+    proto = x.protocol
+    fields["protocol"] = {"icmpv6": "ipv6-icmp", "ip": None, "all": None, "0": None, None: None}.get(proto, proto)
+    unknown: list[str] = []
+    for m in x.matches:
+        p = {k: [v for v in vals if v != "!"] for k, vals in m.get_all_parameters().items()}
+        neg = any("!" in vals for vals in m.get_all_parameters().values())
+        one = {k: v[0] if v else "" for k, v in p.items()}
+        if m.name == "owner" and set(one) == {"uid-owner"}:
+            fields["uid"] = ("!" if neg else "") + one["uid-owner"]
+        elif m.name == "conntrack" and not neg and set(one) <= {"ctstate", "ctdir", "ctorigdst", "ctorigdstport"}:
+            fields["ctstate"] = one.get("ctstate")
+            fields["ctdir"] = one.get("ctdir")
+            fields["ctorigdst"] = _net(one.get("ctorigdst"))
+            fields["ctorigdstport"] = int(one["ctorigdstport"]) if "ctorigdstport" in one else None
+        elif m.name == "hl" and set(one) == {"hl-eq"} and not neg:
+            fields["hoplimit"] = int(one["hl-eq"])
+        elif m.name == "icmp6" and set(one) == {"icmpv6-type"} and not neg:
+            fields["icmp6_type"] = one["icmpv6-type"]
+        elif m.name in ("tcp", "udp") and set(one) == {"dport"} and not neg:
+            fields["dports"] = (int(one["dport"]),)
+        elif m.name == "multiport" and set(one) == {"dports"} and not neg:
+            fields["dports"] = tuple(int(v) for v in one["dports"].split(","))
+        elif m.name == "set" and not neg and "match-set" in p:
+            fields["match_set"] = p["match-set"][0]
+        elif m.name == "comment":
+            fields["comment"] = one.get("comment", "")
+        else:
+            unknown.append(f"{'!' if neg else ''}{m.name}{p}")
+    tparams = {k: v[0] if v else "" for k, v in x.target.get_all_parameters().items()}
+    if "reject-with" in tparams:
+        fields["reject_with"] = tparams.pop("reject-with")
+    if "to-ports" in tparams:
+        fields["to_ports"] = int(tparams.pop("to-ports"))
+    if tparams:
+        unknown.append(f"target{tparams}")
+    if unknown:
+        fields["comment"] += " <unexpected: " + "; ".join(unknown) + ">"
+    return Rule(**fields)

@@ -1,0 +1,291 @@
+"""The command line: arguments -> core calls, exceptions -> exit codes. Nothing is decided here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from egressguard import logs
+from egressguard import policy as policy_mod
+from egressguard import status as status_mod
+from egressguard._version import __version__
+from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
+
+log = structlog.get_logger("egressguard")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # noqa: D401 - one line, exit 2, like a policy error
+        self.exit(2, f"egressguard: usage error: {message} (see --help)\n")
+
+
+def _exit_code_table() -> str:
+    return "exit codes:\n" + "\n".join(f"  {c}  {m}" for c, m in sorted(EXIT_CODES.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="egressguard",
+        description="Fail-closed egress allowlist for containers and Kubernetes pods.",
+        epilog=_exit_code_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"egressguard {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def policy_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON); default: $EGRESSGUARD_POLICY, "
+                        "$EGRESSGUARD_POLICY_JSON, /etc/egressguard/policy.yaml, built-in default")
+        sp.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), help=argparse.SUPPRESS)
+
+    def status_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--status-file", type=Path, default=status_mod.DEFAULT_STATUS_PATH,
+                        help="default: %(default)s ($EGRESSGUARD_STATUS)")
+
+    sp = sub.add_parser("plan", help="print what apply would install (no privileges, no changes)")
+    policy_args(sp)
+    sp.add_argument("--json", action="store_true", help="structured output")
+    sp.add_argument("--resolve", action="store_true", help="resolve host entries now (DNS queries, no kernel change)")
+    sp.add_argument("--lockdown", action="store_true", help="show the lockdown ruleset instead")
+
+    sp = sub.add_parser("apply", help="install the policy in this network namespace, verify, write status")
+    policy_args(sp)
+    status_arg(sp)
+    sp.add_argument("--no-status", action="store_true", help="do not write a status file")
+
+    sp = sub.add_parser("verify", help="read back and compare with the policy; exit 0 or 5")
+    policy_args(sp)
+    status_arg(sp)
+
+    sp = sub.add_parser("status", help="what is installed now (chains, counters, digest)")
+    status_arg(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("reset", help="remove everything egressguard owns, nothing else")
+    status_arg(sp)
+
+    sp = sub.add_parser("schema", help="print the policy's JSON Schema")
+
+    sp = sub.add_parser("probe", help="unprivileged self-check: is egress from this identity guarded?")
+    status_arg(sp)
+    sp.add_argument("--expect-digest", metavar="DIGEST", help="the status must show this policy digest "
+                    "($EGRESSGUARD_EXPECT_DIGEST)")
+    sp.add_argument("--target", action="append", metavar="ADDR:PORT",
+                    help="an address no sane policy allows, must be refused (repeatable)")
+
+    sp = sub.add_parser("run", help="apply, drop every privilege, exec CMD as --user (Docker entrypoint)")
+    policy_args(sp)
+    status_arg(sp)
+    sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
+
+    sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
+    policy_args(sp)
+    sp.add_argument("--uid", type=int, required=True)
+    sp.add_argument("dest", metavar="DEST[:PORT][/PROTO]")
+
+    sp = sub.add_parser("demo", help="throwaway pod + world namespaces: apply the policy, probe, print a table")
+    policy_args(sp)
+    sp.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> policy_mod.LoadedPolicy:
+    loaded = policy_mod.load(args.policy)
+    log.debug("policy_loaded", source=loaded.source, digest=policy_mod.digest(loaded.policy))
+    return loaded
+
+
+def _backend() -> Any:
+    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415 - keep plan/schema light
+
+    return IptablesBackend()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from egressguard import facts  # noqa: PLC0415
+    from egressguard.ruleset import Facts, build, hosts_of, render, to_json  # noqa: PLC0415
+
+    loaded = _load(args)
+    resolvers = facts.resolvers_for(loaded.policy, args.resolv_conf)
+    hosts: dict[str, tuple[str, ...]] = {}
+    if args.resolve:
+        hosts = facts.resolve_hosts(hosts_of(loaded.policy), resolvers).addresses
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
+    if args.json:
+        print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **to_json(rs)}, indent=2))
+    else:
+        header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}"]
+        sys.stdout.write(render(rs, header=header))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from egressguard import apply as apply_mod  # noqa: PLC0415
+
+    loaded = _load(args)
+    out = apply_mod.apply(loaded.policy, loaded.source, _backend(), None if args.no_status else args.status_file,
+                          resolv_conf=args.resolv_conf)
+    log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
+             lockdown_first=out.lockdown_first, timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
+    args._summary = {"policy_digest": out.policy_digest, "backend": out.backend,
+                     "rules": out.ruleset.rule_count() if out.ruleset else 0}
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from egressguard import apply as apply_mod  # noqa: PLC0415
+
+    loaded = _load(args)
+    st = status_mod.read(args.status_file) or {}
+    hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items()}
+    diffs = apply_mod.verify(loaded.policy, _backend(), args.resolv_conf, hosts)
+    if diffs:
+        raise VerifyFailed("installed rules differ from the policy: " + "; ".join(diffs[:3]))
+    print(f"verified: the kernel holds exactly {loaded.source} ({policy_mod.digest(loaded.policy)})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    backend = _backend()
+    backend.preflight()
+    installed = backend.read()
+    st = status_mod.read(args.status_file)
+    from egressguard.apply import guarded  # noqa: PLC0415
+
+    report = {
+        "guarded": guarded(installed),
+        "status_file": str(args.status_file),
+        "last_apply": st,
+        "other_firewalls": backend.other_firewalls(),
+        "tables": [
+            {
+                "family": f"ipv{t.family}",
+                "table": t.name,
+                "present": t.present,
+                "jump_positions": list(t.jump_positions),
+                "foreign_output_rules": t.foreign_output_rules,
+                "chains": {
+                    c.name: [
+                        {"rule": " ".join(r.args()), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
+                        for i, r in enumerate(c.rules)
+                    ]
+                    for c in t.chains
+                },
+            }
+            for t in installed.tables
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"guarded: {'yes' if report['guarded'] else 'NO'}")
+    if st:
+        print(f"last apply: {st.get('state')} at {st.get('applied_at')} from {st.get('policy_source')} "
+              f"({st.get('policy_digest')}), exit {st.get('exit_code')}")
+    else:
+        print(f"last apply: no status file at {args.status_file}")
+    for other in report["other_firewalls"]:
+        print(f"note: {other}")
+    for t in report["tables"]:
+        if not t["chains"]:
+            continue
+        print(f"\n{t['family']} {t['table']} (jump at {t['jump_positions']}, {t['foreign_output_rules']} foreign OUTPUT rules)")
+        for name, rules in t["chains"].items():
+            print(f"  {name}")
+            for r in rules:
+                print(f"    {r['packets']:>8} pkts {r['bytes']:>10} B  {r['rule']}")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from egressguard import apply as apply_mod  # noqa: PLC0415
+
+    apply_mod.reset(_backend(), args.status_file)
+    log.info("reset_done")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(policy_mod.json_schema(), indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from egressguard import probe  # noqa: PLC0415
+
+    return probe.main(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from egressguard import run  # noqa: PLC0415
+
+    return run.main(args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from egressguard import explain  # noqa: PLC0415
+
+    return explain.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from egressguard import demo  # noqa: PLC0415
+
+    return demo.main(args)
+
+
+COMMANDS = {
+    "plan": cmd_plan,
+    "apply": cmd_apply,
+    "verify": cmd_verify,
+    "status": cmd_status,
+    "reset": cmd_reset,
+    "schema": cmd_schema,
+    "probe": cmd_probe,
+    "run": cmd_run,
+    "explain": cmd_explain,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.verbose, None if args.log_format == "auto" else args.log_format == "json")
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    started = time.perf_counter()
+    code = 1
+    args._summary = {}
+    try:
+        code = COMMANDS[args.command](args)
+    except EgressGuardError as exc:
+        code = exc.exit_code
+        print(f"egressguard: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 1
+        print("egressguard: interrupted", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - exit 1 is part of the contract
+        code = 1
+        print(f"egressguard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if args.command in ("apply", "reset", "verify", "run"):
+        log.info("run_finished", command=args.command, exit_code=code,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1), **args._summary)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""The policy: its schema (pydantic), loading from a file or the environment, and its digest."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from egressguard.errors import PolicyError
+
+# Where the Docker entrypoint and `apply` look when no policy is given explicitly.
+DEFAULT_POLICY_PATH = Path("/etc/egressguard/policy.yaml")
+# A policy file larger than this is refused before parsing (large lists belong in allow_file).
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+# Entries per list, counted after allow_file/deny_file expansion.
+MAX_ENTRIES = 100_000
+
+# Cloud metadata endpoints refused by `deny_metadata: true`, whatever `allow` says.
+METADATA_CIDRS: tuple[str, ...] = (
+    "169.254.169.254/32",  # AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean IMDS
+    "169.254.170.2/32",  # AWS ECS task metadata
+    "100.100.100.200/32",  # Alibaba Cloud
+    "fd00:ec2::254/128",  # AWS IMDS over IPv6
+)
+
+Port = Annotated[int, Field(ge=1, le=65535, strict=True, description="A TCP/UDP port, 1-65535")]
+Uid = Annotated[int, Field(ge=0, le=4294967294, strict=True, description="A numeric user id")]
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _network(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string such as 203.0.113.0/24 or 2001:db8::/32")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 network ({exc})") from None
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string IP address")
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 address") from None
+
+
+def _hostname(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a DNS name")
+    name = value.strip().rstrip(".").lower()
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"{value!r} is not a valid DNS name (ASCII letters, digits, '-' and '.')")
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    raise ValueError(f"{value!r} is an address: use `cidr` for addresses")
+
+
+class _Entry(_Model):
+    """One destination: a network (`cidr`) or a DNS name (`host`), optionally narrowed by ports/protocol."""
+
+    cidr: str | None = Field(None, description="IPv4 or IPv6 network, e.g. 203.0.113.0/24 or 2001:db8::/32")
+    host: str | None = Field(None, description="DNS name, resolved (A and AAAA) at apply time")
+    ports: list[Port] | None = Field(None, min_length=1, description="Destination ports; omit for every port")
+    optional: bool = Field(False, description="host only: a name that does not resolve is skipped, not an error")
+
+    _check_cidr = field_validator("cidr", mode="before")(lambda v: None if v is None else _network(v))
+    _check_host = field_validator("host", mode="before")(lambda v: None if v is None else _hostname(v))
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> _Entry:
+        if (self.cidr is None) == (self.host is None):
+            raise ValueError("give exactly one of `cidr` or `host`")
+        if self.ports is not None and self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"`ports` needs protocol tcp or udp, not {self.protocol}")
+        if self.optional and self.host is None:
+            raise ValueError("`optional` applies to `host` entries only")
+        return self
+
+    protocol: str  # narrowed by the subclasses, which set the default
+
+    @property
+    def label(self) -> str:
+        return self.cidr or self.host or ""
+
+
+class AllowEntry(_Entry):
+    """A destination confined processes may reach."""
+
+    protocol: Literal["tcp", "udp", "icmp", "any"] = Field("tcp", description="tcp (default), udp, icmp or any")
+
+
+class DenyEntry(_Entry):
+    """A destination refused even when an `allow` covers it."""
+
+    protocol: Literal["tcp", "udp", "icmp", "any"] = Field("any", description="any (default), tcp, udp or icmp")
+
+
+class Confine(_Model):
+    """Whose traffic is restricted."""
+
+    uids: list[Uid] | Literal["all"] = Field(
+        "all", description="uids whose egress is restricted, or 'all' for every process except `exempt`"
+    )
+
+    @field_validator("uids")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list confines nobody: list uids or use 'all'")
+        return v
+
+
+class Exempt(_Model):
+    """Who is never restricted."""
+
+    uids: list[Uid] = Field(default_factory=list, description="uids never restricted; root only if listed")
+
+
+class Dns(_Model):
+    """Which resolvers confined processes may query (UDP and TCP 53)."""
+
+    resolvers: Literal["auto"] | list[str] = Field(
+        "auto", description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS"
+    )
+
+    @field_validator("resolvers", mode="before")
+    @classmethod
+    def _addresses(cls, v: Any) -> Any:
+        return [_address(x) for x in v] if isinstance(v, list) else v
+
+
+class Redirect(_Model):
+    """Confined TCP to `ports` goes to `to_port` on loopback instead (a transparent proxy)."""
+
+    ports: list[Port] = Field(..., min_length=1, description="destination TCP ports to redirect")
+    to_port: Port = Field(..., description="local port the proxy listens on (loopback, both families)")
+
+
+class Policy(_Model):
+    """An egress policy, version 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="egressguard policy")
+
+    version: Literal[1] = Field(..., description="policy format version; must be 1")
+    confine: Confine = Field(default_factory=Confine, description="whose traffic is restricted")
+    exempt: Exempt = Field(default_factory=Exempt, description="who is never restricted")
+    action: Literal["reject", "drop"] = Field(
+        "reject", description="reject: immediate error to the client; drop: silently dropped"
+    )
+    loopback: Literal["allow", "deny"] | list[Port] = Field(
+        "allow", description="local traffic: allow, deny, or only these ports (TCP and UDP)"
+    )
+    dns: Dns = Field(default_factory=Dns, description="DNS resolvers confined processes may use")
+    deny_metadata: bool = Field(True, description="refuse cloud metadata endpoints even if an allow covers them")
+    allow: list[AllowEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
+    deny: list[DenyEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
+    redirect: list[Redirect] = Field(default_factory=list, max_length=64)
+
+    @field_validator("loopback")
+    @classmethod
+    def _loopback_ports(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty port list: use 'deny' to refuse all loopback traffic")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        if isinstance(self.confine.uids, list):
+            confined = set(self.confine.uids)
+            for i, uid in enumerate(self.exempt.uids):
+                if uid in confined:
+                    raise _located(f"exempt.uids[{i}]", f"uid {uid} is also in confine.uids")
+        seen: dict[int, int] = {}
+        for i, r in enumerate(self.redirect):
+            for port in r.ports:
+                if port in seen:
+                    raise _located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
+                seen[port] = i
+        return self
+
+    @property
+    def confines_everyone(self) -> bool:
+        return self.confine.uids == "all"
+
+
+class _LocatedError(ValueError):
+    """A cross-field error that names its own location."""
+
+    def __init__(self, loc: str, msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+def _located(loc: str, msg: str) -> _LocatedError:
+    return _LocatedError(loc, msg)
+
+
+DEFAULT_POLICY: dict[str, Any] = {
+    "version": 1,
+    "confine": {"uids": [1000]},
+    "exempt": {"uids": [1001]},
+    "action": "reject",
+    "loopback": "allow",
+    "dns": {"resolvers": "auto"},
+    "deny_metadata": True,
+    "allow": [],
+    "redirect": [{"ports": [80, 443], "to_port": 8444}],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and aliases (no billion-laughs expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D401
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in a policy", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        keys: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be strings", key_node.start_mark)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise PolicyError(f"policy error: duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_text(text: str, source: str) -> Any:
+    """Parse YAML or JSON text (JSON is YAML, but parsed as JSON when it looks like JSON)."""
+    if "\x00" in text:
+        raise PolicyError(f"policy error: {source}: contains a NUL byte")
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("{"):
+            return json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except json.JSONDecodeError as exc:
+        raise PolicyError(f"policy error: {source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PolicyError(f"policy error: {source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PolicyError(f"policy error: {source}: nested too deeply") from None
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p in ("list[...]", "literal['all']", "literal['auto']", "literal['allow','deny']") or str(p).startswith(
+            ("list[", "literal[", "function-")
+        ):
+            continue  # pydantic union branch names are noise for users
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    messages: list[str] = []
+    for err in exc.errors(include_url=False):
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _LocatedError):
+            messages.append(f"{ctx_err.loc}: {ctx_err}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        messages.append(f"{_loc(tuple(err['loc']))}: {msg}")
+    # A union reports one error per branch; keep the first per location, at most three in all.
+    unique = list(dict.fromkeys(messages))
+    more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
+    return f"policy error: {source}: " + "; ".join(unique[:3]) + more
+
+
+def validate(data: Any, source: str = "policy") -> Policy:
+    """Validate parsed data into a Policy, or raise PolicyError with a one-line message."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"policy error: {source}: the policy must be a mapping (got {type(data).__name__})")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_validation_error(exc, source)) from None
+    except RecursionError:
+        raise PolicyError(f"policy error: {source}: nested too deeply") from None
+
+
+class LoadedPolicy(BaseModel):
+    """A validated policy and where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    policy: Policy
+    source: str
+
+
+def load_file(path: Path | str) -> Policy:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"policy error: cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy error: {path}: larger than {MAX_POLICY_BYTES} bytes (use allow_file for long lists)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy error: {path}: not UTF-8 (byte {exc.start})") from None
+    return validate(parse_text(text, str(path)), str(path))
+
+
+def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+    """Find and validate the policy: --policy, then EGRESSGUARD_POLICY, EGRESSGUARD_POLICY_JSON,
+    /etc/egressguard/policy.yaml, and finally the built-in default."""
+    env = os.environ if environ is None else environ
+    if path:
+        return LoadedPolicy(policy=load_file(path), source=str(path))
+    if env.get("EGRESSGUARD_POLICY"):
+        return LoadedPolicy(policy=load_file(env["EGRESSGUARD_POLICY"]), source=env["EGRESSGUARD_POLICY"])
+    if env.get("EGRESSGUARD_POLICY_JSON"):
+        text = env["EGRESSGUARD_POLICY_JSON"]
+        if len(text) > MAX_POLICY_BYTES:
+            raise PolicyError("policy error: EGRESSGUARD_POLICY_JSON: too large")
+        source = "EGRESSGUARD_POLICY_JSON"
+        try:
+            data = json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy error: {source}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+        except RecursionError:
+            raise PolicyError(f"policy error: {source}: nested too deeply") from None
+        return LoadedPolicy(policy=validate(data, source), source=source)
+    if DEFAULT_POLICY_PATH.exists():
+        return LoadedPolicy(policy=load_file(DEFAULT_POLICY_PATH), source=str(DEFAULT_POLICY_PATH))
+    return LoadedPolicy(policy=validate(DEFAULT_POLICY, "built-in default"), source="built-in default")
+
+
+def digest(policy: Policy) -> str:
+    """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
+    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the policy, generated from the models."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://egressguard.invalid/policy.schema.json"
+    return schema

@@ -1,0 +1,40 @@
+"""Read-back comparison: does the kernel hold exactly the Ruleset that was meant?"""
+
+from __future__ import annotations
+
+from egressguard.backends import Installed
+from egressguard.ruleset import Ruleset
+
+
+def differences(want: Ruleset, have: Installed) -> list[str]:
+    """Every way `have` differs from `want`, as short sentences (empty: identical)."""
+    out: list[str] = []
+    for t in want.tables:
+        where = f"ipv{t.family} {t.name}"
+        try:
+            got = have.table(t.family, t.name)
+        except KeyError:
+            out.append(f"{where}: not read back")
+            continue
+        if not got.present:
+            if t.chains:
+                out.append(f"{where}: table missing")
+            continue
+        expected_jumps = (0,) if t.chains else ()
+        if got.jump_positions != expected_jumps:
+            out.append(f"{where}: jump from OUTPUT at {list(got.jump_positions)}, expected {list(expected_jumps)}")
+        want_chains = {c.name: c.rules for c in t.chains}
+        got_chains = {c.name: c.rules for c in got.chains}
+        for name in sorted(set(want_chains) | set(got_chains)):
+            if name not in got_chains:
+                out.append(f"{where}: chain {name} missing")
+            elif name not in want_chains:
+                out.append(f"{where}: unexpected chain {name}")
+            elif want_chains[name] != got_chains[name]:
+                w, g = want_chains[name], got_chains[name]
+                first = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
+                detail = f"rule {first}: "
+                detail += f"expected {' '.join(w[first].args())}" if first < len(w) else "expected nothing"
+                detail += f", found {' '.join(g[first].args())}" if first < len(g) else ", found nothing"
+                out.append(f"{where}: chain {name} has {len(g)} rules, expected {len(w)}; {detail}")
+    return out
