@@ -220,16 +220,19 @@ def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
 
 
 def _loopback(policy: Policy, family: Family) -> list[Rule]:
-    redirect_ports = sorted({r.to_port for r in policy.redirect})
-    if policy.loopback == "allow":
-        return [Rule(target="RETURN", comment="loopback", out_iface="lo")]
     rules: list[Rule] = []
-    if isinstance(policy.loopback, list):
+    if policy.loopback == "allow":
+        rules.append(Rule(target="RETURN", comment="loopback", out_iface="lo"))
+    elif isinstance(policy.loopback, list):
         for proto in ("tcp", "udp"):
             for group in _port_groups(policy.loopback):
                 rules.append(Rule(target="RETURN", comment="loopback", out_iface="lo", protocol=proto, dports=group))
+    # A redirected packet reaches this chain with its new destination (the loopback address) but
+    # still with its original output device, so `-o lo` does not see it: match the address.
+    redirect_ports = sorted({r.to_port for r in policy.redirect})
+    local = "::1/128" if family == 6 else "127.0.0.1/32"
     for group in _port_groups(redirect_ports) if redirect_ports else []:
-        rules.append(Rule(target="RETURN", comment="redirect", out_iface="lo", protocol="tcp", dports=group))
+        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", dports=group))
     return rules
 
 

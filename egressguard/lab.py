@@ -1,0 +1,538 @@
+"""A throwaway test bed: a pod network namespace wired to a "world" namespace, with real servers,
+and probes that send real traffic from the pod as a chosen uid. Used by `egressguard demo` and the tests.
+
+    [pod]  eth0 198.51.100.2/24  2001:db8:100::2/64 ---- veth ---- [world] 198.51.100.1  2001:db8:100::1
+           default routes via the world                          on lo: WORLD_HOSTS_V4/V6 (203.0.113.x,
+           resolv.conf: 198.51.100.53, 2001:db8:53::53           2001:db8:2::x, resolvers, metadata)
+           local servers: TCP 8443, 8444 (proxy), 7000           TCP listeners, UDP echo, DNS on 53
+
+Nothing here touches the namespace the caller runs in: every command is run inside the lab's own
+namespaces (`ip -n` / `ip netns exec` / setns in a forked child), and `close()` removes them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Imported here, not in the probe: a probe child has dropped to another uid and may not be able
+# to read the interpreter's library directory any more.
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rrset
+
+POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"
+POD_V6, WORLD_V6 = "2001:db8:100::2", "2001:db8:100::1"
+RESOLVER_V4, OTHER_RESOLVER_V4 = "198.51.100.53", "198.51.100.54"
+RESOLVER_V6, OTHER_RESOLVER_V6 = "2001:db8:53::53", "2001:db8:53::54"
+METADATA_V4, METADATA_V6 = "169.254.169.254", "fd00:ec2::254"
+WORLD_HOSTS_V4 = ("203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.5", "192.0.2.10", METADATA_V4,
+                  RESOLVER_V4, OTHER_RESOLVER_V4, "100.100.100.200", "169.254.170.2")
+WORLD_HOSTS_V6 = ("2001:db8:2::10", "2001:db8:2::11", "2001:db8:2::12", RESOLVER_V6, OTHER_RESOLVER_V6, METADATA_V6)
+WORLD_TCP_PORTS = (22, 53, 80, 443, 853, 5000, 8444)
+WORLD_UDP_PORTS = (123, 443, 9999)
+POD_TCP_PORTS = (7000, 8443, 8444)  # 8444: the redirect target (a stand-in proxy); 7000: "exempt's service"
+CONFINED, EXEMPT, ROOT = 1000, 1001, 0
+
+CLONE_NEWNET = 0x40000000
+SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST is also 80 at SOL_IPV6
+_counter = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
+
+DEFAULT_RECORDS: dict[str, dict[str, list[str]]] = {
+    "allowed.test": {"A": ["203.0.113.10"], "AAAA": ["2001:db8:2::10"]},
+    "other.test": {"A": ["203.0.113.11"], "AAAA": ["2001:db8:2::11"]},
+    "alias.test": {"CNAME": ["allowed.test"]},
+}
+
+
+def _sh(*argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def netns_inode(name: str) -> int:
+    return os.stat(f"/run/netns/{name}").st_ino
+
+
+def _enter_netns(name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def _become(uid: int) -> None:
+    if uid != 0:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
+
+@dataclass
+class Result:
+    """The outcome of one probe: ok (got an answer), refused (immediate error), timeout (silence)."""
+
+    outcome: str  # ok | refused | timeout | eperm | unreachable | error
+    detail: str = ""
+    elapsed: float = 0.0
+    answer: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def blocked(self) -> bool:
+        return self.outcome in ("refused", "timeout", "eperm", "unreachable")
+
+    def __str__(self) -> str:
+        return f"{self.outcome}" + (f" ({self.detail})" if self.detail else "")
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout", ""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", "ECONNREFUSED"
+    if isinstance(exc, OSError):
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return "eperm", name
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL):
+            return "unreachable", name
+        if exc.errno in (errno.ECONNRESET,):
+            return "refused", name
+        return "error", name
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _family(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+# -- probe operations (run in a forked child inside the pod, as the uid) ---------------------
+
+
+def _op_tcp(dest: str, port: int, timeout: float, payload: str = "") -> Result:
+    s = socket.socket(_family(dest), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((dest, port))
+        if payload:
+            s.sendall(payload.encode())
+        data = s.recv(256).decode(errors="replace").strip()
+        return Result("ok", answer=data)
+    finally:
+        s.close()
+
+
+def _op_udp(dest: str, port: int, timeout: float) -> Result:
+    s = socket.socket(_family(dest), socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((dest, port))
+        s.send(b"ping")
+        data = s.recv(256).decode(errors="replace").strip()
+        return Result("ok", answer=data)
+    finally:
+        s.close()
+
+
+def _op_dns(name: str, server: str, timeout: float, rdtype: str = "A", tcp: bool = False) -> Result:
+    q = dns.message.make_query(name, rdtype)
+    r = (dns.query.tcp if tcp else dns.query.udp)(q, server, timeout=timeout)
+    addrs = [str(item) for rrset in r.answer for item in rrset]
+    return Result("ok", detail=dns.rcode.to_text(r.rcode()), answer=addrs)
+
+
+def _op_ping(dest: str, timeout: float) -> Result:
+    fam = _family(dest)
+    proto = socket.IPPROTO_ICMPV6 if fam == socket.AF_INET6 else socket.IPPROTO_ICMP
+    s = socket.socket(fam, socket.SOCK_DGRAM, proto)
+    s.settimeout(timeout)
+    try:
+        echo = struct.pack("!BBHHH", 128 if fam == socket.AF_INET6 else 8, 0, 0, 0, 1) + b"egressguard"
+        s.sendto(echo, (dest, 0))
+        s.recv(256)
+        return Result("ok")
+    finally:
+        s.close()
+
+
+def _op_raw(dest: str, timeout: float) -> Result:
+    s = socket.socket(_family(dest), socket.SOCK_RAW, socket.IPPROTO_UDP)
+    s.close()
+    return Result("ok", detail="raw socket opened")
+
+
+def _op_exec(argv: list[str], timeout: float) -> Result:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
+    return Result("ok" if p.returncode == 0 else "error", detail=f"exit {p.returncode}", answer=p.stdout + p.stderr)
+
+
+_OPS = {"tcp": _op_tcp, "udp": _op_udp, "dns": _op_dns, "ping": _op_ping, "raw": _op_raw, "exec": _op_exec}
+
+
+def _run_probe(netns: str, uid: int, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float) -> Result:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            _enter_netns(netns)
+            _become(uid)
+            t = time.monotonic()
+            try:
+                res = _OPS[op](*args, timeout=timeout, **kwargs)
+            except BaseException as exc:  # noqa: BLE001
+                outcome, detail = _classify(exc)
+                res = Result(outcome, detail)
+            res.elapsed = time.monotonic() - t
+            os.write(w, json.dumps(res.__dict__).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + timeout + 10
+    chunks = []
+    with os.fdopen(r, "rb") as fh:
+        while True:
+            chunk = fh.read()
+            if not chunk:
+                break
+            chunks.append(chunk)
+    while True:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    data = b"".join(chunks)
+    if not data:
+        return Result("error", "probe process died")
+    return Result(**json.loads(data))
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+def _listen(kind: int, port: int, addr: str = "::") -> socket.socket:
+    s = socket.socket(_family(addr), kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if addr == "::":
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((addr, port))
+    if kind == socket.SOCK_STREAM:
+        s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+def _plain(addr: str) -> str:
+    return addr[7:] if addr.startswith("::ffff:") else addr
+
+
+def _original_dst(conn: socket.socket) -> str:
+    try:
+        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port, ip = struct.unpack("!2xH4s8x", raw)
+        return f"{socket.inet_ntop(socket.AF_INET, ip)}:{port}"
+    except OSError:
+        pass
+    try:
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, ip = struct.unpack("!2xH4x16s4x", raw)
+        return f"[{socket.inet_ntop(socket.AF_INET6, ip)}]:{port}"
+    except OSError:
+        return "-"
+
+
+def _dns_answer(data: bytes, records_file: str) -> bytes | None:
+    try:
+        q = dns.message.from_wire(data)
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        records = json.loads(Path(records_file).read_text())
+    except (OSError, ValueError):
+        records = DEFAULT_RECORDS
+    resp = dns.message.make_response(q)
+    question = q.question[0]
+    name = question.name.to_text().rstrip(".").lower()
+    rdtype = {1: "A", 28: "AAAA", 5: "CNAME"}.get(question.rdtype, "")
+    seen = 0
+    while seen < 8 and name in records:
+        seen += 1
+        entry = records[name]
+        if "CNAME" in entry and rdtype != "CNAME":
+            target = entry["CNAME"][0]
+            resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "CNAME", target + "."))
+            name = target
+            continue
+        values = entry.get(rdtype, [])
+        if values:
+            resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", rdtype, *values))
+        break
+    else:
+        if not resp.answer:
+            resp.set_rcode(dns.rcode.NXDOMAIN)
+    return resp.to_wire()
+
+
+def serve(role: str, records_file: str, ready_fd: int) -> None:
+    """Serve the role's listeners forever (run inside the role's namespace)."""
+    sel = selectors.DefaultSelector()
+    tcp_ports = WORLD_TCP_PORTS if role == "world" else POD_TCP_PORTS
+    udp_ports = (*WORLD_UDP_PORTS, 53) if role == "world" else ()
+    for port in tcp_ports:
+        sel.register(_listen(socket.SOCK_STREAM, port), selectors.EVENT_READ, ("tcp", port))
+    for port in udp_ports:  # one socket per address, so each answer comes from the address asked
+        for addr in (*WORLD_HOSTS_V4, *WORLD_HOSTS_V6, WORLD_V4, WORLD_V6):
+            sel.register(_listen(socket.SOCK_DGRAM, port, addr), selectors.EVENT_READ, ("udp", port))
+    os.write(ready_fd, b"ready")
+    os.close(ready_fd)
+    while True:
+        for key, _ in sel.select():
+            kind, port = key.data
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                if kind == "udp":
+                    data, peer = sock.recvfrom(4096)
+                    if port == 53:
+                        out = _dns_answer(data, records_file)
+                        if out:
+                            sock.sendto(out, peer)
+                    else:
+                        sock.sendto(f"{role} udp {port} from {_plain(peer[0])}".encode(), peer)
+                    continue
+                conn, peer = sock.accept()
+                conn.settimeout(1.0)
+                local = _plain(conn.getsockname()[0])
+                if role == "world" and port == 53:
+                    _serve_dns_tcp(conn, records_file)
+                    continue
+                banner = f"{role} {local} {port} from {_plain(peer[0])}"
+                if role == "pod":
+                    banner += f" orig={_original_dst(conn)}"
+                conn.sendall((banner + "\n").encode())
+                conn.close()
+            except OSError:
+                continue
+
+
+def _serve_dns_tcp(conn: socket.socket, records_file: str) -> None:
+    try:
+        hdr = conn.recv(2)
+        if len(hdr) == 2:
+            (length,) = struct.unpack("!H", hdr)
+            data = b""
+            while len(data) < length:
+                chunk = conn.recv(length - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            out = _dns_answer(data, records_file)
+            if out:
+                conn.sendall(struct.pack("!H", len(out)) + out)
+    finally:
+        conn.close()
+
+
+# -- the lab -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    """Build with `with Lab() as lab:`; everything is removed on exit, also after a failure."""
+
+    prefix: str = "eg"
+    pod: str = ""
+    world: str = ""
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="egressguard-lab-")))
+    records: dict[str, dict[str, list[str]]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_RECORDS)))
+    _pids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        tag = f"{self.prefix}{os.getpid() % 100000}x{next(_counter)}"
+        self.pod = self.pod or f"{tag}-pod"
+        self.world = self.world or f"{tag}-world"
+
+    # context management ---------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def records_file(self) -> Path:
+        return self.workdir / "records.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.workdir / "status.json"
+
+    def set_records(self, records: dict[str, dict[str, list[str]]]) -> None:
+        """Replace the world DNS server's records (read on every query)."""
+        self.records = records
+        tmp = self.records_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records))
+        tmp.replace(self.records_file)
+
+    def build(self) -> None:
+        own = os.stat("/proc/self/ns/net").st_ino
+        for ns in (self.pod, self.world):
+            _sh("ip", "netns", "add", ns)
+            if netns_inode(ns) == own:  # a lab must never be the caller's own namespace
+                raise RuntimeError(f"netns {ns} is the caller's own namespace")
+        _sh("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0w", "netns", self.world)
+        for ns, dev, v4, v6 in ((self.pod, "eth0", POD_V4, POD_V6), (self.world, "eth0w", WORLD_V4, WORLD_V6)):
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
+            _sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        _sh("ip", "-n", self.pod, "route", "add", "default", "via", WORLD_V4)
+        _sh("ip", "-n", self.pod, "-6", "route", "add", "default", "via", WORLD_V6)
+        for addr in WORLD_HOSTS_V4:
+            _sh("ip", "-n", self.world, "addr", "add", f"{addr}/32", "dev", "lo")
+        for addr in WORLD_HOSTS_V6:
+            _sh("ip", "-n", self.world, "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+        # Unprivileged ICMP echo sockets for every uid in the pod (as Docker does), so ping is a real probe.
+        _sh("ip", "netns", "exec", self.pod, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647")
+        etc = Path("/etc/netns") / self.pod
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(f"nameserver {RESOLVER_V4}\nnameserver {RESOLVER_V6}\n")
+        self.set_records(self.records)
+        os.chmod(self.workdir, 0o755)
+        self._start_server(self.world, "world")
+        self._start_server(self.pod, "pod")
+        self._wait_reachable()
+
+    def _start_server(self, netns: str, role: str) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the test process
+                _enter_netns(netns)
+                serve(role, str(self.records_file), w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        self._pids.append(pid)
+        with os.fdopen(r, "rb") as fh:
+            if fh.read() != b"ready":
+                raise RuntimeError(f"{role} server did not start")
+
+    def _wait_reachable(self) -> None:
+        for _ in range(50):  # IPv6 neighbour entries and routes settle within a few hundred ms
+            if self.tcp(WORLD_HOSTS_V4[0], 22, uid=ROOT, timeout=0.5).ok and self.tcp(
+                WORLD_HOSTS_V6[0], 22, uid=ROOT, timeout=0.5
+            ).ok:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("lab world not reachable from the pod")
+
+    def close(self) -> None:
+        for pid in self._pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self._pids.clear()
+        for ns in (self.pod, self.world):
+            if os.path.exists(f"/run/netns/{ns}"):
+                _sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(Path("/etc/netns") / self.pod, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # probes ---------------------------------------------------------------------------------
+
+    def tcp(self, dest: str, port: int, uid: int = CONFINED, timeout: float = 2.0, payload: str = "") -> Result:
+        return _run_probe(self.pod, uid, "tcp", (dest, port), {"payload": payload}, timeout)
+
+    def udp(self, dest: str, port: int, uid: int = CONFINED, timeout: float = 2.0) -> Result:
+        return _run_probe(self.pod, uid, "udp", (dest, port), {}, timeout)
+
+    def dns(self, name: str, server: str, uid: int = CONFINED, rdtype: str = "A", tcp: bool = False,
+            timeout: float = 2.0) -> Result:
+        return _run_probe(self.pod, uid, "dns", (name, server), {"rdtype": rdtype, "tcp": tcp}, timeout)
+
+    def ping(self, dest: str, uid: int = CONFINED, timeout: float = 2.0) -> Result:
+        return _run_probe(self.pod, uid, "ping", (dest,), {}, timeout)
+
+    def exec_as(self, argv: list[str], uid: int = CONFINED, timeout: float = 10.0) -> Result:
+        """Run a real client (curl, dig, nc...) in the pod as `uid`."""
+        return _run_probe(self.pod, uid, "exec", (argv,), {}, timeout)
+
+    # egressguard in the pod -----------------------------------------------------------------
+
+    def write_policy(self, policy: dict[str, Any] | str, name: str = "policy.yaml") -> Path:
+        path = self.workdir / name
+        path.write_text(policy if isinstance(policy, str) else json.dumps(policy))
+        os.chmod(path, 0o644)
+        return path
+
+    def egressguard(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                    prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """Run `python -m egressguard ARGS` inside the pod namespace (the pod's resolv.conf applies)."""
+        full_env = {**os.environ, "EGRESSGUARD_STATUS": str(self.status_file), **(env or {})}
+        full_env.pop("EGRESSGUARD_POLICY", None)
+        full_env.pop("EGRESSGUARD_POLICY_JSON", None)
+        full_env.update(env or {})
+        argv = ["ip", "netns", "exec", self.pod, *prefix, sys.executable, "-m", "egressguard", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+    def apply(self, policy: dict[str, Any] | str | Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        path = policy if isinstance(policy, Path) else self.write_policy(policy)
+        return self.egressguard("apply", "--policy", str(path), *extra)
+
+    def in_pod(self, *argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return _sh("ip", "netns", "exec", self.pod, *argv, check=check)
+
+    def ruleset_dump(self) -> str:
+        """Every firewall rule in the pod namespace (legacy v4/v6, nftables), without counters."""
+        parts = []
+        for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            out = self.in_pod(tool).stdout
+            parts.append("\n".join(line.split(" [")[0] if line.startswith(":") else line
+                                   for line in out.splitlines() if not line.startswith("#")))
+        if shutil.which("nft"):
+            parts.append(self.in_pod("nft", "list", "ruleset").stdout)
+        if shutil.which("ipset"):
+            parts.append(self.in_pod("ipset", "list", "-n").stdout)
+        return "\n".join(parts)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m egressguard.lab
+    with Lab() as _lab:
+        print(f"pod={_lab.pod} world={_lab.world}")
+        for who in (CONFINED, EXEMPT, ROOT):
+            print(who, _lab.tcp("203.0.113.10", 22, uid=who), _lab.dns("allowed.test", RESOLVER_V4, uid=who))
