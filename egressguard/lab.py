@@ -32,6 +32,7 @@ from typing import Any
 
 # Imported here, not in the probe: a probe child has dropped to another uid and may not be able
 # to read the interpreter's library directory any more.
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -100,6 +101,13 @@ class Result:
         return self.outcome == "ok"
 
     @property
+    def proxied(self) -> bool:
+        """Answered by the pod's stand-in proxy after a redirect (its banner names another original destination)."""
+        banner = str(self.answer or "")
+        orig = banner.partition(" orig=")[2]
+        return self.ok and banner.startswith("pod ") and bool(orig) and not orig.startswith(("127.", "[::1]", "-"))
+
+    @property
     def blocked(self) -> bool:
         return self.outcome in ("refused", "timeout", "eperm", "unreachable")
 
@@ -108,7 +116,7 @@ class Result:
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, (socket.timeout, TimeoutError)):
+    if isinstance(exc, (socket.timeout, TimeoutError, dns.exception.Timeout)):
         return "timeout", ""
     if isinstance(exc, ConnectionRefusedError):
         return "refused", "ECONNREFUSED"

@@ -173,8 +173,16 @@ def _refuse(policy_action: str, family: Family, comment: str, **match: object) -
     """Refuse matching traffic the way the policy says (reject fails fast, drop stays silent)."""
     if policy_action == "drop":
         return [Rule(target="DROP", comment=comment, **match)]  # type: ignore[arg-type]
+    # TCP gets a reset: an ICMP error can reach a connecting socket while connect() holds it, and
+    # is then only a soft error (seen with IPv6: the refusal came a second later, on the SYN retry).
     unreachable = "icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable"
-    return [Rule(target="REJECT", comment=comment, reject_with=unreachable, **match)]  # type: ignore[arg-type]
+    proto = match.get("protocol")
+    rules = []
+    if proto in (None, "tcp"):
+        rules.append(Rule(target="REJECT", comment=comment, reject_with="tcp-reset", **{**match, "protocol": "tcp"}))  # type: ignore[arg-type]
+    if proto != "tcp":
+        rules.append(Rule(target="REJECT", comment=comment, reject_with=unreachable, **match))  # type: ignore[arg-type]
+    return rules
 
 
 def _entry_rules(
