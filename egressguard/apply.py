@@ -191,6 +191,7 @@ def _fall_back_to_lockdown(
 def reset(backend: Backend, status_path: Path | None) -> None:
     backend.preflight()
     with namespace_lock():
+        backend.read()  # exit 3 here, before any change, if a family's tables are unavailable
         backend.commit(build_empty())
     if status_path is not None:
         try:

@@ -116,17 +116,8 @@ class IptablesBackend(Backend):
                 f"missing capability {' and '.join(missing)} (python-iptables needs both NET_ADMIN and NET_RAW)"
             )
         self.iptc  # noqa: B018 - import now, so a missing library is exit 3 before any change
-        for family in FAMILIES:
-            _in_child(self._probe_family, family)
-
-    def _probe_family(self, family: Family) -> None:
-        try:
-            self._table(family, "filter").refresh()
-        except Exception as exc:  # noqa: BLE001
-            raise EnvironmentUnsupported(
-                f"{_tool(family)} filter table unavailable ({exc}): the kernel lacks legacy x_tables "
-                f"(ip{'6' if family == 6 else ''}_tables); egressguard refuses to run without it"
-            ) from None
+        # Whether each family's filter table exists is found by read(), which every command calls
+        # before its first change (one child process per family instead of two).
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -246,7 +237,12 @@ class IptablesBackend(Backend):
             try:
                 tbl = self._table(family, name)
                 tbl.refresh()
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
+                if name == "filter":
+                    raise EnvironmentUnsupported(
+                        f"{_tool(family)} filter table unavailable ({exc}): the kernel lacks legacy x_tables "
+                        f"(ip{'6' if family == 6 else ''}_tables); egressguard refuses to run without it"
+                    ) from None
                 out.append(InstalledTable(family, name, present=False, jump_positions=(), chains=()))
                 continue
             output_rules = self.iptc.Chain(tbl, "OUTPUT").rules
