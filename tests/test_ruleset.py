@@ -1,0 +1,361 @@
+"""Unit tests of the pure core: Policy + Facts -> Ruleset (no kernel, no root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from egressguard.policy import DEFAULT_POLICY, validate
+from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, Facts, Rule, Ruleset, build, hosts_of, render, to_json
+
+RESOLVERS = ("198.51.100.53", "2001:db8:53::53")
+
+
+def _build(extra: dict[str, Any] | None = None, *, facts: Facts | None = None, lockdown: bool = False) -> Ruleset:
+    data = {"version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001]}, **(extra or {})}
+    return build(validate(data), facts or Facts(resolvers=RESOLVERS), lockdown=lockdown)
+
+
+def _chain(rs: Ruleset, family: int, table: str, name: str) -> tuple[Rule, ...]:
+    for c in rs.table(family, table).chains:  # type: ignore[arg-type]
+        if c.name == name:
+            return c.rules
+    raise KeyError(name)
+
+
+def _confined(rs: Ruleset, family: int) -> tuple[Rule, ...]:
+    return _chain(rs, family, "filter", CONFINED)
+
+
+def _comments(rules: tuple[Rule, ...]) -> list[str]:
+    return [r.comment for r in rules]
+
+
+def _first(rules: tuple[Rule, ...], prefix: str) -> int:
+    return next(i for i, r in enumerate(rules) if r.comment.startswith(prefix))
+
+
+def _last(rules: tuple[Rule, ...], prefix: str) -> int:
+    return max(i for i, r in enumerate(rules) if r.comment.startswith(prefix))
+
+
+BROAD = {
+    "allow": [{"cidr": "0.0.0.0/0", "protocol": "any"}, {"cidr": "::/0", "protocol": "any"}],
+    "deny": [{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128"}],
+}
+
+
+# -- shape -------------------------------------------------------------------------------------
+
+
+def test_both_families_get_a_filter_and_a_nat_table() -> None:
+    rs = _build()
+    assert sorted((t.family, t.name) for t in rs.tables) == [(4, "filter"), (4, "nat"), (6, "filter"), (6, "nat")]
+
+
+def test_every_filter_table_jumps_to_dispatch_from_output() -> None:
+    rs = _build()
+    for family in FAMILIES:
+        t = rs.table(family, "filter")
+        assert t.jump is not None and t.jump.target == DISPATCH
+        assert [c.name for c in t.chains] == [DISPATCH, CONFINED]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deny_and_metadata_come_before_every_allow(family: int) -> None:
+    rules = _confined(_build(BROAD), family)
+    assert _last(rules, "metadata") < _first(rules, "allow[")
+    assert _last(rules, "deny[") < _first(rules, "allow[")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deny_is_written_per_family(family: int) -> None:
+    rules = _confined(_build(BROAD), family)
+    denied = list(dict.fromkeys(r.dst for r in rules if r.comment.startswith("deny[")))
+    assert denied == (["203.0.113.11/32"] if family == 4 else ["2001:db8:2::11/128"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_confined_chain_ends_by_refusing_everything_else(family: int) -> None:
+    last = _confined(_build(), family)[-1]
+    assert last.comment == "default" and last.target == "REJECT" and last.dst is None and last.protocol is None
+    assert last.reject_with == ("icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable")
+
+
+def test_policy_without_ipv6_allows_still_refuses_confined_ipv6() -> None:
+    rs = _build({"allow": [{"cidr": "203.0.113.0/24"}]})
+    v6 = _confined(rs, 6)
+    assert not any(r.comment.startswith("allow[") for r in v6)
+    assert v6[-1].target == "REJECT" and v6[-1].reject_with == "icmp6-port-unreachable"
+    assert rs.table(6, "filter").jump is not None
+
+
+def test_allowed_traffic_returns_and_never_accepts() -> None:
+    rs = _build({**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]})
+    targets = {r.target for t in rs.tables for c in t.chains for r in c.rules}
+    assert "ACCEPT" not in targets
+    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", CONFINED, REDIRECT}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replies_are_the_first_rule_and_only_in_the_reply_direction(family: int) -> None:
+    first = _confined(_build(), family)[0]
+    assert (first.comment, first.ctstate, first.ctdir, first.target) == ("replies", "RELATED,ESTABLISHED", "REPLY", "RETURN")
+
+
+def test_outbound_rules_do_not_depend_on_connection_state() -> None:
+    # Every outbound packet is checked, so an existing connection is cut when the policy changes.
+    rules = _confined(_build(BROAD), 4)
+    assert [r.comment for r in rules if r.ctstate] == ["replies"]
+
+
+# -- who is confined ---------------------------------------------------------------------------
+
+
+def test_exempt_uids_leave_dispatch_before_anyone_is_confined() -> None:
+    rules = _chain(_build({"exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
+    assert [(r.comment, r.uid, r.target) for r in rules] == [
+        ("exempt", "1001", "RETURN"),
+        ("exempt", "1003", "RETURN"),
+        ("confine", "1000", CONFINED),
+    ]
+
+
+def test_root_is_not_confined_unless_listed() -> None:
+    rules = _chain(_build(), 4, "filter", DISPATCH)
+    assert "0" not in {r.uid for r in rules}
+    listed = _chain(_build({"confine": {"uids": [0, 1000]}}), 4, "filter", DISPATCH)
+    assert [r.uid for r in listed if r.comment == "confine"] == ["0", "1000"]
+
+
+def test_confine_all_sends_everyone_but_exempt_to_the_confined_chain() -> None:
+    rules = _chain(_build({"confine": {"uids": "all"}}), 6, "filter", DISPATCH)
+    assert [(r.comment, r.uid) for r in rules] == [("exempt", "1001"), ("confine", None)]
+
+
+def test_confine_all_lets_only_kernel_sockets_send_neighbour_discovery() -> None:
+    rules = _confined(_build({"confine": {"uids": "all"}}), 6)
+    ndp = [r for r in rules if r.comment == "kernel-ndp"]
+    assert sorted(r.icmp6_type for r in ndp) == ["133", "134", "135", "136", "143"]  # type: ignore[type-var]
+    assert all(r.uid == "!0-4294967294" and r.protocol == "ipv6-icmp" and r.target == "RETURN" for r in ndp)
+    assert not any(r.comment == "kernel-ndp" for r in _confined(_build({"confine": {"uids": "all"}}), 4))
+
+
+def test_listed_confinement_needs_no_kernel_exceptions() -> None:
+    assert not any(r.comment == "kernel-ndp" for r in _confined(_build(), 6))
+
+
+# -- action ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "icmp"), [(4, "icmp-port-unreachable"), (6, "icmp6-port-unreachable")])
+def test_reject_resets_tcp_and_answers_other_protocols_with_the_family_unreachable(family: int, icmp: str) -> None:
+    refusals = [r for r in _confined(_build(BROAD), family) if r.target == "REJECT"]
+    assert refusals
+    for r in refusals:
+        assert r.reject_with == ("tcp-reset" if r.protocol == "tcp" else icmp)
+    # Every refusal that covers TCP comes as a reset plus an unreachable for the rest, in that order.
+    default = [r for r in refusals if r.comment == "default"]
+    assert [(r.protocol, r.reject_with) for r in default] == [("tcp", "tcp-reset"), (None, icmp)]
+
+
+def test_reject_of_a_udp_entry_needs_no_reset() -> None:
+    rs = _build({"deny": [{"cidr": "192.0.2.0/24", "protocol": "udp"}]})
+    assert [r.reject_with for r in _confined(rs, 4) if r.comment == "deny[0]"] == ["icmp-port-unreachable"]
+
+
+def test_drop_never_rejects() -> None:
+    rs = _build({**BROAD, "action": "drop"})
+    targets = [r.target for f in FAMILIES for r in _confined(rs, f)]
+    assert "REJECT" not in targets and targets.count("DROP") >= 4
+    assert all(r.reject_with is None for f in FAMILIES for r in _confined(rs, f))
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def test_metadata_endpoints_are_refused_in_both_families() -> None:
+    rs = _build(BROAD)
+    v4 = [r.dst for r in _confined(rs, 4) if r.comment == "metadata"]
+    v6 = [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
+    assert list(dict.fromkeys(v4)) == ["169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32"]
+    assert list(dict.fromkeys(v6)) == ["fd00:ec2::254/128"]
+
+
+def test_deny_metadata_false_leaves_them_to_the_allow_list() -> None:
+    rs = _build({"deny_metadata": False})
+    assert not any(r.comment == "metadata" for f in FAMILIES for r in _confined(rs, f))
+
+
+# -- entries -----------------------------------------------------------------------------------
+
+
+def test_protocol_icmp_means_icmpv6_in_ipv6() -> None:
+    rs = _build({"allow": [{"cidr": "0.0.0.0/0", "protocol": "icmp"}, {"cidr": "::/0", "protocol": "icmp"}]})
+    assert [r.protocol for r in _confined(rs, 4) if r.comment.startswith("allow")] == ["icmp"]
+    assert [r.protocol for r in _confined(rs, 6) if r.comment.startswith("allow")] == ["ipv6-icmp"]
+
+
+def test_protocol_any_matches_no_protocol() -> None:
+    rs = _build({"allow": [{"cidr": "192.0.2.0/24", "protocol": "any"}]})
+    (rule,) = [r for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    assert rule.protocol is None and rule.dports == ()
+
+
+def test_ports_are_sorted_deduplicated_and_split_in_groups_of_fifteen() -> None:
+    ports = list(range(1000, 1020)) + [1000, 22]
+    rs = _build({"allow": [{"cidr": "192.0.2.0/24", "ports": ports}]})
+    groups = [r.dports for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    assert groups == [(22, *range(1000, 1014)), tuple(range(1014, 1020))]
+    assert all(len(g) <= 15 for g in groups)
+
+
+def test_single_port_and_multiport_render_differently() -> None:
+    one = Rule(target="RETURN", comment="c", protocol="udp", dports=(53,)).args()
+    many = Rule(target="RETURN", comment="c", protocol="tcp", dports=(80, 443)).args()
+    assert one[:5] == ["-p", "udp", "-m", "udp", "--dport"]
+    assert many[:5] == ["-p", "tcp", "-m", "multiport", "--dports"] and many[5] == "80,443"
+
+
+def test_host_entries_use_the_resolved_addresses_of_each_family() -> None:
+    facts = Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.10", "2001:db8:2::10")})
+    rs = _build({"allow": [{"host": "api.test", "ports": [443]}]}, facts=facts)
+    assert [r.dst for r in _confined(rs, 4) if r.comment == "allow[0]"] == ["203.0.113.10/32"]
+    assert [r.dst for r in _confined(rs, 6) if r.comment == "allow[0]"] == ["2001:db8:2::10/128"]
+    assert rs.unresolved_hosts == ()
+
+
+def test_unresolved_host_entries_are_listed_and_add_no_rules() -> None:
+    rs = _build({"allow": [{"host": "api.test"}], "deny": [{"host": "bad.test"}]})
+    assert rs.unresolved_hosts == ("api.test", "bad.test")
+    assert not any(r.comment in ("allow[0]", "deny[0]") for f in FAMILIES for r in _confined(rs, f))
+
+
+def test_hosts_of_lists_each_name_once_and_is_optional_only_if_every_use_is() -> None:
+    p = validate({
+        "version": 1,
+        "allow": [{"host": "a.test", "optional": True}, {"host": "b.test", "optional": True}, {"host": "a.test"}],
+        "deny": [{"host": "c.test"}],
+    })
+    assert hosts_of(p) == [("a.test", False), ("b.test", True), ("c.test", False)]
+
+
+# -- loopback, DNS, redirect --------------------------------------------------------------------
+
+
+def test_loopback_allow_is_one_rule_on_lo() -> None:
+    rules = [r for r in _confined(_build(), 4) if r.comment == "loopback"]
+    assert [(r.out_iface, r.protocol, r.dports) for r in rules] == [("lo", None, ())]
+
+
+def test_loopback_deny_has_no_loopback_rule() -> None:
+    assert not any(r.comment == "loopback" for f in FAMILIES for r in _confined(_build({"loopback": "deny"}), f))
+
+
+def test_loopback_ports_allow_those_ports_over_tcp_and_udp() -> None:
+    rules = [r for r in _confined(_build({"loopback": [8444, 8443]}), 6) if r.comment == "loopback"]
+    assert [(r.out_iface, r.protocol, r.dports) for r in rules] == [("lo", "tcp", (8443, 8444)), ("lo", "udp", (8443, 8444))]
+
+
+@pytest.mark.parametrize(("family", "server"), [(4, "198.51.100.53/32"), (6, "2001:db8:53::53/128")])
+def test_dns_goes_only_to_the_resolvers_of_the_family(family: int, server: str) -> None:
+    rules = [r for r in _confined(_build(), family) if r.comment == "dns"]
+    assert [(r.protocol, r.ctorigdst, r.ctorigdstport) for r in rules] == [("udp", server, 53), ("tcp", server, 53)]
+
+
+def test_no_resolvers_means_no_dns_rules() -> None:
+    rs = _build(facts=Facts(resolvers=()))
+    assert not any(r.comment == "dns" for f in FAMILIES for r in _confined(rs, f))
+
+
+def test_redirect_rewrites_non_loopback_tcp_of_confined_uids_only() -> None:
+    rs = _build({"redirect": [{"ports": [80, 443], "to_port": 8444}]})
+    for family in FAMILIES:
+        nat = rs.table(family, "nat")
+        assert nat.jump is not None
+        assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("exempt", "1001"), ("confine", "1000")]
+        (rule,) = _chain(rs, family, "nat", REDIRECT)
+        assert (rule.target, rule.out_iface, rule.protocol, rule.dports, rule.to_ports) == (
+            "REDIRECT", "!lo", "tcp", (80, 443), 8444
+        )
+
+
+@pytest.mark.parametrize(("family", "local"), [(4, "127.0.0.1/32"), (6, "::1/128")])
+def test_redirected_traffic_is_allowed_to_the_local_port_even_with_loopback_denied(family: int, local: str) -> None:
+    rs = _build({"loopback": "deny", "redirect": [{"ports": [80], "to_port": 8444}]})
+    rules = [r for r in _confined(rs, family) if r.comment == "redirect"]
+    assert [(r.dst, r.protocol, r.dports) for r in rules] == [(local, "tcp", (8444,))]
+
+
+def test_without_redirects_egressguard_owns_nothing_in_nat() -> None:
+    rs = _build()
+    for family in FAMILIES:
+        assert rs.table(family, "nat").chains == () and rs.table(family, "nat").jump is None
+
+
+# -- lockdown ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(family: int) -> None:
+    rs = _build({**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]}, lockdown=True)
+    comments = _comments(_confined(rs, family))
+    assert rs.kind == "lockdown"
+    assert {"replies", "loopback", "dns", "metadata"} <= set(comments)
+    assert comments[-1] == "lockdown"
+    assert not any(c.startswith(("allow[", "deny[")) for c in comments)
+    assert rs.table(family, "nat").chains == ()
+
+
+def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
+    rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
+    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH)] == ["1001", "1000", "1002"]
+
+
+# -- determinism, digest, rendering ------------------------------------------------------------
+
+
+def test_build_is_deterministic() -> None:
+    a, b = _build(BROAD), _build(BROAD)
+    assert a == b and a.digest() == b.digest() and render(a) == render(b)
+
+
+def test_ruleset_digest_covers_resolvers_and_resolved_addresses() -> None:
+    policy = {"allow": [{"host": "api.test"}]}
+    base = _build(policy, facts=Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.10",)}))
+    other_addr = _build(policy, facts=Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.12",)}))
+    other_dns = _build(policy, facts=Facts(resolvers=RESOLVERS[:1], hosts={"api.test": ("203.0.113.10",)}))
+    assert len({base.digest(), other_addr.digest(), other_dns.digest()}) == 3
+
+
+def test_rule_count_counts_every_owned_rule() -> None:
+    rs = _build()
+    assert rs.rule_count() == sum(len(c.rules) for t in rs.tables for c in t.chains)
+
+
+def test_render_puts_our_jump_first_in_output_and_commits_each_table() -> None:
+    text = render(_build({"redirect": [{"ports": [80], "to_port": 8444}]}))
+    assert text.count("COMMIT") == 4
+    assert text.count("-I OUTPUT 1 -m comment --comment egressguard -j EGRESSGUARD") == 4
+    assert '--comment "allow' not in text
+
+
+def test_render_quotes_comments_with_spaces() -> None:
+    assert render(Ruleset(tables=())) == "\n"
+    from egressguard.ruleset import _join  # noqa: PLC0415 - the quoting helper
+
+    assert _join(["-m", "comment", "--comment", "a b"]) == '-m comment --comment "a b"'
+
+
+def test_json_form_has_one_entry_per_family_and_table() -> None:
+    out = to_json(_build({"allow": [{"host": "api.test"}]}))
+    assert [(t["family"], t["table"]) for t in out["tables"]] == [  # type: ignore[index,union-attr]
+        ("ipv4", "filter"), ("ipv4", "nat"), ("ipv6", "filter"), ("ipv6", "nat")
+    ]
+    assert out["unresolved_hosts"] == ["api.test"] and str(out["digest"]).startswith("sha256:")
+
+
+def test_default_policy_refuses_everything_but_loopback_dns_and_redirect() -> None:
+    rs = build(validate(DEFAULT_POLICY), Facts(resolvers=RESOLVERS))
+    assert set(_comments(_confined(rs, 4))) == {"replies", "metadata", "loopback", "redirect", "dns", "default"}
