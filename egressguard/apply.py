@@ -142,7 +142,9 @@ def apply(
             log.info("lockdown_committed", rules=lockdown.rule_count())
         try:
             with clock("resolve"):
-                out.resolution = facts_mod.resolve_hosts(hosts_of(policy), out.resolvers)
+                out.resolution = facts_mod.resolve_hosts(
+                    hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
+                )
             _report_resolution(out.resolution)
             ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses))
             out.ruleset = ruleset

@@ -121,7 +121,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     resolvers = facts.resolvers_for(loaded.policy, args.resolv_conf)
     hosts: dict[str, tuple[str, ...]] = {}
     if args.resolve:
-        hosts = facts.resolve_hosts(hosts_of(loaded.policy), resolvers).addresses
+        hosts = facts.resolve_hosts(
+            hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
+        ).addresses
     rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
     if args.json:
         print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **to_json(rs)}, indent=2))

@@ -9,10 +9,19 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from egressguard.errors import PolicyError
 
@@ -22,6 +31,10 @@ DEFAULT_POLICY_PATH = Path("/etc/egressguard/policy.yaml")
 MAX_POLICY_BYTES = 4 * 1024 * 1024
 # Entries per list, counted after allow_file/deny_file expansion.
 MAX_ENTRIES = 100_000
+# An allow_file/deny_file larger than this is refused (100,000 IPv6 networks fit comfortably).
+MAX_LIST_FILE_BYTES = 8 * 1024 * 1024
+# Addresses one `host` may resolve to unless dns.max_addresses_per_host says otherwise.
+DEFAULT_MAX_ADDRESSES_PER_HOST = 64
 
 # Cloud metadata endpoints refused by `deny_metadata: true`, whatever `allow` says.
 METADATA_CIDRS: tuple[str, ...] = (
@@ -72,8 +85,46 @@ def _hostname(value: object) -> str:
     raise ValueError(f"{value!r} is an address: use `cidr` for addresses")
 
 
+def read_network_list(path: Path) -> tuple[str, ...]:
+    """The networks in an allow_file/deny_file: one network or address per line, `#` comments.
+
+    Bad lines are reported by number (the first three, and how many more), so a 10,000-line
+    provider list can be fixed from the message alone.
+    """
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_LIST_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_LIST_FILE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_LIST_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    nets: list[str] = []
+    bad: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as exc:
+            bad.append(f"{path}:{lineno}: {item!r} is not a network or address ({exc})")
+            continue
+        nets.append(str(net))
+    if bad:
+        more = f" (and {len(bad) - 3} more bad lines)" if len(bad) > 3 else ""
+        raise ValueError("; ".join(bad[:3]) + more)
+    if len(nets) > MAX_ENTRIES:
+        raise ValueError(f"{path}: {len(nets)} networks, more than {MAX_ENTRIES}")
+    return tuple(dict.fromkeys(nets))
+
+
 class _Entry(_Model):
-    """One destination: a network (`cidr`) or a DNS name (`host`), optionally narrowed by ports/protocol."""
+    """One destination: a network (`cidr`), a DNS name (`host`) or a file of networks
+    (`allow_file`/`deny_file`), optionally narrowed by ports/protocol."""
 
     cidr: str | None = Field(None, description="IPv4 or IPv6 network, e.g. 203.0.113.0/24 or 2001:db8::/32")
     host: str | None = Field(None, description="DNS name, resolved (A and AAAA) at apply time")
@@ -82,34 +133,58 @@ class _Entry(_Model):
 
     _check_cidr = field_validator("cidr", mode="before")(lambda v: None if v is None else _network(v))
     _check_host = field_validator("host", mode="before")(lambda v: None if v is None else _hostname(v))
+    _file_networks: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
-    def _one_destination(self) -> _Entry:
-        if (self.cidr is None) == (self.host is None):
-            raise ValueError("give exactly one of `cidr` or `host`")
+    def _one_destination(self, info: ValidationInfo) -> _Entry:
+        given = [k for k in ("cidr", "host", self._file_key) if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of `cidr`, `host` or `{self._file_key}`")
         if self.ports is not None and self.protocol not in ("tcp", "udp"):
             raise ValueError(f"`ports` needs protocol tcp or udp, not {self.protocol}")
         if self.optional and self.host is None:
             raise ValueError("`optional` applies to `host` entries only")
+        if self.file is not None:
+            base = (info.context or {}).get("base_dir") or Path.cwd()
+            self._file_networks = read_network_list(Path(base) / self.file)
         return self
 
     protocol: str  # narrowed by the subclasses, which set the default
+    _file_key: ClassVar[str] = "allow_file"  # the key naming this entry's list file
+
+    @property
+    def file(self) -> str | None:
+        value = getattr(self, self._file_key, None)
+        return value if isinstance(value, str) else None
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The networks this entry names by itself (a host's come from resolution)."""
+        if self.cidr is not None:
+            return (self.cidr,)
+        return self._file_networks
 
     @property
     def label(self) -> str:
-        return self.cidr or self.host or ""
+        return self.cidr or self.host or self.file or ""
+
+
+_FILE_HELP = "file of networks, one per line, # comments; relative to the policy file's directory"
 
 
 class AllowEntry(_Entry):
     """A destination confined processes may reach."""
 
     protocol: Literal["tcp", "udp", "icmp", "any"] = Field("tcp", description="tcp (default), udp, icmp or any")
+    allow_file: str | None = Field(None, min_length=1, description=_FILE_HELP)
 
 
 class DenyEntry(_Entry):
     """A destination refused even when an `allow` covers it."""
 
     protocol: Literal["tcp", "udp", "icmp", "any"] = Field("any", description="any (default), tcp, udp or icmp")
+    deny_file: str | None = Field(None, min_length=1, description=_FILE_HELP)
+    _file_key: ClassVar[str] = "deny_file"
 
 
 class Confine(_Model):
@@ -138,6 +213,11 @@ class Dns(_Model):
 
     resolvers: Literal["auto"] | list[str] = Field(
         "auto", description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS"
+    )
+
+    max_addresses_per_host: int = Field(
+        DEFAULT_MAX_ADDRESSES_PER_HOST, ge=1, le=4096, strict=True,
+        description="a host resolving to more addresses fails the apply (or is skipped if optional)",
     )
 
     @field_validator("resolvers", mode="before")
@@ -193,6 +273,10 @@ class Policy(_Model):
                 if port in seen:
                     raise _located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
                 seen[port] = i
+        for kind in ("allow", "deny"):
+            total = sum(len(e.networks) or 1 for e in getattr(self, kind))
+            if total > MAX_ENTRIES:
+                raise _located(kind, f"{total} entries after reading the list files, more than {MAX_ENTRIES}")
         return self
 
     @property
@@ -314,12 +398,13 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"policy error: {source}: " + "; ".join(unique[:3]) + more
 
 
-def validate(data: Any, source: str = "policy") -> Policy:
-    """Validate parsed data into a Policy, or raise PolicyError with a one-line message."""
+def validate(data: Any, source: str = "policy", base_dir: Path | None = None) -> Policy:
+    """Validate parsed data into a Policy, or raise PolicyError with a one-line message.
+    allow_file/deny_file paths are relative to `base_dir` (default: the working directory)."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"policy error: {source}: the policy must be a mapping (got {type(data).__name__})")
     try:
-        return Policy.model_validate(data)
+        return Policy.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise PolicyError(_format_validation_error(exc, source)) from None
     except RecursionError:
@@ -348,7 +433,7 @@ def load_file(path: Path | str) -> Policy:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError(f"policy error: {path}: not UTF-8 (byte {exc.start})") from None
-    return validate(parse_text(text, str(path)), str(path))
+    return validate(parse_text(text, str(path)), str(path), base_dir=path.parent)
 
 
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPolicy:
@@ -378,7 +463,17 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
 
 def digest(policy: Policy) -> str:
     """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
-    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = policy.model_dump(mode="json")
+    # A list file is part of the policy: its networks count, not just its path.
+    files = {
+        f"{kind}[{i}]": list(e.networks)
+        for kind in ("allow", "deny")
+        for i, e in enumerate(getattr(policy, kind))
+        if e.file is not None
+    }
+    if files:
+        data["_file_networks"] = files
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -9,6 +9,15 @@ from egressguard.ruleset import Ruleset
 def differences(want: Ruleset, have: Installed) -> list[str]:
     """Every way `have` differs from `want`, as short sentences (empty: identical)."""
     out: list[str] = []
+    got_sets = {s.name: s for s in have.sets}
+    for st in want.sets:
+        got = got_sets.get(st.name)
+        if got is None:
+            out.append(f"set {st.name}: missing")
+        elif (got.family, got.members) != (st.family, st.members):
+            lost = len(set(st.members) - set(got.members))
+            extra = len(set(got.members) - set(st.members))
+            out.append(f"set {st.name}: {len(got.members)} members, expected {len(st.members)} ({lost} missing, {extra} unexpected)")
     for t in want.tables:
         where = f"ipv{t.family} {t.name}"
         try:

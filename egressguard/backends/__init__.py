@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from egressguard.ruleset import Chain, Family, Ruleset
+from egressguard.ruleset import AddressSet, Chain, Family, Ruleset
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class InstalledTable:
 @dataclass(frozen=True)
 class Installed:
     tables: tuple[InstalledTable, ...]
+    sets: tuple[AddressSet, ...] = ()  # the kernel sets the installed rules match on, as read back
 
     def table(self, family: Family, name: str) -> InstalledTable:
         for t in self.tables:
@@ -44,7 +45,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def commit(self, ruleset: Ruleset) -> None:
         """Replace everything egressguard owns with `ruleset`, one atomic commit per table.
-        Raise ApplyFailed (or EnvironmentUnsupported) if the kernel refuses."""
+        Its sets exist and are full before a rule can refer to them; sets no rule needs any
+        more are removed afterwards. Raise ApplyFailed (or EnvironmentUnsupported) if the
+        kernel refuses."""
 
     @abc.abstractmethod
     def read(self) -> Installed:

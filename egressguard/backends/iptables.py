@@ -14,7 +14,18 @@ from typing import Any, TypeVar
 
 from egressguard.backends import Backend, Installed, InstalledTable
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
-from egressguard.ruleset import DISPATCH, FAMILIES, JUMP_COMMENT, OWNED_CHAINS, Chain, Family, Rule, Ruleset, Table
+from egressguard.ruleset import (
+    DISPATCH,
+    FAMILIES,
+    JUMP_COMMENT,
+    OWNED_CHAINS,
+    AddressSet,
+    Chain,
+    Family,
+    Rule,
+    Ruleset,
+    Table,
+)
 
 T = TypeVar("T")
 
@@ -99,6 +110,7 @@ class IptablesBackend(Backend):
 
     def __init__(self) -> None:
         self._iptc: Any = None
+        self._sets_touched = False  # this process created sets: prune what the last commit left unused
 
     @property
     def iptc(self) -> Any:
@@ -122,19 +134,39 @@ class IptablesBackend(Backend):
     # -- commit ------------------------------------------------------------------------------
 
     def commit(self, ruleset: Ruleset) -> None:
+        from egressguard.sets import Ipsets  # noqa: PLC0415
+
+        if ruleset.sets:
+            self._sets_touched = True
+            with Ipsets() as ipsets:
+                for st in ruleset.sets:
+                    ipsets.ensure(st)
+                for st in ruleset.sets:  # cross-check: no rule may refer to a set that is not full yet
+                    if ipsets.count(st.name) != len(st.members):
+                        raise ApplyFailed(f"ipset {st.name}: not complete after filling; rules not committed")
+        referenced_sets = False
         for family in FAMILIES:
             tables = [t for t in ruleset.tables if t.family == family]
-            _in_child(self._commit_family, family, tables)
+            referenced_sets |= _in_child(self._commit_family, family, tables)
+        removing_everything = not any(t.chains for t in ruleset.tables)
+        if ruleset.sets or referenced_sets or self._sets_touched or removing_everything:
+            with Ipsets() as ipsets:
+                busy = ipsets.prune(keep=[st.name for st in ruleset.sets])
+            if busy:
+                raise ApplyFailed(f"ipset {busy[0]}: still referenced by a rule egressguard does not own")
 
-    def _commit_family(self, family: Family, tables: list[Table]) -> None:
+    def _commit_family(self, family: Family, tables: list[Table]) -> bool:
+        """Commit this family's tables; True if the chains replaced matched on sets."""
+        referenced_sets = False
         for table in tables:
-            self._commit_table(table)
+            referenced_sets |= self._commit_table(table)
+        return referenced_sets
 
     def _table(self, family: Family, name: str) -> Any:
         cls = self.iptc.Table6 if family == 6 else self.iptc.Table
         return cls(name, autocommit=False)
 
-    def _commit_table(self, want: Table) -> None:
+    def _commit_table(self, want: Table) -> bool:
         iptc = self.iptc
         last: Exception | None = None
         for attempt in range(COMMIT_ATTEMPTS):
@@ -143,12 +175,12 @@ class IptablesBackend(Backend):
                 tbl.refresh()
             except Exception as exc:  # noqa: BLE001
                 if not want.chains:
-                    return  # a table this kernel lacks (e.g. nat) holds nothing of ours
+                    return False  # a table this kernel lacks (e.g. nat) holds nothing of ours
                 raise EnvironmentUnsupported(f"{_tool(want.family)} {want.name} table unavailable: {exc}") from None
             try:
-                self._stage(tbl, want)
+                referenced_sets = self._stage(tbl, want)
                 tbl.commit()
-                return
+                return referenced_sets
             except iptc.IPTCError as exc:
                 last = exc
                 if "temporarily unavailable" in str(exc) or "Resource" in str(exc):
@@ -159,17 +191,21 @@ class IptablesBackend(Backend):
                 raise _commit_error(want, exc) from None
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
 
-    def _stage(self, tbl: Any, want: Table) -> None:
-        """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one)."""
+    def _stage(self, tbl: Any, want: Table) -> bool:
+        """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one).
+        True if the chains being replaced matched on sets (which may then be unused)."""
         iptc = self.iptc
         output = iptc.Chain(tbl, "OUTPUT")
         for rule in list(output.rules):
             if _is_our_jump(rule):
                 output.delete_rule(rule)
         owned = OWNED_CHAINS[want.name]
+        referenced_sets = False
         for name in owned:
             if tbl.is_chain(name):
-                iptc.Chain(tbl, name).flush()
+                chain = iptc.Chain(tbl, name)
+                referenced_sets = referenced_sets or any(_matches_set(r) for r in chain.rules)
+                chain.flush()
         wanted = {c.name for c in want.chains}
         for name in owned:
             if name not in wanted and tbl.is_chain(name):
@@ -183,6 +219,7 @@ class IptablesBackend(Backend):
                 ch.append_rule(self._encode(want.family, rule))
         if want.jump:
             output.insert_rule(self._encode(want.family, want.jump), 0)
+        return referenced_sets
 
     def _encode(self, family: Family, r: Rule) -> Any:
         iptc = self.iptc
@@ -229,7 +266,17 @@ class IptablesBackend(Backend):
         tables: list[InstalledTable] = []
         for family in FAMILIES:
             tables += _in_child(self._read_family, family)
-        return Installed(tables=tuple(tables))
+        names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules if r.match_set})
+        sets: list[AddressSet] = []
+        if names:
+            from egressguard.sets import Ipsets  # noqa: PLC0415
+
+            with Ipsets() as ipsets:
+                for name in names:
+                    found = ipsets.members(name)
+                    if found is not None:
+                        sets.append(AddressSet(name=name, family=found[0], members=found[1]))  # type: ignore[arg-type]
+        return Installed(tables=tuple(tables), sets=tuple(sets))
 
     def _read_family(self, family: Family) -> list[InstalledTable]:
         out = []
@@ -295,6 +342,13 @@ def _commit_error(want: Table, exc: Exception) -> EgressGuardError:
     if "No chain/target/match" in str(exc) or "can't find" in str(exc):
         return EnvironmentUnsupported(msg + " (a needed kernel module or xtables extension is missing)")
     return ApplyFailed(msg)
+
+
+def _matches_set(rule: Any) -> bool:
+    try:
+        return any(m.name == "set" for m in rule.matches)
+    except Exception:  # noqa: BLE001 - undecodable: assume it might, so sets get pruned
+        return True
 
 
 def _is_our_jump(rule: Any) -> bool:
