@@ -38,6 +38,12 @@ import dns.query
 import dns.rcode
 import dns.rrset
 
+# For probes that run the egressguard CLI itself as the probe's uid (_op_egressguard); the CLI
+# imports apply and the back end lazily, so they are loaded here too.
+from egressguard import apply as _eg_apply  # noqa: F401
+from egressguard import cli as _eg_cli
+from egressguard.backends import iptables as _eg_iptables  # noqa: F401
+
 POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"
 POD_V6, WORLD_V6 = "2001:db8:100::2", "2001:db8:100::1"
 RESOLVER_V4, OTHER_RESOLVER_V4 = "198.51.100.53", "198.51.100.54"
@@ -80,11 +86,24 @@ def _enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def _become(uid: int) -> None:
+def _become(uid: int, caps: int = 0) -> None:
+    """Drop to `uid`; keep only the capability bits in `caps` (0: none, as for any non-root user)."""
     if uid != 0:
+        if caps:
+            _libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
+        if caps:
+            _set_caps(caps)
+
+
+def _set_caps(mask: int) -> None:
+    hdr = ctypes.create_string_buffer(struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0))
+    lo, hi = mask & 0xFFFFFFFF, mask >> 32
+    data = ctypes.create_string_buffer(struct.pack("6I", lo, lo, 0, hi, hi, 0))
+    if _libc.capset(hdr, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 @dataclass
@@ -143,7 +162,7 @@ def _op_tcp(dest: str, port: int, timeout: float, payload: str = "") -> Result:
     s = socket.socket(_family(dest), socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect((dest, port))
+        s.connect(_sockaddr(dest, port))
         if payload:
             s.sendall(payload.encode())
         data = s.recv(256).decode(errors="replace").strip()
@@ -156,7 +175,7 @@ def _op_udp(dest: str, port: int, timeout: float) -> Result:
     s = socket.socket(_family(dest), socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
-        s.connect((dest, port))
+        s.connect(_sockaddr(dest, port))
         s.send(b"ping")
         data = s.recv(256).decode(errors="replace").strip()
         return Result("ok", answer=data)
@@ -199,14 +218,216 @@ def _op_exec(argv: list[str], timeout: float) -> Result:
 _OPS = {"tcp": _op_tcp, "udp": _op_udp, "dns": _op_dns, "ping": _op_ping, "raw": _op_raw, "exec": _op_exec}
 
 
-def _run_probe(netns: str, uid: int, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float) -> Result:
+# Bypass-suite probes (tests/test_bypass.py): each tries one way out and reports what the kernel did.
+# What they need from egressguard is imported at the top of this module (see there), never in a probe.
+
+IPPROTO_UDPLITE = 136
+CLONE_NEWUSER = 0x10000000
+_PR_SET_KEEPCAPS = 8
+_PR_SET_DUMPABLE = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_NET_RAW = 13
+
+
+def _sockaddr(dest: str, port: int) -> tuple[Any, ...]:
+    """(addr, port), or (addr, port, 0, ifindex) for a scoped address such as fe80::1%eth0."""
+    addr, _, scope = dest.partition("%")
+    return (addr, port, 0, socket.if_nametoindex(scope)) if scope else (addr, port)
+
+
+def _op_send(dest: str, port: int, timeout: float, proto: str = "udp", broadcast: bool = False,
+             sport: int = 0, src: str = "") -> Result:
+    """One datagram (UDP or UDP-Lite), for destinations that need not answer (broadcast, multicast).
+    ok = the kernel let it out of the socket (detail `sent`), with the answer if one came back."""
+    s = socket.socket(_family(dest), socket.SOCK_DGRAM, IPPROTO_UDPLITE if proto == "udplite" else 0)
+    s.settimeout(timeout)
+    try:
+        if sport or src:
+            s.bind((src or ("::" if _family(dest) == socket.AF_INET6 else "0.0.0.0"), sport))
+        if broadcast:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.sendto(b"egressguard", _sockaddr(dest, port))
+        try:
+            data = s.recv(256).decode(errors="replace").strip()
+        except (socket.timeout, TimeoutError):
+            data = ""
+        except OSError as exc:  # an ICMP error from whoever answered
+            data = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return Result("ok", detail="sent", answer=data)
+    finally:
+        s.close()
+
+
+def _op_tcp_device(dest: str, port: int, timeout: float, device: str = "lo") -> Result:
+    """TCP connect from a socket bound to `device` (SO_BINDTODEVICE needs no privilege the first time)."""
+    s = socket.socket(_family(dest), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        s.connect(_sockaddr(dest, port))
+        return Result("ok", answer=s.recv(256).decode(errors="replace").strip())
+    finally:
+        s.close()
+
+
+def _op_socket(family: str, kind: str, timeout: float, proto: int = 0) -> Result:
+    """Just open a socket: raw and packet sockets need CAP_NET_RAW."""
+    fam = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "packet": socket.AF_PACKET}[family]
+    typ = {"raw": socket.SOCK_RAW, "dgram": socket.SOCK_DGRAM}[kind]
+    socket.socket(fam, typ, proto).close()
+    return Result("ok", detail=f"{family}/{kind} socket opened")
+
+
+def _op_setuid(target: int, timeout: float) -> Result:
+    os.setresgid(target, target, target)
+    os.setresuid(target, target, target)
+    return Result("ok", detail=f"now uid {os.getuid()}")
+
+
+def _op_userns(op: str, args: list[Any], kwargs: dict[str, Any], timeout: float) -> Result:
+    """Become "root" in a new user namespace (every capability there), then run `op`."""
+    uid, gid = os.getuid(), os.getgid()
+    _libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # reset by setuid; /proc/self/uid_map needs it
+    if _libc.unshare(CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    res = _call_op(op, args, kwargs, timeout)
+    res.detail = (res.detail + " " if res.detail else "") + f"[uid {os.getuid()} in a user namespace]"
+    return res
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _udp4_packet(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload  # checksum 0: none (IPv4)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0x4567, 0, 64, socket.IPPROTO_UDP, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    return hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:] + udp
+
+
+def _op_crafted_udp(how: str, src: str, dst: str, dport: int, timeout: float, iface: str = "eth0",
+                    dst_mac: str = "") -> Result:
+    """A hand-made UDP datagram to dst:dport, sent through a raw IP socket (`how`="raw") or a packet
+    socket (`how`="packet", an Ethernet frame to dst_mac). A normal UDP socket bound to the source
+    port waits for the server's answer: ok = the datagram reached the server."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.settimeout(timeout)
+    try:
+        rx.bind((src, 0))
+        sport = rx.getsockname()[1]
+        ip = _udp4_packet(src, sport, dst, dport, b"crafted")
+        if how == "raw":
+            tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            try:
+                tx.sendto(ip, (dst, 0))
+            finally:
+                tx.close()
+        else:
+            tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+            try:
+                tx.bind((iface, 0))
+                with open(f"/sys/class/net/{iface}/address") as fh:
+                    src_mac = bytes.fromhex(fh.read().strip().replace(":", ""))
+                tx.send(bytes.fromhex(dst_mac.replace(":", "")) + src_mac + b"\x08\x00" + ip)
+            finally:
+                tx.close()
+        return Result("ok", detail=f"{how} socket", answer=rx.recv(256).decode(errors="replace").strip())
+    finally:
+        rx.close()
+
+
+def _op_parallel_tcp(dest: str, port: int, timeout: float, count: int = 200) -> Result:
+    """`count` connects in flight at once; answer = {outcome: number}. ok if any connected."""
+    sel = selectors.DefaultSelector()
+    tally: dict[str, int] = {}
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(_family(dest), socket.SOCK_STREAM)
+            s.setblocking(False)
+            socks.append(s)
+            err = s.connect_ex(_sockaddr(dest, port))
+            if err in (0, errno.EINPROGRESS):
+                sel.register(s, selectors.EVENT_WRITE)
+            else:
+                outcome = _classify(OSError(err, os.strerror(err)))[0]
+                tally[outcome] = tally.get(outcome, 0) + 1
+        deadline = time.monotonic() + timeout
+        while sel.get_map() and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                s = key.fileobj  # type: ignore[assignment]
+                sel.unregister(s)
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                outcome = "ok" if err == 0 else _classify(OSError(err, os.strerror(err)))[0]
+                tally[outcome] = tally.get(outcome, 0) + 1
+        if sel.get_map():
+            tally["timeout"] = tally.get("timeout", 0) + len(sel.get_map())
+    finally:
+        for s in socks:
+            s.close()
+    return Result("ok" if tally.get("ok") else max(tally, key=tally.__getitem__), answer=tally)
+
+
+def _op_egressguard(argv: list[str], timeout: float) -> Result:
+    """The egressguard CLI, in this process (the probe's uid and capabilities): exit code and stderr."""
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = _eg_cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    return Result("ok" if code == 0 else "error", detail=f"exit {code}", answer={"exit": code, "stderr": text})
+
+
+def _op_batch(probes: list[list[Any]], timeout: float, each: float = 1.0) -> Result:
+    """Many probes in one child: [[op, args, kwargs], ...] -> answer = list of Result dicts."""
+    out = []
+    for op, args, kwargs in probes:
+        t = time.monotonic()
+        res = _call_op(op, args, kwargs, each)
+        res.elapsed = time.monotonic() - t
+        out.append(res.__dict__)
+    return Result("ok", answer=out)
+
+
+def _call_op(op: str, args: Any, kwargs: dict[str, Any], timeout: float) -> Result:
+    try:
+        return _OPS[op](*args, timeout=timeout, **kwargs)
+    except BaseException as exc:  # noqa: BLE001
+        outcome, detail = _classify(exc)
+        return Result(outcome, detail)
+
+
+_OPS.update({"send": _op_send, "tcp_device": _op_tcp_device, "socket": _op_socket, "setuid": _op_setuid,
+             "userns": _op_userns, "crafted_udp": _op_crafted_udp, "parallel_tcp": _op_parallel_tcp,
+             "egressguard": _op_egressguard, "batch": _op_batch})
+
+
+def _run_probe(netns: str, uid: int, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float,
+               caps: int = 0) -> Result:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
             _enter_netns(netns)
-            _become(uid)
+            _become(uid, caps)
             t = time.monotonic()
             try:
                 res = _OPS[op](*args, timeout=timeout, **kwargs)
@@ -537,6 +758,177 @@ class Lab:
         if shutil.which("ipset"):
             parts.append(self.in_pod("ipset", "list", "-n").stdout)
         return "\n".join(parts)
+
+    # bypass-suite helpers -------------------------------------------------------------------
+
+    def probe(self, op: str, *args: Any, uid: int = CONFINED, timeout: float = 2.0, caps: int = 0,
+              **kwargs: Any) -> Result:
+        """Any probe operation (see _OPS) in the pod as `uid`, optionally keeping capability bits `caps`."""
+        return _run_probe(self.pod, uid, op, args, kwargs, timeout, caps=caps)
+
+    def batch(self, probes: list[tuple[str, tuple[Any, ...], dict[str, Any]]], uid: int = CONFINED,
+              each: float = 1.0) -> list[Result]:
+        """Many probes in one child process (fast sweeps): [(op, args, kwargs), ...] -> results in order."""
+        res = _run_probe(self.pod, uid, "batch", ([list(p) for p in probes],), {"each": each}, each * len(probes) + 5)
+        if not isinstance(res.answer, list):
+            raise RuntimeError(f"batch probe failed: {res}")
+        return [Result(**r) for r in res.answer]
+
+    def world_probe(self, op: str, *args: Any, timeout: float = 2.0, **kwargs: Any) -> Result:
+        """A probe operation run as root in the world namespace (e.g. the world opening a flow first)."""
+        return _run_probe(self.world, ROOT, op, args, kwargs, timeout)
+
+    def hold_tcp(self, dest: str, port: int, uid: int = CONFINED, timeout: float = 2.0) -> HeldConnection:
+        """Open a TCP connection from the pod as `uid` now and keep it open (send on it later)."""
+        return HeldConnection(self.pod, uid, dest, port, timeout)
+
+    def world_echo(self, port: int) -> Path:
+        """Start a TCP echo server on every world address at `port`; returns its log of received lines."""
+        log_path = self.workdir / f"echo-{port}.log"
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+                _enter_netns(self.world)
+                _serve_echo(port, log_path, w)
+            finally:
+                os._exit(0)
+        os.close(w)
+        self._pids.append(pid)
+        with os.fdopen(r, "rb") as fh:
+            if fh.read() != b"ready":
+                raise RuntimeError("echo server did not start")
+        return log_path
+
+    def world_answer_every_port(self) -> None:
+        """Make every world address answer on every TCP and UDP port (REDIRECT in the world namespace
+        to its TCP 5000 / UDP 9999 listeners), so a sweep of ports has a positive control everywhere."""
+        tcp = ",".join(map(str, WORLD_TCP_PORTS))
+        udp = ",".join(map(str, (*WORLD_UDP_PORTS, 53)))
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            for proto, keep, to in (("tcp", tcp, "5000"), ("udp", udp, "9999")):
+                _sh("ip", "netns", "exec", self.world, tool, "-w", "-t", "nat", "-A", "PREROUTING", "-i", "eth0w",
+                    "-p", proto, "-m", "multiport", "!", "--dports", keep, "-j", "REDIRECT", "--to-ports", to)
+
+    def world_link_local(self) -> str:
+        """The world's IPv6 link-local address as seen from the pod (fe80::...%eth0), once usable."""
+        for _ in range(60):
+            info = json.loads(_sh("ip", "-j", "-n", self.world, "-6", "addr", "show", "dev", "eth0w", "scope", "link").stdout)
+            for a in info[0].get("addr_info", []) if info else []:
+                if a.get("local") and not a.get("tentative"):
+                    addr = f"{a['local']}%eth0"
+                    if self.tcp(addr, 22, uid=ROOT, timeout=0.5).ok:
+                        return addr
+            time.sleep(0.1)
+        raise RuntimeError("world link-local address not usable")
+
+    def world_mac(self) -> str:
+        return json.loads(_sh("ip", "-j", "-n", self.world, "link", "show", "eth0w").stdout)[0]["address"]
+
+
+class HeldConnection:
+    """A TCP connection opened inside the pod as some uid, kept open across later changes (an apply)."""
+
+    def __init__(self, netns: str, uid: int, dest: str, port: int, timeout: float) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(cmd_w)
+                os.close(res_r)
+                _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+                _enter_netns(netns)
+                _become(uid)
+                _hold(dest, port, timeout, os.fdopen(cmd_r, "r"), os.fdopen(res_w, "w"))
+            finally:
+                os._exit(0)
+        os.close(cmd_r)
+        os.close(res_w)
+        self._cmd = os.fdopen(cmd_w, "w")
+        self._res = os.fdopen(res_r, "r")
+        self.opened = self._read()
+
+    def _read(self) -> Result:
+        line = self._res.readline()
+        return Result(**json.loads(line)) if line else Result("error", "holder process died")
+
+    def exchange(self, payload: str, timeout: float = 2.0) -> Result:
+        """Send one line on the held connection; ok = the server's answer came back."""
+        self._cmd.write(json.dumps({"payload": payload, "timeout": timeout}) + "\n")
+        self._cmd.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self._cmd.close()
+            self._res.close()
+        finally:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+def _hold(dest: str, port: int, timeout: float, cmds: Any, out: Any) -> None:
+    s = socket.socket(_family(dest), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(_sockaddr(dest, port))
+        res = Result("ok", detail="connected")
+    except OSError as exc:
+        res = Result(*_classify(exc))
+    out.write(json.dumps(res.__dict__) + "\n")
+    out.flush()
+    for line in cmds:
+        cmd = json.loads(line)
+        s.settimeout(cmd["timeout"])
+        t = time.monotonic()
+        try:
+            s.sendall((cmd["payload"] + "\n").encode())
+            data = s.recv(256).decode(errors="replace").strip()
+            res = Result("ok", answer=data) if data else Result("refused", "closed by peer")
+        except OSError as exc:
+            res = Result(*_classify(exc))
+        res.elapsed = time.monotonic() - t
+        out.write(json.dumps(res.__dict__) + "\n")
+        out.flush()
+    s.close()
+
+
+def _serve_echo(port: int, log_path: Path, ready_fd: int) -> None:
+    """TCP echo on every address at `port`; each received chunk is appended to `log_path`."""
+    sel = selectors.DefaultSelector()
+    lst = _listen(socket.SOCK_STREAM, port)
+    sel.register(lst, selectors.EVENT_READ)
+    os.write(ready_fd, b"ready")
+    os.close(ready_fd)
+    while True:
+        for key, _ in sel.select():
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                if sock is lst:
+                    conn, _ = lst.accept()
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(4096)
+                if not data:
+                    sel.unregister(sock)
+                    sock.close()
+                    continue
+                with open(log_path, "ab") as fh:
+                    fh.write(data)
+                sock.sendall(b"echo " + data)
+            except OSError:
+                try:
+                    sel.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m egressguard.lab
