@@ -1,0 +1,150 @@
+"""Docker mode, in real containers: the entrypoint applies the policy, drops every privilege, execs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dockerbed import ALLOWED4, ALLOWED6, DENIED4, DENIED6, HERE, IMAGE, Bed, docker, inspect, report_of
+
+pytestmark = pytest.mark.docker
+
+CHECKS = ["python3", "/checks/inside.py", "--marker", "/markers/ran", ALLOWED4, DENIED4, ALLOWED6, DENIED6]
+DOCKER_MODE = ["--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW"]  # on top of Docker's default set
+ZERO = "0000000000000000"
+
+
+def run(bed: Bed, markers: Path, *opts: str, policy: str = "policy.yaml", cmd: list[str] = CHECKS):
+    return docker("run", "--rm", "--network", bed.network,
+                  "-v", f"{HERE / policy}:/etc/egressguard/policy.yaml:ro",
+                  "-v", f"{HERE}:/checks:ro", "-v", f"{markers}:/markers", *opts, IMAGE, *cmd, check=False)
+
+
+@pytest.fixture(scope="module")
+def guarded(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One guarded command's view of itself (default seccomp profile, only NET_ADMIN/NET_RAW added)."""
+    markers = tmp_path_factory.mktemp("docker-mode")
+    markers.chmod(0o777)
+    p = run(bed, markers, *DOCKER_MODE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (markers / "ran").exists()
+    return report_of(p)
+
+
+def test_command_reaches_the_allowed_server(guarded: dict[str, Any]) -> None:
+    assert guarded["tcp"][ALLOWED4] == "connected"
+    assert guarded["tcp"][ALLOWED6] == "connected"
+
+
+def test_command_is_refused_by_a_server_the_policy_does_not_list(guarded: dict[str, Any]) -> None:
+    assert guarded["tcp"][DENIED4] == "ECONNREFUSED"
+    assert guarded["tcp"][DENIED6] == "ECONNREFUSED"
+
+
+def test_command_runs_as_sandbox_without_groups(guarded: dict[str, Any]) -> None:
+    assert guarded["uid"].split() == ["1000"] * 4
+    assert guarded["gid"].split() == ["1000"] * 4
+    assert guarded["groups"] == ""
+
+
+def test_command_holds_no_capability_in_any_set_and_no_new_privs(guarded: dict[str, Any]) -> None:
+    assert guarded["caps"] == {k: ZERO for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    assert guarded["no_new_privs"] == "1"
+    assert guarded["seccomp"] == "2"  # Docker's default profile is still in force
+
+
+def test_command_cannot_flush_the_rules(guarded: dict[str, Any]) -> None:
+    for tool in ("iptables_F", "iptables_legacy_F", "ip6tables_legacy_F"):
+        assert guarded[tool]["rc"] != 0, guarded[tool]
+
+
+def test_command_cannot_open_raw_sockets(guarded: dict[str, Any]) -> None:
+    assert guarded["raw_socket"] == "EPERM"
+
+
+def test_command_cannot_get_back_to_root(guarded: dict[str, Any]) -> None:
+    assert guarded["setuid_0"] == "EPERM"
+    assert guarded["setpriv_root"]["rc"] != 0 and "not permitted" in guarded["setpriv_root"]["err"]
+    assert guarded["su_root"]["rc"] != 0 and guarded["su_root"]["out"] != "0"
+
+
+def test_minimal_capability_set_is_enough(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, "--cap-drop", "ALL", *[f"--cap-add={c}" for c in
+                                                  ("NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "SETPCAP")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert report_of(p)["tcp"][DENIED4] == "ECONNREFUSED"
+
+
+def test_broken_policy_exits_2_and_the_command_never_runs(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, *DOCKER_MODE, policy="broken-policy.yaml")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "allow[0].ports[0]" in p.stderr
+    assert not (markers / "ran").exists()
+
+
+def test_without_net_raw_exits_3_and_the_command_never_runs(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, "--cap-add", "NET_ADMIN", "--cap-drop", "NET_RAW")
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "NET_RAW" in p.stderr
+    assert not (markers / "ran").exists()
+
+
+def test_without_net_admin_exits_3_and_the_command_never_runs(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert not (markers / "ran").exists()
+
+
+def test_privileges_that_cannot_be_dropped_stop_the_command(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, *DOCKER_MODE, "--cap-drop", "SETPCAP")  # cannot empty the bounding set
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "bounding set" in p.stderr
+    assert not (markers / "ran").exists()
+
+
+def test_read_only_root_filesystem_with_tmpfs_run(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, *DOCKER_MODE, "--read-only", "--tmpfs", "/run", "--tmpfs", "/tmp")
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = report_of(p)
+    assert report["tcp"][ALLOWED4] == "connected" and report["tcp"][DENIED4] == "ECONNREFUSED"
+    assert (markers / "ran").exists()
+
+
+def test_no_command_runs_a_shell_as_sandbox(bed: Bed, markers: Path) -> None:
+    p = docker("run", "--rm", "-i", "--network", bed.network, *DOCKER_MODE, IMAGE, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]  # stdin is empty: the shell exits at once
+    p = docker("run", "--rm", "--network", bed.network, *DOCKER_MODE, "--entrypoint", "sh", IMAGE,
+               "-c", "echo 'id -un' | /usr/local/bin/entrypoint.sh", check=False)
+    assert p.stdout.strip() == "sandbox", p.stderr[-2000:]
+
+
+def test_start_to_command_time_and_image_size(bed: Bed, figures: list[str]) -> None:
+    """Measured, for the README: container start -> command start, and what egressguard adds."""
+    samples = []
+    for i in range(3):
+        name = f"{bed.project}-timing{i}"
+        p = docker("run", "--name", name, "--network", bed.network, *DOCKER_MODE, IMAGE, "date", "+%s.%N", check=False)
+        try:
+            assert p.returncode == 0, p.stderr[-2000:]
+            started = inspect(name)["State"]["StartedAt"]  # RFC 3339 with nanoseconds, UTC
+            samples.append(float(p.stdout.strip()) - _epoch(started))
+        finally:
+            docker("rm", "-f", name, check=False)
+    best, worst = min(samples) * 1000, max(samples) * 1000
+    assert worst < 10_000
+    layers = [int(x) for x in docker("history", "--human=false", "--format", "{{.Size}}", IMAGE).stdout.split()]
+    figures.append(f"docker mode: container start -> command start {best:.0f}-{worst:.0f} ms (3 runs); image "
+                   f"{sum(layers) / 1e6:.1f} MB, of which egressguard's layers {sum(layers[:-1]) / 1e6:.1f} MB")
+
+
+def _epoch(rfc3339: str) -> float:
+    head, _, frac = rfc3339.rstrip("Z").partition(".")
+    return dt.datetime.fromisoformat(head).replace(tzinfo=dt.timezone.utc).timestamp() + float(f"0.{frac or 0}")
+
+
+def test_python_iptables_finds_its_extensions_without_ldconfig(bed: Bed) -> None:
+    p = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c", "echo $XTABLES_LIBDIR; ls $XTABLES_LIBDIR/libxt_comment.so")
+    assert p.returncode == 0 and p.stdout.split()[0].endswith("/xtables")
