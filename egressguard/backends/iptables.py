@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import glob
+import importlib.util
 import ipaddress
 import os
 import pickle
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -44,16 +47,62 @@ def _xtables_libdir() -> str | None:
 
 
 def import_iptc() -> Any:
-    """Import python-iptables the fast way (XTABLES_LIBDIR set: no ldconfig run)."""
-    if "XTABLES_LIBDIR" not in os.environ:
-        libdir = _xtables_libdir()
-        if libdir:
-            os.environ["XTABLES_LIBDIR"] = libdir
+    """Import python-iptables the fast way: ~0.03 s instead of ~0.4 s here.
+
+    Left alone, `import iptc` runs `ldconfig` (no XTABLES_LIBDIR), imports distutils (which
+    drags in setuptools and pkg_resources: 0.23 s), and looks up each of its libraries with
+    ctypes.util.find_library, which runs `ldconfig -p` and, for its own libxtwrapper that
+    ldconfig does not know, gcc and ld. Pointing it at the files directly avoids all of that;
+    anything not found this way falls back to python-iptables' own search.
+    """
+    libdir = os.environ.get("XTABLES_LIBDIR") or _xtables_libdir()
+    if libdir and "XTABLES_LIBDIR" not in os.environ:
+        os.environ["XTABLES_LIBDIR"] = libdir
+    if "IPTABLES_LIBDIR" not in os.environ:
+        dirs = [os.path.dirname(libdir)] if libdir else []
+        spec = importlib.util.find_spec("iptc")
+        if spec and spec.origin:  # libxtwrapper sits next to the iptc package
+            dirs.append(os.path.dirname(os.path.dirname(spec.origin)))
+        os.environ["IPTABLES_LIBDIR"] = ":".join(dirs)
+        if libdir and "PYTHON_IPTABLES_XTABLES_VERSION" not in os.environ:
+            # libxtables.so.12: with the soname's version it is found by path, not by ldconfig
+            found = sorted(glob.glob(os.path.join(os.path.dirname(libdir), "libxtables.so.*")), key=len)
+            if found:
+                os.environ["PYTHON_IPTABLES_XTABLES_VERSION"] = found[0].rsplit("libxtables.so.", 1)[1]
+    find_library = ctypes.util.find_library
+    distutils = sys.modules.get("distutils", _MISSING)
+    # python-iptables falls back to sysconfig when distutils is missing: make it look missing.
+    sys.modules["distutils"] = None  # type: ignore[assignment]
+    ctypes.util.find_library = _find_library_fast(find_library, libdir)
     try:
         import iptc  # noqa: PLC0415 - costly; only the kernel-facing commands need it
     except Exception as exc:  # ImportError, OSError (libiptc missing), XTablesError
         raise EnvironmentUnsupported(f"python-iptables cannot be loaded: {exc}") from None
+    finally:
+        ctypes.util.find_library = find_library
+        if distutils is _MISSING:
+            del sys.modules["distutils"]
+        else:
+            sys.modules["distutils"] = distutils
     return iptc
+
+
+_MISSING = object()
+
+
+def _find_library_fast(fallback: Callable[[str], str | None], libdir: str | None) -> Callable[[str], str | None]:
+    """ctypes.util.find_library that first looks for lib<name>.so.* beside the xtables directory."""
+    dirs = [os.path.dirname(libdir)] if libdir else []
+    dirs += ["/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/lib"]
+
+    def find(name: str) -> str | None:
+        for d in dirs:
+            hits = sorted(glob.glob(os.path.join(d, f"lib{name}.so.*")), key=len)
+            if hits:
+                return hits[0]
+        return fallback(name)
+
+    return find
 
 
 def effective_caps() -> int:
