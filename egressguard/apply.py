@@ -142,9 +142,21 @@ def apply(
             log.info("lockdown_committed", rules=lockdown.rule_count())
         try:
             with clock("resolve"):
-                out.resolution = facts_mod.resolve_hosts(
-                    hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
-                )
+                try:
+                    out.resolution = facts_mod.resolve_hosts(
+                        hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
+                    )
+                except ApplyFailed:
+                    if out.lockdown_first:
+                        raise
+                    # The policy in force may refuse this process's own queries (it confines root,
+                    # and the resolvers changed); this lockdown lets them through. Once more:
+                    backend.commit(lockdown)
+                    out.lockdown_first = True
+                    log.warning("lockdown_committed", reason="resolve_retry")
+                    out.resolution = facts_mod.resolve_hosts(
+                        hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
+                    )
             _report_resolution(out.resolution)
             ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses))
             out.ruleset = ruleset
