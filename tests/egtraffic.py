@@ -1,0 +1,40 @@
+"""Helpers shared by the real-traffic suites (test_traffic_*, test_apply_*, test_exit_codes)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from egressguard.lab import Lab, Result
+
+# Short timeouts: a refusal under `reject` comes at once; silence is only waited for where it is the point.
+FAST = 1.0
+SILENT = 0.6
+
+BASE: dict[str, Any] = {"version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001]}}
+
+
+def policy(**overrides: Any) -> dict[str, Any]:
+    """A policy confining 1000 and exempting 1001, with `overrides` on top."""
+    return {**BASE, **overrides}
+
+
+def applied(lab: Lab, pol: dict[str, Any] | str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Apply `pol` in the lab's pod and insist it worked (exit 0)."""
+    done = lab.apply(pol, *extra)
+    assert done.returncode == 0, f"apply exited {done.returncode}: {done.stderr[-2000:]}"
+    return done
+
+
+def reached(res: Result, host: str) -> bool:
+    """The world host `host` itself answered (not the pod's proxy, not another address)."""
+    return res.ok and str(res.answer or "").startswith(f"world {host} ")
+
+
+def refused_fast(res: Result, within: float = 0.5) -> bool:
+    """Refused by an immediate error (reject), not by a timeout."""
+    return res.outcome in ("refused", "eperm", "unreachable") and res.elapsed < within
+
+
+def dns_answered(res: Result) -> bool:
+    return res.ok and res.detail == "NOERROR" and bool(res.answer)
