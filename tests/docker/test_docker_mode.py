@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,15 @@ def _epoch(rfc3339: str) -> float:
 def test_python_iptables_finds_its_extensions_without_ldconfig(bed: Bed) -> None:
     p = docker("run", "--rm", "--entrypoint", "sh", IMAGE, "-c", "echo $XTABLES_LIBDIR; ls $XTABLES_LIBDIR/libxt_comment.so")
     assert p.returncode == 0 and p.stdout.split()[0].endswith("/xtables")
+
+
+def test_the_docker_compose_example_runs_guarded(bed: Bed) -> None:
+    example = HERE.parent.parent / "examples" / "docker-compose.yaml"
+    compose = ["docker-compose", "-p", f"{bed.project}example", "-f", str(example)]
+    env = dict(os.environ, EGRESSGUARD_IMAGE=IMAGE)
+    try:
+        p = subprocess.run([*compose, "run", "--rm", "-T", "agent"], capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "guarded: uid 1000" in p.stdout
+    finally:
+        subprocess.run([*compose, "down", "-v", "--timeout", "2"], capture_output=True, env=env, timeout=120)
