@@ -1,0 +1,89 @@
+"""`confine: all`: every uid but the exempt ones is confined, root included, while what the kernel
+itself needs keeps working: IPv6 neighbour discovery and replies to inbound connections (health probes)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, WORLD_V6, Lab
+from egtraffic import FAST, applied, dns_answered, reached, refused_fast
+
+pytestmark = pytest.mark.netns
+
+POLICY = {
+    "version": 1,
+    "exempt": {"uids": [EXEMPT]},
+    "allow": [{"cidr": "203.0.113.10/32", "ports": [22]}, {"cidr": "2001:db8:2::10/128", "ports": [22]}],
+}
+ALLOWED = {4: "203.0.113.10", 6: "2001:db8:2::10"}
+UNLISTED = {4: "203.0.113.12", 6: "2001:db8:2::12"}
+POD = {4: POD_V4, 6: POD_V6}
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+UNLISTED_UIDS = pytest.mark.parametrize("uid", [ROOT, 1002, 65534], ids=["root", "uid-1002", "nobody"])
+
+
+@pytest.fixture(scope="module")
+def lab(module_lab: Lab) -> Iterator[Lab]:
+    applied(module_lab, POLICY)
+    yield module_lab
+
+
+def _flush_neighbours(lab: Lab) -> None:
+    """Forget every neighbour in both namespaces (the lab's own, never the machine's)."""
+    for ns in (lab.pod, lab.world):
+        for fam in ("-4", "-6"):
+            subprocess.run(["ip", "-n", ns, fam, "neigh", "flush", "all"], check=True, capture_output=True, timeout=10)
+
+
+def _pod_knows_world_v6(lab: Lab) -> bool:
+    out = lab.in_pod("ip", "-6", "neigh", "show", WORLD_V6).stdout
+    return "lladdr" in out and "FAILED" not in out
+
+
+@FAMILIES
+@UNLISTED_UIDS
+def test_every_unlisted_uid_is_confined(lab: Lab, family: int, uid: int) -> None:
+    assert refused_fast(lab.tcp(UNLISTED[family], 22, uid=uid, timeout=FAST))
+    assert reached(lab.tcp(ALLOWED[family], 22, uid=uid, timeout=FAST), ALLOWED[family])
+
+
+@FAMILIES
+def test_exempt_uid_is_not_confined(lab: Lab, family: int) -> None:
+    assert reached(lab.tcp(UNLISTED[family], 22, uid=EXEMPT, timeout=FAST), UNLISTED[family])
+
+
+@FAMILIES
+def test_confined_root_still_resolves_names_and_uses_loopback(lab: Lab, family: int) -> None:
+    resolver = RESOLVER_V6 if family == 6 else RESOLVER_V4
+    assert dns_answered(lab.dns("allowed.test", resolver, uid=ROOT, timeout=FAST))
+    local = "::1" if family == 6 else "127.0.0.1"
+    assert lab.tcp(local, 8443, uid=ROOT, timeout=FAST).ok
+
+
+def test_ipv6_neighbour_discovery_works_for_exempt_traffic_after_the_cache_is_flushed(lab: Lab) -> None:
+    _flush_neighbours(lab)
+    assert reached(lab.tcp(UNLISTED[6], 22, uid=EXEMPT, timeout=2.0), UNLISTED[6])
+    assert _pod_knows_world_v6(lab)
+
+
+def test_ipv6_neighbour_discovery_works_for_confined_traffic_after_the_cache_is_flushed(lab: Lab) -> None:
+    _flush_neighbours(lab)
+    assert reached(lab.tcp(ALLOWED[6], 22, uid=ROOT, timeout=2.0), ALLOWED[6])
+    assert _pod_knows_world_v6(lab)
+
+
+@FAMILIES
+def test_inbound_health_probe_gets_its_replies(lab: Lab, family: int) -> None:
+    # The pod's listener runs as root, which is confined: its replies must still go out.
+    _flush_neighbours(lab)  # the pod must also answer neighbour solicitations and solicit the world
+    res = lab.world_probe("tcp", POD[family], 7000, timeout=2.0)
+    assert res.ok and str(res.answer).startswith(f"pod {POD[family]} 7000 "), res
+
+
+@FAMILIES
+def test_confined_listener_cannot_open_connections_of_its_own(lab: Lab, family: int) -> None:
+    # Replies are allowed only in the reply direction: the same uid opening a connection is refused.
+    assert refused_fast(lab.tcp(UNLISTED[family], 5000, uid=ROOT, timeout=FAST))
