@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""egressguard side by side with what users would otherwise run: cold start, apply at scale,
+per-packet cost, memory. Prints one table (medians of several runs, ratios). Not a test.
+
+Run as root on a machine like ../shared/TESTBED.md's: every change happens in namespaces this
+script creates (egb-<pid>-...) and removes, also on failure; traffic stays on documentation
+addresses between them. Usage: python3 bench/bench.py [--runs 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+EG = [sys.executable, "-m", "egressguard"]
+PID = os.getpid()
+TMP = Path(tempfile.mkdtemp(prefix=f"egb-{PID}-"))
+POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"
+RESOLVER = "198.51.100.53"
+HOST_NS = os.stat("/proc/self/ns/net").st_ino
+_counter = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Namespaces
+
+
+def sh(*cmd: str, ns: str | None = None, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    return subprocess.run(full, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def netns(tag: str) -> Iterator[str]:
+    """A fresh, empty network namespace (lo up), removed afterwards whatever happens."""
+    global _counter
+    _counter += 1
+    name = f"egb-{PID}-{tag}-{_counter}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "set", "lo", "up", ns=name)
+        ino = int(sh("stat", "-L", "-c", "%i", "/proc/self/ns/net", ns=name).stdout)
+        assert ino != HOST_NS, "refusing to work in the host network namespace"
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def pod_and_world() -> Iterator[tuple[str, str]]:
+    """pod <-veth-> world, as in TESTBED.md; the world has no link to this machine's network."""
+    with netns("pod") as pod, netns("world") as world:
+        veth = f"egb{PID % 100000}{_counter}"
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pod, ns=world)
+        sh("ip", "addr", "add", f"{WORLD_V4}/24", "dev", veth, ns=world)
+        sh("ip", "link", "set", veth, "up", ns=world)
+        sh("ip", "addr", "add", f"{POD_V4}/24", "dev", "eth0", ns=pod)
+        sh("ip", "link", "set", "eth0", "up", ns=pod)
+        sh("ip", "route", "add", "default", "via", WORLD_V4, ns=pod)
+        yield pod, world
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_of(runs: int, fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(runs))
+
+
+# ---------------------------------------------------------------------------------------------
+# What is applied
+
+
+def write_policy(n: int) -> Path:
+    """The default policy plus an allow list of n /32s (TCP 5000) from a file; n=0: the default."""
+    policy = TMP / f"policy-{n}.yaml"
+    lines = [
+        "version: 1",
+        "confine: {uids: [1000]}",
+        "exempt: {uids: [1001]}",
+        f"dns: {{resolvers: [{RESOLVER}]}}",
+        "redirect: [{ports: [80, 443], to_port: 8444}]",
+    ]
+    if n:
+        (TMP / f"list-{n}.txt").write_text("".join(f"{addr}/32\n" for addr in list_addresses(n)))
+        lines += ["allow:", f"  - allow_file: list-{n}.txt", "    ports: [5000]"]
+    policy.write_text("\n".join(lines) + "\n")
+    return policy
+
+
+def list_addresses(n: int) -> list[str]:
+    """n addresses in 198.18.0.0/15 (benchmark range); the last one is the world's 198.19.255.254."""
+    out = [f"198.18.{i // 256}.{i % 256}" for i in range(n - 1)]
+    return out + ["198.19.255.254"]
+
+
+def plan(policy: Path) -> str:
+    return sh(*EG, "plan", "--policy", str(policy), "--resolv-conf", "/dev/null").stdout
+
+
+def split_plan(text: str) -> tuple[str, dict[int, str]]:
+    """The plan as `ipset restore` input and iptables-restore input per family."""
+    ipset, tables, family = [], {4: [], 6: []}, 0
+    for line in text.splitlines():
+        if line.startswith("# iptables "):
+            family = 4
+        elif line.startswith("# ip6tables "):
+            family = 6
+        elif line.startswith(("create ", "add ")) and not family:
+            ipset.append(line)
+        elif family and not line.startswith("#"):
+            tables[family].append(line)
+    return "\n".join(ipset) + "\n", {f: "\n".join(v) + "\n" for f, v in tables.items()}
+
+
+def shell_script(text: str) -> str:
+    """The plan as one iptables call per chain and rule (the pattern of seed PR 448)."""
+    _, tables = split_plan(text)
+    out = ["#!/bin/sh", "set -e"]
+    for family, body in tables.items():
+        tool = "ip6tables-legacy" if family == 6 else "iptables-legacy"
+        table = "filter"
+        for line in body.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":"):
+                out.append(f"{tool} -w -t {table} -N {line[1:].split()[0]}")
+            elif line.startswith(("-A", "-I")):
+                out.append(f"{tool} -w -t {table} {line}")
+    return "\n".join(out) + "\n"
+
+
+def per_entry_script(n: int) -> str:
+    """One iptables call per allow entry, plus the default policy's rules."""
+    base = shell_script(plan(write_policy(0))).splitlines()
+    # the default's final refusals stay last: insert the entries before them
+    tail = [i for i, line in enumerate(base) if "EGRESSGUARD-CONFINED" in line and "comment default" in line and "iptables-legacy " in line]
+    entries = [
+        f"iptables-legacy -w -t filter -I EGRESSGUARD-CONFINED 1 -d {a}/32 -p tcp --dport 5000 -j RETURN"
+        for a in list_addresses(n)
+    ]
+    return "\n".join(base[: tail[0]] + entries + base[tail[0] :]) + "\n"
+
+
+def restore(ns: str, text: str) -> None:
+    ipset, tables = split_plan(text)
+    if ipset.strip():
+        sh("ipset", "restore", ns=ns, input=ipset)
+    sh("iptables-legacy-restore", "-n", ns=ns, input=tables[4])
+    sh("ip6tables-legacy-restore", "-n", ns=ns, input=tables[6])
+
+
+def eg_apply(ns: str, policy: Path) -> float:
+    resolv = TMP / "resolv.conf"
+    resolv.write_text(f"nameserver {RESOLVER}\n")
+    return timed(lambda: sh(*EG, "apply", "--policy", str(policy), "--no-status", "--resolv-conf", str(resolv), ns=ns))
+
+
+def fresh(fn: Callable[[str], float]) -> Callable[[], float]:
+    def run() -> float:
+        with netns("apply") as ns:
+            return fn(ns)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def cold_start(runs: int) -> list[tuple[str, float]]:
+    policy = write_policy(0)
+    text = plan(policy)
+    script = TMP / "default.sh"
+    script.write_text(shell_script(text))
+    calls = sum(1 for line in script.read_text().splitlines() if "tables-legacy" in line)
+    eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
+    shell = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
+    rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
+    imp = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", "import egressguard.cli")))
+    return [
+        ("egressguard apply (default policy, incl. lockdown + verify)", eg),
+        (f"shell script, one iptables call per rule ({calls} calls)", shell),
+        ("iptables-restore (both families)", rest),
+        ("  of which: python start + `import egressguard.cli`", imp),
+    ]
+
+
+def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float, float, str]]:
+    rows = []
+    for n in sizes:
+        policy = write_policy(n)
+        text = plan(policy)
+        eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
+        rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
+        script = TMP / f"entries-{n}.sh"
+        script.write_text(per_entry_script(n))
+        if n <= 1000:
+            per = median_of(max(1, runs // 2), fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
+            note = ""
+        else:
+            per, note = estimate_per_entry(n), "est."
+        rows.append((n, eg, rest, per, note))
+    return rows
+
+
+def estimate_per_entry(n: int) -> float:
+    """One call per entry at n entries takes minutes (each call rewrites the whole table), so
+    time the first and the last 50 calls and integrate the linear growth in between."""
+    sample = 50
+    lines = per_entry_script(n).splitlines()
+    head = [i for i, line in enumerate(lines) if "-d 198." in line]
+    with netns("est") as ns:
+        pre = TMP / "pre.sh"
+        pre.write_text("\n".join(lines[: head[0]] + lines[head[0] : head[0] + sample]) + "\n")
+        t_first = timed(lambda: sh("sh", str(pre), ns=ns))
+        base_calls = head[0]
+        # load the remaining entries but the last `sample` fast, then time the last ones
+        rules = "".join(
+            f"-I EGRESSGUARD-CONFINED 1 -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n"
+            for a in list_addresses(n)[sample : n - sample]
+        )
+        sh("iptables-legacy-restore", "-n", ns=ns, input=f"*filter\n{rules}COMMIT\n")
+        post = TMP / "post.sh"
+        post.write_text("\n".join(lines[head[0] + n - sample : head[0] + n]) + "\n")
+        t_last = timed(lambda: sh("sh", str(post), ns=ns))
+    first_call = t_first / (base_calls + sample)
+    last_call = t_last / sample
+    return first_call * base_calls + n * (first_call + last_call) / 2
+
+
+CLIENT = r"""
+import socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t = time.perf_counter()
+for _ in range(count):
+    s = socket.create_connection((host, port), timeout=2)
+    s.close()
+print(count / (time.perf_counter() - t))
+"""
+
+SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4096); s.settimeout(60)
+print("ready", flush=True)
+try:
+    while True:
+        c, _ = s.accept(); c.close()
+except OSError:
+    pass
+"""
+
+
+def conn_rate(pod: str, dest: str, count: int) -> float:
+    out = sh("setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
+             sys.executable, "-c", CLIENT, dest, "5000", str(count), ns=pod, timeout=120)
+    return float(out.stdout)
+
+
+def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float]]:
+    rows = []
+    dest = list_addresses(2)[-1]
+    with pod_and_world() as (pod, world):
+        sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
+        sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
+        server = subprocess.Popen(["ip", "netns", "exec", world, sys.executable, "-c", SERVER, dest, "5000"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout and server.stdout.readline().startswith("ready")
+            conn_rate(pod, dest, 200)  # warm up
+            rows.append(("no guard", median_of(runs, lambda: conn_rate(pod, dest, count))))
+            for n in sizes:
+                eg_apply(pod, write_policy(n))
+                rows.append((f"egressguard, {n:,} entries (kernel set), dest last",
+                             median_of(runs, lambda: conn_rate(pod, dest, count))))
+                sh(*EG, "reset", "--status-file", str(TMP / "status.json"), ns=pod)
+                rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
+                sh("iptables-legacy-restore", "-n", ns=pod, input=(
+                    "*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
+                    f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n"))
+                rows.append((f"linear chain, {n:,} rules, dest last",
+                             median_of(runs, lambda: conn_rate(pod, dest, count))))
+                sh("iptables-legacy-restore", ns=pod, input="*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\nCOMMIT\n")
+        finally:
+            server.kill()
+            server.wait()
+    return rows
+
+
+def peak_rss(sizes: list[int]) -> list[tuple[str, float]]:
+    rows = []
+    for n in sizes:
+        policy = write_policy(n)
+        with netns("rss") as ns:
+            resolv = TMP / "resolv.conf"
+            out = sh("/usr/bin/time", "-f", "%M", *EG, "apply", "--policy", str(policy), "--no-status",
+                     "--resolv-conf", str(resolv), ns=ns)
+            rows.append((f"egressguard apply, {n:,} entries" if n else "egressguard apply, default policy",
+                         int(out.stderr.strip().splitlines()[-1]) / 1024))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
+        print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
+        return 2
+    sizes = [10, 100, 1000] if args.quick else [10, 100, 1_000, 10_000]
+    runs = args.runs
+    print(f"# egressguard bench, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}")
+    print(f"# medians of {runs} runs; every run in a fresh network namespace\n")
+
+    rows = cold_start(runs)
+    shell = rows[1][1]
+    print("## 1. Cold start (whole processes)\n")
+    print("| what | wall time | vs shell script |\n|---|---:|---:|")
+    for name, t in rows:
+        print(f"| {name} | {t * 1000:.0f} ms | {t / shell:.2f}x |")
+
+    print("\n## 2. Apply at scale (allow list of N /32s, TCP 5000)\n")
+    print("| N | egressguard | iptables-restore + ipset restore | one iptables call per entry "
+          "| eg / restore | per-entry / eg |\n|---:|---:|---:|---:|---:|---:|")
+    for n, eg, rest, per, note in apply_at_scale(runs, sizes):
+        print(f"| {n:,} | {eg * 1000:.0f} ms | {rest * 1000:.0f} ms | {per * 1000:,.0f} ms {note} "
+              f"| {eg / rest:.2f}x | {per / eg:.1f}x |")
+
+    count = 1000 if args.quick else 3000
+    pp = per_packet(runs, count, [16, 1_000] if args.quick else [16, 1_000, 10_000])
+    base = pp[0][1]
+    print(f"\n## 3. Per-packet cost (new TCP connections/s, uid 1000, {count} per run)\n")
+    print("| what | conns/s | vs no guard |\n|---|---:|---:|")
+    for name, rate in pp:
+        print(f"| {name} | {rate:,.0f} | {rate / base:.2f}x |")
+
+    print("\n## 4. Peak RSS of apply (largest process)\n")
+    print("| what | peak RSS |\n|---|---:|")
+    for name, mib in peak_rss([0, sizes[-1]]):
+        print(f"| {name} | {mib:.1f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)

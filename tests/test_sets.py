@@ -1,0 +1,111 @@
+"""Large lists go into kernel sets (pure: the Ruleset), named after their members, verified by content."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from egressguard.backends import Installed
+from egressguard.policy import validate
+from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, render
+from egressguard.verify import differences
+
+
+def _policy(**kw: Any) -> Any:
+    return validate({"version": 1, "confine": {"uids": [1000]}, "dns": {"resolvers": []}, **kw})
+
+
+def _nets(n: int, base: str = "198.18") -> list[dict[str, Any]]:
+    return [{"cidr": f"{base}.{i // 256}.{i % 256}/32", "ports": [443]} for i in range(n)]
+
+
+def _confined(rs: Any, family: int = 4) -> list[Any]:
+    return list(rs.table(family, "filter").chains[1].rules)
+
+
+def test_short_list_stays_plain_rules() -> None:
+    rs = build(_policy(allow=_nets(SET_THRESHOLD - 1)), Facts())
+    assert rs.sets == ()
+    assert sum(1 for r in _confined(rs) if r.dst and r.dst.startswith("198.18.")) == SET_THRESHOLD - 1
+
+
+def test_long_list_becomes_one_set_rule_in_place_of_its_entries() -> None:
+    rs = build(_policy(allow=_nets(1000)), Facts())
+    (st,) = rs.sets
+    assert st.family == 4 and len(st.members) == 1000
+    set_rules = [r for r in _confined(rs) if r.match_set]
+    assert len(set_rules) == 1
+    rule = set_rules[0]
+    assert (rule.match_set, rule.protocol, rule.dports, rule.target) == (st.name, "tcp", (443,), "RETURN")
+    assert rule.comment == "allow[0-999]"
+    assert not any(r.dst and r.dst.startswith("198.18.") for r in _confined(rs))
+
+
+def test_entries_with_different_ports_or_protocols_keep_separate_sets() -> None:
+    udp = [{**e, "protocol": "udp"} for e in _nets(20, "198.19")]
+    rs = build(_policy(allow=_nets(20) + udp), Facts())
+    rules = [r for r in _confined(rs) if r.match_set]
+    assert {(r.protocol, r.dports) for r in rules} == {("tcp", (443,)), ("udp", (443,))}
+    assert len(rs.sets) == 2
+
+
+def test_set_name_follows_the_members_only() -> None:
+    a = address_set(4, ["203.0.113.0/24", "198.51.100.7/32"])
+    assert a == address_set(4, ["198.51.100.7/32", "203.0.113.0/24", "203.0.113.0/24"])
+    assert a.name != address_set(4, ["203.0.113.0/24"]).name
+    assert a.name.startswith("egressguard-4-") and len(a.name + "-new") <= 31
+
+
+def test_everywhere_cannot_go_into_a_set_and_stays_a_rule() -> None:
+    rs = build(_policy(allow=_nets(SET_THRESHOLD) + [{"cidr": "0.0.0.0/0", "ports": [443]}]), Facts())
+    (st,) = rs.sets
+    assert "0.0.0.0/0" not in st.members
+    assert any(r.comment == f"allow[{SET_THRESHOLD}]" and r.dst is None and r.dports == (443,) for r in _confined(rs))
+
+
+def test_families_get_their_own_sets() -> None:
+    v6 = [{"cidr": f"2001:db8:3::{i:x}/128", "ports": [443]} for i in range(1, 40)]
+    rs = build(_policy(allow=_nets(40) + v6), Facts())
+    assert sorted(s.family for s in rs.sets) == [4, 6]
+    assert any(r.match_set for r in _confined(rs, 6))
+
+
+def test_deny_list_set_refuses_before_the_allows() -> None:
+    deny = [{"cidr": f"203.0.113.{i}/32"} for i in range(SET_THRESHOLD)]
+    rs = build(_policy(deny=deny, allow=[{"cidr": "203.0.113.0/24"}]), Facts())
+    rules = _confined(rs)
+    first_deny = next(i for i, r in enumerate(rules) if r.match_set)
+    allow = next(i for i, r in enumerate(rules) if r.comment == "allow[0]")
+    assert first_deny < allow
+    assert {r.target for r in rules if r.match_set} == {"REJECT"}
+
+
+def test_resolved_host_addresses_join_the_set_of_their_ports() -> None:
+    hosts = {"cdn.test": tuple(f"198.51.100.{i}" for i in range(1, 30))}
+    rs = build(_policy(allow=[{"host": "cdn.test", "ports": [443]}]), Facts(hosts=hosts))
+    (st,) = rs.sets
+    assert "198.51.100.29/32" in st.members
+
+
+def test_digest_covers_set_members() -> None:
+    one = build(_policy(allow=_nets(100)), Facts())
+    other = build(_policy(allow=_nets(99) + [{"cidr": "192.0.2.1/32", "ports": [443]}]), Facts())
+    assert one.digest() != other.digest()
+
+
+def test_plan_shows_the_sets_before_the_rules() -> None:
+    text = render(build(_policy(allow=_nets(20)), Facts()))
+    assert text.index("create egressguard-4-") < text.index("*filter")
+    assert "add egressguard-4-" in text and "--match-set egressguard-4-" in text
+
+
+def test_verify_reports_a_set_missing_members() -> None:
+    rs = build(_policy(allow=_nets(20)), Facts())
+    (st,) = rs.sets
+    short = AddressSet(st.name, st.family, st.members[:-1])
+    from egressguard.backends import InstalledTable  # noqa: PLC0415
+
+    tables = tuple(InstalledTable(t.family, t.name, True, (0,) if t.chains else (), t.chains) for t in rs.tables)
+    assert differences(rs, Installed(tables=tables, sets=(st,))) == []
+    diffs = differences(rs, Installed(tables=tables, sets=(short,)))
+    assert diffs == [f"set {st.name}: 19 members, expected 20 (1 missing, 0 unexpected)"]
+    assert differences(rs, Installed(tables=tables)) == [f"set {st.name}: missing"]
