@@ -1,0 +1,75 @@
+"""`loopback`: allow, deny, or a list of ports, for confined uids; exempt uids are never affected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, Lab
+from egtraffic import FAST, applied, dns_answered, policy, refused_fast
+
+pytestmark = pytest.mark.netns
+
+LOCAL = {4: "127.0.0.1", 6: "::1"}
+POD = {4: POD_V4, 6: POD_V6}
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+
+
+def _local_ok(lab: Lab, host: str, port: int, uid: int = 1000) -> bool:
+    res = lab.tcp(host, port, uid=uid, timeout=FAST)
+    return res.ok and str(res.answer).startswith(f"pod {host} {port} ")
+
+
+class TestLoopbackAllow:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, policy(loopback="allow"))
+        yield module_lab
+
+    @FAMILIES
+    def test_confined_uid_reaches_local_listeners(self, lab: Lab, family: int) -> None:
+        for port in (7000, 8443):
+            assert _local_ok(lab, LOCAL[family], port)
+
+    @FAMILIES
+    def test_the_pods_own_addresses_count_as_loopback(self, lab: Lab, family: int) -> None:
+        assert _local_ok(lab, POD[family], 7000)
+
+
+class TestLoopbackDeny:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, policy(loopback="deny"))
+        yield module_lab
+
+    @FAMILIES
+    def test_confined_local_traffic_is_refused(self, lab: Lab, family: int) -> None:
+        for host, port in ((LOCAL[family], 7000), (LOCAL[family], 8443), (POD[family], 7000)):
+            assert refused_fast(lab.tcp(host, port, timeout=FAST)), (host, port)
+
+    @FAMILIES
+    def test_exempt_uids_keep_loopback(self, lab: Lab, family: int) -> None:
+        assert _local_ok(lab, LOCAL[family], 7000, uid=EXEMPT)
+
+    def test_dns_to_the_resolvers_still_works(self, lab: Lab) -> None:
+        assert dns_answered(lab.dns("allowed.test", RESOLVER_V4, timeout=FAST))
+
+
+class TestLoopbackPorts:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, policy(loopback=[8443]))
+        yield module_lab
+
+    @FAMILIES
+    def test_a_listed_port_is_reachable(self, lab: Lab, family: int) -> None:
+        assert _local_ok(lab, LOCAL[family], 8443)
+
+    @FAMILIES
+    def test_other_local_ports_are_refused(self, lab: Lab, family: int) -> None:
+        for port in (7000, 8444):
+            assert refused_fast(lab.tcp(LOCAL[family], port, timeout=FAST)), port
