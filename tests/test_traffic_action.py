@@ -1,0 +1,70 @@
+"""`action`: reject fails fast (well under a second); drop does not answer at all."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from egressguard.lab import OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, Lab
+from egtraffic import SILENT, applied, policy
+
+pytestmark = pytest.mark.netns
+
+UNLISTED = {4: "203.0.113.12", 6: "2001:db8:2::12"}
+OTHER_RESOLVER = {4: OTHER_RESOLVER_V4, 6: OTHER_RESOLVER_V6}
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+FAST_ENOUGH = 0.25  # "well under a second", measured around a whole connect()
+
+
+class TestReject:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, policy(action="reject"))
+        yield module_lab
+
+    @FAMILIES
+    def test_tcp_connect_fails_at_once(self, lab: Lab, family: int) -> None:
+        for port in (22, 5000, 8444):
+            res = lab.tcp(UNLISTED[family], port, timeout=2.0)
+            assert res.outcome == "refused" and res.elapsed < FAST_ENOUGH, (port, str(res), res.elapsed)
+
+    @FAMILIES
+    def test_udp_send_fails_at_once(self, lab: Lab, family: int) -> None:
+        res = lab.udp(UNLISTED[family], 9999, timeout=2.0)
+        assert res.outcome in ("eperm", "refused", "unreachable") and res.elapsed < FAST_ENOUGH, (str(res), res.elapsed)
+
+    @FAMILIES
+    def test_dns_to_another_resolver_fails_at_once_over_tcp(self, lab: Lab, family: int) -> None:
+        res = lab.dns("allowed.test", OTHER_RESOLVER[family], tcp=True, timeout=2.0)
+        assert res.blocked and res.outcome != "timeout" and res.elapsed < FAST_ENOUGH, (str(res), res.elapsed)
+
+
+class TestDrop:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, policy(action="drop"))
+        yield module_lab
+
+    @FAMILIES
+    def test_tcp_connect_gets_no_answer(self, lab: Lab, family: int) -> None:
+        res = lab.tcp(UNLISTED[family], 22, timeout=SILENT)
+        assert res.outcome == "timeout" and res.elapsed >= SILENT * 0.9, (str(res), res.elapsed)
+
+    @FAMILIES
+    def test_udp_gets_no_answer(self, lab: Lab, family: int) -> None:
+        res = lab.udp(UNLISTED[family], 9999, timeout=SILENT)
+        assert res.outcome in ("timeout", "eperm"), str(res)
+        # Sent or not, nothing comes back: no refusal reaches the client as an ICMP error.
+        assert res.outcome != "refused"
+
+    @FAMILIES
+    def test_dns_to_another_resolver_gets_no_answer(self, lab: Lab, family: int) -> None:
+        res = lab.dns("allowed.test", OTHER_RESOLVER[family], tcp=True, timeout=SILENT)
+        assert res.outcome == "timeout", str(res)
+
+    @FAMILIES
+    def test_allowed_traffic_is_unaffected_by_drop(self, lab: Lab, family: int) -> None:
+        assert lab.tcp("::1" if family == 6 else "127.0.0.1", 8443, timeout=1.0).ok
