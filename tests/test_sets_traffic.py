@@ -1,0 +1,151 @@
+"""Kernel sets with real traffic: a 10,000-entry list per family, re-apply under load, reset."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from egressguard.lab import CONFINED, Lab
+from egtraffic import FAST, applied, policy, reached, refused_fast
+
+pytestmark = pytest.mark.netns
+
+N = 10_000
+PORT = 5000  # a world TCP listener
+
+
+def v4(i: int) -> str:
+    """Entry i of the IPv4 list: every even address from 198.18.0.2 on; odd ones are neighbours."""
+    n = 2 * i + 2
+    return f"198.18.{n // 256}.{n % 256}"
+
+
+def v6(i: int) -> str:
+    return f"2001:db8:3::{2 * i + 2:x}"
+
+
+def neighbour4(addr: str) -> str:
+    head, last = addr.rsplit(".", 1)
+    return f"{head}.{int(last) + 1}"
+
+
+def neighbour6(addr: str) -> str:
+    head, last = addr.rsplit(":", 1)
+    return f"{head}:{int(last, 16) + 1:x}"
+
+
+def add_world_hosts(lab: Lab, *addrs: str) -> None:
+    """More world hosts on the world's lo (the lab's own namespace; its listeners bind every address)."""
+    for a in addrs:
+        plen = 128 if ":" in a else 32
+        extra = ["nodad"] if ":" in a else []
+        subprocess.run(["ip", "-n", lab.world, "addr", "add", f"{a}/{plen}", "dev", "lo", *extra],
+                       check=True, capture_output=True)
+
+
+def list_policy(lab: Lab, addrs: list[str], name: str = "list.txt") -> dict[str, object]:
+    path: Path = lab.workdir / name
+    path.write_text("".join(f"{a}\n" for a in addrs))
+    path.chmod(0o644)
+    return policy(allow=[{"allow_file": str(path), "ports": [PORT]}])
+
+
+def ipsets(lab: Lab) -> list[str]:
+    return lab.in_pod("ipset", "list", "-n", check=True).stdout.split()
+
+
+def test_ten_thousand_entries_per_family_first_middle_last_reachable_neighbours_refused(lab: Lab) -> None:
+    picks = [0, N // 2, N - 1]
+    hosts4 = [v4(i) for i in picks]
+    hosts6 = [v6(i) for i in picks]
+    add_world_hosts(lab, *hosts4, *map(neighbour4, hosts4), *hosts6, *map(neighbour6, hosts6))
+    applied(lab, list_policy(lab, [v4(i) for i in range(N)] + [v6(i) for i in range(N)]))
+
+    assert len([s for s in ipsets(lab) if s.startswith("egressguard-")]) == 2
+    for host in hosts4 + hosts6:
+        assert reached(lab.tcp(host, PORT, timeout=FAST), host), host
+        assert refused_fast(lab.tcp(host, 22, timeout=FAST)), f"{host}:22 is not in the list's ports"
+    for host in [neighbour4(h) for h in hosts4] + [neighbour6(h) for h in hosts6]:
+        assert refused_fast(lab.tcp(host, PORT, timeout=FAST)), f"{host} is not listed"
+    assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
+
+
+def test_reset_leaves_no_set_behind(lab: Lab) -> None:
+    applied(lab, list_policy(lab, [v4(i) for i in range(100)] + [v6(i) for i in range(100)]))
+    assert any(s.startswith("egressguard-") for s in ipsets(lab))
+    assert lab.egressguard("reset").returncode == 0
+    assert ipsets(lab) == []
+
+
+def test_reapplying_the_same_list_keeps_the_same_sets(lab: Lab) -> None:
+    pol = list_policy(lab, [v4(i) for i in range(500)])
+    applied(lab, pol)
+    before = ipsets(lab)
+    applied(lab, pol)
+    assert ipsets(lab) == before
+
+
+def test_verify_notices_a_member_removed_behind_its_back(lab: Lab) -> None:
+    applied(lab, list_policy(lab, [v4(i) for i in range(100)]))
+    (name,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
+    lab.in_pod("ipset", "del", name, f"{v4(7)}/32", check=True)
+    done = lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml"))
+    assert done.returncode == 5, done.stderr[-500:]
+    assert "1 missing" in done.stderr
+
+
+def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None:
+    """Kept destinations are never refused while the list changes; a removed one is never reached
+    once the apply that removed it has returned."""
+    kept4, kept6, removed = v4(1), v6(1), v4(2)
+    add_world_hosts(lab, kept4, kept6, removed)
+    base = [v4(i) for i in range(3, 2000)] + [v6(i) for i in range(3, 2000)]
+    with_removed = list_policy(lab, [kept4, kept6, removed, *base], "a.txt")
+    without = list_policy(lab, [kept4, kept6, *base, v4(5000)], "b.txt")
+    applied(lab, with_removed)
+
+    failures: list[str] = []
+    leaks: list[str] = []
+    stop = threading.Event()
+    removed_since: list[float] = []  # when the current "without" apply returned (empty: removed is allowed)
+    attempts = {"kept": 0, "removed": 0}
+
+    def keep_trying() -> None:
+        while not stop.is_set():
+            for host in (kept4, kept6):
+                res = lab.tcp(host, PORT, uid=CONFINED, timeout=FAST)
+                attempts["kept"] += 1
+                if not reached(res, host):
+                    failures.append(f"{host}: {res}")
+
+    def try_removed() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            window = list(removed_since)
+            res = lab.tcp(removed, PORT, uid=CONFINED, timeout=FAST)
+            attempts["removed"] += 1
+            if window and started > window[0] and removed_since == window and reached(res, removed):
+                leaks.append(str(res))
+
+    threads = [threading.Thread(target=keep_trying), threading.Thread(target=try_removed)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            applied(lab, without)
+            removed_since[:] = [time.monotonic()]
+            time.sleep(0.5)
+            removed_since.clear()
+            applied(lab, with_removed)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    assert attempts["kept"] > 20 and attempts["removed"] > 5, attempts
+    assert failures == []
+    assert leaks == []
