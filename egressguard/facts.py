@@ -61,9 +61,6 @@ def resolve_hosts(
 
     A required name with no address fails the apply (ApplyFailed); an optional one is skipped.
     """
-    import dns.exception  # noqa: PLC0415 - 0.06 s to import; most policies name no hosts
-    import dns.rdatatype  # noqa: PLC0415
-    import dns.resolver  # noqa: PLC0415
 
     addresses: dict[str, tuple[str, ...]] = {}
     skipped: dict[str, str] = {}
@@ -74,6 +71,10 @@ def resolve_hosts(
         if required:
             raise ApplyFailed(f"host {required[0]}: no DNS resolver is configured (dns.resolvers), so it cannot resolve")
         return Resolution(addresses, {n: "no resolver" for n, _ in names}, {})
+    import dns.exception  # noqa: PLC0415 - 0.06 s to import; most policies name no hosts
+    import dns.rdatatype  # noqa: PLC0415
+    import dns.resolver  # noqa: PLC0415
+
     res = dns.resolver.Resolver(configure=False)
     res.nameservers = list(resolvers)
     res.cache = None

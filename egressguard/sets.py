@@ -306,7 +306,14 @@ class Ipsets:
         return busy
 
 
+_V4_ELEMENT = struct.Struct("=HH HH 4s HHB3x")  # IP nest{IPV4 addr}, CIDR: what hash:net lists
+
+
 def _decode_element(data: bytes) -> tuple[bytes, int]:
+    if len(data) == _V4_ELEMENT.size:  # the common case, without the generic walk
+        _l1, k1, _l2, k2, addr4, _l3, k3, plen = _V4_ELEMENT.unpack(data)
+        if k1 & 0x3FFF == DATA_IP and k2 & 0x3FFF == IPADDR_V4 and k3 & 0x3FFF == DATA_CIDR:
+            return addr4, plen
     addr, cidr = b"", None
     for kind, value in _attrs(data):
         if kind == DATA_IP:
