@@ -5,8 +5,9 @@ against (tests/test_model_vs_kernel.py), and what `egressguard explain` prints.
 
 Order of decision, for a new connection from `uid` to `destination:port/protocol`:
   exempt uid -> allowed; uid not in `confine` -> allowed (`not confined`);
-  confined TCP to a `redirect` port, not to a local address -> sent to the local proxy port
-  (then judged as a connection to that loopback port: only `deny` can still refuse it);
+  confined TCP to a `redirect` port, not to a local address nor (with `deny_metadata`) to a
+  metadata endpoint -> sent to the local proxy port (then judged as a connection to that loopback
+  port: only `deny` can still refuse it);
   `deny_metadata` -> `deny[i]` -> `loopback` -> the redirect targets on loopback -> `dns`
   -> `allow[i]` -> `default` (refused). `deny` wins over everything but the redirect.
 """
@@ -135,7 +136,8 @@ def evaluate(policy: Policy, facts: Facts, probe: Probe) -> Verdict:
     notes: tuple[str, ...] = ()
     if probe.port is None and probe.protocol != "icmp":
         notes = ("no port given: entries limited to ports, dns and redirect were not considered",)
-    if probe.protocol == "tcp" and not _in_any(addr, facts.local):
+    metadata = policy.deny_metadata and _in_any(addr, METADATA_CIDRS)
+    if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not metadata:
         for i, r in enumerate(policy.redirect):
             if probe.port in r.ports:
                 target = ipaddress.ip_address(REDIRECT_TARGETS[addr.version])

@@ -56,7 +56,7 @@ def verdict(uid: int, dest: str, port: int | None, proto: str = "tcp", policy=PO
         (1000, "192.0.2.7", None, "icmp", ("allow", "allow[4]")),
         (1000, "192.0.2.7", 22, "tcp", ("refuse", "default")),
         (1000, "203.0.113.99", 80, "tcp", ("redirect", "redirect[0]")),
-        (1000, "169.254.169.254", 80, "tcp", ("redirect", "redirect[0]")),
+        (1000, "169.254.169.254", 80, "tcp", ("refuse", "deny_metadata")),  # never handed to the proxy
         (1000, "203.0.113.99", 80, "udp", ("refuse", "default")),
         (1000, "198.51.100.53", 53, "udp", ("allow", "dns")),
         (1000, "2001:db8:53::53", 53, "tcp", ("allow", "dns")),

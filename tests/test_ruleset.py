@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from egressguard.policy import DEFAULT_POLICY, validate
+from egressguard.policy import DEFAULT_POLICY, METADATA_CIDRS, validate
 from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, Facts, Rule, Ruleset, build, hosts_of, render, to_json
 
 RESOLVERS = ("198.51.100.53", "2001:db8:53::53")
@@ -275,10 +275,21 @@ def test_redirect_rewrites_non_loopback_tcp_of_confined_uids_only() -> None:
         nat = rs.table(family, "nat")
         assert nat.jump is not None
         assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("exempt", "1001"), ("confine", "1000")]
-        (rule,) = _chain(rs, family, "nat", REDIRECT)
+        (rule,) = [r for r in _chain(rs, family, "nat", REDIRECT) if r.target == "REDIRECT"]
         assert (rule.target, rule.out_iface, rule.protocol, rule.dports, rule.to_ports) == (
             "REDIRECT", "!lo", "tcp", (80, 443), 8444
         )
+
+
+@pytest.mark.parametrize("deny_metadata", [True, False])
+def test_metadata_endpoints_are_not_redirected_to_the_proxy(deny_metadata: bool) -> None:
+    # Found by tests/test_bypass.py: 169.254.169.254:80 reached the (exempt) proxy.
+    rs = _build({"deny_metadata": deny_metadata, "redirect": [{"ports": [80], "to_port": 8444}]})
+    for family in FAMILIES:
+        chain = _chain(rs, family, "nat", REDIRECT)
+        skipped = [r.dst for r in chain if r.target == "RETURN"]
+        want = [n for n in METADATA_CIDRS if (":" in n) == (family == 6)] if deny_metadata else []
+        assert skipped == want and chain[-1].target == "REDIRECT"
 
 
 @pytest.mark.parametrize(("family", "local"), [(4, "127.0.0.1/32"), (6, "::1/128")])
