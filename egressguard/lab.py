@@ -380,14 +380,16 @@ def _op_parallel_tcp(dest: str, port: int, timeout: float, count: int = 200) -> 
 def _op_egressguard(argv: list[str], timeout: float) -> Result:
     """The egressguard CLI, in this process (the probe's uid and capabilities): exit code and stderr."""
     with tempfile.TemporaryFile() as err:
-        saved = os.dup(2)
+        saved, saved_stderr = os.dup(2), sys.stderr
         os.dup2(err.fileno(), 2)
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - sys.stderr may be a test runner's capture
         try:
             code = _eg_cli.main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         finally:
             sys.stderr.flush()
+            sys.stderr = saved_stderr
             os.dup2(saved, 2)
             os.close(saved)
         err.seek(0)
@@ -823,6 +825,19 @@ class Lab:
                         return addr
             time.sleep(0.1)
         raise RuntimeError("world link-local address not usable")
+
+    def world_received(self, proto: str, port: int) -> int:
+        """Packets (IPv4 + IPv6) that have reached the world for proto/port so far, counted before any
+        other rule sees them (a rule in the world's raw table, added on first use)."""
+        total = 0
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            rule = ["PREROUTING", "-i", "eth0w", "-p", proto, "--dport", str(port), "-j", "ACCEPT"]
+            world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
+            if _sh(*world, "-C", *rule, check=False).returncode != 0:
+                _sh(*world, "-A", *rule)
+            out = _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout
+            total += sum(int(line.split()[0]) for line in out.splitlines() if f"{proto} dpt:{port}" in line)
+        return total
 
     def world_mac(self) -> str:
         return json.loads(_sh("ip", "-j", "-n", self.world, "link", "show", "eth0w").stdout)[0]["address"]
