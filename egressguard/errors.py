@@ -9,6 +9,17 @@ class EgressGuardError(Exception):
     exit_code = 1
     kind = "internal_error"
 
+    def __init__(self, message: object = "") -> None:
+        # Errors are printed as one line: a value quoted from a policy may hold line breaks.
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped (\\n, \\u2028, ...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
 
 class PolicyError(EgressGuardError):
     """Usage or policy error: nothing in the kernel was changed."""

@@ -46,6 +46,8 @@ METADATA_CIDRS: tuple[str, ...] = (
 
 Port = Annotated[int, Field(ge=1, le=65535, strict=True, description="A TCP/UDP port, 1-65535")]
 Uid = Annotated[int, Field(ge=0, le=4294967294, strict=True, description="A numeric user id")]
+# uids per confine/exempt list: each is a rule in every family's dispatch chain.
+MAX_UIDS = 1024
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -54,22 +56,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _unusable(value: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """Why a syntactically valid network cannot work as a rule destination (None: it can)."""
+    if "%" in value:
+        return f"{value!r}: a zone index (%...) cannot be used in a rule"
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_V4_MAPPED):
+        # the kernel sends connections to ::ffff:a.b.c.d as IPv4: an IPv6 rule for them never matches
+        return f"{value!r} is an IPv4-mapped IPv6 network: write it as IPv4"
+    return None
+
+
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _network(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string such as 203.0.113.0/24 or 2001:db8::/32")
     try:
-        return str(ipaddress.ip_network(value.strip(), strict=True))
+        net = ipaddress.ip_network(value.strip(), strict=True)
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 network ({exc})") from None
+    why = _unusable(value, net)
+    if why:
+        raise ValueError(why)
+    return str(net)
 
 
 def _address(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string IP address")
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        addr = ipaddress.ip_address(value.strip())
     except ValueError:
         raise ValueError(f"{value!r} is not a valid IPv4 or IPv6 address") from None
+    why = _unusable(value, ipaddress.ip_network(addr))
+    if why:
+        raise ValueError(why)
+    return str(addr)
 
 
 def _hostname(value: object) -> str:
@@ -112,6 +135,10 @@ def read_network_list(path: Path) -> tuple[str, ...]:
             net = ipaddress.ip_network(item, strict=True)
         except ValueError as exc:
             bad.append(f"{path}:{lineno}: {item!r} is not a network or address ({exc})")
+            continue
+        why = _unusable(item, net)
+        if why:
+            bad.append(f"{path}:{lineno}: {why}")
             continue
         nets.append(str(net))
     if bad:
@@ -190,7 +217,7 @@ class DenyEntry(_Entry):
 class Confine(_Model):
     """Whose traffic is restricted."""
 
-    uids: list[Uid] | Literal["all"] = Field(
+    uids: Annotated[list[Uid], Field(max_length=MAX_UIDS)] | Literal["all"] = Field(
         "all", description="uids whose egress is restricted, or 'all' for every process except `exempt`"
     )
 
@@ -205,7 +232,7 @@ class Confine(_Model):
 class Exempt(_Model):
     """Who is never restricted."""
 
-    uids: list[Uid] = Field(default_factory=list, description="uids never restricted; root only if listed")
+    uids: list[Uid] = Field(default_factory=list, max_length=MAX_UIDS, description="uids never restricted; root only if listed")
 
 
 class Dns(_Model):
@@ -325,17 +352,58 @@ class _StrictLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        keys: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (list, dict)):
-                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be strings", key_node.start_mark)
-            if key in keys:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            keys.add(key)
+        _refuse_duplicate_keys(self, node, deep)
         return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicate_keys(loader: Any, node: Any, deep: bool) -> None:
+    keys: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (list, dict)):
+            raise yaml.constructor.ConstructorError(None, None, "mapping keys must be strings", key_node.start_mark)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        keys.add(key)
+
+
+def _refuse_aliases(root: Any) -> None:
+    """An alias makes the composed graph share a node: refuse any node reached twice."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not allowed in a policy", node.start_mark
+            )
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+
+
+if getattr(yaml, "__with_libyaml__", False):
+
+    class _FastStrictLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
+        """libyaml's parser with _StrictLoader's refusals. The pure-Python scanner takes tens of
+        seconds on deep nesting or a multi-megabyte line; libyaml is fast and caps nesting itself."""
+
+        def get_single_data(self) -> Any:
+            node = self.get_single_node()
+            if node is None:
+                return None
+            _refuse_aliases(node)
+            return self.construct_document(node)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            _refuse_duplicate_keys(self, node, deep)
+            return super().construct_mapping(node, deep=deep)
+
+    _LOADER: type = _FastStrictLoader
+else:  # pragma: no cover - PyYAML built without libyaml
+    _LOADER = _StrictLoader
 
 
 def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -355,7 +423,7 @@ def parse_text(text: str, source: str) -> Any:
     try:
         if stripped.startswith("{"):
             return json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader
     except json.JSONDecodeError as exc:
         raise PolicyError(f"policy error: {source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
@@ -365,6 +433,8 @@ def parse_text(text: str, source: str) -> Any:
         raise PolicyError(f"policy error: {source}: invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise PolicyError(f"policy error: {source}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise PolicyError(f"policy error: {source}: unreadable value: {str(exc).splitlines()[0]}") from None
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -381,17 +451,22 @@ def _loc(parts: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _clip(message: str, limit: int = 1000) -> str:
+    """A message quotes the offending value: keep a multi-megabyte value out of a one-line error."""
+    return message if len(message) <= limit else message[: limit - 20] + f"... ({len(message)} chars)"
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     messages: list[str] = []
     for err in exc.errors(include_url=False):
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _LocatedError):
-            messages.append(f"{ctx_err.loc}: {ctx_err}")
+            messages.append(_clip(f"{ctx_err.loc}: {ctx_err}"))
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        messages.append(f"{_loc(tuple(err['loc']))}: {msg}")
+        messages.append(_clip(f"{_loc(tuple(err['loc']))}: {msg}"))
     # A union reports one error per branch; keep the first per location, at most three in all.
     unique = list(dict.fromkeys(messages))
     more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
@@ -403,12 +478,26 @@ def validate(data: Any, source: str = "policy", base_dir: Path | None = None) ->
     allow_file/deny_file paths are relative to `base_dir` (default: the working directory)."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"policy error: {source}: the policy must be a mapping (got {type(data).__name__})")
+    _refuse_long_lists(data, source)
     try:
         return Policy.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise PolicyError(_format_validation_error(exc, source)) from None
     except RecursionError:
         raise PolicyError(f"policy error: {source}: nested too deeply") from None
+
+
+def _refuse_long_lists(data: Any, source: str) -> None:
+    """Before pydantic: it would validate every item of a 10^6-entry list before counting them."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, list):
+            if len(value) > MAX_ENTRIES:
+                raise PolicyError(f"policy error: {source}: {where or '(top level)'}: {len(value)} items, more than {MAX_ENTRIES}")
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (list, Mapping)))
+        elif isinstance(value, Mapping):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items() if isinstance(v, (list, Mapping)))
 
 
 class LoadedPolicy(BaseModel):
@@ -455,6 +544,8 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
             raise PolicyError(f"policy error: {source}: invalid JSON at column {exc.colno}: {exc.msg}") from None
         except RecursionError:
             raise PolicyError(f"policy error: {source}: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise PolicyError(f"policy error: {source}: unreadable value: {str(exc).splitlines()[0]}") from None
         return LoadedPolicy(policy=validate(data, source), source=source)
     if DEFAULT_POLICY_PATH.exists():
         return LoadedPolicy(policy=load_file(DEFAULT_POLICY_PATH), source=str(DEFAULT_POLICY_PATH))
