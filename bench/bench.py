@@ -244,11 +244,13 @@ def estimate_per_entry(n: int) -> float:
 
 
 CLIENT = r"""
-import socket, sys, time
+import socket, struct, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, so ports never run out
 t = time.perf_counter()
 for _ in range(count):
     s = socket.create_connection((host, port), timeout=2)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
     s.close()
 print(count / (time.perf_counter() - t))
 """
@@ -322,6 +324,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
+    ap.add_argument("--sections", default="1234", help="which sections to run, e.g. 13")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
         print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
@@ -332,6 +335,21 @@ def main() -> int:
           f"{platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}")
     print(f"# medians of {runs} runs; every run in a fresh network namespace\n")
 
+    if "1" in args.sections:
+        section_cold_start(runs)
+    if "2" in args.sections:
+        section_scale(runs, sizes)
+    if "3" in args.sections:
+        section_per_packet(runs, args.quick)
+    if "4" in args.sections:
+        print("\n## 4. Peak RSS of apply (largest process)\n")
+        print("| what | peak RSS |\n|---|---:|")
+        for name, mib in peak_rss([0, sizes[-1]]):
+            print(f"| {name} | {mib:.1f} MiB |")
+    return 0
+
+
+def section_cold_start(runs: int) -> None:
     rows = cold_start(runs)
     shell = rows[1][1]
     print("## 1. Cold start (whole processes)\n")
@@ -339,6 +357,8 @@ def main() -> int:
     for name, t in rows:
         print(f"| {name} | {t * 1000:.0f} ms | {t / shell:.2f}x |")
 
+
+def section_scale(runs: int, sizes: list[int]) -> None:
     print("\n## 2. Apply at scale (allow list of N /32s, TCP 5000)\n")
     print("| N | egressguard | iptables-restore + ipset restore | one iptables call per entry "
           "| eg / restore | per-entry / eg |\n|---:|---:|---:|---:|---:|---:|")
@@ -346,19 +366,15 @@ def main() -> int:
         print(f"| {n:,} | {eg * 1000:.0f} ms | {rest * 1000:.0f} ms | {per * 1000:,.0f} ms {note} "
               f"| {eg / rest:.2f}x | {per / eg:.1f}x |")
 
-    count = 1000 if args.quick else 3000
-    pp = per_packet(runs, count, [16, 1_000] if args.quick else [16, 1_000, 10_000])
+
+def section_per_packet(runs: int, quick: bool) -> None:
+    count = 1000 if quick else 3000
+    pp = per_packet(runs, count, [16, 1_000] if quick else [16, 1_000, 10_000])
     base = pp[0][1]
     print(f"\n## 3. Per-packet cost (new TCP connections/s, uid 1000, {count} per run)\n")
     print("| what | conns/s | vs no guard |\n|---|---:|---:|")
     for name, rate in pp:
         print(f"| {name} | {rate:,.0f} | {rate / base:.2f}x |")
-
-    print("\n## 4. Peak RSS of apply (largest process)\n")
-    print("| what | peak RSS |\n|---|---:|")
-    for name, mib in peak_rss([0, sizes[-1]]):
-        print(f"| {name} | {mib:.1f} MiB |")
-    return 0
 
 
 if __name__ == "__main__":
