@@ -57,4 +57,33 @@ def owned_lines(dump: str) -> list[str]:
 
 
 def foreign_lines(dump: str) -> list[str]:
-    return [line for line in dump.splitlines() if line not in owned_lines(dump)]
+    """Everything that is not egressguard's, in order (empty tables left out)."""
+    ours = set(owned_lines(dump))
+    return normalized("\n".join(line for line in dump.splitlines() if line not in ours)).splitlines()
+
+
+def normalized(dump: str) -> str:
+    """`dump` without empty tables: python-iptables makes the kernel instantiate tables it merely
+    looks at (security, raw, mangle...), which then show with their empty built-in chains."""
+    out: list[str] = []
+    block: list[str] = []
+    for line in dump.splitlines():
+        if line.startswith("*"):
+            block = [line]
+            continue
+        if block:
+            block.append(line)
+            if line == "COMMIT":
+                body = block[1:-1]
+                builtin_only = all(b.startswith(":") and b.split()[1] == "ACCEPT" and b[1:].split()[0].isupper()
+                                   and b.split()[0][1:] in _BUILTIN for b in body)
+                if not builtin_only:
+                    out += block
+                block = []
+            continue
+        if line.strip():
+            out.append(line)
+    return "\n".join(out)
+
+
+_BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
