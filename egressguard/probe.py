@@ -22,7 +22,7 @@ log = structlog.get_logger("egressguard")
 # Documentation addresses (RFC 5737, RFC 3849), discard port: no sane policy allows them.
 DEFAULT_TARGETS = ("192.0.2.1:9", "[2001:db8::1]:9")
 TIMEOUT_S = 1.0
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+CAP_NET_ADMIN = 12
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,13 @@ def capability_problems(proc_status: dict[str, str]) -> list[str]:
     def has(key: str, cap: int) -> bool:
         return bool(int(proc_status.get(key, "0"), 16) >> cap & 1)
 
-    problems = [f"this process holds CAP_NET_ADMIN ({key})" for key in ("CapEff", "CapPrm", "CapAmb")
-                if has(key, CAP_NET_ADMIN)]
-    if not problems and has("CapBnd", CAP_NET_ADMIN) and proc_status.get("NoNewPrivs") != "1":
-        problems.append("CAP_NET_ADMIN is in the bounding set and no_new_privs is off: a setuid or "
-                        "file-capability program could regain it (drop ALL capabilities)")
-    return problems
+    held = [key for key in ("CapEff", "CapPrm", "CapAmb") if has(key, CAP_NET_ADMIN)]
+    if held:
+        return [f"this process holds CAP_NET_ADMIN ({', '.join(held)}): it could remove the guard"]
+    if has("CapBnd", CAP_NET_ADMIN) and proc_status.get("NoNewPrivs") != "1":
+        return ["CAP_NET_ADMIN is in the bounding set and no_new_privs is off: a setuid or "
+                "file-capability program could regain it (drop ALL capabilities)"]
+    return []
 
 
 def _proc_status() -> dict[str, str]:
