@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import glob
 import importlib.util
 import ipaddress
@@ -12,7 +13,8 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from egressguard.backends import Backend, Installed, InstalledTable
@@ -33,6 +35,8 @@ from egressguard.ruleset import (
 T = TypeVar("T")
 
 TABLES = ("filter", "nat")
+XTABLES_LOCK = "/run/xtables.lock"  # what `iptables -w` locks ($XTABLES_LOCKFILE overrides, as for iptables)
+XTABLES_LOCK_WAIT_S = 5.0
 COMMIT_ATTEMPTS = 20  # a commit that races another writer fails with EAGAIN: rebuild and retry
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 _PR_SET_PDEATHSIG = 1
@@ -219,25 +223,25 @@ class IptablesBackend(Backend):
         iptc = self.iptc
         last: Exception | None = None
         for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                tbl = self._table(want.family, want.name)
-                tbl.refresh()
-            except Exception as exc:  # noqa: BLE001
-                if not want.chains:
-                    return False  # a table this kernel lacks (e.g. nat) holds nothing of ours
-                raise EnvironmentUnsupported(f"{_tool(want.family)} {want.name} table unavailable: {exc}") from None
-            try:
-                referenced_sets = self._stage(tbl, want)
-                tbl.commit()
-                return referenced_sets
-            except iptc.IPTCError as exc:
-                last = exc
-                if "temporarily unavailable" in str(exc) or "Resource" in str(exc):
-                    time.sleep(0.005 * (attempt + 1))
-                    continue
-                raise _commit_error(want, exc) from None
-            except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
-                raise _commit_error(want, exc) from None
+            with xtables_lock():
+                try:
+                    tbl = self._table(want.family, want.name)
+                    tbl.refresh()
+                except Exception as exc:  # noqa: BLE001
+                    if not want.chains:
+                        return False  # a table this kernel lacks (e.g. nat) holds nothing of ours
+                    raise EnvironmentUnsupported(f"{_tool(want.family)} {want.name} table unavailable: {exc}") from None
+                try:
+                    referenced_sets = self._stage(tbl, want)
+                    tbl.commit()
+                    return referenced_sets
+                except iptc.IPTCError as exc:
+                    last = exc
+                    if not ("temporarily unavailable" in str(exc) or "Resource" in str(exc)):
+                        raise _commit_error(want, exc) from None
+                except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
+                    raise _commit_error(want, exc) from None
+            time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
 
     def _stage(self, tbl: Any, want: Table) -> bool:
@@ -376,10 +380,58 @@ class IptablesBackend(Backend):
             found += [f"x_tables ipv4: {' '.join(names)}"] if names else []
         except OSError:
             pass
+        try:
+            tables = _nft_tables()
+        except Exception as exc:  # noqa: BLE001 - a note in `status`, never a reason to fail
+            found.append(f"nftables: could not be read ({type(exc).__name__}: {exc})")
+        else:
+            if tables:
+                found.append(f"nftables tables: {', '.join(tables)} (their rules apply as well: "
+                             "a packet any of them drops is dropped, whatever egressguard allows)")
         return found
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+_NFPROTO = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+
+
+def _nft_tables() -> list[str]:
+    """nftables tables in this network namespace, e.g. ["ip nat", "inet filter"] (over netlink)."""
+    from pyroute2.nftables.main import NFTables  # noqa: PLC0415 - only `status` needs it
+
+    nft = NFTables(nfgen_family=0)  # NFPROTO_UNSPEC: every family
+    try:
+        return [f"{_NFPROTO.get(t['nfgen_family'], t['nfgen_family'])} {t.get_attr('NFTA_TABLE_NAME')}"
+                for t in nft.get_tables()]
+    finally:
+        nft.close()
+
+
+@contextmanager
+def xtables_lock(wait_s: float = XTABLES_LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the lock the iptables commands take (`-w`), from read to commit: Docker, kube-proxy and
+    friends then wait for our commit instead of racing it (a race costs them an EAGAIN failure and
+    us a retry). Best effort: without the lock file, or past `wait_s`, commits rely on EAGAIN retries."""
+    try:
+        fd = os.open(os.environ.get("XTABLES_LOCKFILE") or XTABLES_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # a stuck holder must not keep the guard out
+                time.sleep(0.002)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _tool(family: Family) -> str:
