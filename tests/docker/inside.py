@@ -79,6 +79,7 @@ def main(argv):
         "iptables_F": run(["iptables", "-F"]),
         "iptables_legacy_F": run(["iptables-legacy", "-F"]),
         "ip6tables_legacy_F": run(["ip6tables-legacy", "-F"]),
+        "egressguard_reset": run(["egressguard", "reset"]),
         "raw_socket": raw_socket(),
         "setuid_0": setuid_root(),
         "setpriv_root": run(["setpriv", "--reuid", "0", "--regid", "0", "--clear-groups", "id", "-u"]),

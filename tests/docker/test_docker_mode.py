@@ -61,6 +61,7 @@ def test_command_holds_no_capability_in_any_set_and_no_new_privs(guarded: dict[s
 def test_command_cannot_flush_the_rules(guarded: dict[str, Any]) -> None:
     for tool in ("iptables_F", "iptables_legacy_F", "ip6tables_legacy_F"):
         assert guarded[tool]["rc"] != 0, guarded[tool]
+    assert guarded["egressguard_reset"]["rc"] == 3, guarded["egressguard_reset"]  # missing capability
 
 
 def test_command_cannot_open_raw_sockets(guarded: dict[str, Any]) -> None:

@@ -55,6 +55,7 @@ def test_agent_holds_no_capability_and_cannot_undo_the_guard(agent: dict[str, An
     assert r["caps"] == {k: ZERO for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
     assert r["no_new_privs"] == "1"
     assert r["iptables_F"]["rc"] != 0 and r["iptables_legacy_F"]["rc"] != 0
+    assert r["egressguard_reset"]["rc"] == 3, r["egressguard_reset"]
     assert r["raw_socket"] == "EPERM" and r["setuid_0"] == "EPERM"
 
 
