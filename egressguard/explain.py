@@ -5,11 +5,11 @@ against (tests/test_model_vs_kernel.py), and what `egressguard explain` prints.
 
 Order of decision, for a new connection from `uid` to `destination:port/protocol`:
   exempt uid -> allowed; uid not in `confine` -> allowed (`not confined`);
-  confined TCP to a `redirect` port, not to a local address nor (with `deny_metadata`) to a
-  metadata endpoint -> sent to the local proxy port (then judged as a connection to that loopback
-  port: only `deny` can still refuse it);
+  confined TCP to a `redirect` port, not to a local address, nor to a `deny` entry, nor (with
+  `deny_metadata`) to a metadata endpoint -> sent to the local proxy port (then judged as a
+  connection to that loopback port: only `deny` can still refuse it);
   `deny_metadata` -> `deny[i]` -> `loopback` -> the redirect targets on loopback -> `dns`
-  -> `allow[i]` -> `default` (refused). `deny` wins over everything but the redirect.
+  -> `allow[i]` -> `default` (refused). `deny` wins over everything, the redirect included.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def evaluate(policy: Policy, facts: Facts, probe: Probe) -> Verdict:
     if probe.port is None and probe.protocol != "icmp":
         notes = ("no port given: entries limited to ports, dns and redirect were not considered",)
     metadata = policy.deny_metadata and _in_any(addr, METADATA_CIDRS)
-    if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not metadata:
+    denied = any(_entry_matches(e, facts, addr, probe.port, "tcp") for e in policy.deny)
+    if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not metadata and not denied:
         for i, r in enumerate(policy.redirect):
             if probe.port in r.ports:
                 target = ipaddress.ip_address(REDIRECT_TARGETS[addr.version])

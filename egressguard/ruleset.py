@@ -389,17 +389,21 @@ def _confined(
     return tuple(rules), sets
 
 
-def _redirects(policy: Policy, family: Family) -> tuple[Rule, ...]:
-    rules = []
+def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
     for i, r in enumerate(policy.redirect):
         for group in _port_groups(r.ports):
             rules.append(
                 Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface="!lo", protocol="tcp", dports=group, to_ports=r.to_port)
             )
-    if rules and policy.deny_metadata:
-        # Metadata endpoints are not handed to the proxy (an exempt process that would connect to
-        # them on the confined process's behalf): left as they are, the filter table refuses them.
-        rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in METADATA_CIDRS if _family(n) == family]
+    if rules:
+        # Denied destinations and metadata endpoints are not handed to the proxy (an exempt process
+        # that would connect to them on the confined process's behalf): left as they are, the
+        # filter table refuses them. `deny` wins over `redirect` as it wins over `allow`.
+        deny, _sets = _list_rules(policy.deny, "deny", family, facts, "RETURN", policy.action)
+        rules[:0] = deny
+        if policy.deny_metadata:
+            rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in METADATA_CIDRS if _family(n) == family]
     return tuple(rules)
 
 
@@ -425,7 +429,7 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
                 ),
             )
         )
-        nat_rules = () if lockdown else _redirects(policy, family)
+        nat_rules = () if lockdown else _redirects(policy, family, facts)
         nat_chains = (Chain(DISPATCH, _dispatch(policy, REDIRECT)), Chain(REDIRECT, nat_rules)) if nat_rules else ()
         tables.append(Table(family=family, name="nat", chains=nat_chains))
     unresolved = tuple(e.host for e in policy.allow + policy.deny if e.host and e.host not in facts.hosts)  # type: ignore[operator]

@@ -177,3 +177,16 @@ def test_explain_reads_host_addresses_from_a_matching_status_file(tmp_path: Path
 
     assert explain.main(args) == 0
     assert capsys.readouterr().out.splitlines() == ["allow: allow[0]"]
+
+
+def test_deny_wins_over_redirect_in_the_model() -> None:
+    from egressguard.explain import Facts as ExplainFacts, Probe, evaluate
+    from egressguard.policy import validate
+
+    pol = validate({"version": 1, "confine": {"uids": [1000]}, "deny": [{"cidr": "203.0.113.11/32"}],
+                    "redirect": [{"ports": [80], "to_port": 8444}]})
+    facts = ExplainFacts()
+    denied = evaluate(pol, facts, Probe(1000, "203.0.113.11", 80, "tcp"))
+    assert (denied.verdict, denied.line) == ("refuse", "deny[0]")
+    other = evaluate(pol, facts, Probe(1000, "203.0.113.10", 80, "tcp"))
+    assert (other.verdict, other.line) == ("redirect", "redirect[0]")
