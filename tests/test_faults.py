@@ -1,0 +1,300 @@
+"""Fault injection: SIGKILL `apply` at named points and at timed instants over its whole run, race it
+with a second apply and a foreign iptables writer, break its status directory, take away kernel
+support. Confined traffic must never get out beyond lockdown + the policies involved, and a fresh
+apply must always restore exactly the policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressguard.lab import RESOLVER_V4, RESOLVER_V6, Lab, Result
+
+pytestmark = pytest.mark.netns
+
+HARNESS = Path(__file__).with_name("fault_apply.py")
+TIMED_KILLS_PER_SCENARIO = 36
+EXACT_CHECK_EVERY = 4  # timed kills: a fresh apply + exact comparison after every 4th (each costs a full apply)
+
+POLICY_A = {
+    "version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001]},
+    "dns": {"resolvers": [RESOLVER_V4, RESOLVER_V6]},
+    "allow": [{"cidr": "203.0.113.10/32", "ports": [22]}, {"cidr": "2001:db8:2::10/128", "ports": [22]}],
+    "redirect": [{"ports": [80], "to_port": 8444}],
+}
+POLICY_B = {
+    "version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001]},
+    "dns": {"resolvers": [RESOLVER_V4, RESOLVER_V6]}, "action": "reject",
+    "allow": [{"host": "other.test", "ports": [22, 443]}],
+    "redirect": [{"ports": [443], "to_port": 8443}],
+}
+# Allowed by neither policy: a confined probe must never reach the world there.
+OUTSIDE = (("tcp", "203.0.113.12", 22), ("tcp", "203.0.113.12", 80), ("udp", "192.0.2.10", 9999),
+           ("tcp", "2001:db8:2::12", 22), ("tcp", "2001:db8:2::12", 443), ("udp", "2001:db8:2::12", 9999))
+NAMED_POINTS = (
+    "lockdown:start", "lockdown:ipv4:filter:before", "lockdown:ipv4:filter:after", "lockdown:ipv4:committed",
+    "lockdown:ipv6:filter:before", "lockdown:ipv6:filter:after", "lockdown:done", "resolve",
+    "policy:start", "policy:ipv4:filter:before", "policy:ipv4:filter:after", "policy:ipv4:nat:before",
+    "policy:ipv4:nat:after", "policy:ipv4:committed", "policy:ipv6:filter:before", "policy:ipv6:filter:after",
+    "policy:ipv6:nat:after", "policy:done", "verify", "status",
+)
+EMPTY_TABLES = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+                "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
+
+_tally: dict[str, int] = {"named": 0, "timed": 0, "escapes": 0, "window": 0, "before_first_change": 0, "restored": 0}
+
+
+class Bed:
+    """One lab, two policies and their reference dumps."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.paths = {"A": lab.write_policy(POLICY_A, "a.json"), "B": lab.write_policy(POLICY_B, "b.json")}
+        self.ref: dict[str, str] = {}
+        self.blank()
+        for name in ("A", "B"):
+            self.blank()
+            done = lab.apply(self.paths[name])
+            assert done.returncode == 0, done.stderr[-800:]
+            self.ref[name] = lab.ruleset_dump()
+        self.blank()
+        start = time.monotonic()
+        assert lab.apply(self.paths["A"]).returncode == 0
+        self.full_run_s = time.monotonic() - start
+
+    def argv(self, name: str, harness_point: str | None = None) -> list[str]:
+        head = [sys.executable, str(HARNESS), harness_point] if harness_point else [sys.executable, "-m", "egressguard"]
+        return ["ip", "netns", "exec", self.lab.pod, *head, "apply", "--policy", str(self.paths[name]),
+                "--status-file", str(self.lab.status_file)]
+
+    def blank(self) -> None:
+        """Back to a namespace egressguard never touched (both families, filter and nat)."""
+        for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
+            subprocess.run(["ip", "netns", "exec", self.lab.pod, tool], input=EMPTY_TABLES, text=True, check=True,
+                           capture_output=True, timeout=20)
+
+    def guarded_families(self) -> set[int]:
+        out = set()
+        for family, tool in ((4, "iptables-legacy-save"), (6, "ip6tables-legacy-save")):
+            if "-j EGRESSGUARD" in self.lab.in_pod(tool).stdout:
+                out.add(family)
+        return out
+
+    def escapes(self, families: set[int]) -> list[str]:
+        got = []
+        for proto, dest, port in OUTSIDE:
+            if (6 if ":" in dest else 4) not in families:
+                continue
+            r: Result = (self.lab.tcp if proto == "tcp" else self.lab.udp)(dest, port, uid=1000, timeout=0.5)
+            if r.ok and str(r.answer).startswith("world"):
+                got.append(f"{proto} {dest}:{port} -> {r.answer}")
+        return got
+
+    def check_after_kill(self, fresh: bool, what: str) -> None:
+        families = self.guarded_families()
+        if fresh and not families:
+            _tally["before_first_change"] += 1  # killed before its first kernel change: nothing to hold
+        elif fresh and families == {4}:
+            # The documented window: the first lockdown is one commit per family; killed between
+            # them, IPv6 is not guarded yet. IPv4 must hold; the apply died, so exited non-zero.
+            _tally["window"] += 1
+            assert not self.escapes({4}), what
+        else:
+            assert families == {4, 6}, f"{what}: guarded families {families}"
+            leaks = self.escapes({4, 6})
+            _tally["escapes"] += len(leaks)
+            assert not leaks, f"{what}: {leaks}"
+
+    def restore_and_check(self, name: str, what: str) -> None:
+        done = subprocess.run(self.argv(name), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{what}: fresh apply failed: {done.stderr[-800:]}"
+        assert self.lab.ruleset_dump() == self.ref[name], f"{what}: state after a fresh apply is not exactly {name}"
+        _tally["restored"] += 1
+
+
+@pytest.fixture(scope="module")
+def bed(module_lab: Lab) -> Bed:
+    return Bed(module_lab)
+
+
+def _kill_at_point(bed: Bed, point: str, victim: str) -> bool:
+    fired = bed.lab.workdir / "fired"
+    fired.unlink(missing_ok=True)
+    env = {**os.environ, "EG_FAULT_FIRED": str(fired)}
+    done = subprocess.run(bed.argv(victim, point), capture_output=True, text=True, timeout=60, env=env)
+    if fired.exists():
+        assert done.returncode == -signal.SIGKILL, done.stderr[-500:]
+        return True
+    assert done.returncode == 0, done.stderr[-500:]  # the point is not on this path (e.g. no lockdown on re-apply)
+    return False
+
+
+@pytest.mark.parametrize("point", NAMED_POINTS)
+def test_sigkill_at_named_point_of_a_first_apply(bed: Bed, point: str) -> None:
+    bed.blank()
+    if not _kill_at_point(bed, point, "A"):
+        pytest.fail(f"{point} is on every first apply's path but did not fire")
+    _tally["named"] += 1
+    what = f"first apply killed at {point}"
+    if point == "lockdown:ipv4:committed" or point.startswith("lockdown:ipv6:filter:before"):
+        assert bed.guarded_families() == {4}  # the known limit, pinned: see the module's figure line
+    bed.check_after_kill(fresh=True, what=what)
+    bed.restore_and_check("A", what)
+
+
+@pytest.mark.parametrize("point", [p for p in NAMED_POINTS if not p.startswith("lockdown")])
+def test_sigkill_at_named_point_of_a_reapply(bed: Bed, point: str) -> None:
+    bed.blank()
+    assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
+    assert _kill_at_point(bed, point, "B"), f"{point} did not fire on a re-apply"
+    _tally["named"] += 1
+    what = f"re-apply A->B killed at {point}"
+    bed.check_after_kill(fresh=False, what=what)
+    bed.restore_and_check("B", what)
+
+
+def _kill_after(bed: Bed, victim: str, delay: float) -> None:
+    proc = subprocess.Popen(bed.argv(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)  # our own child, by its pid
+    proc.wait(timeout=30)
+    time.sleep(0.05)  # the worker child dies with its parent (PR_SET_PDEATHSIG)
+
+
+def test_sigkill_at_timed_instants_over_a_first_apply(bed: Bed) -> None:
+    span = bed.full_run_s * 1.05
+    for i in range(TIMED_KILLS_PER_SCENARIO):
+        delay = span * i / (TIMED_KILLS_PER_SCENARIO - 1)
+        bed.blank()
+        _kill_after(bed, "A", delay)
+        _tally["timed"] += 1
+        what = f"first apply killed after {delay:.3f}s of {bed.full_run_s:.3f}s"
+        bed.check_after_kill(fresh=True, what=what)
+        if i % EXACT_CHECK_EVERY == 0:
+            bed.restore_and_check("A", what)
+
+
+def test_sigkill_at_timed_instants_over_a_reapply(bed: Bed) -> None:
+    bed.blank()
+    assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
+    installed = "A"
+    span = bed.full_run_s * 1.05
+    for i in range(TIMED_KILLS_PER_SCENARIO):
+        victim = "B" if installed == "A" else "A"
+        delay = span * i / (TIMED_KILLS_PER_SCENARIO - 1)
+        _kill_after(bed, victim, delay)
+        _tally["timed"] += 1
+        what = f"re-apply {installed}->{victim} killed after {delay:.3f}s"
+        bed.check_after_kill(fresh=False, what=what)
+        if i % EXACT_CHECK_EVERY == 0 or i == TIMED_KILLS_PER_SCENARIO - 1:
+            bed.restore_and_check(victim, what)
+        installed = victim  # or a mix of both policies, per table: a fine starting point for the next kill
+
+
+def test_two_applies_at_once_both_finish_with_exactly_one_policy(bed: Bed) -> None:
+    bed.blank()
+    for _ in range(3):
+        procs = [subprocess.Popen(bed.argv(n), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for n in ("A", "B")]
+        codes = [p.wait(timeout=120) for p in procs]
+        assert codes == [0, 0], [p.stderr.read()[-500:] for p in procs if p.stderr]
+        assert bed.lab.ruleset_dump() in (bed.ref["A"], bed.ref["B"])  # one whole policy, no duplicates
+        for p in procs:
+            p.stderr.close() if p.stderr else None
+
+
+def test_foreign_writer_racing_the_commit_does_not_break_apply(bed: Bed) -> None:
+    script = ("iptables-legacy -N FOREIGN 2>/dev/null; ip6tables-legacy -N FOREIGN 2>/dev/null; "
+              "for i in $(seq 1 600); do iptables-legacy -A FOREIGN -j RETURN; iptables-legacy -D FOREIGN -j RETURN; "
+              "ip6tables-legacy -A FOREIGN -j RETURN; ip6tables-legacy -D FOREIGN -j RETURN; done")
+    writer = subprocess.Popen(["ip", "netns", "exec", bed.lab.pod, "sh", "-c", script],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        applied = 0
+        while writer.poll() is None and applied < 8:
+            name = "A" if applied % 2 else "B"
+            done = subprocess.run(bed.argv(name), capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-800:]
+            applied += 1
+        assert applied >= 2, "the foreign writer finished before apply could race it"
+    finally:
+        if writer.poll() is None:
+            writer.kill()  # our own child, by its pid
+        writer.wait(timeout=30)
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        bed.lab.in_pod(tool, "-F", "FOREIGN")
+        bed.lab.in_pod(tool, "-X", "FOREIGN")
+    last = "A" if (applied - 1) % 2 else "B"
+    assert bed.lab.ruleset_dump() == bed.ref[last]  # the foreign chain is gone again: exactly the last policy
+
+
+def _apply_with_broken_status_dir(bed: Bed, setup: str) -> subprocess.CompletedProcess[str]:
+    """apply with its status directory read-only or full, in a private mount namespace (unshare -m):
+    the mounts vanish with the process and the machine's /run is never touched."""
+    sdir = bed.lab.workdir / "statusdir"
+    sdir.mkdir(exist_ok=True)
+    inner = (f"{setup} && exec {sys.executable} -m egressguard apply --policy {bed.paths['A']} "
+             f"--status-file {sdir}/status.json")
+    return subprocess.run(["ip", "netns", "exec", bed.lab.pod, "unshare", "-m", "--propagation", "private",
+                           "sh", "-c", inner], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("setup", [
+    "mount --bind {d} {d} && mount -o remount,bind,ro {d}",
+    "mount -t tmpfs -o size=8k tmpfs {d} && (dd if=/dev/zero of={d}/fill bs=1k count=64 2>/dev/null; true)",
+], ids=["read-only", "full"])
+def test_status_write_failure_exits_4_with_lockdown_in_place(bed: Bed, setup: str) -> None:
+    bed.blank()
+    sdir = bed.lab.workdir / "statusdir"
+    done = _apply_with_broken_status_dir(bed, setup.format(d=sdir))
+    assert done.returncode == 4, done.stderr[-800:]
+    human = [ln for ln in done.stderr.splitlines() if not ln.startswith("{")]
+    assert len(human) == 1 and "status file" in human[0], done.stderr[-800:]
+    dump = bed.lab.ruleset_dump()
+    assert '--comment lockdown' in dump and "allow[0]" not in dump  # fail-closed: lockdown, not the policy
+    assert bed.lab.tcp("203.0.113.10", 22, uid=1000, timeout=0.5).blocked  # the policy's allow is not in force
+    assert bed.lab.dns("allowed.test", RESOLVER_V4, uid=1000).ok  # lockdown keeps DNS to the resolvers
+    assert not bed.escapes({4, 6})
+
+
+def _xtables_dir() -> Path:
+    for d in ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables", "/usr/lib/xtables"):
+        if Path(d, "libxt_owner.so").exists():
+            return Path(d)
+    pytest.skip("no xtables extension directory found")
+
+
+def test_missing_owner_match_exits_3_with_a_clear_message_and_nothing_half_installed(bed: Bed, tmp_path: Path) -> None:
+    libdir = tmp_path / "xtables"
+    shutil.copytree(_xtables_dir(), libdir, symlinks=True)
+    (libdir / "libxt_owner.so").unlink()
+    bed.blank()
+    before = bed.lab.ruleset_dump()
+    done = bed.lab.egressguard("apply", "--policy", str(bed.paths["A"]), env={"XTABLES_LIBDIR": str(libdir)})
+    assert done.returncode == 3, done.stderr[-800:]
+    human = [ln for ln in done.stderr.splitlines() if not ln.startswith("{")]
+    assert len(human) == 1 and "owner" in human[0], done.stderr[-800:]
+    assert bed.guarded_families() in (set(), {4, 6})  # never one family guarded and the other not
+    if not bed.guarded_families():
+        assert bed.lab.ruleset_dump() == before
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(figures: list[str]) -> Any:
+    yield
+    kills = _tally["named"] + _tally["timed"]
+    if kills:
+        figures.append(
+            f"faults: {kills} SIGKILLs ({_tally['named']} at named points, {_tally['timed']} timed), "
+            f"{_tally['escapes']} escapes beyond lockdown + policies, exact policy restored {_tally['restored']} times; "
+            f"{_tally['before_first_change']} kills came before the first kernel change, {_tally['window']} in the "
+            f"documented first-apply window (IPv4 locked down, IPv6 not yet; apply exits non-zero)"
+        )
