@@ -108,6 +108,11 @@ def test_privileges_that_cannot_be_dropped_stop_the_command(bed: Bed, markers: P
     assert not (markers / "ran").exists()
 
 
+def test_a_missing_command_exits_127_after_the_guard_is_up(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, *DOCKER_MODE, cmd=["no-such-command"])
+    assert p.returncode == 127 and "command not found" in p.stderr, p.stderr[-2000:]
+
+
 def test_read_only_root_filesystem_with_tmpfs_run(bed: Bed, markers: Path) -> None:
     p = run(bed, markers, *DOCKER_MODE, "--read-only", "--tmpfs", "/run", "--tmpfs", "/tmp")
     assert p.returncode == 0, p.stderr[-2000:]
