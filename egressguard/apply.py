@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from egressguard import facts as facts_mod
+from egressguard import fence
 from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
@@ -136,11 +137,17 @@ def apply(
         with clock("read_before"):
             out.lockdown_first = not guarded(backend.read())
         if out.lockdown_first:
-            # Deny first: nothing guarded yet, so lock down before anything slow or fallible.
+            # Deny first: nothing guarded yet, so lock down before anything slow or fallible. The
+            # fence closes both families in one system call; the lockdown is one commit per family.
             with clock("lockdown"):
+                _raise_fence(policy)
                 backend.commit(lockdown)
             log.info("lockdown_committed", rules=lockdown.rule_count())
         try:
+            with clock("fence"):
+                lowered = fence.lower_fence()  # also one a killed apply left behind
+            if lowered:
+                log.debug("fence_lowered", rules=lowered)
             with clock("resolve"):
                 try:
                     out.resolution = facts_mod.resolve_hosts(
@@ -177,6 +184,17 @@ def apply(
             raise
 
 
+def _raise_fence(policy: Policy) -> None:
+    try:
+        added = fence.raise_fence(policy)
+    except (OSError, ApplyFailed) as exc:
+        # Without it the lockdown still comes first, but a SIGKILL between its two per-family
+        # commits could leave the second family unguarded (the apply then exits non-zero).
+        log.warning("fence_unavailable", error=str(exc))
+        return
+    log.debug("fence_raised", rules=added, uids=fence.describe(fence.uid_ranges(policy)))
+
+
 def _report_resolution(res: facts_mod.Resolution) -> None:
     for name, addrs in res.addresses.items():
         log.info("host_resolved", host=name, addresses=list(addrs))
@@ -207,6 +225,7 @@ def reset(backend: Backend, status_path: Path | None) -> None:
     with namespace_lock():
         backend.read()  # exit 3 here, before any change, if a family's tables are unavailable
         backend.commit(build_empty())
+        fence.lower_fence()
     if status_path is not None:
         try:
             status_mod.remove(status_path)

@@ -4,8 +4,9 @@ functions from outside, so the product carries no fault hooks.
 
     python tests/fault_apply.py POINT apply --policy FILE ...
 
-Points (KIND is lockdown or policy): KIND:start, KIND:ipv4:filter:before|after (around the libiptc
-commit of one table, inside the worker), KIND:ipv4:committed (between the families), KIND:done,
+Points (KIND is lockdown or policy): fence:raise:before|after (the routing fence, both families in
+one system call), KIND:start, KIND:ipv4:filter:before|after (around the libiptc commit of one table,
+inside the worker), KIND:ipv4:committed (between the families), KIND:done, fence:lower:before|after,
 resolve, verify, status.
 """
 
@@ -31,7 +32,7 @@ def hit(name: str) -> None:
 
 def arm() -> None:
     from egressguard import apply as apply_mod
-    from egressguard import facts, status
+    from egressguard import facts, fence, status
     from egressguard.backends import iptables as ipt
 
     kind = {"now": "?"}
@@ -72,12 +73,16 @@ def arm() -> None:
 
     ipt.import_iptc = wrapped_import
     for module, name, point in ((facts, "resolve_hosts", "resolve"), (apply_mod, "differences", "verify"),
-                                (status, "write", "status")):
+                                (status, "write", "status"), (fence, "raise_fence", "fence:raise"),
+                                (fence, "lower_fence", "fence:lower")):
         original = getattr(module, name)
 
         def wrapper(*a, _original=original, _point=point, **kw):  # type: ignore[no-untyped-def]
-            hit(_point)
-            return _original(*a, **kw)
+            hit(_point + ":before" if _point.startswith("fence") else _point)
+            out = _original(*a, **kw)
+            if _point.startswith("fence"):
+                hit(_point + ":after")
+            return out
 
         setattr(module, name, wrapper)
 

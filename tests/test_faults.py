@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from egressguard import fence
 from egressguard.lab import RESOLVER_V4, RESOLVER_V6, Lab, Result
 
 pytestmark = pytest.mark.netns
@@ -40,8 +41,9 @@ POLICY_B = {
 OUTSIDE = (("tcp", "203.0.113.12", 22), ("tcp", "203.0.113.12", 80), ("udp", "192.0.2.10", 9999),
            ("tcp", "2001:db8:2::12", 22), ("tcp", "2001:db8:2::12", 443), ("udp", "2001:db8:2::12", 9999))
 NAMED_POINTS = (
-    "lockdown:start", "lockdown:ipv4:filter:before", "lockdown:ipv4:filter:after", "lockdown:ipv4:committed",
-    "lockdown:ipv6:filter:before", "lockdown:ipv6:filter:after", "lockdown:done", "resolve",
+    "fence:raise:before", "fence:raise:after", "lockdown:start", "lockdown:ipv4:filter:before", "lockdown:ipv4:filter:after", "lockdown:ipv4:committed",
+    "lockdown:ipv6:filter:before", "lockdown:ipv6:filter:after", "lockdown:done", "fence:lower:before",
+    "fence:lower:after", "resolve",
     "policy:start", "policy:ipv4:filter:before", "policy:ipv4:filter:after", "policy:ipv4:nat:before",
     "policy:ipv4:nat:after", "policy:ipv4:committed", "policy:ipv6:filter:before", "policy:ipv6:filter:after",
     "policy:ipv6:nat:after", "policy:done", "verify", "status",
@@ -49,7 +51,7 @@ NAMED_POINTS = (
 EMPTY_TABLES = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
                 "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
 
-_tally: dict[str, int] = {"named": 0, "timed": 0, "escapes": 0, "window": 0, "before_first_change": 0, "restored": 0}
+_tally: dict[str, int] = {"named": 0, "timed": 0, "escapes": 0, "fenced": 0, "before_first_change": 0, "restored": 0}
 
 
 class Bed:
@@ -76,10 +78,18 @@ class Bed:
                 "--status-file", str(self.lab.status_file)]
 
     def blank(self) -> None:
-        """Back to a namespace egressguard never touched (both families, filter and nat)."""
+        """Back to a namespace egressguard never touched (both families, filter and nat, no fence)."""
         for tool in ("iptables-legacy-restore", "ip6tables-legacy-restore"):
             subprocess.run(["ip", "netns", "exec", self.lab.pod, tool], input=EMPTY_TABLES, text=True, check=True,
                            capture_output=True, timeout=20)
+        for family in ("-4", "-6"):
+            for _ in range(4096):  # bounded: at most one rule per uid range
+                if self.lab.in_pod("ip", family, "rule", "del", "pref", str(fence.PRIORITY),
+                                   "protocol", str(fence.PROTOCOL)).returncode != 0:
+                    break
+
+    def fenced(self) -> bool:
+        return f"proto {fence.PROTOCOL}" in self.lab.in_pod("ip", "rule").stdout + self.lab.in_pod("ip", "-6", "rule").stdout
 
     def guarded_families(self) -> set[int]:
         out = set()
@@ -100,18 +110,18 @@ class Bed:
 
     def check_after_kill(self, fresh: bool, what: str) -> None:
         families = self.guarded_families()
-        if fresh and not families:
+        fenced = self.fenced()
+        if fresh and not families and not fenced:
             _tally["before_first_change"] += 1  # killed before its first kernel change: nothing to hold
-        elif fresh and families == {4}:
-            # The documented window: the first lockdown is one commit per family; killed between
-            # them, IPv6 is not guarded yet. IPv4 must hold; the apply died, so exited non-zero.
-            _tally["window"] += 1
-            assert not self.escapes({4}), what
-        else:
-            assert families == {4, 6}, f"{what}: guarded families {families}"
-            leaks = self.escapes({4, 6})
-            _tally["escapes"] += len(leaks)
-            assert not leaks, f"{what}: {leaks}"
+            return
+        if families != {4, 6}:
+            # Killed during the first lockdown: the routing fence, raised for both families in one
+            # system call before it, holds whatever family the lockdown has not reached yet.
+            assert fresh and fenced, f"{what}: guarded families {families}, fence up: {fenced}"
+            _tally["fenced"] += 1
+        leaks = self.escapes({4, 6})
+        _tally["escapes"] += len(leaks)
+        assert not leaks, f"{what}: {leaks}"
 
     def restore_and_check(self, name: str, what: str) -> None:
         done = subprocess.run(self.argv(name), capture_output=True, text=True, timeout=60)
@@ -145,12 +155,12 @@ def test_sigkill_at_named_point_of_a_first_apply(bed: Bed, point: str) -> None:
     _tally["named"] += 1
     what = f"first apply killed at {point}"
     if point == "lockdown:ipv4:committed" or point.startswith("lockdown:ipv6:filter:before"):
-        assert bed.guarded_families() == {4}  # the known limit, pinned: see the module's figure line
+        assert bed.guarded_families() == {4} and bed.fenced()  # between the families: the fence holds IPv6
     bed.check_after_kill(fresh=True, what=what)
     bed.restore_and_check("A", what)
 
 
-@pytest.mark.parametrize("point", [p for p in NAMED_POINTS if not p.startswith("lockdown")])
+@pytest.mark.parametrize("point", [p for p in NAMED_POINTS if not p.startswith(("lockdown", "fence:raise"))])
 def test_sigkill_at_named_point_of_a_reapply(bed: Bed, point: str) -> None:
     bed.blank()
     assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
@@ -295,6 +305,6 @@ def _report(figures: list[str]) -> Any:
         figures.append(
             f"faults: {kills} SIGKILLs ({_tally['named']} at named points, {_tally['timed']} timed), "
             f"{_tally['escapes']} escapes beyond lockdown + policies, exact policy restored {_tally['restored']} times; "
-            f"{_tally['before_first_change']} kills came before the first kernel change, {_tally['window']} in the "
-            f"documented first-apply window (IPv4 locked down, IPv6 not yet; apply exits non-zero)"
+            f"{_tally['before_first_change']} kills came before the first kernel change, {_tally['fenced']} during "
+            f"the first lockdown (held by the routing fence until both families were locked down)"
         )
