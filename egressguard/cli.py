@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,10 +13,9 @@ from typing import Any
 import structlog
 
 from egressguard import logs
-from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
-from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
+from egressguard.errors import EXIT_CODES, EgressGuardError, VerifyFailed
 
 log = structlog.get_logger("egressguard")
 
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> policy_mod.LoadedPolicy:
+def _load(args: argparse.Namespace) -> Any:
+    from egressguard import policy as policy_mod  # noqa: PLC0415 - pydantic models: only when a policy is read
+
     loaded = policy_mod.load(args.policy)
     log.debug("policy_loaded", source=loaded.source, digest=policy_mod.digest(loaded.policy))
     return loaded
@@ -114,6 +116,8 @@ def _backend() -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from egressguard import policy as policy_mod  # noqa: PLC0415
+
     from egressguard import facts  # noqa: PLC0415
     from egressguard.ruleset import Facts, build, hosts_of, render, to_json  # noqa: PLC0415
 
@@ -147,6 +151,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from egressguard import policy as policy_mod  # noqa: PLC0415
+
     from egressguard import apply as apply_mod  # noqa: PLC0415
 
     loaded = _load(args)
@@ -220,6 +226,8 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from egressguard import policy as policy_mod  # noqa: PLC0415
+
     print(json.dumps(policy_mod.json_schema(), indent=2))
     return 0
 
@@ -277,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except EgressGuardError as exc:
         code = exc.exit_code
         print(f"egressguard: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # `egressguard plan | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except KeyboardInterrupt:
         code = 1
         print("egressguard: interrupted", file=sys.stderr)
