@@ -665,6 +665,10 @@ class Lab:
         self._wait_reachable()
 
     def _start_server(self, netns: str, role: str) -> None:
+        self._fork_server(netns, f"{role} server", serve, role, str(self.records_file))
+
+    def _fork_server(self, netns: str, what: str, fn: Any, *args: Any) -> None:
+        """Run `fn(*args, ready_fd)` forever in a child inside `netns`; return once it says ready."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -672,14 +676,14 @@ class Lab:
                 os.close(r)
                 _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the test process
                 _enter_netns(netns)
-                serve(role, str(self.records_file), w)
+                fn(*args, w)
             finally:
                 os._exit(0)
         os.close(w)
         self._pids.append(pid)
         with os.fdopen(r, "rb") as fh:
             if fh.read() != b"ready":
-                raise RuntimeError(f"{role} server did not start")
+                raise RuntimeError(f"{what} did not start")
 
     def _wait_reachable(self) -> None:
         for _ in range(50):  # IPv6 neighbour entries and routes settle within a few hundred ms
@@ -787,21 +791,7 @@ class Lab:
     def world_echo(self, port: int) -> Path:
         """Start a TCP echo server on every world address at `port`; returns its log of received lines."""
         log_path = self.workdir / f"echo-{port}.log"
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(r)
-                _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-                _enter_netns(self.world)
-                _serve_echo(port, log_path, w)
-            finally:
-                os._exit(0)
-        os.close(w)
-        self._pids.append(pid)
-        with os.fdopen(r, "rb") as fh:
-            if fh.read() != b"ready":
-                raise RuntimeError("echo server did not start")
+        self._fork_server(self.world, "echo server", _serve_echo, port, log_path)
         return log_path
 
     def world_answer_every_port(self) -> None:

@@ -114,17 +114,7 @@ def read_network_list(path: Path) -> tuple[str, ...]:
     Bad lines are reported by number (the first three, and how many more), so a 10,000-line
     provider list can be fixed from the message alone.
     """
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_LIST_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_LIST_FILE_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_LIST_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    text = _read_text(path, MAX_LIST_FILE_BYTES, "")
     nets: list[str] = []
     bad: list[str] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -509,19 +499,27 @@ class LoadedPolicy(BaseModel):
     source: str
 
 
+def _read_text(path: Path, limit: int, hint: str) -> str:
+    """A UTF-8 file of at most `limit` bytes, or ValueError saying why not."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes{hint}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
+
+
 def load_file(path: Path | str) -> Policy:
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_POLICY_BYTES + 1)
-    except OSError as exc:
-        raise PolicyError(f"policy error: cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy error: {path}: larger than {MAX_POLICY_BYTES} bytes (use allow_file for long lists)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"policy error: {path}: not UTF-8 (byte {exc.start})") from None
+        text = _read_text(path, MAX_POLICY_BYTES, " (use allow_file for long lists)")
+    except ValueError as exc:
+        raise PolicyError(f"policy error: {exc}") from None
     return validate(parse_text(text, str(path)), str(path), base_dir=path.parent)
 
 
