@@ -85,16 +85,18 @@ def median_of(runs: int, fn: Callable[[], float]) -> float:
 # What is applied
 
 
-def write_policy(n: int) -> Path:
-    """The default policy plus an allow list of n /32s (TCP 5000) from a file; n=0: the default."""
-    policy = TMP / f"policy-{n}.yaml"
+def write_policy(n: int, redirect: bool = True) -> Path:
+    """The default policy plus an allow list of n /32s (TCP 5000) from a file; n=0: the default.
+    Without `redirect` no nat table is used (every new connection then skips NAT set-up)."""
+    policy = TMP / f"policy-{n}{'' if redirect else '-noredirect'}.yaml"
     lines = [
         "version: 1",
         "confine: {uids: [1000]}",
         "exempt: {uids: [1001]}",
         f"dns: {{resolvers: [{RESOLVER}]}}",
-        "redirect: [{ports: [80, 443], to_port: 8444}]",
     ]
+    if redirect:
+        lines.append("redirect: [{ports: [80, 443], to_port: 8444}]")
     if n:
         (TMP / f"list-{n}.txt").write_text("".join(f"{addr}/32\n" for addr in list_addresses(n)))
         lines += ["allow:", f"  - allow_file: list-{n}.txt", "    ports: [5000]"]
@@ -293,10 +295,12 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float
             rows.append(("no guard, connection tracking on", median_of(runs, lambda: conn_rate(pod, dest, count))))
             sh("iptables-legacy", "-D", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP", ns=pod)
             for n in sizes:
-                eg_apply(pod, write_policy(n))
-                rows.append((f"egressguard, {n:,} entries (kernel set), dest last",
-                             median_of(runs, lambda: conn_rate(pod, dest, count))))
-                sh(*EG, "reset", "--status-file", str(TMP / "status.json"), ns=pod)
+                for redirect in (True, False):
+                    eg_apply(pod, write_policy(n, redirect))
+                    label = "default + " if redirect else "no redirect (no nat), "
+                    rows.append((f"egressguard, {label}{n:,} entries (kernel set), dest last",
+                                 median_of(runs, lambda: conn_rate(pod, dest, count))))
+                    sh(*EG, "reset", "--status-file", str(TMP / "status.json"), ns=pod)
                 rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
                 sh("iptables-legacy-restore", "-n", ns=pod, input=(
                     "*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
