@@ -375,12 +375,6 @@ class IptablesBackend(Backend):
     def other_firewalls(self) -> list[str]:
         found = []
         try:
-            with open("/proc/net/ip_tables_names") as fh:
-                names = fh.read().split()
-            found += [f"x_tables ipv4: {' '.join(names)}"] if names else []
-        except OSError:
-            pass
-        try:
             tables = _nft_tables()
         except Exception as exc:  # noqa: BLE001 - a note in `status`, never a reason to fail
             found.append(f"nftables: could not be read ({type(exc).__name__}: {exc})")
