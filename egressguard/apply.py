@@ -132,6 +132,8 @@ def apply(
     with clock("preflight"):
         backend.preflight()  # exit 3 before any change
         out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
+        if policy.dns.resolvers == "auto" and not out.resolvers:
+            log.warning("no_resolvers_found", resolv_conf=str(resolv_conf), effect="confined processes get no DNS")
         lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True)
     with namespace_lock():
         with clock("read_before"):
