@@ -295,6 +295,12 @@ def test_missing_owner_match_exits_3_with_a_clear_message_and_nothing_half_insta
     assert bed.guarded_families() in (set(), {4, 6})  # never one family guarded and the other not
     if not bed.guarded_families():
         assert bed.lab.ruleset_dump() == before
+        # The lockdown was refused, so the routing fence raised before it stays: fail closed.
+        assert bed.fenced()
+        assert not bed.escapes({4, 6})
+        assert bed.lab.tcp("127.0.0.1", 8443, timeout=1).ok
+    bed.restore_and_check("A", "apply after the missing extension is back")
+    assert not bed.fenced()
 
 
 @pytest.fixture(scope="module", autouse=True)
