@@ -14,7 +14,7 @@ import pytest
 
 from egressguard import policy as policy_mod
 from egressguard.errors import PolicyError
-from egressguard.policy import DEFAULT_POLICY, Policy, digest, load, validate
+from egressguard.policy import DEFAULT_POLICY, digest, load, validate
 
 
 def _error(data: Any) -> str:
