@@ -256,6 +256,13 @@ class Policy(_Model):
     model_config = ConfigDict(extra="forbid", frozen=True, title="egressguard policy")
 
     version: Literal[1] = Field(..., description="policy format version; must be 1")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML `true` would otherwise pass as 1
+            raise ValueError("must be the number 1")
+        return v
     confine: Confine = Field(default_factory=Confine, description="whose traffic is restricted")
     exempt: Exempt = Field(default_factory=Exempt, description="who is never restricted")
     action: Literal["reject", "drop"] = Field(

@@ -329,3 +329,8 @@ def test_policy_is_immutable() -> None:
     p = validate({"version": 1})
     with pytest.raises(Exception):  # noqa: B017,PT011 - pydantic's frozen error
         p.action = "drop"  # type: ignore[misc]
+
+
+def test_version_true_is_not_taken_for_1() -> None:
+    with pytest.raises(PolicyError, match=r"version: must be the number 1"):
+        validate({"version": True})

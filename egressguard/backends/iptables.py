@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import structlog
+
 from egressguard.backends import Backend, Installed, InstalledTable
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.ruleset import (
@@ -33,6 +35,7 @@ from egressguard.ruleset import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger("egressguard")
 
 TABLES = ("filter", "nat")
 XTABLES_LOCK = "/run/xtables.lock"  # what `iptables -w` locks ($XTABLES_LOCKFILE overrides, as for iptables)
@@ -241,6 +244,7 @@ class IptablesBackend(Backend):
                         raise _commit_error(want, exc) from None
                 except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
                     raise _commit_error(want, exc) from None
+            log.info("commit_retried", table=f"ipv{want.family}/{want.name}", attempt=attempt + 1, error=str(last))
             time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
 
