@@ -51,7 +51,7 @@ PROBES: tuple[Probe, ...] = (
     Probe(EXEMPT, f"SSH to {HOST4}:22", lambda lab, u: lab.tcp(HOST4, 22, uid=u), "allowed"),
     Probe(EXEMPT, f"HTTPS to [{HOST6}]:443 (direct, not proxied)", lambda lab, u: lab.tcp(HOST6, 443, uid=u), "allowed"),
     Probe(EXEMPT, f"DNS (UDP) to another resolver {OTHER_RESOLVER_V4}", lambda lab, u: lab.dns("allowed.test", OTHER_RESOLVER_V4, uid=u), "allowed"),
-    Probe(ROOT, f"SSH to [{HOST6}]:22 (root is not in confine.uids)", lambda lab, u: lab.tcp(HOST6, 22, uid=u), "allowed"),
+    Probe(ROOT, f"SSH to [{HOST6}]:22 (root: not in confine)", lambda lab, u: lab.tcp(HOST6, 22, uid=u), "allowed"),
 )
 
 
