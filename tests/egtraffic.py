@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from egressguard.lab import Lab, Result
 
@@ -87,3 +90,15 @@ def normalized(dump: str) -> str:
 
 
 _BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+
+
+def lab_with(pol: dict[str, Any]) -> Any:
+    """A class-scoped `lab` fixture: the module's lab with `pol` applied (for read-only probe classes)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls: type, module_lab: Lab) -> Iterator[Lab]:
+        applied(module_lab, pol)
+        yield module_lab
+
+    return lab

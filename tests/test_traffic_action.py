@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
 from egressguard.lab import OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, Lab
-from egtraffic import SILENT, applied, policy
+from egtraffic import SILENT, lab_with, policy
 
 pytestmark = pytest.mark.netns
 
@@ -18,11 +17,7 @@ FAST_ENOUGH = 0.25  # "well under a second", measured around a whole connect()
 
 
 class TestReject:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(action="reject"))
-        yield module_lab
+    lab = lab_with(policy(action="reject"))
 
     @FAMILIES
     def test_tcp_connect_fails_at_once(self, lab: Lab, family: int) -> None:
@@ -42,11 +37,7 @@ class TestReject:
 
 
 class TestDrop:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(action="drop"))
-        yield module_lab
+    lab = lab_with(policy(action="drop"))
 
     @FAMILIES
     def test_tcp_connect_gets_no_answer(self, lab: Lab, family: int) -> None:

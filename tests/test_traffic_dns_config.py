@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from egressguard.lab import EXEMPT, OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, RESOLVER_V4, RESOLVER_V6, Lab
-from egtraffic import FAST, applied, dns_answered, policy
+from egtraffic import FAST, applied, dns_answered, lab_with, policy
 
 pytestmark = pytest.mark.netns
 
@@ -24,11 +24,7 @@ def _answered(lab: Lab, server: str, tcp: bool, uid: int = 1000) -> bool:
 
 
 class TestNoResolvers:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(dns={"resolvers": []}))
-        yield module_lab
+    lab = lab_with(policy(dns={"resolvers": []}))
 
     @TRANSPORT
     def test_confined_uid_has_no_dns_at_all(self, lab: Lab, tcp: bool) -> None:
@@ -44,11 +40,7 @@ class TestNoResolvers:
 
 
 class TestExplicitResolvers:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(dns={"resolvers": [OTHER_RESOLVER_V6]}))
-        yield module_lab
+    lab = lab_with(policy(dns={"resolvers": [OTHER_RESOLVER_V6]}))
 
     @TRANSPORT
     def test_only_the_listed_resolver_answers_confined_queries(self, lab: Lab, tcp: bool) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, Lab
-from egtraffic import FAST, applied, dns_answered, policy, refused_fast
+from egtraffic import FAST, dns_answered, lab_with, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 
@@ -22,11 +21,7 @@ def _local_ok(lab: Lab, host: str, port: int, uid: int = 1000) -> bool:
 
 
 class TestLoopbackAllow:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(loopback="allow"))
-        yield module_lab
+    lab = lab_with(policy(loopback="allow"))
 
     @FAMILIES
     def test_confined_uid_reaches_local_listeners(self, lab: Lab, family: int) -> None:
@@ -39,11 +34,7 @@ class TestLoopbackAllow:
 
 
 class TestLoopbackDeny:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(loopback="deny"))
-        yield module_lab
+    lab = lab_with(policy(loopback="deny"))
 
     @FAMILIES
     def test_confined_local_traffic_is_refused(self, lab: Lab, family: int) -> None:
@@ -59,11 +50,7 @@ class TestLoopbackDeny:
 
 
 class TestLoopbackPorts:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(loopback=[8443]))
-        yield module_lab
+    lab = lab_with(policy(loopback=[8443]))
 
     @FAMILIES
     def test_a_listed_port_is_reachable(self, lab: Lab, family: int) -> None:

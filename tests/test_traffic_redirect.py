@@ -10,7 +10,7 @@ import pytest
 
 from egressguard.lab import EXEMPT, ROOT, Lab, Result
 from egressguard.policy import DEFAULT_POLICY
-from egtraffic import FAST, applied, policy, reached, refused_fast
+from egtraffic import FAST, lab_with, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 
@@ -66,11 +66,7 @@ class TestBuiltinDefaultRedirect:
 
 
 class TestRedirectWithLoopbackDenied:
-    @pytest.fixture(scope="class")
-    @classmethod
-    def lab(cls, module_lab: Lab) -> Iterator[Lab]:
-        applied(module_lab, policy(loopback="deny", redirect=[{"ports": [80], "to_port": 8444}]))
-        yield module_lab
+    lab = lab_with(policy(loopback="deny", redirect=[{"ports": [80], "to_port": 8444}]))
 
     @FAMILIES
     def test_redirected_traffic_still_reaches_the_proxy(self, lab: Lab, family: int) -> None:
