@@ -23,7 +23,7 @@ from egressguard._version import __version__
 from egressguard.backends import Backend, Installed
 from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
 from egressguard.policy import Policy
-from egressguard.ruleset import FAMILIES, Facts, Ruleset, build, hosts_of
+from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
 
 log = structlog.get_logger("egressguard")
@@ -236,8 +236,6 @@ def reset(backend: Backend, status_path: Path | None) -> None:
 
 
 def build_empty() -> Ruleset:
-    from egressguard.ruleset import Table  # noqa: PLC0415
-
     return Ruleset(tables=tuple(Table(f, n, ()) for f in FAMILIES for n in ("filter", "nat")))
 
 

@@ -44,7 +44,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, ruleset: Ruleset) -> None:
-        """Replace everything egressguard owns with `ruleset`, one atomic commit per table.
+        """Replace everything egressguard owns with `ruleset`, one atomic commit per table (a ruleset
+        with no chains removes everything egressguard owns: that is `reset`).
         Its sets exist and are full before a rule can refer to them; sets no rule needs any
         more are removed afterwards. Raise ApplyFailed (or EnvironmentUnsupported) if the
         kernel refuses."""
@@ -52,10 +53,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def read(self) -> Installed:
         """Read back what egressguard owns (and the position of its jumps)."""
-
-    @abc.abstractmethod
-    def reset(self) -> None:
-        """Remove everything egressguard owns and nothing else."""
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""

@@ -370,12 +370,6 @@ class IptablesBackend(Backend):
             )
         return out
 
-    # -- reset -------------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        for family in FAMILIES:
-            _in_child(self._commit_family, family, [Table(family, n, ()) for n in TABLES])
-
     def other_firewalls(self) -> list[str]:
         found = []
         try:
