@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +84,133 @@ def test_plan_exits_2_naming_the_line(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "bad.txt:2:" in done.stderr
+
+
+# -- the fast parse of list lines agrees with ipaddress -----------------------------------------
+
+
+def _tricky_items() -> list[str]:
+    """Canonical and almost-canonical spellings of networks, valid and not, from a fixed seed."""
+    rnd = random.Random(20240611)
+    items = [
+        "1.2.3.4", "1.2.3.4/32", "1.2.3.0/24", "1.2.3.4/24", "0.0.0.0/0", "1.0.0.0/0", "255.255.255.255",
+        "1.2.3", "1.2.3.4.5", "1.2.3.", ".1.2.3", "1..2.3", "01.2.3.4", "1.2.3.04", "1.2.3.00", "1.2.3.0x4",
+        "1.2.3.256", "1.2.3.-1", "1.2.3.4/", "1.2.3.4/33", "1.2.3.4/032", "1.2.3.0/024", "1.2.3.4/-1",
+        "1.2.3.4/+32", "1.2.3.4/ 32", "1.2.3.4 /32", "1.2.3.0/255.255.255.0", "1.2.3.0/0.0.0.255",
+        "1.2.3.4/32/32", "1.2.3.4/\u0663\u0662", "\uff11.2.3.4", "1.2.3.4\x00", "1.2.3.4\udcff", "1.2.3.4%eth0",
+        "1.2.3.4/3\x002", "", "/", "/32", "::", "::/0", "::/1", "::1", "::1/128", "::/96", "::/80", "::/79",
+        "::ffff:0:0/96", "::ffff:10.0.0.0/104", "::ffff:1.2.3.4", "::ffff:102:304", "::1.2.3.4", "::102:304",
+        "64:ff9b::/96", "64:ff9b::1.2.3.4", "64:ff9b::102:304", "2001:db8::", "2001:db8::/32", "2001:db8::/33",
+        "2001:DB8::/32", "2001:0db8::/32", "2001:db8:0::/48", "2001:db8::1/128", "2001:db8::1/127",
+        "2001:db8:0:0:1:0:0:1", "2001:db8::1:0:0:1", "2001:db8:0:0:1::1", "2001:db8:0:1:1:1:1:1",
+        "2001:db8::1:1:1:1:1", "2001:db8:1:1:1:1:1:1", "2001:db8:1:1:1:1:1:1:1", "2001:db8:::1", ":::",
+        "2001:db8::1::1", "2001:db8:10000::", "2001:db8:g::", "fe80::1%eth0", "fe80::1%eth0/128", "fe80::1%1",
+        "fe80::/10", "fe80::/010", "fe80::/129", "fe80::/-0", "2001:db8::/64%eth0", "2001:db8:1::/ffff::",
+        "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8", "1:2:3:4:5:6:1.2.3.4", "1:0:0:2:0:0:0:3", "1:0:0:0:2:0:0:3",
+        "\u0662001:db8::", "2001:db8::\x00", "2001:db8::1 ",
+    ]
+    octets = ["0", "1", "9", "10", "99", "100", "199", "255", "256", "00", "01", "001", "010", "1000", "a", ""]
+    plens = ["", "/0", "/1", "/8", "/16", "/24", "/31", "/32", "/33", "/08", "/032", "/", "/x", "/255.0.0.0"]
+    for _ in range(2000):
+        quad = ".".join(rnd.choice(octets) for _ in range(rnd.choice((3, 4, 4, 4, 4, 5))))
+        items.append(quad + rnd.choice(plens))
+    hextets = ["0", "0", "0", "0", "1", "a", "F", "ff", "ffff", "db8", "0db8", "00", "0000", "10000", "g"]
+    plens6 = ["", "/0", "/16", "/32", "/48", "/64", "/96", "/112", "/127", "/128", "/129", "/064", "/%1"]
+    for _ in range(3000):
+        words = [rnd.choice(hextets) for _ in range(8)]
+        if rnd.random() < 0.5:
+            words[0] = rnd.choice(["2001", "fe80", "1", "0", "ffff"])
+        text = ":".join(words)
+        for _ in range(rnd.choice((0, 1, 1, 2))):  # compress a run of zeros, where there is one
+            text = text.replace(":0:0:", "::", 1) if "::" not in text else text.replace(":0:", ":", 1)
+        if rnd.random() < 0.1:
+            text = text.rsplit(":", 2)[0] + ":" + rnd.choice(["1.2.3.4", "255.0.0.1", "1.2.3"])
+        if rnd.random() < 0.05:
+            text += rnd.choice(["%eth0", "%1", "%"])
+        items.append(text + rnd.choice(plens6))
+    # well-formed addresses with host parts zeroed to random prefixes, printed by ipaddress
+    for _ in range(3000):
+        v6 = rnd.random() < 0.6
+        bits = 128 if v6 else 32
+        plen = rnd.randint(0, bits)
+        value = rnd.getrandbits(bits) & ~((1 << (bits - plen)) - 1) if rnd.random() < 0.8 else rnd.getrandbits(bits)
+        if v6 and rnd.random() < 0.5:  # long runs of zeros, ties between runs
+            value &= rnd.choice([0xFFFF0000FFFF00000000FFFFFFFFFFFF, 0xFFFF00000000FFFF00000000FFFF0000, (1 << 48) - 1])
+        addr = ipaddress.ip_address(value) if not v6 else ipaddress.IPv6Address(value)
+        items.append(f"{addr}/{plen}" if rnd.random() < 0.9 else str(addr))
+    return items
+
+
+def _old_parse(item: str) -> str:
+    """What read_network_list accepted before the fast path, and how it printed it."""
+    net = ipaddress.ip_network(item, strict=True)
+    why = policy_mod._unusable(item, net)
+    if why:
+        raise ValueError(why)
+    return str(net)
+
+
+def test_canonical_network_accepts_only_what_ipaddress_accepts_and_prints_it_the_same() -> None:
+    fast_taken = 0
+    for item in _tricky_items():
+        fast = policy_mod.canonical_network(item)
+        if fast is None:
+            continue
+        fast_taken += 1
+        assert fast == _old_parse(item), item
+    assert fast_taken > 2000  # the generated list exercises the fast path, not only the fallback
+
+
+def test_canonical_network_takes_the_usual_spellings() -> None:
+    assert policy_mod.canonical_network("198.18.0.1/32") == "198.18.0.1/32"
+    assert policy_mod.canonical_network("198.18.0.1") == "198.18.0.1/32"
+    assert policy_mod.canonical_network("2001:db8::/32") == "2001:db8::/32"
+    assert policy_mod.canonical_network("2001:db8::1") == "2001:db8::1/128"
+    for left_to_ipaddress in ("1.2.3.4/24", "1.2.3.4/032", "01.2.3.4", "2001:DB8::/32", "::ffff:1.2.3.4",
+                              "fe80::1%eth0", "::/0", "1.2.3.0/255.255.255.0"):
+        assert policy_mod.canonical_network(left_to_ipaddress) is None, left_to_ipaddress
+
+
+def _old_read(path: Path, lines: list[str]) -> tuple[str, ...] | str:
+    """read_network_list as it was before the fast path: its networks, or its error message."""
+    nets: list[str] = []
+    bad: list[str] = []
+    for lineno, item in enumerate(lines, 1):
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as exc:
+            bad.append(f"{path}:{lineno}: {item!r} is not a network or address ({exc})")
+            continue
+        why = policy_mod._unusable(item, net)
+        if why:
+            bad.append(f"{path}:{lineno}: {why}")
+            continue
+        nets.append(str(net))
+    if bad:
+        return "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more bad lines)" if len(bad) > 3 else "")
+    return tuple(dict.fromkeys(nets))
+
+
+def test_list_file_accepts_refuses_and_words_errors_as_before(tmp_path: Path) -> None:
+    # One line each, as read_network_list sees it (no comment, stripped, encodable).
+    items = [i for i in _tricky_items() if i and "#" not in i and i == i.strip() and len(i.splitlines()) == 1
+             and "\udcff" not in i]
+    chunks: list[list[str]] = [[]]
+    bad_in_chunk = 0
+    for item in items:  # at most three bad lines a file: the message names each of them
+        bad = isinstance(_old_read(tmp_path, [item]), str)
+        if bad and bad_in_chunk == 3:
+            chunks.append([])
+            bad_in_chunk = 0
+        chunks[-1].append(item)
+        bad_in_chunk += bad
+    path = tmp_path / "list.txt"
+    for chunk in chunks:
+        path.write_text("\n".join(chunk) + "\n")
+        want = _old_read(path, chunk)
+        if isinstance(want, str):
+            with pytest.raises(ValueError) as err:
+                policy_mod.read_network_list(path)
+            assert str(err.value) == want
+        else:
+            assert policy_mod.read_network_list(path) == want
