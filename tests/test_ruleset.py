@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -338,6 +341,20 @@ def test_ruleset_digest_covers_resolvers_and_resolved_addresses() -> None:
     other_addr = _build(policy, facts=Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.12",)}))
     other_dns = _build(policy, facts=Facts(resolvers=RESOLVERS[:1], hosts={"api.test": ("203.0.113.10",)}))
     assert len({base.digest(), other_addr.digest(), other_dns.digest()}) == 3
+
+
+def test_ruleset_digest_is_the_sha256_of_the_asdict_json_as_before() -> None:
+    # The digest is read by people and tools across versions: the same ruleset, the same digest.
+    sets = {"allow": [{"cidr": f"198.18.0.{i}/32", "ports": [443]} for i in range(20)]
+            + [{"cidr": f"2001:db8:{i}::/48", "protocol": "udp"} for i in range(20)]}
+    hosts = Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.10", "2001:db8::10")})
+    for rs in (_build(), _build(BROAD), _build(lockdown=True), _build(sets),
+               _build({"allow": [{"host": "api.test", "ports": [80, 443]}], "loopback": [22]}, facts=hosts)):
+        data: list[object] = [dataclasses.asdict(t) for t in rs.tables]
+        if rs.sets:
+            data.append([dataclasses.asdict(s) for s in rs.sets])
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        assert rs.digest() == "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
 def test_rule_count_counts_every_owned_rule() -> None:
