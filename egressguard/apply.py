@@ -1,4 +1,5 @@
-"""The apply sequence: preflight, lockdown first, resolve, commit, read back, status. Fails closed."""
+"""The apply sequence: preflight, deny first (fence, lockdown), resolve, commit, read back, status.
+Fails closed."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class Outcome:
     ruleset: Ruleset | None = None
     resolution: facts_mod.Resolution | None = None
     resolvers: tuple[str, ...] = ()
-    lockdown_first: bool = False
+    lockdown_first: bool = False  # a lockdown was committed before the policy
+    fence_first: bool = False  # the routing fence held the confined uids while the policy went in
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def status(self, state: str, exit_code: int, error: str | None = None) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class Outcome:
             if rs
             else {},
             "lockdown_first": self.lockdown_first,
+            "fence_first": self.fence_first,
             "netns": _netns_id(),  # lets `probe` in another container tell it shares this namespace
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
         }
@@ -137,26 +140,37 @@ def apply(
         lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True)
     with namespace_lock():
         with clock("read_before"):
-            out.lockdown_first = not guarded(backend.read())
-        if out.lockdown_first:
-            # Deny first: nothing guarded yet, so lock down before anything slow or fallible. The
-            # fence closes both families in one system call; the lockdown is one commit per family.
-            with clock("lockdown"):
-                _raise_fence(policy)
-                backend.commit(lockdown)
-            log.info("lockdown_committed", rules=lockdown.rule_count())
+            first = not guarded(backend.read())
+        holding_fence = False
+        if first:
+            # Deny first: nothing guarded yet, so close the confined uids' egress before anything
+            # slow or fallible. The fence closes both families in one system call.
+            with clock("fence_raise"):
+                fenced = _raise_fence(policy)
+            if fenced and not hosts_of(policy):
+                # Nothing to resolve: the fence holds while the policy itself goes in, so no
+                # separate lockdown commit is needed (the fault suite kills apply at every step).
+                holding_fence = out.fence_first = True
+            else:
+                # apply must query DNS (which the fence would refuse under `confine: all`), or the
+                # kernel has no fence: the lockdown ruleset (DNS, loopback, replies) comes first.
+                with clock("lockdown"):
+                    backend.commit(lockdown)
+                out.lockdown_first = True
+                log.info("lockdown_committed", rules=lockdown.rule_count())
         try:
-            with clock("fence"):
-                lowered = fence.lower_fence()  # also one a killed apply left behind
-            if lowered:
-                log.debug("fence_lowered", rules=lowered)
+            if not holding_fence:
+                with clock("fence"):
+                    lowered = fence.lower_fence()  # also one a killed apply left behind
+                if lowered:
+                    log.debug("fence_lowered", rules=lowered)
             with clock("resolve"):
                 try:
                     out.resolution = facts_mod.resolve_hosts(
                         hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
                     )
                 except ApplyFailed:
-                    if out.lockdown_first:
+                    if out.lockdown_first or holding_fence:
                         raise
                     # The policy in force may refuse this process's own queries (it confines root,
                     # and the resolvers changed); this lockdown lets them through. Once more:
@@ -172,6 +186,11 @@ def apply(
             with clock("commit"):
                 backend.commit(ruleset)
             log.info("rules_committed", rules=ruleset.rule_count(), digest=ruleset.digest())
+            if holding_fence:
+                with clock("fence"):
+                    lowered = fence.lower_fence()  # both families hold the policy now
+                holding_fence = False
+                log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
                 diffs = differences(ruleset, backend.read())
             if diffs:
@@ -182,19 +201,21 @@ def apply(
                     status_mod.write(status_path, out.status("policy", 0))
             return out
         except BaseException as exc:
-            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc)
+            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding_fence)
             raise
 
 
-def _raise_fence(policy: Policy) -> None:
+def _raise_fence(policy: Policy) -> bool:
+    """True if the fence is up for every confined uid in both families."""
     try:
         added = fence.raise_fence(policy)
     except (OSError, ApplyFailed) as exc:
         # Without it the lockdown still comes first, but a SIGKILL between its two per-family
         # commits could leave the second family unguarded (the apply then exits non-zero).
         log.warning("fence_unavailable", error=str(exc))
-        return
+        return False
     log.debug("fence_raised", rules=added, uids=fence.describe(fence.uid_ranges(policy)))
+    return True
 
 
 def _report_resolution(res: facts_mod.Resolution) -> None:
@@ -207,14 +228,22 @@ def _report_resolution(res: facts_mod.Resolution) -> None:
 
 
 def _fall_back_to_lockdown(
-    backend: Backend, lockdown: Ruleset, out: Outcome, status_path: Path | None, exc: BaseException
+    backend: Backend, lockdown: Ruleset, out: Outcome, status_path: Path | None, exc: BaseException,
+    holding_fence: bool,
 ) -> None:
     code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
     try:
         backend.commit(lockdown)
         log.warning("lockdown_committed", reason=type(exc).__name__)
     except Exception as again:  # noqa: BLE001 - the original error is what gets reported
+        # A fence this apply raised stays up: the confined uids reach nothing but loopback.
         log.error("lockdown_failed", error=str(again))
+    else:
+        if holding_fence:  # the lockdown holds both families now
+            try:
+                fence.lower_fence()
+            except Exception as again:  # noqa: BLE001 - a fence left up only refuses more
+                log.warning("fence_not_lowered", error=str(again))
     if status_path is not None:
         try:
             status_mod.write(status_path, out.status("lockdown", code, error=str(exc)))

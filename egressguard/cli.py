@@ -144,7 +144,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = apply_mod.apply(loaded.policy, loaded.source, _backend(), None if args.no_status else args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
-             lockdown_first=out.lockdown_first, timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
+             lockdown_first=out.lockdown_first, fence_first=out.fence_first, timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
     args._summary = {"policy_digest": out.policy_digest, "backend": out.backend,
                      "rules": out.ruleset.rule_count() if out.ruleset else 0}
     return 0

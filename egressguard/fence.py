@@ -1,12 +1,13 @@
 """The routing fence: FIB `prohibit` rules for the confined uids in both families, added in ONE
-system call, held only while the first lockdown is committed.
+system call, held only while a first apply makes its first commits.
 
-x_tables has one commit per family, so no single commit can lock IPv4 and IPv6 down together: a
+x_tables has one commit per family, so no single commit can close IPv4 and IPv6 together: a
 SIGKILL between the two would leave the second family unguarded. Two netlink messages sent in one
 sendmsg() are processed by the kernel before the call returns, and a signal cannot split a system
-call, so the fence closes both families at once; the per-family lockdown commits follow, and the
-fence is lowered afterwards. A fence left by a killed apply only refuses more (local traffic still
-works: the `local` table is consulted before it), and the next apply or `reset` removes it.
+call, so the fence closes both families at once; the per-family commits (the policy itself, or the
+lockdown when apply must resolve names first) follow, and the fence is lowered afterwards. A fence
+left by a killed apply only refuses more (local traffic still works: the `local` table is consulted
+before it), and the next apply or `reset` removes it.
 
 We speak rtnetlink directly (a few fixed-size structs) rather than through pyroute2, whose import
 costs ~0.25 s here, on the cold-start path of every first apply.

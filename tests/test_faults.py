@@ -5,6 +5,7 @@ apply must always restore exactly the policy."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -40,14 +41,25 @@ POLICY_B = {
 # Allowed by neither policy: a confined probe must never reach the world there.
 OUTSIDE = (("tcp", "203.0.113.12", 22), ("tcp", "203.0.113.12", 80), ("udp", "192.0.2.10", 9999),
            ("tcp", "2001:db8:2::12", 22), ("tcp", "2001:db8:2::12", 443), ("udp", "2001:db8:2::12", 9999))
-NAMED_POINTS = (
-    "fence:raise:before", "fence:raise:after", "lockdown:start", "lockdown:ipv4:filter:before", "lockdown:ipv4:filter:after", "lockdown:ipv4:committed",
-    "lockdown:ipv6:filter:before", "lockdown:ipv6:filter:after", "lockdown:done", "fence:lower:before",
-    "fence:lower:after", "resolve",
+_POLICY_POINTS = (
     "policy:start", "policy:ipv4:filter:before", "policy:ipv4:filter:after", "policy:ipv4:nat:before",
     "policy:ipv4:nat:after", "policy:ipv4:committed", "policy:ipv6:filter:before", "policy:ipv6:filter:after",
-    "policy:ipv6:nat:after", "policy:done", "verify", "status",
+    "policy:ipv6:nat:after", "policy:done",
 )
+# A first apply of A (nothing to resolve) holds the routing fence while the policy goes in; one of B
+# (a host entry, so apply must query DNS) commits the lockdown first and lowers the fence before resolving.
+FIRST_APPLY_POINTS = {
+    "A": ("fence:raise:before", "fence:raise:after", "resolve", *_POLICY_POINTS, "fence:lower:before",
+          "fence:lower:after", "verify", "status"),
+    "B": ("fence:raise:before", "fence:raise:after", "lockdown:start", "lockdown:ipv4:filter:before",
+          "lockdown:ipv4:filter:after", "lockdown:ipv4:committed", "lockdown:ipv6:filter:before",
+          "lockdown:ipv6:filter:after", "lockdown:done", "fence:lower:before", "fence:lower:after", "resolve",
+          *_POLICY_POINTS, "verify", "status"),
+}
+# Killed here, IPv4 holds the first ruleset and IPv6 nothing yet: the fence must hold IPv6.
+BETWEEN_THE_FAMILIES = {"A": ("policy:ipv4:committed", "policy:ipv6:filter:before"),
+                        "B": ("lockdown:ipv4:committed", "lockdown:ipv6:filter:before")}
+REAPPLY_POINTS = ("fence:lower:before", "fence:lower:after", "resolve", *_POLICY_POINTS, "verify", "status")
 EMPTY_TABLES = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
                 "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
 
@@ -115,8 +127,8 @@ class Bed:
             _tally["before_first_change"] += 1  # killed before its first kernel change: nothing to hold
             return
         if families != {4, 6}:
-            # Killed during the first lockdown: the routing fence, raised for both families in one
-            # system call before it, holds whatever family the lockdown has not reached yet.
+            # Killed during a first apply's first commits: the routing fence, raised for both families
+            # in one system call before them, holds whatever family they have not reached yet.
             assert fresh and fenced, f"{what}: guarded families {families}, fence up: {fenced}"
             _tally["fenced"] += 1
         leaks = self.escapes({4, 6})
@@ -147,20 +159,36 @@ def _kill_at_point(bed: Bed, point: str, victim: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("point", NAMED_POINTS)
-def test_sigkill_at_named_point_of_a_first_apply(bed: Bed, point: str) -> None:
+@pytest.mark.parametrize(("victim", "point"), [(v, p) for v, points in FIRST_APPLY_POINTS.items() for p in points])
+def test_sigkill_at_named_point_of_a_first_apply(bed: Bed, victim: str, point: str) -> None:
     bed.blank()
-    if not _kill_at_point(bed, point, "A"):
+    if not _kill_at_point(bed, point, victim):
         pytest.fail(f"{point} is on every first apply's path but did not fire")
     _tally["named"] += 1
-    what = f"first apply killed at {point}"
-    if point == "lockdown:ipv4:committed" or point.startswith("lockdown:ipv6:filter:before"):
+    what = f"first apply of {victim} killed at {point}"
+    if point in BETWEEN_THE_FAMILIES[victim]:
         assert bed.guarded_families() == {4} and bed.fenced()  # between the families: the fence holds IPv6
     bed.check_after_kill(fresh=True, what=what)
-    bed.restore_and_check("A", what)
+    bed.restore_and_check(victim, what)
 
 
-@pytest.mark.parametrize("point", [p for p in NAMED_POINTS if not p.startswith(("lockdown", "fence:raise"))])
+def test_a_first_apply_without_host_entries_commits_no_separate_lockdown(bed: Bed) -> None:
+    """The fence holds the confined uids while the policy goes in: one commit per table, not two."""
+    bed.blank()
+    done = subprocess.run(bed.argv("A"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "lockdown_committed" not in done.stderr
+    st = json.loads(bed.lab.status_file.read_text())
+    assert st["fence_first"] is True and st["lockdown_first"] is False
+    assert not bed.fenced()
+    bed.blank()
+    done = subprocess.run(bed.argv("B"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "lockdown_committed" in done.stderr  # B must resolve a name first
+    assert json.loads(bed.lab.status_file.read_text())["lockdown_first"] is True
+
+
+@pytest.mark.parametrize("point", REAPPLY_POINTS)
 def test_sigkill_at_named_point_of_a_reapply(bed: Bed, point: str) -> None:
     bed.blank()
     assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
@@ -312,5 +340,5 @@ def _report(figures: list[str]) -> Any:
             f"faults: {kills} SIGKILLs ({_tally['named']} at named points, {_tally['timed']} timed), "
             f"{_tally['escapes']} escapes beyond lockdown + policies, exact policy restored {_tally['restored']} times; "
             f"{_tally['before_first_change']} kills came before the first kernel change, {_tally['fenced']} during "
-            f"the first lockdown (held by the routing fence until both families were locked down)"
+            f"a first apply's first commits (held by the routing fence until both families were guarded)"
         )
