@@ -472,8 +472,9 @@ def _decode(x: Any) -> Rule:
     fields["protocol"] = {"icmpv6": "ipv6-icmp", "ip": None, "all": None, "0": None, None: None}.get(proto, proto)
     unknown: list[str] = []
     for m in x.matches:
-        p = {k: [v for v in vals if v != "!"] for k, vals in m.get_all_parameters().items()}
-        neg = any("!" in vals for vals in m.get_all_parameters().values())
+        raw = m.get_all_parameters()  # each call runs the extension's save() and a shlex parse
+        p = {k: [v for v in vals if v != "!"] for k, vals in raw.items()}
+        neg = any("!" in vals for vals in raw.values())
         one = {k: v[0] if v else "" for k, v in p.items()}
         if m.name == "owner" and set(one) == {"uid-owner"}:
             fields["uid"] = ("!" if neg else "") + one["uid-owner"]
