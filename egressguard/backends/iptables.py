@@ -279,6 +279,7 @@ class IptablesBackend(Backend):
         return referenced_sets
 
     def _encode(self, family: Family, r: Rule) -> Any:
+        # set_parameter() is what attribute assignment (m.uid_owner = ...) does, minus a dir() per call
         iptc = self.iptc
         x = iptc.Rule6() if family == 6 else iptc.Rule()
         if r.dst:
@@ -288,33 +289,33 @@ class IptablesBackend(Backend):
         if r.protocol:
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
-            x.create_match("owner").uid_owner = r.uid
+            x.create_match("owner").set_parameter("uid-owner", r.uid)
         if r.ctstate or r.ctdir or r.ctorigdst:
             m = x.create_match("conntrack")
             if r.ctstate:
-                m.ctstate = r.ctstate
+                m.set_parameter("ctstate", r.ctstate)
             if r.ctorigdst:
-                m.ctorigdst = r.ctorigdst
+                m.set_parameter("ctorigdst", r.ctorigdst)
             if r.ctorigdstport is not None:
-                m.ctorigdstport = str(r.ctorigdstport)
+                m.set_parameter("ctorigdstport", str(r.ctorigdstport))
             if r.ctdir:
-                m.ctdir = r.ctdir
+                m.set_parameter("ctdir", r.ctdir)
         if r.hoplimit is not None:
-            x.create_match("hl").hl_eq = str(r.hoplimit)
+            x.create_match("hl").set_parameter("hl-eq", str(r.hoplimit))
         if r.icmp6_type:
-            x.create_match("icmp6").icmpv6_type = r.icmp6_type
+            x.create_match("icmp6").set_parameter("icmpv6-type", r.icmp6_type)
         if len(r.dports) == 1:
-            x.create_match(r.protocol or "tcp").dport = str(r.dports[0])
+            x.create_match(r.protocol or "tcp").set_parameter("dport", str(r.dports[0]))
         elif r.dports:
-            x.create_match("multiport").dports = ",".join(map(str, r.dports))
+            x.create_match("multiport").set_parameter("dports", ",".join(map(str, r.dports)))
         if r.match_set:
-            x.create_match("set").match_set = [r.match_set, "dst"]
-        x.create_match("comment").comment = r.comment
+            x.create_match("set").set_parameter("match-set", [r.match_set, "dst"])
+        x.create_match("comment").set_parameter("comment", r.comment)
         t = x.create_target(r.target)
         if r.reject_with:
-            t.reject_with = r.reject_with
+            t.set_parameter("reject-with", r.reject_with)
         if r.to_ports is not None:
-            t.to_ports = str(r.to_ports)
+            t.set_parameter("to-ports", str(r.to_ports))
         return x
 
     # -- read back ---------------------------------------------------------------------------
