@@ -116,6 +116,11 @@ class AddressSet:
         return lines + [f"add {self.name} {m}" for m in self.members]
 
 
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_SLASH = tuple(f"/{n}" for n in range(129))  # "/24": formatted once, not per member
+_BYTE = tuple(bytes([n]) for n in range(129))
+
+
 def parse_member(member: str) -> tuple[bytes, int]:
     """A network as (packed network address, prefix length); '198.51.100.7' means /32."""
     addr, _, plen = member.partition("/")
@@ -124,18 +129,30 @@ def parse_member(member: str) -> tuple[bytes, int]:
 
 
 def format_member(packed: bytes, prefixlen: int) -> str:
-    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed) + f"/{prefixlen}"
+    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed) + _SLASH[prefixlen]
 
 
 def canonical_members(members: Iterable[tuple[bytes, int]]) -> tuple[str, ...]:
-    """Sorted, unique, printed the way the kernel read-back prints them (inet_ntop): cheap for
-    100,000 networks, where `ipaddress` objects would cost more than the kernel work."""
-    return tuple(format_member(p, n) for p, n in sorted(set(members), key=lambda m: (len(m[0]), m[0], m[1])))
+    """Sorted (IPv4 first, then by address and prefix length), unique, printed the way the kernel
+    read-back prints them (inet_ntop): cheap for 100,000 networks, where `ipaddress` objects
+    would cost more than the kernel work."""
+    # Sorted as one bytes object each (address, then prefix length as a byte): a comparison is
+    # one memcmp, where (bytes, int) tuples take several calls (the kernel lists in hash order).
+    ordered = sorted({p + _BYTE[n] for p, n in members})
+    if len({len(k) for k in ordered}) > 1:
+        ordered.sort(key=len)  # stable: IPv4 first, each family still in order
+    ntop, slash, af4, af6 = socket.inet_ntop, _SLASH, socket.AF_INET, socket.AF_INET6
+    return tuple([ntop(af6 if len(k) == 17 else af4, k[:-1]) + slash[k[-1]] for k in ordered])
 
 
 def address_set(family: Family, members: Iterable[str]) -> AddressSet:
-    """The set holding `members` (strict networks), named after them."""
-    ordered = canonical_members(parse_member(m) for m in members)
+    """The set holding `members` (strict networks of `family`), named after them."""
+    pton, af, bits = socket.inet_pton, _AF[family], 32 if family == 4 else 128
+    parsed = []
+    for m in members:
+        addr, _, plen = m.partition("/")
+        parsed.append((pton(af, addr), int(plen) if plen else bits))
+    ordered = canonical_members(parsed)
     digest = hashlib.sha256(f"{family}\n{chr(10).join(ordered)}".encode()).hexdigest()
     keep = _SET_NAME_MAX - len(SET_PREFIX) - len(f"{family}-") - len(SET_STAGING_SUFFIX)
     return AddressSet(name=f"{SET_PREFIX}{family}-{digest[:keep]}", family=family, members=ordered)
@@ -250,10 +267,12 @@ def _refuse(policy_action: str, family: Family, comment: str, **match: object) -
 
 def _entry_nets(entry: AllowEntry | DenyEntry, facts: Facts, family: Family) -> list[str]:
     if entry.host is not None:
-        nets = [_host_net(a) for a in facts.hosts.get(entry.host, ())]
+        nets: Iterable[str] = [_host_net(a) for a in facts.hosts.get(entry.host, ())]
     else:
-        nets = list(entry.networks)
-    return [n for n in nets if _family(n) == family]
+        nets = entry.networks
+    if family == 6:
+        return [n for n in nets if ":" in n]  # what _family says, inline: lists run to 100,000
+    return [n for n in nets if ":" not in n]
 
 
 def _match_rules(action: str, family: Family, comment: str, target: str | None, **match: object) -> list[Rule]:
@@ -289,25 +308,26 @@ def _list_rules(
     for i, entry in enumerate(entries):
         key = (_protocol(entry.protocol, family), tuple(sorted(set(entry.ports))) if entry.ports else ())
         nets = _entry_nets(entry, facts, family)
-        per_entry.append((i, entry, key, nets))
-        settable = sum(1 for n in nets if not n.endswith("/0"))  # hash:net cannot hold /0
+        everywhere = [n for n in nets if n.endswith("/0")]  # hash:net cannot hold /0
+        per_entry.append((i, entry, key, nets, everywhere))
+        settable = len(nets) - len(everywhere)
         if settable:
             groups.setdefault(key, []).append(i)
             counts[key] = counts.get(key, 0) + settable
     big = {key for key, n in counts.items() if n >= SET_THRESHOLD}
     members: dict[tuple[str | None, tuple[int, ...]], list[str]] = {key: [] for key in big}
-    for _i, _entry, key, nets in per_entry:
+    for _i, _entry, key, nets, everywhere in per_entry:
         if key in big:
-            members[key] += [n for n in nets if not n.endswith("/0")]
+            members[key] += [n for n in nets if not n.endswith("/0")] if everywhere else nets
     sets = {key: address_set(family, nets) for key, nets in members.items()}
     rules: list[Rule] = []
-    for i, entry, key, nets in per_entry:
+    for i, entry, key, nets, everywhere in per_entry:
         if key in big:
             if groups[key][0] == i:
                 for group in _port_groups(list(key[1]) or None):
                     match = {"match_set": sets[key].name, "protocol": key[0], "dports": group}
                     rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
-            nets = [n for n in nets if n.endswith("/0")]
+            nets = everywhere
         for net in nets:
             for group in _port_groups(entry.ports):
                 dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"

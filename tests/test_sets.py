@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import random
+import socket
 from typing import Any
 
 from egressguard.backends import Installed
 from egressguard.policy import validate
-from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, render
+from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, render
 from egressguard.verify import differences
 
 
@@ -109,3 +112,22 @@ def test_verify_reports_a_set_missing_members() -> None:
     diffs = differences(rs, Installed(tables=tables, sets=(short,)))
     assert diffs == [f"set {st.name}: 19 members, expected 20 (1 missing, 0 unexpected)"]
     assert differences(rs, Installed(tables=tables)) == [f"set {st.name}: missing"]
+
+
+def test_canonical_members_sorts_like_ipaddress_and_prints_like_inet_ntop() -> None:
+    rnd = random.Random(7)
+    nets = [ipaddress.ip_network(n) for n in ("0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1", "::/128", "::1/128",
+                                              "::1.2.3.4/128", "255.255.255.255/32", "198.51.100.0/24", "198.51.100.0/25")]
+    for _ in range(3000):
+        bits = rnd.choice((32, 128))
+        plen = rnd.randint(1, bits)
+        value = rnd.getrandbits(bits) & ~((1 << (bits - plen)) - 1)
+        nets.append(ipaddress.ip_network((value, plen)) if bits == 32 else ipaddress.IPv6Network((value, plen)))
+    members = [(n.network_address.packed, n.prefixlen) for n in nets] * 2  # duplicates, in no order
+    rnd.shuffle(members)
+    ordered = sorted(set(nets), key=lambda n: (n.version, n.network_address, n.prefixlen))
+    want = tuple(socket.inet_ntop(socket.AF_INET6 if n.version == 6 else socket.AF_INET, n.network_address.packed)
+                 + f"/{n.prefixlen}" for n in ordered)
+    assert canonical_members(members) == want
+    v4 = [n for n in ordered if n.version == 4]
+    assert address_set(4, [str(n) for n in reversed(v4)]).members == tuple(str(n) for n in v4)
