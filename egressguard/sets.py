@@ -82,10 +82,21 @@ def _str(kind: int, value: str) -> bytes:
     return _attr(kind, value.encode() + b"\0")
 
 
+# One hash:net element, DATA{IP{IPADDR_V4/V6 address}, CIDR prefix length}, by address size: its
+# attribute headers (length, kind) as one struct with the address and prefix length.
+_ELEMENT = {size: struct.Struct(f"=HHHHHH{size}sHHB3x") for size in (4, 16)}
+_ELEMENT_HEAD = {
+    size: (20 + size, ATTR_DATA | NLA_F_NESTED, 8 + size, DATA_IP | NLA_F_NESTED, 4 + size,
+           (IPADDR_V6 if size == 16 else IPADDR_V4) | NLA_F_NET_BYTEORDER)
+    for size in (4, 16)
+}
+_CIDR_HEAD = (5, DATA_CIDR | NLA_F_NET_BYTEORDER)
+
+
 def _element(packed: bytes, prefixlen: int) -> bytes:
-    kind = IPADDR_V6 if len(packed) == 16 else IPADDR_V4
-    ip = _nest(DATA_IP, _attr(kind, packed, NLA_F_NET_BYTEORDER))
-    return _nest(ATTR_DATA, ip, _attr(DATA_CIDR, struct.pack("B", prefixlen), NLA_F_NET_BYTEORDER))
+    """The element as one struct: the same bytes as nesting _attr()s, a fraction of the calls."""
+    size = len(packed)
+    return _ELEMENT[size].pack(*_ELEMENT_HEAD[size], packed, *_CIDR_HEAD, prefixlen)
 
 
 def _attrs(buf: bytes) -> Iterator[tuple[int, bytes]]:
@@ -185,7 +196,7 @@ class Ipsets:
                     if kind == ATTR_FAMILY:
                         family = {2: 4, 10: 6}.get(value[0], 0)
                     elif kind == ATTR_ADT:
-                        found += [_decode_element(d) for k, d in _attrs(value) if k == ATTR_DATA]
+                        found += _decode_elements(value)
         except IpsetError as exc:
             if exc.code == errno.ENOENT:
                 return None
@@ -304,6 +315,31 @@ class Ipsets:
                 elif exc.code != errno.ENOENT:
                     raise
         return busy
+
+
+_KIND = 0x3FFF  # an attribute kind without its flags
+# What the kernel lists for a hash:net element, by the length of its DATA attribute: the lengths and
+# kinds (without flags) of DATA, IP, the address and CIDR; then the address and the prefix length.
+_LISTED = {
+    20 + size: (_ELEMENT[size], (20 + size, ATTR_DATA, 8 + size, DATA_IP, 4 + size, IPADDR_V6 if size == 16 else IPADDR_V4, 5, DATA_CIDR))
+    for size in (4, 16)
+}
+
+
+def _decode_elements(adt: bytes) -> list[tuple[bytes, int]]:
+    """(address, prefix length) of every element in an ADT attribute. Elements all shaped as
+    hash:net lists them are unpacked by one struct; anything else takes the attribute walk."""
+    listed = _LISTED.get(struct.unpack_from("=H", adt)[0]) if len(adt) >= 4 else None  # by the first one's length
+    if listed is not None and len(adt) % listed[0].size == 0:
+        layout, head = listed
+        out = []
+        for l1, k1, l2, k2, l3, k3, addr, l4, k4, plen in layout.iter_unpack(adt):
+            if (l1, k1 & _KIND, l2, k2 & _KIND, l3, k3 & _KIND, l4, k4 & _KIND) != head:
+                break
+            out.append((addr, plen))
+        else:
+            return out
+    return [_decode_element(d) for k, d in _attrs(adt) if k == ATTR_DATA]
 
 
 _V4_ELEMENT = struct.Struct("=HH HH 4s HHB3x")  # IP nest{IPV4 addr}, CIDR: what hash:net lists

@@ -7,9 +7,10 @@ import random
 import socket
 from typing import Any
 
+from egressguard import sets
 from egressguard.backends import Installed
 from egressguard.policy import validate
-from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, render
+from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, parse_member, render
 from egressguard.verify import differences
 
 
@@ -131,3 +132,33 @@ def test_canonical_members_sorts_like_ipaddress_and_prints_like_inet_ntop() -> N
     assert canonical_members(members) == want
     v4 = [n for n in ordered if n.version == 4]
     assert address_set(4, [str(n) for n in reversed(v4)]).members == tuple(str(n) for n in v4)
+
+
+def _nested_element(packed: bytes, prefixlen: int, flags: int = sets.NLA_F_NET_BYTEORDER) -> bytes:
+    """An element built attribute by attribute, as the netlink layout reads."""
+    kind = sets.IPADDR_V6 if len(packed) == 16 else sets.IPADDR_V4
+    ip = sets._nest(sets.DATA_IP, sets._attr(kind, packed, flags))
+    return sets._nest(sets.ATTR_DATA, ip, sets._attr(sets.DATA_CIDR, bytes([prefixlen]), flags))
+
+
+def test_element_encoding_matches_the_attribute_layout() -> None:
+    for member in ("198.51.100.0/24", "0.0.0.1/32", "2001:db8::/32", "2001:db8::1/128", "::/1"):
+        packed, plen = parse_member(member)
+        assert sets._element(packed, plen) == _nested_element(packed, plen), member
+
+
+def test_listed_elements_decode_in_one_pass_or_by_the_attribute_walk() -> None:
+    v4 = [parse_member(f"198.18.{i}.0/{16 + i % 17}") for i in range(40)]
+    v6 = [parse_member(f"2001:db8:{i:x}::/{48 + i}") for i in range(40)]
+    for members in (v4, v6, v4[:1], v6[:1]):
+        listed = b"".join(_nested_element(p, n, flags=0) for p, n in members)  # the kernel sets no flag
+        assert sets._decode_elements(listed) == members
+        assert sets._decode_elements(b"".join(sets._element(p, n) for p, n in members)) == members
+    # a family mix, or an element with another attribute, is still read whole by the walk
+    mixed = b"".join(_nested_element(p, n) for p, n in v4[:3] + v6[:2] + v4[3:5])  # 8 lengths of 24 bytes
+    assert sets._decode_elements(mixed) == v4[:3] + v6[:2] + v4[3:5]
+    packed, plen = v4[0]
+    ip = sets._nest(sets.DATA_IP, sets._attr(sets.IPADDR_V4, packed))
+    odd = sets._nest(sets.ATTR_DATA, ip, sets._attr(sets.DATA_CIDR, bytes([plen])), sets._attr(9, b"\0\0\0\1"))
+    assert sets._decode_elements(sets._element(*v4[1]) + odd) == [v4[1], v4[0]]
+    assert sets._decode_elements(b"") == []
