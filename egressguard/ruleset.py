@@ -132,30 +132,45 @@ def format_member(packed: bytes, prefixlen: int) -> str:
     return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed) + _SLASH[prefixlen]
 
 
-def canonical_members(members: Iterable[tuple[bytes, int]]) -> tuple[str, ...]:
-    """Sorted (IPv4 first, then by address and prefix length), unique, printed the way the kernel
-    read-back prints them (inet_ntop): cheap for 100,000 networks, where `ipaddress` objects
-    would cost more than the kernel work."""
-    # Sorted as one bytes object each (address, then prefix length as a byte): a comparison is
-    # one memcmp, where (bytes, int) tuples take several calls (the kernel lists in hash order).
-    ordered = sorted({p + _BYTE[n] for p, n in members})
+def member_key(packed: bytes, prefixlen: int) -> bytes:
+    """A network as one bytes object, the address then the prefix length: keys sort as the
+    networks do within a family, each comparison one memcmp (tuples take several calls)."""
+    return packed + _BYTE[prefixlen]
+
+
+def canonical_members(members: Mapping[bytes, str | None]) -> tuple[str, ...]:
+    """The networks keyed in `members` (see `member_key`): sorted (IPv4 first, then by address and
+    prefix length), printed the way the kernel read-back prints them (inet_ntop). Cheap for
+    100,000 networks, where `ipaddress` objects would cost more than the kernel work.
+
+    A value is how that network was written: where it is already the canonical text, that string
+    object is kept, so a set's members share their memory with the policy's list.
+    """
+    ordered = sorted(members)
     if len({len(k) for k in ordered}) > 1:
         ordered.sort(key=len)  # stable: IPv4 first, each family still in order
     ntop, slash, af4, af6 = socket.inet_ntop, _SLASH, socket.AF_INET, socket.AF_INET6
-    return tuple([ntop(af6 if len(k) == 17 else af4, k[:-1]) + slash[k[-1]] for k in ordered])
+    out = []
+    for k in ordered:
+        text = ntop(af6 if len(k) == 17 else af4, k[:-1]) + slash[k[-1]]
+        given = members[k]
+        out.append(given if given == text else text)
+    return tuple(out)
 
 
 def address_set(family: Family, members: Iterable[str]) -> AddressSet:
     """The set holding `members` (strict networks of `family`), named after them."""
-    pton, af, bits = socket.inet_pton, _AF[family], 32 if family == 4 else 128
-    parsed = []
+    pton, af, byte = socket.inet_pton, _AF[family], _BYTE
+    whole = byte[32 if family == 4 else 128]  # an address without a prefix length
+    keyed: dict[bytes, str] = {}
     for m in members:
         addr, _, plen = m.partition("/")
-        parsed.append((pton(af, addr), int(plen) if plen else bits))
-    ordered = canonical_members(parsed)
-    digest = hashlib.sha256(f"{family}\n{chr(10).join(ordered)}".encode()).hexdigest()
+        keyed[pton(af, addr) + (byte[int(plen)] if plen else whole)] = m
+    ordered = canonical_members(keyed)
+    digest = hashlib.sha256(f"{family}\n".encode())
+    digest.update("\n".join(ordered).encode())
     keep = _SET_NAME_MAX - len(SET_PREFIX) - len(f"{family}-") - len(SET_STAGING_SUFFIX)
-    return AddressSet(name=f"{SET_PREFIX}{family}-{digest[:keep]}", family=family, members=ordered)
+    return AddressSet(name=f"{SET_PREFIX}{family}-{digest.hexdigest()[:keep]}", family=family, members=ordered)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
-from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, parse_member
+from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, member_key, parse_member
 
 # Wire protocol (linux/netfilter/ipset/ip_set.h). We speak it directly rather than through
 # pyroute2's IPSet: its attribute encoder costs ~0.2 ms per element (2.1 s to fill 10,000 CIDRs
@@ -189,14 +189,15 @@ class Ipsets:
 
     def members(self, name: str) -> tuple[int, tuple[str, ...]] | None:
         """(family, sorted members) of set `name`, or None if there is no such set."""
-        family, found = 0, []
+        family = 0
+        found: dict[bytes, None] = {}  # member_key -> no spelling to keep
         try:
             for block in self._dump(f"list {name}", CMD_LIST, _str(ATTR_SETNAME, name)):
                 for kind, value in _attrs(block):
                     if kind == ATTR_FAMILY:
                         family = {2: 4, 10: 6}.get(value[0], 0)
                     elif kind == ATTR_ADT:
-                        found += _decode_elements(value)
+                        found.update((member_key(p, n), None) for p, n in _decode_elements(value))
         except IpsetError as exc:
             if exc.code == errno.ENOENT:
                 return None

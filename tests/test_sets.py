@@ -10,7 +10,7 @@ from typing import Any
 from egressguard import sets
 from egressguard.backends import Installed
 from egressguard.policy import validate
-from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, parse_member, render
+from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, member_key, parse_member, render
 from egressguard.verify import differences
 
 
@@ -129,7 +129,7 @@ def test_canonical_members_sorts_like_ipaddress_and_prints_like_inet_ntop() -> N
     ordered = sorted(set(nets), key=lambda n: (n.version, n.network_address, n.prefixlen))
     want = tuple(socket.inet_ntop(socket.AF_INET6 if n.version == 6 else socket.AF_INET, n.network_address.packed)
                  + f"/{n.prefixlen}" for n in ordered)
-    assert canonical_members(members) == want
+    assert canonical_members({member_key(p, n): None for p, n in members}) == want
     v4 = [n for n in ordered if n.version == 4]
     assert address_set(4, [str(n) for n in reversed(v4)]).members == tuple(str(n) for n in v4)
 
@@ -162,3 +162,12 @@ def test_listed_elements_decode_in_one_pass_or_by_the_attribute_walk() -> None:
     odd = sets._nest(sets.ATTR_DATA, ip, sets._attr(sets.DATA_CIDR, bytes([plen])), sets._attr(9, b"\0\0\0\1"))
     assert sets._decode_elements(sets._element(*v4[1]) + odd) == [v4[1], v4[0]]
     assert sets._decode_elements(b"") == []
+
+
+def test_set_members_are_printed_as_the_kernel_lists_them_sharing_the_policys_strings() -> None:
+    given = [f"198.18.{i // 256}.{i % 256}/32" for i in range(300, 0, -1)]
+    st = address_set(4, given)
+    assert st.members == tuple(sorted(given, key=lambda n: ipaddress.ip_network(n)))
+    assert {id(m) for m in st.members} <= {id(m) for m in given}  # the same objects, not copies
+    # ipaddress prints ::/96 networks in hex, the kernel (inet_ntop) with an IPv4 tail: the latter
+    assert address_set(6, ["::102:304/128", "2001:db8::/32"]).members == ("::1.2.3.4/128", "2001:db8::/32")
