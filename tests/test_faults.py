@@ -56,7 +56,7 @@ FIRST_APPLY_POINTS = {
           "lockdown:ipv6:filter:after", "lockdown:done", "fence:lower:before", "fence:lower:after", "resolve",
           *_POLICY_POINTS, "verify", "status"),
 }
-# Killed here, IPv4 holds the first ruleset and IPv6 nothing yet: the fence must hold IPv6.
+# Killed here, IPv4 holds the first ruleset and IPv6 perhaps nothing yet: the fence must be up.
 BETWEEN_THE_FAMILIES = {"A": ("policy:ipv4:committed", "policy:ipv6:filter:before"),
                         "B": ("lockdown:ipv4:committed", "lockdown:ipv6:filter:before")}
 REAPPLY_POINTS = ("fence:lower:before", "fence:lower:after", "resolve", *_POLICY_POINTS, "verify", "status")
@@ -167,7 +167,9 @@ def test_sigkill_at_named_point_of_a_first_apply(bed: Bed, victim: str, point: s
     _tally["named"] += 1
     what = f"first apply of {victim} killed at {point}"
     if point in BETWEEN_THE_FAMILIES[victim]:
-        assert bed.guarded_families() == {4} and bed.fenced()  # between the families: the fence holds IPv6
+        # IPv4's commit is in; IPv6's (in its own process, side by side) may or may not be: the
+        # fence holds whatever is not.
+        assert 4 in bed.guarded_families() and bed.fenced()
     bed.check_after_kill(fresh=True, what=what)
     bed.restore_and_check(victim, what)
 

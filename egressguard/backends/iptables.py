@@ -120,13 +120,24 @@ def effective_caps() -> int:
     return 0
 
 
-def _in_child(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` in a forked child and return its result (or raise its exception).
+def _in_children(*calls: tuple[Callable[..., T], Any]) -> list[T]:
+    """Run each (fn, arg) in its own forked child, all at the same time; their results in order.
 
     libxtables keeps per-process state that breaks when one process uses both families
-    (python-iptables #135, #316, #325: "can't find target REDIRECT"), so each family's
-    work runs in its own short-lived process. The child dies with its parent.
+    (python-iptables #135, #316, #325: "can't find target REDIRECT"), so each family's work runs
+    in its own short-lived process; the two run side by side. Every child is waited for before
+    anything is raised (the first error, in call order), so nothing of ours is still writing when
+    the caller goes on, e.g. to a fall-back lockdown. The children die with their parent.
     """
+    started = [_fork(fn, arg) for fn, arg in calls]
+    outcomes = [_collect(pid, r) for pid, r in started]
+    for ok, value in outcomes:
+        if not ok:
+            raise value
+    return [value for _ok, value in outcomes]
+
+
+def _fork(fn: Callable[..., Any], arg: Any) -> tuple[int, int]:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -138,7 +149,7 @@ def _in_child(fn: Callable[..., T], *args: Any) -> T:
             except Exception:  # noqa: BLE001 - best effort
                 pass
             try:
-                payload = (True, fn(*args))
+                payload = (True, fn(*arg))
             except EgressGuardError as exc:
                 payload = (False, exc)
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which maps it
@@ -150,15 +161,16 @@ def _in_child(fn: Callable[..., T], *args: Any) -> T:
         finally:
             os._exit(code)
     os.close(w)
+    return pid, r
+
+
+def _collect(pid: int, r: int) -> tuple[bool, Any]:
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
     _, status = os.waitpid(pid, 0)
     if not data:
-        raise ApplyFailed(f"iptables worker died (status {status})")
-    ok, value = pickle.loads(data)  # noqa: S301 - from our own child
-    if ok:
-        return value
-    raise value
+        return False, ApplyFailed(f"iptables worker died (status {status})")
+    return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 - from our own child
 
 
 class IptablesBackend(Backend):
@@ -200,10 +212,9 @@ class IptablesBackend(Backend):
                 for st in ruleset.sets:  # cross-check: no rule may refer to a set that is not full yet
                     if ipsets.count(st.name) != len(st.members):
                         raise ApplyFailed(f"ipset {st.name}: not complete after filling; rules not committed")
-        referenced_sets = False
-        for family in FAMILIES:
-            tables = [t for t in ruleset.tables if t.family == family]
-            referenced_sets |= _in_child(self._commit_family, family, tables)
+        referenced_sets = any(
+            _in_children(*((self._commit_family, (f, [t for t in ruleset.tables if t.family == f])) for f in FAMILIES))
+        )
         removing_everything = not any(t.chains for t in ruleset.tables)
         if ruleset.sets or referenced_sets or self._sets_touched or removing_everything:
             with Ipsets() as ipsets:
@@ -224,6 +235,13 @@ class IptablesBackend(Backend):
 
     def _commit_table(self, want: Table) -> bool:
         iptc = self.iptc
+        # Encoded before taking the lock, which is then held only to stage and commit; jumps to our
+        # own chains (python-iptables looks their names up in the staged table) only once they exist.
+        ours = {DISPATCH, *OWNED_CHAINS[want.name]}
+        try:
+            encoded = [[None if r.target in ours else self._encode(want.family, r) for r in c.rules] for c in want.chains]
+        except Exception as exc:  # noqa: BLE001 - XTablesError (e.g. a missing extension), ValueError
+            raise _commit_error(want, exc) from None
         last: Exception | None = None
         for attempt in range(COMMIT_ATTEMPTS):
             with xtables_lock():
@@ -235,7 +253,7 @@ class IptablesBackend(Backend):
                         return False  # a table this kernel lacks (e.g. nat) holds nothing of ours
                     raise EnvironmentUnsupported(f"{_tool(want.family)} {want.name} table unavailable: {exc}") from None
                 try:
-                    referenced_sets = self._stage(tbl, want)
+                    referenced_sets = self._stage(tbl, want, encoded)
                     tbl.commit()
                     return referenced_sets
                 except iptc.IPTCError as exc:
@@ -248,8 +266,10 @@ class IptablesBackend(Backend):
             time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
 
-    def _stage(self, tbl: Any, want: Table) -> bool:
-        """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one).
+    def _stage(self, tbl: Any, want: Table, encoded: list[list[Any]]) -> bool:
+        """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one);
+        `encoded` holds want's rules, chain by chain, as python-iptables rules (libiptc copies
+        them), None for a jump to one of our chains (encoded here, once the chains exist).
         True if the chains being replaced matched on sets (which may then be unused)."""
         iptc = self.iptc
         output = iptc.Chain(tbl, "OUTPUT")
@@ -270,10 +290,10 @@ class IptablesBackend(Backend):
         for chain in want.chains:
             if not tbl.is_chain(chain.name):
                 tbl.create_chain(chain.name)
-        for chain in want.chains:
+        for chain, rules in zip(want.chains, encoded, strict=True):
             ch = iptc.Chain(tbl, chain.name)
-            for rule in chain.rules:
-                ch.append_rule(self._encode(want.family, rule))
+            for rule, ready in zip(chain.rules, rules, strict=True):
+                ch.append_rule(ready if ready is not None else self._encode(want.family, rule))
         if want.jump:
             output.insert_rule(self._encode(want.family, want.jump), 0)
         return referenced_sets
@@ -322,8 +342,8 @@ class IptablesBackend(Backend):
 
     def read(self) -> Installed:
         tables: list[InstalledTable] = []
-        for family in FAMILIES:
-            tables += _in_child(self._read_family, family)
+        for found in _in_children(*((self._read_family, (f,)) for f in FAMILIES)):
+            tables += found
         names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules if r.match_set})
         sets: list[AddressSet] = []
         if names:
