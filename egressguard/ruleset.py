@@ -138,23 +138,28 @@ def member_key(packed: bytes, prefixlen: int) -> bytes:
     return packed + _BYTE[prefixlen]
 
 
-def canonical_members(members: Mapping[bytes, str | None]) -> tuple[str, ...]:
-    """The networks keyed in `members` (see `member_key`): sorted (IPv4 first, then by address and
-    prefix length), printed the way the kernel read-back prints them (inet_ntop). Cheap for
+def canonical_members(keys: Iterable[bytes], given: Mapping[bytes, str] | None = None) -> tuple[str, ...]:
+    """The networks of `keys` (see `member_key`): sorted (IPv4 first, then by address and prefix
+    length), unique, printed the way the kernel read-back prints them (inet_ntop). Cheap for
     100,000 networks, where `ipaddress` objects would cost more than the kernel work.
 
-    A value is how that network was written: where it is already the canonical text, that string
-    object is kept, so a set's members share their memory with the policy's list.
+    `given`: how networks were written. Where that is already the canonical text, the same
+    string object is used, so a set's members share their memory with the policy's list.
     """
-    ordered = sorted(members)
+    ordered = sorted(keys)
     if len({len(k) for k in ordered}) > 1:
         ordered.sort(key=len)  # stable: IPv4 first, each family still in order
     ntop, slash, af4, af6 = socket.inet_ntop, _SLASH, socket.AF_INET, socket.AF_INET6
+    spelled = given or {}
     out = []
+    last = None
     for k in ordered:
+        if k == last:
+            continue  # sorted: a repeat follows its first
+        last = k
         text = ntop(af6 if len(k) == 17 else af4, k[:-1]) + slash[k[-1]]
-        given = members[k]
-        out.append(given if given == text else text)
+        same = spelled.get(k)
+        out.append(same if same == text else text)
     return tuple(out)
 
 
@@ -166,7 +171,7 @@ def address_set(family: Family, members: Iterable[str]) -> AddressSet:
     for m in members:
         addr, _, plen = m.partition("/")
         keyed[pton(af, addr) + (byte[int(plen)] if plen else whole)] = m
-    ordered = canonical_members(keyed)
+    ordered = canonical_members(keyed, keyed)
     digest = hashlib.sha256(f"{family}\n".encode())
     digest.update("\n".join(ordered).encode())
     keep = _SET_NAME_MAX - len(SET_PREFIX) - len(f"{family}-") - len(SET_STAGING_SUFFIX)

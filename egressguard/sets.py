@@ -189,15 +189,14 @@ class Ipsets:
 
     def members(self, name: str) -> tuple[int, tuple[str, ...]] | None:
         """(family, sorted members) of set `name`, or None if there is no such set."""
-        family = 0
-        found: dict[bytes, None] = {}  # member_key -> no spelling to keep
+        family, found = 0, []
         try:
             for block in self._dump(f"list {name}", CMD_LIST, _str(ATTR_SETNAME, name)):
                 for kind, value in _attrs(block):
                     if kind == ATTR_FAMILY:
                         family = {2: 4, 10: 6}.get(value[0], 0)
                     elif kind == ATTR_ADT:
-                        found.update((member_key(p, n), None) for p, n in _decode_elements(value))
+                        found += [member_key(p, n) for p, n in _decode_elements(value)]
         except IpsetError as exc:
             if exc.code == errno.ENOENT:
                 return None
