@@ -9,7 +9,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
-from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, member_key, parse_member
+from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, member_key
 
 # Wire protocol (linux/netfilter/ipset/ip_set.h). We speak it directly rather than through
 # pyroute2's IPSet: its attribute encoder costs ~0.2 ms per element (2.1 s to fill 10,000 CIDRs
@@ -91,12 +91,25 @@ _ELEMENT_HEAD = {
     for size in (4, 16)
 }
 _CIDR_HEAD = (5, DATA_CIDR | NLA_F_NET_BYTEORDER)
+# The same element as bytes before the address, and after it for each prefix length.
+_BEFORE = {size: struct.pack("=HHHHHH", *_ELEMENT_HEAD[size]) for size in (4, 16)}
+_AFTER = tuple(struct.pack("=HHB3x", *_CIDR_HEAD, n) for n in range(129))
 
 
 def _element(packed: bytes, prefixlen: int) -> bytes:
     """The element as one struct: the same bytes as nesting _attr()s, a fraction of the calls."""
     size = len(packed)
     return _ELEMENT[size].pack(*_ELEMENT_HEAD[size], packed, *_CIDR_HEAD, prefixlen)
+
+
+def _elements(members: Iterable[str]) -> Iterator[bytes]:
+    """Each member (a network as text) as its `_element`, parsed and encoded inline from
+    precomputed pieces: 10,000 in a few milliseconds."""
+    pton, before, after, af4, af6 = socket.inet_pton, _BEFORE, _AFTER, socket.AF_INET, socket.AF_INET6
+    for m in members:
+        addr, _, plen = m.partition("/")
+        af, size = (af6, 16) if ":" in addr else (af4, 4)
+        yield before[size] + pton(af, addr) + after[int(plen) if plen else size * 8]
 
 
 def _attrs(buf: bytes) -> Iterator[tuple[int, bytes]]:
@@ -250,8 +263,7 @@ class Ipsets:
         head = _str(ATTR_SETNAME, name) + _be32(ATTR_LINENO, 0)
         batch: list[bytes] = []
         size = 0
-        for m in members:
-            e = _element(*parse_member(m))
+        for e in _elements(members):
             batch.append(e)
             size += len(e)
             if size >= _BATCH_BYTES:

@@ -142,9 +142,12 @@ def _nested_element(packed: bytes, prefixlen: int, flags: int = sets.NLA_F_NET_B
 
 
 def test_element_encoding_matches_the_attribute_layout() -> None:
-    for member in ("198.51.100.0/24", "0.0.0.1/32", "2001:db8::/32", "2001:db8::1/128", "::/1"):
+    members = ["198.51.100.7", "2001:db8::1", "::/0", "0.0.0.0/0", "255.255.255.255/32", "ffff::/16"]
+    members += [f"198.51.{n}.0/{n}" for n in range(33)] + [f"2001:db8:{n:x}::/{n}" for n in range(129)]
+    for member in members:
         packed, plen = parse_member(member)
         assert sets._element(packed, plen) == _nested_element(packed, plen), member
+    assert list(sets._elements(members)) == [_nested_element(*parse_member(m)) for m in members]
 
 
 def test_listed_elements_decode_in_one_pass_or_by_the_attribute_walk() -> None:
