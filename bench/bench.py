@@ -193,13 +193,21 @@ def cold_start(runs: int) -> list[tuple[str, float]]:
     eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
     shell = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
     rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
-    imp = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", "import egressguard.cli")))
+    start = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", "pass")))
+    imp = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", IMPORTS_FOR_APPLY)))
     return [
-        ("egressguard apply (default policy, incl. lockdown + verify)", eg),
+        ("egressguard apply (default policy, incl. deny-first fence + read-back)", eg),
         (f"shell script, one iptables call per rule ({calls} calls)", shell),
         ("iptables-restore (both families)", rest),
-        ("  of which: python start + `import egressguard.cli`", imp),
+        ("  of which: python start (`python -c pass`)", start),
+        ("  of which: python start + every import apply needs (structlog, pydantic models, python-iptables)", imp),
     ]
+
+
+# What `apply` imports before its first kernel call: the floor of any apply, whatever the policy.
+IMPORTS_FOR_APPLY = (
+    "import egressguard.cli, egressguard.apply, egressguard.policy, egressguard.backends.iptables as b; b.import_iptc()"
+)
 
 
 def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float, float, str]]:
@@ -277,41 +285,51 @@ def conn_rate(pod: str, dest: str, count: int) -> float:
 
 
 def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float]]:
-    rows = []
+    """Every configuration gets its own pod/world pair, set up once: a namespace never carries state
+    from another row (a legacy nat table, once used, keeps its per-connection NAT set-up even after
+    its rules are gone). The rows are measured in rounds, one run of each per round, so drift in
+    the machine's load spreads over all of them alike."""
     dest = list_addresses(2)[-1]
-    with pod_and_world() as (pod, world):
-        sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
-        sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
-        server = subprocess.Popen(["ip", "netns", "exec", world, sys.executable, "-c", SERVER, dest, "5000"],
-                                  stdout=subprocess.PIPE, text=True)
-        try:
+    tracked = "iptables-legacy -A INPUT -m conntrack --ctstate INVALID -j DROP"
+    configs: list[tuple[str, Callable[[str], None]]] = [
+        ("no guard", lambda pod: None),
+        # egressguard needs connection tracking (replies, DNS by original destination). In a real
+        # Docker or Kubernetes pod it is on anyway (NAT, kube-proxy); here an idle rule switches it on.
+        ("no guard, connection tracking on", lambda pod: sh(*tracked.split(), ns=pod)),
+        # What any `redirect` costs before a single rule is walked: NAT set-up for each new connection.
+        ("no guard, connection tracking + an idle nat rule", lambda pod: (
+            sh(*tracked.split(), ns=pod),
+            sh("iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "1", "-j", "RETURN", ns=pod))),
+    ]
+    for n in sizes:
+        configs.append((f"egressguard, default (redirect: nat) + {n:,} entries (kernel set), dest last",
+                        lambda pod, n=n: eg_apply(pod, write_policy(n, True))))
+        configs.append((f"egressguard, no redirect (no nat) + {n:,} entries (kernel set), dest last",
+                        lambda pod, n=n: eg_apply(pod, write_policy(n, False))))
+        rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
+        linear = ("*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
+                  f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n")
+        configs.append((f"linear chain, {n:,} rules, dest last",
+                        lambda pod, text=linear: sh("iptables-legacy-restore", "-n", ns=pod, input=text)))
+    rates: dict[str, list[float]] = {name: [] for name, _ in configs}
+    with contextlib.ExitStack() as stack:
+        pods = []
+        for name, setup in configs:
+            pod, world = stack.enter_context(pod_and_world())
+            sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
+            sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
+            server = subprocess.Popen(["ip", "netns", "exec", world, sys.executable, "-c", SERVER, dest, "5000"],
+                                      stdout=subprocess.PIPE, text=True)
+            stack.callback(server.wait)
+            stack.callback(server.kill)
             assert server.stdout and server.stdout.readline().startswith("ready")
+            setup(pod)
             conn_rate(pod, dest, 200)  # warm up
-            rows.append(("no guard", median_of(runs, lambda: conn_rate(pod, dest, count))))
-            # egressguard needs connection tracking (replies, DNS by original destination). In a real
-            # Docker or Kubernetes pod it is on anyway (NAT, kube-proxy); here it is switched on by an
-            # idle rule, so this row shows what the guard's own rules cost on top of it.
-            sh("iptables-legacy", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP", ns=pod)
-            rows.append(("no guard, connection tracking on", median_of(runs, lambda: conn_rate(pod, dest, count))))
-            sh("iptables-legacy", "-D", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP", ns=pod)
-            for n in sizes:
-                for redirect in (True, False):
-                    eg_apply(pod, write_policy(n, redirect))
-                    label = "default + " if redirect else "no redirect (no nat), "
-                    rows.append((f"egressguard, {label}{n:,} entries (kernel set), dest last",
-                                 median_of(runs, lambda: conn_rate(pod, dest, count))))
-                    sh(*EG, "reset", "--status-file", str(TMP / "status.json"), ns=pod)
-                rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
-                sh("iptables-legacy-restore", "-n", ns=pod, input=(
-                    "*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
-                    f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n"))
-                rows.append((f"linear chain, {n:,} rules, dest last",
-                             median_of(runs, lambda: conn_rate(pod, dest, count))))
-                sh("iptables-legacy-restore", ns=pod, input="*filter\n:INPUT ACCEPT\n:FORWARD ACCEPT\n:OUTPUT ACCEPT\nCOMMIT\n")
-        finally:
-            server.kill()
-            server.wait()
-    return rows
+            pods.append((name, pod))
+        for _ in range(runs):
+            for name, pod in pods:
+                rates[name].append(conn_rate(pod, dest, count))
+    return [(name, statistics.median(rates[name])) for name, _ in configs]
 
 
 def peak_rss(sizes: list[int]) -> list[tuple[str, float]]:
