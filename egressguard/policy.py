@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -24,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from egressguard.canonical import json_sha256
 from egressguard.errors import PolicyError
 
 # Where the Docker entrypoint and `apply` look when no policy is given explicitly.
@@ -605,8 +605,7 @@ def digest(policy: Policy) -> str:
     }
     if files:
         data["_file_networks"] = files
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return json_sha256(data)
 
 
 def json_schema() -> dict[str, Any]:

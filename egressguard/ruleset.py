@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
+from egressguard.canonical import json_sha256
 from egressguard.policy import METADATA_CIDRS, AllowEntry, DenyEntry, Policy
 
 Family = Literal[4, 6]
@@ -221,8 +222,7 @@ class Ruleset:
         data: list[object] = [_plain(t) for t in self.tables]
         if self.sets:  # set names hash their members; the members are hashed here all the same
             data.append([_plain(s) for s in self.sets])
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+        return json_sha256(data)
 
 
 def _plain(obj: object) -> object:
