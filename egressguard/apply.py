@@ -192,7 +192,7 @@ def apply(
                 holding_fence = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
-                diffs = differences(ruleset, backend.read())
+                diffs = differences(ruleset, backend.read(expect=ruleset.sets))
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")

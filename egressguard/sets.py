@@ -9,7 +9,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
-from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, member_key
+from egressguard.ruleset import SET_PREFIX, SET_STAGING_SUFFIX, AddressSet, canonical_members, member_key, parse_member
 
 # Wire protocol (linux/netfilter/ipset/ip_set.h). We speak it directly rather than through
 # pyroute2's IPSet: its attribute encoder costs ~0.2 ms per element (2.1 s to fill 10,000 CIDRs
@@ -202,6 +202,24 @@ class Ipsets:
 
     def members(self, name: str) -> tuple[int, tuple[str, ...]] | None:
         """(family, sorted members) of set `name`, or None if there is no such set."""
+        listed = self._keys(name)
+        return None if listed is None else (listed[0], canonical_members(listed[1]))
+
+    def holds(self, want: AddressSet) -> bool | None:
+        """Whether set `want.name` holds exactly `want.members`, member by member, without
+        printing the kernel's members as strings (10,000 of them: ~0.7 MB at apply's peak).
+        None if there is no such set."""
+        listed = self._keys(want.name)
+        if listed is None:
+            return None
+        family, keys = listed
+        if family != want.family or len(keys) != len(want.members):
+            return False
+        keys.sort()  # one family: the order of want.members (see canonical_members), no repeats
+        return all(k == member_key(*parse_member(m)) for k, m in zip(keys, want.members))
+
+    def _keys(self, name: str) -> tuple[int, list[bytes]] | None:
+        """(family, member keys in the kernel's order) of set `name`, or None if there is none."""
         family, found = 0, []
         try:
             for block in self._dump(f"list {name}", CMD_LIST, _str(ATTR_SETNAME, name)):
@@ -214,7 +232,7 @@ class Ipsets:
             if exc.code == errno.ENOENT:
                 return None
             raise
-        return family, canonical_members(found)
+        return family, found
 
     def count(self, name: str) -> int | None:
         """How many members set `name` holds (from its header: cheap), or None if there is none."""
@@ -291,11 +309,11 @@ class Ipsets:
         by rename if there is none yet, by an atomic swap if there is (a set whose name says
         it holds these members but does not: a crash or tampering).
         """
-        have = self.members(want.name)
-        if have == (want.family, want.members):
+        have = self.holds(want)
+        if have:
             return
         staging = want.name + SET_STAGING_SUFFIX
-        if self.members(staging) is not None:
+        if self.count(staging) is not None:
             self.destroy(staging)  # left over from an interrupted apply
         self.create(staging, want.family, len(want.members))
         try:

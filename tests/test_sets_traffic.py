@@ -98,6 +98,42 @@ def test_verify_notices_a_member_removed_behind_its_back(lab: Lab) -> None:
     assert "1 missing" in done.stderr
 
 
+HOLDS = """
+import json, sys
+from egressguard.ruleset import AddressSet
+from egressguard.sets import Ipsets
+name, family, members = json.loads(sys.argv[1])
+with Ipsets() as ipsets:
+    print(ipsets.holds(AddressSet(name, family, tuple(members))))
+"""
+
+
+def test_apply_read_back_compares_every_member_of_a_set(lab: Lab) -> None:
+    """apply's read-back (`Ipsets.holds`) compares member by member: one member swapped for
+    another, the count unchanged, is a difference; so is a missing set."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    members = [f"{v4(i)}/32" for i in range(100)]
+    applied(lab, list_policy(lab, [v4(i) for i in range(100)]))
+    (name,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
+
+    def holds(name: str, members: list[str]) -> str:
+        out = lab.in_pod(sys.executable, "-c", HOLDS, json.dumps([name, 4, sorted(members, key=_key)]), check=True)
+        return out.stdout.strip()
+
+    assert holds(name, members) == "True"
+    lab.in_pod("ipset", "del", name, f"{v4(7)}/32", check=True)
+    lab.in_pod("ipset", "add", name, f"{neighbour4(v4(7))}/32", check=True)
+    assert holds(name, members) == "False"
+    assert holds("egressguard-4-absent", members) == "None"
+
+
+def _key(member: str) -> tuple[int, ...]:
+    addr, _, plen = member.partition("/")
+    return (*map(int, addr.split(".")), int(plen))
+
+
 def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None:
     """Kept destinations are never refused while the list changes; a removed one is never reached
     once the apply that removed it has returned."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from egressguard.ruleset import AddressSet, Chain, Family, Ruleset
@@ -51,8 +52,9 @@ class Backend(abc.ABC):
         kernel refuses."""
 
     @abc.abstractmethod
-    def read(self) -> Installed:
-        """Read back what egressguard owns (and the position of its jumps)."""
+    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+        """Read back what egressguard owns (and the position of its jumps). A set found to hold
+        exactly one of `expect` is reported as that very object (compared, not copied)."""
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""

@@ -13,7 +13,7 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -340,7 +340,7 @@ class IptablesBackend(Backend):
 
     # -- read back ---------------------------------------------------------------------------
 
-    def read(self) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
         tables: list[InstalledTable] = []
         for found in _in_children(*((self._read_family, (f,)) for f in FAMILIES)):
             tables += found
@@ -349,8 +349,12 @@ class IptablesBackend(Backend):
         if names:
             from egressguard.sets import Ipsets  # noqa: PLC0415
 
+            expected = {st.name: st for st in expect}
             with Ipsets() as ipsets:
                 for name in names:
+                    if name in expected and ipsets.holds(expected[name]):
+                        sets.append(expected[name])
+                        continue
                     found = ipsets.members(name)
                     if found is not None:
                         sets.append(AddressSet(name=name, family=found[0], members=found[1]))  # type: ignore[arg-type]
