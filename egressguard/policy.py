@@ -296,7 +296,7 @@ class Policy(_Model):
     @field_validator("version", mode="before")
     @classmethod
     def _version_is_a_number(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # YAML `true` would otherwise pass as 1
+        if isinstance(v, (bool, float)):  # YAML `true` or `1.0` would otherwise pass as 1
             raise ValueError("must be the number 1")
         return v
     confine: Confine = Field(default_factory=Confine, description="whose traffic is restricted")
@@ -437,6 +437,18 @@ if getattr(yaml, "__with_libyaml__", False):
     _LOADER: type = _FastStrictLoader
 else:  # pragma: no cover - PyYAML built without libyaml
     _LOADER = _StrictLoader
+
+
+def _refuse_tag(loader: Any, node: Any) -> Any:
+    """!!set, !!omap, !!pairs, !!binary: nothing in a policy is one, and a set's order is random."""
+    raise yaml.constructor.ConstructorError(
+        None, None, f"YAML type {node.tag.rsplit(':', 1)[-1]} is not allowed in a policy", node.start_mark
+    )
+
+
+for _tag in ("set", "omap", "pairs", "binary"):
+    for _loader in {_LOADER, _StrictLoader}:
+        _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
 
 
 def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -334,3 +334,23 @@ def test_policy_is_immutable() -> None:
 def test_version_true_is_not_taken_for_1() -> None:
     with pytest.raises(PolicyError, match=r"version: must be the number 1"):
         validate({"version": True})
+
+
+@pytest.mark.parametrize("text", ["version: 1.0\n", '{"version": 1.0}'])
+def test_version_1_point_0_is_not_taken_for_1(text: str) -> None:
+    with pytest.raises(PolicyError, match=r"version: must be the number 1"):
+        validate(policy_mod.parse_text(text, "p"))
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("version: 1\ndns: {resolvers: !!set {198.51.100.53}}\n", "set"),  # a set's order is random
+        ("version: 1\nallow: !!omap [{cidr: 192.0.2.0/24}]\n", "omap"),
+        ("version: 1\nallow: !!pairs [{cidr: 192.0.2.0/24}]\n", "pairs"),
+        ("version: 1\nexempt: {uids: [!!binary AAAA]}\n", "binary"),
+    ],
+)
+def test_yaml_types_that_no_policy_field_has_are_refused_with_their_line(text: str, kind: str) -> None:
+    with pytest.raises(PolicyError, match=rf"invalid YAML at line 2 column \d+: YAML type {kind} is not allowed"):
+        policy_mod.parse_text(text, "p")
