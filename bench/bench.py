@@ -190,14 +190,20 @@ def cold_start(runs: int) -> list[tuple[str, float]]:
     script = TMP / "default.sh"
     script.write_text(shell_script(text))
     calls = sum(1 for line in script.read_text().splitlines() if "tables-legacy" in line)
+    # The same script as the image's plain `iptables` runs it: on Debian and Ubuntu that is
+    # iptables-nft unless the alternative is switched (egressguard itself programs legacy x_tables).
+    nft_script = TMP / "default-nft.sh"
+    nft_script.write_text(script.read_text().replace("ip6tables-legacy ", "ip6tables-nft ").replace("iptables-legacy ", "iptables-nft "))
     eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
     shell = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
+    shell_nft = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(nft_script), ns=ns)))) if shutil.which("iptables-nft") else None
     rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
     start = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", "pass")))
     imp = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", IMPORTS_FOR_APPLY)))
     return [
         ("egressguard apply (default policy, incl. deny-first fence + read-back)", eg),
         (f"shell script, one iptables call per rule ({calls} calls)", shell),
+        *([("the same script with iptables-nft (Debian's default `iptables`)", shell_nft)] if shell_nft else []),
         ("iptables-restore (both families)", rest),
         ("  of which: python start (`python -c pass`)", start),
         ("  of which: python start + every import apply needs (structlog, pydantic models, python-iptables)", imp),
