@@ -114,3 +114,25 @@ def test_status_reports_foreign_output_rules_without_owning_them(lab: Lab) -> No
     report = json.loads(lab.egressguard("status", "--json").stdout)
     counts = {(t["family"], t["table"]): t["foreign_output_rules"] for t in report["tables"]}
     assert counts[("ipv4", "filter")] == 2 and counts[("ipv4", "nat")] == 1 and counts[("ipv6", "filter")] == 1
+
+
+def _tables_in_use(lab: Lab) -> dict[int, set[str]]:
+    return {f: set(lab.in_pod("cat", f"/proc/net/ip{'6' if f == 6 else ''}_tables_names").stdout.split()) for f in (4, 6)}
+
+
+def test_apply_creates_no_table_it_does_not_write(lab: Lab) -> None:
+    """Opening an x_tables table creates it in the namespace, and every packet then walks its hooks
+    (nat's also sets up NAT for each new connection). python-iptables opened all five while looking
+    up a jump's target; only filter, and nat for a redirect, may appear."""
+    assert _tables_in_use(lab) == {4: set(), 6: set()}
+    plain = policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}])
+    applied(lab, plain)
+    assert _tables_in_use(lab) == {4: {"filter"}, 6: {"filter"}}
+    assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
+    assert _tables_in_use(lab) == {4: {"filter"}, 6: {"filter"}}
+    applied(lab, POLICY)
+    assert _tables_in_use(lab) == {4: {"filter", "nat"}, 6: {"filter", "nat"}}
+    applied(lab, plain)  # nat stays (the kernel keeps a table once created) but holds nothing of ours
+    assert "EGRESSGUARD" not in lab.in_pod("iptables-legacy-save", "-t", "nat").stdout
+    assert lab.egressguard("reset").returncode == 0
+    assert _tables_in_use(lab) == {4: {"filter", "nat"}, 6: {"filter", "nat"}}

@@ -224,10 +224,25 @@ class IptablesBackend(Backend):
 
     def _commit_family(self, family: Family, tables: list[Table]) -> bool:
         """Commit this family's tables; True if the chains replaced matched on sets."""
+        in_use = tables_in_use(family)
+        self._limit_table_probing(family, in_use, {"filter"} | {t.name for t in tables if t.chains})
         referenced_sets = False
         for table in tables:
+            if not table.chains and in_use is not None and table.name not in in_use:
+                continue  # a table this namespace never created holds nothing of ours: leave it uncreated
             referenced_sets |= self._commit_table(table)
         return referenced_sets
+
+    def _limit_table_probing(self, family: Family, in_use: set[str] | None, wanted: set[str]) -> None:
+        """python-iptables looks the name of a jump's target chain up in every table, and opening a
+        table creates it in the namespace: raw, mangle, security and nat appeared in every guarded
+        namespace, and every packet then walks their hooks (nat's also sets up NAT for every new
+        connection). Tell it which tables exist, so it opens only those and the ones we write.
+        Runs in a family's worker process, so python-iptables' class state changes nowhere else."""
+        if in_use is None:
+            return  # unknown: let python-iptables probe
+        cls = self.iptc.Table6 if family == 6 else self.iptc.Table
+        cls.existing_table_names.update({t: t in in_use or t in wanted for t in cls.ALL})
 
     def _table(self, family: Family, name: str) -> Any:
         cls = self.iptc.Table6 if family == 6 else self.iptc.Table
@@ -362,7 +377,13 @@ class IptablesBackend(Backend):
 
     def _read_family(self, family: Family) -> list[InstalledTable]:
         out = []
+        in_use = tables_in_use(family)
+        self._limit_table_probing(family, in_use, {"filter"})
         for name in TABLES:
+            if name != "filter" and in_use is not None and name not in in_use:
+                # Never created in this namespace, so nothing of ours is in it; reading would create it.
+                out.append(InstalledTable(family, name, present=False, jump_positions=(), chains=()))
+                continue
             try:
                 tbl = self._table(family, name)
                 tbl.refresh()
@@ -449,6 +470,16 @@ def xtables_lock(wait_s: float = XTABLES_LOCK_WAIT_S) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def tables_in_use(family: Family) -> set[str] | None:
+    """The x_tables tables this network namespace has created so far (the kernel creates one on
+    first use); None if the kernel does not say (no ip_tables / ip6_tables loaded yet)."""
+    try:
+        with open("/proc/net/ip6_tables_names" if family == 6 else "/proc/net/ip_tables_names") as fh:
+            return set(fh.read().split())
+    except OSError:
+        return None
 
 
 def _tool(family: Family) -> str:
