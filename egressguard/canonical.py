@@ -14,7 +14,9 @@ def json_sha256(obj: object) -> str:
     """'sha256:' + the hex digest of json.dumps(obj, sort_keys=True, separators=(",", ":")),
     byte for byte, without building that string."""
     h = hashlib.sha256()
-    for chunk in _chunks(obj):
+    streamed: set[int] = set()
+    _mark(obj, streamed)
+    for chunk in _chunks(obj, streamed):
         h.update(chunk.encode())
     return "sha256:" + h.hexdigest()
 
@@ -23,29 +25,38 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _chunks(obj: object) -> Iterator[str]:
+def _mark(obj: object, streamed: set[int]) -> bool:
+    """Put into `streamed` the id of every container that holds a list longer than SLICE (itself
+    or deeper down); everything else is encoded by one json.dumps call."""
     if isinstance(obj, dict):
+        found = any([_mark(v, streamed) for v in obj.values()])  # a list: mark every branch
+    elif isinstance(obj, (list, tuple)):
+        found = any([_mark(x, streamed) for x in obj]) or len(obj) > SLICE
+    else:
+        return False
+    if found:
+        streamed.add(id(obj))
+    return found
+
+
+def _chunks(obj: object, streamed: set[int]) -> Iterator[str]:
+    if id(obj) not in streamed:
+        yield _dumps(obj)
+    elif isinstance(obj, dict):
         yield "{"
         for i, key in enumerate(sorted(obj)):
             yield ("," if i else "") + _dumps(key) + ":"
-            yield from _chunks(obj[key])
+            yield from _chunks(obj[key], streamed)
         yield "}"
-    elif isinstance(obj, (list, tuple)) and len(obj) > SLICE:
+    else:  # a list or tuple
+        items: list[object] | tuple[object, ...] = obj  # type: ignore[assignment]
         yield "["
-        for start in range(0, len(obj), SLICE):
-            part = obj[start : start + SLICE]
-            if all(isinstance(x, (str, int, float, bool)) or x is None for x in part):
+        for start in range(0, len(items), SLICE):
+            part = items[start : start + SLICE]
+            if not any(id(x) in streamed for x in part):
                 yield ("," if start else "") + _dumps(part)[1:-1]
-            else:
-                for j, x in enumerate(part):
-                    yield "," if start or j else ""
-                    yield from _chunks(x)
+                continue
+            for j, x in enumerate(part):
+                yield "," if start or j else ""
+                yield from _chunks(x, streamed)
         yield "]"
-    elif isinstance(obj, (list, tuple)):
-        yield "["
-        for j, x in enumerate(obj):
-            yield "," if j else ""
-            yield from _chunks(x)
-        yield "]"
-    else:
-        yield _dumps(obj)
