@@ -129,10 +129,6 @@ def parse_member(member: str) -> tuple[bytes, int]:
     return packed, int(plen) if plen else len(packed) * 8
 
 
-def format_member(packed: bytes, prefixlen: int) -> str:
-    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed) + _SLASH[prefixlen]
-
-
 def member_key(packed: bytes, prefixlen: int) -> bytes:
     """A network as one bytes object, the address then the prefix length: keys sort as the
     networks do within a family, each comparison one memcmp (tuples take several calls)."""

@@ -144,10 +144,12 @@ def _nested_element(packed: bytes, prefixlen: int, flags: int = sets.NLA_F_NET_B
 def test_element_encoding_matches_the_attribute_layout() -> None:
     members = ["198.51.100.7", "2001:db8::1", "::/0", "0.0.0.0/0", "255.255.255.255/32", "ffff::/16"]
     members += [f"198.51.{n}.0/{n}" for n in range(33)] + [f"2001:db8:{n:x}::/{n}" for n in range(129)]
-    for member in members:
-        packed, plen = parse_member(member)
-        assert sets._element(packed, plen) == _nested_element(packed, plen), member
-    assert list(sets._elements(members)) == [_nested_element(*parse_member(m)) for m in members]
+    for member, element in zip(members, sets._elements(members), strict=True):
+        assert element == _nested_element(*parse_member(member)), member
+
+
+def format_all(members: list[tuple[bytes, int]]) -> list[str]:
+    return [socket.inet_ntop(socket.AF_INET6 if len(p) == 16 else socket.AF_INET, p) + f"/{n}" for p, n in members]
 
 
 def test_listed_elements_decode_in_one_pass_or_by_the_attribute_walk() -> None:
@@ -156,14 +158,14 @@ def test_listed_elements_decode_in_one_pass_or_by_the_attribute_walk() -> None:
     for members in (v4, v6, v4[:1], v6[:1]):
         listed = b"".join(_nested_element(p, n, flags=0) for p, n in members)  # the kernel sets no flag
         assert sets._decode_elements(listed) == members
-        assert sets._decode_elements(b"".join(sets._element(p, n) for p, n in members)) == members
+        assert sets._decode_elements(b"".join(sets._elements(format_all(members)))) == members
     # a family mix, or an element with another attribute, is still read whole by the walk
     mixed = b"".join(_nested_element(p, n) for p, n in v4[:3] + v6[:2] + v4[3:5])  # 8 lengths of 24 bytes
     assert sets._decode_elements(mixed) == v4[:3] + v6[:2] + v4[3:5]
     packed, plen = v4[0]
     ip = sets._nest(sets.DATA_IP, sets._attr(sets.IPADDR_V4, packed))
     odd = sets._nest(sets.ATTR_DATA, ip, sets._attr(sets.DATA_CIDR, bytes([plen])), sets._attr(9, b"\0\0\0\1"))
-    assert sets._decode_elements(sets._element(*v4[1]) + odd) == [v4[1], v4[0]]
+    assert sets._decode_elements(b"".join(sets._elements(format_all(v4[1:2]))) + odd) == [v4[1], v4[0]]
     assert sets._decode_elements(b"") == []
 
 
