@@ -321,6 +321,8 @@ class IptablesBackend(Backend):
             x.dst = r.dst
         if r.out_iface:
             x.out_interface = r.out_iface
+            if family == 6:
+                _fix_ipv6_iface_mask(x)
         if r.protocol:
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
@@ -480,6 +482,23 @@ def tables_in_use(family: Family) -> set[str] | None:
             return set(fh.read().split())
     except OSError:
         return None
+
+
+_IFNAMSIZ = 16
+
+
+def _fix_ipv6_iface_mask(x: Any) -> None:
+    """python-iptables' Rule6 writes interface masks of 0x01 bytes where ip6tables writes 0xff, and
+    the kernel compares (name ^ iface) & mask: `-o lo` then matched net1, tun0, veth... (issue 9).
+    Rewrite both masks as xtables_parse_interface does: 0xff over the name and its NUL (a trailing
+    `+` wildcard: over the name only), zero after."""
+    ip6 = x.entry.ipv6
+    for name_field, mask_field in (("iniface", "iniface_mask"), ("outiface", "outiface_mask")):
+        mask = bytes(getattr(ip6, mask_field))
+        if not any(mask):
+            continue  # no interface given: all-zero mask, as ip6tables leaves it
+        width = sum(1 for b in mask if b)
+        setattr(ip6, mask_field, b"\xff" * width + b"\0" * (_IFNAMSIZ - width))
 
 
 def _tool(family: Family) -> str:
