@@ -12,6 +12,7 @@ import os
 import pickle
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -63,6 +64,8 @@ def import_iptc() -> Any:
     anything not found this way falls back to python-iptables' own search.
     """
     libdir = os.environ.get("XTABLES_LIBDIR") or _xtables_libdir()
+    if libdir:
+        libdir = os.path.realpath(libdir)  # the image links one fixed path to the platform's directory
     if libdir and "XTABLES_LIBDIR" not in os.environ:
         os.environ["XTABLES_LIBDIR"] = libdir
     if "IPTABLES_LIBDIR" not in os.environ:
@@ -100,7 +103,9 @@ _MISSING = object()
 def _find_library_fast(fallback: Callable[[str], str | None], libdir: str | None) -> Callable[[str], str | None]:
     """ctypes.util.find_library that first looks for lib<name>.so.* beside the xtables directory."""
     dirs = [os.path.dirname(libdir)] if libdir else []
-    dirs += ["/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/lib"]
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # x86_64-linux-gnu, aarch64-linux-gnu, ...
+    dirs += [f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else []
+    dirs += ["/usr/lib64", "/lib64", "/usr/lib", "/lib"]
 
     def find(name: str) -> str | None:
         for d in dirs:
