@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import fcntl
 import glob
 import importlib.util
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from egressguard.backends import Backend, Installed, InstalledTable
+from egressguard.backends import Backend, Installed, InstalledTable, xtables_raw
+from egressguard.backends.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.ruleset import (
     DISPATCH,
@@ -357,9 +359,10 @@ class IptablesBackend(Backend):
 
     # -- read back ---------------------------------------------------------------------------
 
-    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         tables: list[InstalledTable] = []
-        for found in _in_children(*((self._read_family, (f,)) for f in FAMILIES)):
+        calls = ((self._read_family, (f, None if want is None else [t for t in want.tables if t.family == f])) for f in FAMILIES)
+        for found in _in_children(*calls):
             tables += found
         names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules if r.match_set})
         sets: list[AddressSet] = []
@@ -377,7 +380,7 @@ class IptablesBackend(Backend):
                         sets.append(AddressSet(name=name, family=found[0], members=found[1]))  # type: ignore[arg-type]
         return Installed(tables=tuple(tables), sets=tuple(sets))
 
-    def _read_family(self, family: Family) -> list[InstalledTable]:
+    def _read_family(self, family: Family, want: list[Table] | None = None) -> list[InstalledTable]:
         out = []
         in_use = tables_in_use(family)
         self._limit_table_probing(family, in_use, {"filter"})
@@ -405,6 +408,10 @@ class IptablesBackend(Backend):
                     rules = self.iptc.Chain(tbl, cname).rules
                     chains.append(Chain(cname, tuple(_decode(rule) for rule in rules)))
                     counters[cname] = tuple(tuple(rule.get_counters()) for rule in rules)
+            entries = encoded = None
+            if want is not None:  # issue 9: compare the bytes, not python-iptables' reading of them
+                entries = self._kernel_entries(family, name, jumps)
+                encoded = self._encoded_entries(family, next((t for t in want if t.name == name), None))
             out.append(
                 InstalledTable(
                     family,
@@ -414,9 +421,45 @@ class IptablesBackend(Backend):
                     chains=tuple(chains),
                     counters=counters,
                     foreign_output_rules=len(output_rules) - len(jumps),
+                    entries=entries,
+                    encoded=encoded,
                 )
             )
         return out
+
+    def _kernel_entries(self, family: Family, name: str, jumps: tuple[int, ...]) -> dict[str, tuple[Entry, ...]]:
+        """Our chains and jumps as the kernel holds them, read with IP(6)T_SO_GET_ENTRIES."""
+        try:
+            chains = xtables_raw.read_chains(family, name)
+        except (OSError, ValueError) as exc:
+            raise ApplyFailed(f"{_tool(family)} {name}: entries could not be read back from the kernel: {exc}") from None
+        out = {c: tuple(chains[c]) for c in OWNED_CHAINS[name] if c in chains}
+        output = chains.get("OUTPUT", [])
+        out["OUTPUT"] = tuple(output[i] for i in jumps if i < len(output))
+        return out
+
+    def _encoded_entries(self, family: Family, want: Table | None) -> dict[str, tuple[Entry | str, ...]]:
+        """`want`'s chains and jump, entry by entry, normalised as xtables_raw decodes the kernel's."""
+        if want is None or not want.chains:
+            return {}
+        ours = {DISPATCH, *OWNED_CHAINS[want.name]}
+        out: dict[str, tuple[Entry | str, ...]] = {c.name: tuple(self._encoded_entry(family, r, ours) for r in c.rules) for c in want.chains}
+        out["OUTPUT"] = (self._encoded_entry(family, want.jump, ours),) if want.jump else ()
+        return out
+
+    def _encoded_entry(self, family: Family, r: Rule, ours: set[str]) -> Entry | str:
+        # A jump's target is encoded as ACCEPT: python-iptables can encode a jump only to a chain the
+        # table already has, and libiptc replaces a standard target (verdict or jump) by a verdict or
+        # an offset at commit anyway; what the kernel holds is compared by name (xtables_raw names it).
+        try:
+            x = self._encode(family, dataclasses.replace(r, target="ACCEPT") if r.target in ours else r)
+            x.final_check()  # as append_rule does: some extensions fill fields in only here (REDIRECT's rangesize)
+            entry, _ = xtables_raw.parse_entry(family, bytes(x.rule))
+        except Exception as exc:  # noqa: BLE001 - e.g. a set the kernel lacks: reported by verify
+            return f"{type(exc).__name__}: {exc}"
+        if r.target in ours or r.target in _VERDICTS:
+            entry = dataclasses.replace(entry, target=xtables_raw.Ext(r.target, 0, b""))
+        return entry
 
     def other_firewalls(self) -> list[str]:
         found = []
@@ -485,6 +528,7 @@ def tables_in_use(family: Family) -> set[str] | None:
 
 
 _IFNAMSIZ = 16
+_VERDICTS = {"ACCEPT", "DROP", "RETURN", "QUEUE"}  # standard targets libiptc turns into a verdict
 
 
 def _fix_ipv6_iface_mask(x: Any) -> None:
