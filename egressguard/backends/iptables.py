@@ -308,11 +308,11 @@ class IptablesBackend(Backend):
             if not tbl.is_chain(chain.name):
                 tbl.create_chain(chain.name)
         for chain, rules in zip(want.chains, encoded, strict=True):
-            ch = iptc.Chain(tbl, chain.name)
             for rule, ready in zip(chain.rules, rules, strict=True):
-                ch.append_rule(ready if ready is not None else self._encode(want.family, rule))
+                # not ch.append_rule(): its final_check() would undo _encode's byte fixes
+                tbl.append_entry(chain.name, (ready if ready is not None else self._encode(want.family, rule)).rule)
         if want.jump:
-            output.insert_rule(self._encode(want.family, want.jump), 0)
+            tbl.insert_entry("OUTPUT", self._encode(want.family, want.jump).rule, 0)
         return referenced_sets
 
     def _encode(self, family: Family, r: Rule) -> Any:
@@ -355,6 +355,12 @@ class IptablesBackend(Backend):
             t.set_parameter("reject-with", r.reject_with)
         if r.to_ports is not None:
             t.set_parameter("to-ports", str(r.to_ports))
+        # final_check() re-parses every match and target from its own save() text (python-iptables'
+        # _update_parameters): run it here, once, and write the exact bytes after it; _stage then
+        # hands x.rule to libiptc directly (append_rule would run final_check again and undo them).
+        x.final_check()
+        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir):
+            _fix_ipv4_conntrack_addrs(next(m for m in x.matches if m.name == "conntrack"))
         return x
 
     # -- read back ---------------------------------------------------------------------------
@@ -453,7 +459,6 @@ class IptablesBackend(Backend):
         # an offset at commit anyway; what the kernel holds is compared by name (xtables_raw names it).
         try:
             x = self._encode(family, dataclasses.replace(r, target="ACCEPT") if r.target in ours else r)
-            x.final_check()  # as append_rule does: some extensions fill fields in only here (REDIRECT's rangesize)
             entry, _ = xtables_raw.parse_entry(family, bytes(x.rule))
         except Exception as exc:  # noqa: BLE001 - e.g. a set the kernel lacks: reported by verify
             return f"{type(exc).__name__}: {exc}"
@@ -528,6 +533,7 @@ def tables_in_use(family: Family) -> set[str] | None:
 
 
 _IFNAMSIZ = 16
+_EXT_HEADER = xtables_raw.EXT_HEADER
 _VERDICTS = {"ACCEPT", "DROP", "RETURN", "QUEUE"}  # standard targets libiptc turns into a verdict
 
 
@@ -543,6 +549,21 @@ def _fix_ipv6_iface_mask(x: Any) -> None:
             continue  # no interface given: all-zero mask, as ip6tables leaves it
         width = sum(1 for b in mask if b)
         setattr(ip6, mask_field, b"\xff" * width + b"\0" * (_IFNAMSIZ - width))
+
+
+def _fix_ipv4_conntrack_addrs(m: Any) -> None:
+    """python-iptables writes an IPv4 --ctorigdst mask of /32 as 16 bytes of 0xff (final_check()
+    re-parses the saved text, where a /32 host has no prefix, so libxtables takes a host mask of all
+    128 bits); iptables-restore
+    fills only the IPv4 word of each nf_inet_addr (xt_conntrack_mtinfo1..3 open with eight: orig/repl
+    src/dst addr and mask) and leaves the other 12 bytes zero. The kernel reads only that word for
+    IPv4, so this changes no verdict; it makes the bytes equal to the reference tool's (found by
+    tests/test_xtables_encoding.py), so a byte-level read-back can insist on exactly them."""
+    buf = m.match_buf
+    if buf[_EXT_HEADER - 1] < 1:  # revision 0 (xt_conntrack_info) has another layout; never chosen here
+        return
+    for i in range(8):
+        ctypes.memset(ctypes.addressof(buf) + _EXT_HEADER + 16 * i + 4, 0, 12)
 
 
 def _tool(family: Family) -> str:

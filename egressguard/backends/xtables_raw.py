@@ -62,34 +62,36 @@ class Entry:
     matches: tuple[Ext, ...]
     target: Ext
 
-    def differences(self, other: Entry) -> list[str]:
-        """`field differs (kernel SELF, expected OTHER)` for each field where self and other differ."""
+    def differences(self, other: Entry, labels: tuple[str, str] = ("kernel", "expected")) -> list[str]:
+        """`FIELD differs (kernel SELF, expected OTHER)` for each field where self and other differ."""
+        mine_l, theirs_l = labels
         out = []
         for (name, mine), (_, theirs) in zip(self.header, other.header, strict=True):
             if mine != theirs:
-                out.append(f"{name} differs (kernel {_show(mine)}, expected {_show(theirs)})")
+                out.append(f"{name} differs ({mine_l} {_show(mine)}, {theirs_l} {_show(theirs)})")
         mine_m = [m.name for m in self.matches]
         theirs_m = [m.name for m in other.matches]
         if mine_m != theirs_m:
-            out.append(f"matches differ (kernel {mine_m}, expected {theirs_m})")
+            out.append(f"matches differ ({mine_l} {mine_m}, {theirs_l} {theirs_m})")
         else:
             for a, b in zip(self.matches, other.matches, strict=True):
-                out += [f"match {a.name} {d}" for d in _ext_differences(a, b)]
-        out += [f"target {d}" for d in _ext_differences(self.target, other.target, "name")]
+                out += [f"match {a.name} {d}" for d in _ext_differences(a, b, labels)]
+        out += [f"target {d}" for d in _ext_differences(self.target, other.target, labels, "name")]
         return out
 
 
-def _ext_differences(a: Ext, b: Ext, *fields: str) -> list[str]:
+def _ext_differences(a: Ext, b: Ext, labels: tuple[str, str], *fields: str) -> list[str]:
+    mine_l, theirs_l = labels
     out = []
     for f in (*fields, "revision"):
         x, y = getattr(a, f), getattr(b, f)
         if x != y:
-            out.append(f"{f} differs (kernel {_show(x)}, expected {_show(y)})")
+            out.append(f"{f} differs ({mine_l} {_show(x)}, {theirs_l} {_show(y)})")
     if a.data != b.data:
         at = next((i for i, (x, y) in enumerate(zip(a.data, b.data)) if x != y), min(len(a.data), len(b.data)))
         start = at - at % 8
-        out.append(f"data differs from byte {at} of {len(b.data)} (kernel {len(a.data)}) "
-                   f"(kernel {_show(a.data[start:])}, expected {_show(b.data[start:])})")
+        out.append(f"data differs from byte {at} ({mine_l} {len(a.data)} bytes {_show(a.data[start:])}, "
+                   f"{theirs_l} {len(b.data)} bytes {_show(b.data[start:])})")
     return out
 
 
