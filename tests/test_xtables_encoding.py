@@ -193,11 +193,13 @@ def test_report_encoding_figure(figures: list[str]) -> None:
 
 
 @pytest.mark.parametrize("name", ["lo", "net1", "eth0", "veth1a2b3c4d", "tun0", "a-15-char-iface", "!lo"])
-def test_ipv6_interface_mask_is_0xff_over_the_name_and_its_nul(name: str) -> None:
+def test_ipv6_interface_mask_is_0xff_over_the_name_and_its_nul(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """As ip6tables writes it (and python-iptables' IPv4 Rule): no kernel needed."""
     plain = name.lstrip("!")
     want = b"\xff" * (len(plain) + 1) + b"\0" * (15 - len(plain))
     backend = IptablesBackend()
+    for cls in (backend.iptc.Table, backend.iptc.Table6):  # never open a table (it would be created here)
+        monkeypatch.setattr(cls, "existing_table_names", {t: False for t in cls.ALL})
     for family in (6, 4):
         x = backend._encode(family, Rule(target="RETURN", comment="loopback", out_iface=name))
         header = dict(xtables_raw.parse_entry(family, bytes(x.rule))[0].header)  # the bytes libiptc is given

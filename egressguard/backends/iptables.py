@@ -552,13 +552,12 @@ def _fix_ipv6_iface_mask(x: Any) -> None:
 
 
 def _fix_ipv4_conntrack_addrs(m: Any) -> None:
-    """python-iptables writes an IPv4 --ctorigdst mask of /32 as 16 bytes of 0xff (final_check()
-    re-parses the saved text, where a /32 host has no prefix, so libxtables takes a host mask of all
-    128 bits); iptables-restore
-    fills only the IPv4 word of each nf_inet_addr (xt_conntrack_mtinfo1..3 open with eight: orig/repl
-    src/dst addr and mask) and leaves the other 12 bytes zero. The kernel reads only that word for
-    IPv4, so this changes no verdict; it makes the bytes equal to the reference tool's (found by
-    tests/test_xtables_encoding.py), so a byte-level read-back can insist on exactly them."""
+    """python-iptables writes an IPv4 --ctorigdst /32 mask as 16 bytes of 0xff (final_check()
+    re-parses the saved text, which shows a /32 without its prefix, and libxtables takes a bare
+    host's mask over all 128 bits); iptables-restore fills only the IPv4 word of each nf_inet_addr
+    (xt_conntrack_mtinfo1..3 open with eight: orig/repl src/dst addr and mask) and leaves the other
+    12 bytes zero. The kernel reads only that word for IPv4, so no verdict changes; the bytes now
+    equal the reference tool's (tests/test_xtables_encoding.py found it), so read-back can insist."""
     buf = m.match_buf
     if buf[_EXT_HEADER - 1] < 1:  # revision 0 (xt_conntrack_info) has another layout; never chosen here
         return
