@@ -45,10 +45,42 @@ else:
 """
 
 
+# Replace the first IPv4 DNS rule by the same rule as python-iptables writes it when left alone
+# (conntrack --ctorigdst /32 mask over 16 bytes; iptables-save prints it the same); prints its index.
+_UNFIXED_CONNTRACK = """
+from egressguard.backends.iptables import import_iptc
+iptc = import_iptc()
+table = iptc.Table("filter", autocommit=False)
+table.refresh()
+chain = iptc.Chain(table, "EGRESSGUARD-CONFINED")
+for i, rule in enumerate(chain.rules):
+    if any(m.name == "conntrack" and m.ctorigdst for m in rule.matches):
+        old = {m.name: m.get_all_parameters() for m in rule.matches}
+        bad = iptc.Rule()
+        bad.protocol = rule.protocol
+        m = bad.create_match("conntrack")
+        m.set_parameter("ctorigdst", old["conntrack"]["ctorigdst"][0] + "/32")
+        m.set_parameter("ctorigdstport", old["conntrack"]["ctorigdstport"][0])
+        bad.create_match("comment").comment = old["comment"]["comment"][0]
+        bad.create_target("RETURN")
+        bad.final_check()
+        chain.replace_rule(bad, i)
+        table.commit()
+        print(i)
+        break
+else:
+    raise SystemExit("no conntrack --ctorigdst rule found")
+"""
+
+
 def _corrupt_loopback_mask(lab: Lab) -> int:
     done = lab.in_pod(sys.executable, "-c", _CORRUPT)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
+
+
+def _rules_as_text(lab: Lab) -> list[str]:
+    return [line for line in lab.in_pod("iptables-legacy-save", "-t", "filter").stdout.splitlines() if line.startswith("-A")]
 
 
 def _verify(lab: Lab) -> tuple[int, str]:
@@ -92,6 +124,19 @@ def test_verify_exits_5_naming_the_mask_and_apply_repairs_it(lab: Lab) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     code, out = _verify(lab)
     assert code == 0, out
+
+
+def test_verify_exits_5_for_match_bytes_python_iptables_reads_back_the_same(lab: Lab) -> None:
+    assert lab.apply(DEFAULT_POLICY).returncode == 0
+    before = _rules_as_text(lab)
+    done = lab.in_pod(sys.executable, "-c", _UNFIXED_CONNTRACK)
+    assert done.returncode == 0, done.stderr
+    assert _rules_as_text(lab) == before  # the text rendering cannot tell
+    code, out = _verify(lab)
+    assert code == 5, out
+    assert f"ipv4 filter: chain EGRESSGUARD-CONFINED rule {int(done.stdout)}: match conntrack data differs from byte 52" in out, out
+    assert lab.apply(DEFAULT_POLICY).returncode == 0
+    assert _verify(lab)[0] == 0
 
 
 def test_corrupted_mask_lets_confined_ipv6_out_on_net1_and_the_repair_closes_it(net1_lab: Lab) -> None:
