@@ -53,6 +53,16 @@ class Ext:
     data: bytes
 
 
+# What is left out of the comparison, and why: counters (traffic), comefrom (the kernel's scratch
+# field), target_offset/next_offset (follow from the sizes of the parts, which are compared through
+# the data lengths), nfcache (no kernel reads it) and a standard target's verdict (an offset into
+# this very blob: replaced by the verdict or chain name). Nothing inside a match's or target's data
+# is masked: the kernel zeroes what it keeps private (beyond the extension's usersize) when it copies
+# entries out, and no extension egressguard uses has such a part; one that has shows as a difference
+# (exit 5), never as a silent pass. A `set` match's index is compared as is: the encoder looks it
+# up by name in the same namespace, so a set swapped or recreated under a rule is a difference too.
+
+
 @dataclass(frozen=True)
 class Entry:
     """One rule as the kernel holds it, minus counters, comefrom, nfcache and offsets.
