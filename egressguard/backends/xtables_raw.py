@@ -60,7 +60,7 @@ class Ext:
 # is masked: the kernel zeroes what it keeps private (beyond the extension's usersize) when it copies
 # entries out, and no extension egressguard uses has such a part; one that has shows as a difference
 # (exit 5), never as a silent pass. A `set` match's index is compared as is: the encoder looks it
-# up by name in the same namespace, so a set swapped or recreated under a rule is a difference too.
+# up by name in the same namespace, so a rule must refer to the set that now bears that name.
 
 
 @dataclass(frozen=True)
