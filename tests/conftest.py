@@ -89,7 +89,8 @@ def host_state() -> dict[str, str]:
             continue
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         lines = [_COUNTERS.sub("#", line) for line in done.stdout.splitlines() if not line.startswith("#")]
-        state[name] = "\n".join(lines) + (f"\n(exit {done.returncode}: {done.stderr.strip()})" if done.returncode else "")
+        failed = f"\n(exit {done.returncode}: {done.stderr.strip()})" if done.returncode else ""
+        state[name] = "\n".join(lines) + failed
     return state
 
 

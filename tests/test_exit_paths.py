@@ -22,7 +22,8 @@ import pytest
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
 from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
 
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.uname().machine != "x86_64", reason="seccomp filters: x86_64 syscall numbers")]
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.uname().machine != "x86_64", reason="seccomp filters: x86_64 syscall numbers")]
 
 HERE = Path(__file__).parent
 SECCOMP = str(HERE / "seccomp_exec.py")
