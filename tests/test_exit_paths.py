@@ -111,6 +111,26 @@ def test_kernel_refusing_every_commit_on_a_first_apply_exits_3_with_the_fence_up
     assert fence_rules(lab) == [] and reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
 
 
+def test_image_without_the_owner_extension_exits_3_on_a_first_apply_with_the_fence_up(lab: Lab, tmp_path: Path) -> None:
+    """The same promise when the image's iptables package lacks libxt_owner.so (XTABLES_LIBDIR holds
+    every other extension): neither the policy nor the lockdown can be encoded."""
+    libdir = tmp_path / "xtables"
+    libdir.mkdir()
+    real = Path(os.path.realpath("/usr/lib/x86_64-linux-gnu/xtables"))
+    for ext in real.iterdir():
+        if ext.name != "libxt_owner.so":
+            (libdir / ext.name).symlink_to(ext)
+    before = lab.ruleset_dump()
+    done = lab.egressguard("apply", "--policy", str(lab.write_policy(ALLOWED)), env={"XTABLES_LIBDIR": str(libdir)})
+    assert done.returncode == 3, done.stderr[-1500:]
+    assert "owner" in done.stderr and "xtables extension is missing" in done.stderr
+    assert normalized(lab.ruleset_dump()) == normalized(before)
+    assert len(fence_rules(lab)) == 2 and status(lab)["state"] == "fence"
+    assert refused_fast(lab.tcp("203.0.113.10", 22, timeout=FAST))
+    assert lab.tcp("127.0.0.1", 8443, timeout=FAST).ok
+    assert reached(lab.tcp("203.0.113.10", 22, uid=EXEMPT, timeout=FAST), "203.0.113.10")
+
+
 # -- exit 3 before any change ------------------------------------------------------------------
 
 
