@@ -111,7 +111,8 @@ def test_kernel_refusing_every_commit_on_a_first_apply_exits_3_with_the_fence_up
     assert fence_rules(lab) == [] and reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
 
 
-def test_image_without_the_owner_extension_exits_3_on_a_first_apply_with_the_fence_up(lab: Lab, tmp_path: Path) -> None:
+def test_image_without_the_owner_extension_exits_3_on_a_first_apply_with_the_fence_up(lab: Lab,
+                                                                                     tmp_path: Path) -> None:
     """The same promise when the image's iptables package lacks libxt_owner.so (XTABLES_LIBDIR holds
     every other extension): neither the policy nor the lockdown can be encoded."""
     libdir = tmp_path / "xtables"
@@ -218,16 +219,18 @@ def test_fence_refused_by_the_kernel_means_lockdown_first_then_the_policy(lab: L
 # -- exit 1 at other points --------------------------------------------------------------------------
 
 
-def test_kernel_refusing_routing_netlink_sockets_exits_1_with_the_lockdown(lab: Lab) -> None:
-    """socket(AF_NETLINK, ..., NETLINK_ROUTE) refused (EACCES): the fence cannot be raised
-    (fence_unavailable, lockdown first), and then cannot be listed to be lowered, an OSError no
-    code path maps: exit 1, the lockdown stays."""
-    applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}]))
-    lab.egressguard("reset")
+@pytest.mark.parametrize("installed", [False, True], ids=["first-apply", "over-a-policy"])
+def test_kernel_refusing_routing_netlink_sockets_exits_1_with_the_lockdown(lab: Lab, installed: bool) -> None:
+    """socket(AF_NETLINK, ..., NETLINK_ROUTE) refused (EACCES): on a first apply the fence cannot be
+    raised (fence_unavailable, lockdown first); either way the fence cannot be listed to be lowered,
+    an OSError no code path maps: exit 1, the lockdown stays."""
+    if installed:
+        applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}]))
     done = lab.egressguard("apply", "--policy", str(lab.write_policy(ALLOWED)),
                            prefix=seccomp("socket,0=16,2=0:EACCES"))
     assert done.returncode == 1, done.stderr[-1500:]
     assert "egressguard: internal error: PermissionError" in done.stderr
+    assert ("fence_unavailable" in [e["event"] for e in events(done.stderr)]) is not installed
     st = status(lab)
     assert st["state"] == "lockdown" and st["exit_code"] == 1
     assert_lockdown_only(lab)
