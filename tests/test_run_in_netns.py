@@ -113,16 +113,22 @@ def test_run_applies_drops_every_privilege_and_execs_the_command_under_the_polic
     _exempt_control(lab)
 
 
-def test_entrypoint_runs_the_command_as_egressguard_user(lab: Lab, image_users: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("user", "uid"), [("agent", 1002), (None, 1000)], ids=["EGRESSGUARD_USER=agent", "unset"])
+def test_entrypoint_as_root_runs_the_command_as_egressguard_user(
+    lab: Lab, image_users: tuple[str, ...], user: str | None, uid: int
+) -> None:
     assert EGRESSGUARD_BIN, "the venv's egressguard script"
-    env = {"EGRESSGUARD_USER": "agent", "EGRESSGUARD_POLICY": str(lab.write_policy(POLICY)),
+    env = {"EGRESSGUARD_POLICY": str(lab.write_policy(POLICY)),
            "PATH": f"{Path(EGRESSGUARD_BIN).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    if user:
+        env["EGRESSGUARD_USER"] = user
     argv = ("ip", "netns", "exec", lab.pod, *image_users, "sh", str(ROOT_DIR / "entrypoint.sh"),
             PYTHON, str(lab.workdir / "report.py"))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EGRESSGUARD_")}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                                        env={**os.environ, "EGRESSGUARD_STATUS": str(lab.status_file), **env})
+                          env={**base, "EGRESSGUARD_STATUS": str(lab.status_file), **env})
     assert done.returncode == 0, done.stderr[-1500:]
-    _assert_dropped_and_guarded(_report(done.stdout), 1002)
+    _assert_dropped_and_guarded(_report(done.stdout), uid)
 
 
 @pytest.mark.parametrize("cap", ["cap_setuid", "cap_setgid"])
@@ -237,3 +243,32 @@ def test_probe_waits_for_silence_no_longer_than_its_timeout(lab: Lab, seconds: f
 def test_probe_timeout_out_of_range_is_a_usage_error(lab: Lab, value: str) -> None:
     answer = _probe(lab, CONFINED, *TARGETS, env={"EGRESSGUARD_PROBE_TIMEOUT": value})
     assert answer["exit"] == 2 and "EGRESSGUARD_PROBE_TIMEOUT" in str(answer["stderr"]), answer
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_entrypoint_as_the_agent_starts_the_command_only_when_probe_passes(lab: Lab, guarded: bool) -> None:
+    """Kubernetes mode without Kubernetes: the init step applied (or not), the agent container's
+    entrypoint runs as uid 1000 with nothing and execs its command only after `probe` passed."""
+    applied(lab, POLICY)
+    saved = lab.status_file.read_text()
+    if not guarded:
+        assert lab.egressguard("reset").returncode == 0
+        lab.status_file.write_text(saved)  # a status file that lies: only the traffic can tell
+    bindir = lab.workdir / "bin"
+    bindir.mkdir()
+    (bindir / "egressguard").write_text(f'#!/bin/sh\nexec {PYTHON} -m egressguard "$@"\n')
+    (bindir / "egressguard").chmod(0o755)
+    marker = lab.workdir / "agent-started"
+    lab.workdir.chmod(0o777)  # the agent (uid 1000) writes its marker here
+    argv = ["ip", "netns", "exec", lab.pod, "setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
+            "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
+            "sh", str(ROOT_DIR / "entrypoint.sh"), "touch", str(marker)]
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "PYTHONPATH": f"{ROOT_DIR}:{SITE}",
+           "EGRESSGUARD_STATUS": str(lab.status_file), "EGRESSGUARD_PROBE_TARGETS": "203.0.113.11:22,[2001:db8:2::11]:22"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=40, env=env, cwd="/")
+    if guarded:
+        assert done.returncode == 0 and marker.exists(), done.stderr[-1500:]
+    else:
+        assert done.returncode == 6 and not marker.exists(), done.stderr[-1500:]
+        assert "203.0.113.11:22 is reachable" in done.stderr and "the command is not started" in done.stderr
+    _exempt_control(lab)
