@@ -264,7 +264,8 @@ def test_entrypoint_as_the_agent_starts_the_command_only_when_probe_passes(lab: 
             "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--",
             "sh", str(ROOT_DIR / "entrypoint.sh"), "touch", str(marker)]
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "PYTHONPATH": f"{ROOT_DIR}:{SITE}",
-           "EGRESSGUARD_STATUS": str(lab.status_file), "EGRESSGUARD_PROBE_TARGETS": "203.0.113.11:22,[2001:db8:2::11]:22"}
+           "EGRESSGUARD_STATUS": str(lab.status_file),
+           "EGRESSGUARD_PROBE_TARGETS": "203.0.113.11:22,[2001:db8:2::11]:22"}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=40, env=env, cwd="/")
     if guarded:
         assert done.returncode == 0 and marker.exists(), done.stderr[-1500:]
