@@ -232,12 +232,15 @@ def _fall_back_to_lockdown(
     holding_fence: bool,
 ) -> None:
     code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
+    state = "lockdown"
     try:
         backend.commit(lockdown)
         log.warning("lockdown_committed", reason=type(exc).__name__)
     except Exception as again:  # noqa: BLE001 - the original error is what gets reported
         # A fence this apply raised stays up: the confined uids reach nothing but loopback.
         log.error("lockdown_failed", error=str(again))
+        # The status must not claim a lockdown (DNS, replies) the kernel refused.
+        state = "fence" if holding_fence else "lockdown_failed"
     else:
         if holding_fence:  # the lockdown holds both families now
             try:
@@ -246,7 +249,7 @@ def _fall_back_to_lockdown(
                 log.warning("fence_not_lowered", error=str(again))
     if status_path is not None:
         try:
-            status_mod.write(status_path, out.status("lockdown", code, error=str(exc)))
+            status_mod.write(status_path, out.status(state, code, error=str(exc)))
         except Exception:  # noqa: BLE001
             pass
 
