@@ -212,7 +212,11 @@ def _op_dns(name: str, server: str, timeout: float, rdtype: str = "A", tcp: bool
     return Result("ok", detail=dns.rcode.to_text(r.rcode()), answer=addrs)
 
 
-def _op_ping(dest: str, timeout: float) -> Result:
+def _op_ping(dest: str, timeout: float, raw: bool = False) -> Result:
+    """ICMP echo through an unprivileged ping socket (needs the uid's gid in ping_group_range), or
+    through a raw socket as the ping binary does (`raw`: needs CAP_NET_RAW)."""
+    if raw:
+        return _ping_raw(dest, timeout)
     fam = _family(dest)
     proto = socket.IPPROTO_ICMPV6 if fam == socket.AF_INET6 else socket.IPPROTO_ICMP
     s = socket.socket(fam, socket.SOCK_DGRAM, proto)
@@ -222,6 +226,29 @@ def _op_ping(dest: str, timeout: float) -> Result:
         s.sendto(echo, (dest, 0))
         s.recv(256)
         return Result("ok")
+    finally:
+        s.close()
+
+
+def _ping_raw(dest: str, timeout: float) -> Result:
+    fam = _family(dest)
+    v6 = fam == socket.AF_INET6
+    s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    try:
+        echo = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"egressguard"
+        if not v6:  # the kernel fills in ICMPv6 checksums on raw sockets, not ICMPv4 ones
+            echo = echo[:2] + struct.pack("!H", _checksum(echo)) + echo[4:]
+        s.sendto(echo, (dest, 0))
+        deadline = time.monotonic() + timeout
+        while True:  # a raw socket sees every ICMP message: wait for the reply to this echo
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            data = s.recv(512)
+            if not v6:
+                data = data[(data[0] & 0x0F) * 4:]  # past the IPv4 header
+            kind, _, _, got_id, _ = struct.unpack("!BBHHH", data[:8])
+            if kind == (129 if v6 else 0) and got_id == ident:
+                return Result("ok", detail="raw socket")
     finally:
         s.close()
 
@@ -831,8 +858,9 @@ class Lab:
             timeout: float = 2.0) -> Result:
         return _run_probe(self.pod, uid, "dns", (name, server), {"rdtype": rdtype, "tcp": tcp}, timeout)
 
-    def ping(self, dest: str, uid: int = CONFINED, timeout: float = 2.0) -> Result:
-        return _run_probe(self.pod, uid, "ping", (dest,), {}, timeout)
+    def ping(self, dest: str, uid: int = CONFINED, timeout: float = 2.0, raw: bool = False, caps: int = 0) -> Result:
+        """ICMP echo; `raw` sends it through a raw socket (give the probe CAP_NET_RAW in `caps`)."""
+        return _run_probe(self.pod, uid, "ping", (dest,), {"raw": raw} if raw else {}, timeout, caps=caps)
 
     def exec_as(self, argv: list[str], uid: int = CONFINED, timeout: float = 10.0) -> Result:
         """Run a real client (curl, dig, nc...) in the pod as `uid`."""
