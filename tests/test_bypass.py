@@ -49,10 +49,10 @@ LINK_LOCAL_V4 = "169.254.1.1"  # added to the world for the link-local test
 METADATA = (METADATA_V4, "169.254.170.2", "100.100.100.200", METADATA_V6)
 CAP_NET_RAW_BIT = 1 << 13
 
-# Today's eth0 pod, a Multus-style net1 pod, and a pod with two interfaces (its second link carries
-# 203.0.113.12, 192.0.2.10 and 2001:db8:2::12, which the sweeps below try). Each test that builds its
-# own lab takes the next one in turn; the other suites take other names (tests/conftest.py).
-LAB_TOPOLOGIES = [{}, {"iface": "net1"}, {"iface": "veth1a2b3c4d", "second_iface": "tun0"}]
+# A Multus-style net1 pod, a pod with two interfaces (its second link carries 203.0.113.12, 192.0.2.10
+# and 2001:db8:2::12, which the sweeps below try), and the eth0 pod. Each test that builds its own lab
+# takes the next one in turn (tests/conftest.py); the other real-traffic suites take other names.
+LAB_TOPOLOGIES = [{"iface": "net1"}, {"iface": "veth1a2b3c4d", "second_iface": "tun0"}, {}]
 
 # The guarded pod's policy: one allowed TCP port on one host per family, broad allows that cover every
 # metadata endpoint (deny_metadata must still win), DNS to the pod's resolvers, port 80 redirected to
