@@ -246,8 +246,8 @@ def _ping_raw(dest: str, timeout: float) -> Result:
             data = s.recv(512)
             if not v6:
                 data = data[(data[0] & 0x0F) * 4:]  # past the IPv4 header
-            kind, _, _, got_id, _ = struct.unpack("!BBHHH", data[:8])
-            if kind == (129 if v6 else 0) and got_id == ident:
+            icmp_type, _, _, got_id, _ = struct.unpack("!BBHHH", data[:8])
+            if icmp_type == (129 if v6 else 0) and got_id == ident:
                 return Result("ok", detail="raw socket")
     finally:
         s.close()
