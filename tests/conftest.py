@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from egressguard.lab import Lab
+from egressguard.lab import Lab, topology_name
 
 _FIGURES: list[str] = []
 
@@ -35,17 +36,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    """A fresh pod + world pair for one test; removed afterwards, also on failure."""
-    with Lab() as built:
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A fresh pod + world pair for one test; removed afterwards, also on failure. Its shape is
+    `Lab()`'s unless the module lists LAB_TOPOLOGIES (see pytest_generate_tests)."""
+    with Lab(**getattr(request, "param", {})) as built:
         yield built
 
 
 @pytest.fixture(scope="module")
-def module_lab() -> Iterator[Lab]:
-    """One pod + world pair shared by a module's tests (for read-only probe batteries)."""
-    with Lab() as built:
+def module_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """One pod + world pair shared by a module's tests (for read-only probe batteries); one per
+    topology when the module lists LAB_TOPOLOGIES."""
+    with Lab(**getattr(request, "param", {})) as built:
         yield built
+
+
+_turns: dict[str, Iterator[int]] = {}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets LAB_TOPOLOGIES (a list of `Lab` keyword dicts) runs on each of them, sampled
+    so the run time stays small: every test that uses `module_lab` runs once per topology (one lab
+    built per topology), and each test that builds its own `lab` gets the next topology in turn."""
+    topologies = getattr(metafunc.module, "LAB_TOPOLOGIES", None)
+    if not topologies:
+        return
+    if "module_lab" in metafunc.fixturenames:
+        metafunc.parametrize("module_lab", topologies, ids=[topology_name(**t) for t in topologies],
+                             indirect=True, scope="module")
+    elif "lab" in metafunc.fixturenames:
+        turn = next(_turns.setdefault(metafunc.module.__name__, itertools.count()))
+        chosen = topologies[turn % len(topologies)]
+        metafunc.parametrize("lab", [chosen], ids=[topology_name(**chosen)], indirect=True)
 
 
 @pytest.fixture(scope="session")
