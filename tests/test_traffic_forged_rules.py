@@ -248,6 +248,25 @@ def test_a_forged_source_is_dropped_not_rejected(lab: Lab) -> None:
     assert res.outcome == "timeout"  # silence: the guard never answers a source that is not ours
 
 
+def _own_link_local(lab: Lab) -> str:
+    for _ in range(50):  # the link-local address is usable once duplicate address detection is done
+        info = json.loads(lab.in_pod("ip", "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link").stdout)
+        for a in info[0].get("addr_info", []) if info else []:
+            if a.get("local") and not a.get("tentative"):
+                return f"{a['local']}%eth0"
+        time.sleep(0.1)
+    raise RuntimeError("no usable link-local address in the pod")
+
+
+@CONFINE_MODES
+def test_every_address_the_pod_owns_counts_as_a_local_source(lab: Lab, confine: dict[str, Any]) -> None:
+    # xt_addrtype finds IPv6 sources by a route lookup: the pod's link-local, global and loopback
+    # addresses must all pass the source check (here as loopback traffic to the pod's own listener).
+    applied(lab, policy(confine=confine))
+    for dest in ("127.0.0.1", POD_V4, "::1", POD_V6, _own_link_local(lab)):
+        assert lab.tcp(dest, POD_LISTENER, uid=CONFINED, timeout=FAST).ok, dest
+
+
 @pytest.mark.parametrize(("family", "dest"), [(4, UNLISTED_V4), (6, UNLISTED_V6)], ids=["ipv4", "ipv6"])
 def test_under_confine_all_our_reset_still_reaches_the_local_client(lab: Lab, family: int, dest: str) -> None:
     # The reset REJECT sends back has the refused destination as its source, and is a kernel packet
