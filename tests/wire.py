@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egressguard.lab import ROOT, WORLD_V4, WORLD_V6, Lab, _become, _enter_netns, _libc
+from egressguard.lab import EXEMPT, WORLD_V4, WORLD_V6, Lab, _become, _enter_netns, _libc
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -134,6 +134,21 @@ def holds_address(addr: str) -> Callable[[Frame], bool]:
     source named in a membership report, an address quoted in an ICMP error."""
     packed = ipaddress.ip_address(addr).packed
     return lambda f: packed in f.l4
+
+
+def mld_groups(frame: Frame) -> list[str]:
+    """The multicast addresses an MLDv2 report (ICMPv6 type 143) names, one per group record."""
+    if frame.proto != 58 or frame.icmp_type != 143 or len(frame.l4) < 8:
+        return []
+    (count,) = struct.unpack_from("!H", frame.l4, 6)
+    groups, pos = [], 8
+    for _ in range(min(count, 512)):
+        if pos + 20 > len(frame.l4):
+            break  # cut at SNAPLEN
+        _, aux, sources = struct.unpack_from("!BBH", frame.l4, pos)
+        groups.append(socket.inet_ntop(socket.AF_INET6, frame.l4[pos + 4:pos + 20]))
+        pos += 20 + 16 * sources + 4 * aux
+    return groups
 
 
 class WireCapture:
@@ -240,12 +255,12 @@ class WireCapture:
             time.sleep(0.01)
 
     def barrier(self, lab: Lab, timeout: float = 3.0) -> None:
-        """Send one UDP datagram from the pod (root) to the world and wait until the capture has it:
+        """Send one UDP datagram from the pod (the exempt uid: root is confined under `confine: all`) to the world and wait until the capture has it:
         frames the pod sent before this point have then been delivered and read. Raises if it never
         arrives, since a capture that misses it cannot vouch for an absence either."""
         marker = new_marker()
         for addr in (WORLD_V6, WORLD_V4):
-            in_pod(lab, ROOT, _send_udp, addr, 9, marker.decode())
+            in_pod(lab, EXEMPT, _send_udp, addr, 9, marker.decode())
         if not self.wait_for(marker, timeout):
             raise AssertionError(f"capture barrier: the pod's sentinel never reached {self.iface}")
 
