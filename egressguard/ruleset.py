@@ -46,9 +46,10 @@ _ANY_USER = "0-4294967294"
 _MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE = "143", "131", "132"
 _SOLICITED_NODE = "ff02::1:ff00:0/104"
 _MLD_LIMIT, _MLD_BURST = "10/sec", 20
-# Reports with up to this many records pass: the kernel merges the joins of a pod's link-local and
-# global address into one report (seen by capture), more records are one more 24-bit choice each.
-_MLD_MAX_RECORDS = 2
+# Reports with up to this many records pass. The kernel merges pending joins into one report: a
+# pod with a link-local and a global address that adds a third sent 3 records (seen by capture);
+# each record is one more 24-bit choice for a process that joins groups itself.
+_MLD_MAX_RECORDS = 4
 
 
 def _mld_report_u32(records: int) -> tuple[str, ...]:
