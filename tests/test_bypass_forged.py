@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
-
 import forge
-from egressguard.lab import CONFINED, EXEMPT, POD_V4, POD_V6, RESOLVER_V6, ROOT, WORLD_V4, WORLD_V6, Lab
+import pytest
 from egtraffic import applied
 from wire import Frame, Match, WireCapture, holds_address, in_pod, mld_groups, new_marker, new_port, port_is
+
+from egressguard.lab import CONFINED, EXEMPT, POD_V4, POD_V6, RESOLVER_V6, ROOT, WORLD_V4, WORLD_V6, Lab
 
 pytestmark = pytest.mark.netns
 
@@ -147,11 +148,12 @@ class Judge:
         self.lab, self.cap = lab, cap
         self.leaks: list[str] = []
 
-    def control(self, what: str, uid: int, fn: Callable[..., Any], *args: Any, match: Match,
-                timeout: float = 3.0, lab: Lab | None = None) -> list[Frame]:
+    def control(self, what: str, uid: int, fn: Callable[..., Any] | None, *args: Any, match: Match,
+                timeout: float = 3.0) -> list[Frame]:
         """The same attempt from `uid` must put frames carrying its marker on the wire: else the
-        capture cannot vouch for this channel, and the attempt's silence would prove nothing."""
-        said = in_pod(lab or self.lab, uid, fn, *args) if fn is not None else None
+        capture cannot vouch for this channel, and the attempt's silence would prove nothing
+        (fn None: the frames were sent by an earlier control's probe)."""
+        said = in_pod(self.lab, uid, fn, *args) if fn is not None else None
         seen = self.cap.wait_for(match, timeout)
         assert seen, f"{what}: control (uid {uid}) put nothing on the wire ({said}); the capture proves nothing here"
         TALLY.controls += 1
@@ -372,7 +374,7 @@ def test_neighbour_discovery_and_dad_keep_working(pod: Lab) -> None:
             assert _addr_state(pod, fresh) == "ok", f"DAD did not complete: {_addr_state(pod, fresh)}"
             assert pod.world_probe("tcp", fresh, 8443, timeout=3.0).ok, "the new address does not answer the world"
         finally:
-            subprocess.run(["ip", "-n", pod.pod, "addr", "del", f"{fresh}/64", "dev", iface(pod)], capture_output=True,
+            subprocess.run(["ip", "-n", pod.pod, "addr", "del", f"{fresh}/64", "dev", iface(pod)], check=False, capture_output=True,
                            timeout=10)
 
 
@@ -403,8 +405,6 @@ def _snooping_bridge(lab: Lab, peer: str) -> None:
 
 
 def _connect(addr: str) -> str:
-    import socket
-
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
         s.settimeout(1.0)
         s.connect((addr, 8443))
@@ -416,7 +416,7 @@ def _peer_reaches(lab: Lab, peer: str, addr: str, seconds: float) -> bool:
     retrying with a fresh neighbour cache until `seconds` have passed."""
     deadline = time.monotonic() + seconds
     for _ in range(100):
-        subprocess.run(["ip", "-n", peer, "-6", "neigh", "flush", "all"], capture_output=True, timeout=10)
+        subprocess.run(["ip", "-n", peer, "-6", "neigh", "flush", "all"], check=False, capture_output=True, timeout=10)
         said = in_pod(lab, ROOT, _connect, addr, netns=peer, timeout=3.0)
         if isinstance(said, str) and said.startswith("pod "):
             return True
@@ -463,7 +463,7 @@ def test_neighbour_discovery_works_behind_a_snooping_switch(policy: str) -> None
             assert _add_address(lab, hidden) == "ok"
             assert not _peer_reaches(lab, peer, hidden, 3.0), "control: the switch forwarded to an unreported group"
         finally:
-            subprocess.run(["ip", "netns", "del", peer], capture_output=True, timeout=10)
+            subprocess.run(["ip", "netns", "del", peer], check=False, capture_output=True, timeout=10)
 
 
 # -- 6. the redirect target ------------------------------------------------------------------------
