@@ -6,6 +6,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from egressguard.backends.xtables_raw import Entry
 from egressguard.ruleset import AddressSet, Chain, Family, Ruleset
 
 
@@ -20,6 +21,11 @@ class InstalledTable:
     chains: tuple[Chain, ...]  # owned chains, as decoded from the kernel
     counters: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # chain -> (packets, bytes)
     foreign_output_rules: int = 0  # rules in OUTPUT that are not ours
+    # Byte-level read-back (only when read() was given the ruleset meant): chain -> the kernel's
+    # entries ("OUTPUT": our jumps only), and the same chains as this back end encodes the ruleset
+    # meant (a str where a rule could not be encoded: why).
+    entries: dict[str, tuple[Entry, ...]] | None = None
+    encoded: dict[str, tuple[Entry | str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,9 +58,10 @@ class Backend(abc.ABC):
         kernel refuses."""
 
     @abc.abstractmethod
-    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         """Read back what egressguard owns (and the position of its jumps). A set found to hold
-        exactly one of `expect` is reported as that very object (compared, not copied)."""
+        exactly one of `expect` is reported as that very object (compared, not copied). Given
+        `want`, each table also carries its entries byte for byte and `want` as encoded for them."""
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""
