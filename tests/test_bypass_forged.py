@@ -24,7 +24,6 @@ from typing import Any
 
 import forge
 import pytest
-from egtraffic import applied
 from wire import Frame, Match, WireCapture, holds_address, in_pod, mld_groups, new_marker, new_port, port_is
 
 from egressguard.lab import CONFINED, EXEMPT, POD_V4, POD_V6, RESOLVER_V6, ROOT, WORLD_V4, WORLD_V6, Lab
@@ -70,6 +69,9 @@ def _policy(confine_all: bool, loopback: Any, action: str) -> dict[str, Any]:
 # Each policy's pod gets another interface name (as deployments name them) once the lab can name it.
 POLICY_IFACE = {"uids-allow-reject": "eth0", "uids-ports-reject": "veth1a2b3c4d", "all-allow-drop": "net1",
                 "all-deny-reject": "tun0", "all-deny-drop": "tap-0123456789a"}
+# ...and a firewall back end, where the CLI has more than one ($EGRESSGUARD_BACKEND; ignored otherwise).
+POLICY_BACKEND = {"uids-allow-reject": "iptables", "uids-ports-reject": "nftables", "all-allow-drop": "nftables",
+                  "all-deny-reject": "iptables", "all-deny-drop": "nftables"}
 WORLD_IFACE = "eth0w"  # the world's end of the pod's link, whatever the pod calls its end
 
 
@@ -98,11 +100,13 @@ class Tally:
     controls: int = 0
     through: list[str] = field(default_factory=list)
     mld: dict[str, float] = field(default_factory=dict)
+    setups: set[str] = field(default_factory=set)  # back end / pod interface of every guarded pod
 
     def line(self) -> str:
         mld = ", ".join(f"{k} {v:.0f} B/s" for k, v in self.mld.items())
         return (f"forged: {len(self.through)} of {self.attempts} attempts reached the world; "
-                f"{self.controls} controls reached it" + (f"; MLD chosen-group bits left: {mld}" if mld else ""))
+                f"{self.controls} controls reached it; pods: {', '.join(sorted(self.setups))}"
+                + (f"; MLD chosen-group bits left: {mld}" if mld else ""))
 
 
 TALLY = Tally()
@@ -126,8 +130,17 @@ def pod(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """A pod under POLICIES[param] (one lab per policy, shared by the tests that use it)."""
     with new_lab(POLICY_IFACE[request.param]) as lab:
         _lab_with_low_ports(lab)
-        applied(lab, POLICIES[request.param])
+        guard(lab, request.param)
         yield lab
+
+
+def guard(lab: Lab, name: str) -> None:
+    """Apply POLICIES[name] with its back end; note which back end the status file says was used."""
+    path = lab.write_policy(POLICIES[name])
+    done = lab.egressguard("apply", "--policy", str(path), env={"EGRESSGUARD_BACKEND": POLICY_BACKEND[name]})
+    assert done.returncode == 0, f"apply exited {done.returncode}: {done.stderr[-2000:]}"
+    status = json.loads(lab.status_file.read_text())
+    TALLY.setups.add(f"{status.get('backend', 'iptables')}/{iface(lab)}")
 
 
 @pytest.fixture(scope="module")
@@ -445,7 +458,7 @@ def test_neighbour_discovery_works_behind_a_snooping_switch(policy: str) -> None
         peer = f"{lab.pod}-peer"
         try:
             _snooping_bridge(lab, peer)
-            applied(lab, POLICIES[policy])
+            guard(lab, policy)
             # until the querier has run, the bridge floods nowhere: bounded wait for the first answer
             assert _peer_reaches(lab, peer, POD_V6, 20.0), "the peer never found the pod's address"
             fresh = "2001:db8:100::a1"
