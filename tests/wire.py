@@ -5,9 +5,9 @@ that has entered the lab's world namespace. It records every frame the world REC
 interface (frames the world itself sends, PACKET_OUTGOING, are left out), whatever any firewall or
 socket on either side made of it: a frame that is here reached the world.
 
-Bounded: at most MAX_FRAMES frames and MAX_BYTES bytes are kept (each frame cut to SNAPLEN bytes);
-past either cap the child stops recording and says so (`cap.truncated`), so a test that relies on
-"no frame" cannot pass on a capture that stopped early. The child is stopped by a message on a pipe
+Bounded: at most MAX_FRAMES frames and MAX_BYTES bytes are kept (each frame cut to SNAPLEN bytes),
+for at most MAX_SECONDS; past a cap the child stops recording and says so (`cap.truncated`), and
+`barrier` fails, so a test that relies on "no frame" cannot pass on a capture that stopped early. The child is stopped by a message on a pipe
 and reaped on exit, also when the test fails; it dies with the test process (PR_SET_PDEATHSIG).
 
     with WireCapture(lab, "eth0w") as cap:
@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from egressguard.lab import EXEMPT, WORLD_V4, WORLD_V6, Lab, _become, _enter_netns, _libc
 
@@ -39,6 +39,7 @@ PACKET_OUTGOING = 4
 SNAPLEN = 2048
 MAX_FRAMES = 50_000
 MAX_BYTES = 32 * 1024 * 1024
+MAX_SECONDS = 300  # a capture nobody stopped ends by itself
 _PR_SET_PDEATHSIG = 1
 _RECORD = struct.Struct("!dI")  # capture time, frame length; then the frame
 
@@ -163,7 +164,7 @@ class WireCapture:
         self._offset = 0
         self._stop_w = -1
 
-    def __enter__(self) -> WireCapture:
+    def __enter__(self) -> Self:
         self.path.write_bytes(b"")
         ready_r, ready_w = os.pipe()
         stop_r, stop_w = os.pipe()
@@ -261,8 +262,9 @@ class WireCapture:
         marker = new_marker()
         for addr in (WORLD_V6, WORLD_V4):
             in_pod(lab, EXEMPT, _send_udp, addr, 9, marker.decode())
-        if not self.wait_for(marker, timeout):
-            raise AssertionError(f"capture barrier: the pod's sentinel never reached {self.iface}")
+        if not self.wait_for(marker, timeout) or self.truncated:
+            raise AssertionError(f"capture barrier: the pod's sentinel never reached {self.iface}"
+                                 + (" (the capture hit a cap)" if self.truncated else ""))
 
 
 def _capture(iface: str, path: str, ready_fd: int, stop_fd: int) -> None:
@@ -296,13 +298,15 @@ def _capture(iface: str, path: str, ready_fd: int, stop_fd: int) -> None:
                 frames, size = frames + 1, size + len(data)
                 out.write(_RECORD.pack(time.time(), len(data)) + data)
 
-        while True:
+        deadline = time.monotonic() + MAX_SECONDS
+        while time.monotonic() < deadline:
             readable, _, _ = select.select([sock, stop_fd], [], [], 1.0)
             if sock in readable:
                 drain()
             if stop_fd in readable:
                 drain()
                 return
+        out.write(_RECORD.pack(time.time(), 0xFFFFFFFF))
 
 
 # -- running code in the pod as a uid -------------------------------------------------------------
