@@ -7,7 +7,7 @@ functions from outside, so the product carries no fault hooks.
 Points (KIND is lockdown or policy): fence:raise:before|after (the routing fence, both families in
 one system call), KIND:start, KIND:ipv4:filter:before|after (around the libiptc commit of one table,
 inside the worker), KIND:ipv4:committed (between the families), KIND:done, fence:lower:before|after,
-resolve, verify, status.
+resolve, verify, status. POINT `none` arms nothing to kill (with EG_FAULT_TRACE: a timing run).
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ import sys
 MAIN = os.getpid()
 POINT = sys.argv[1]
 FIRED = os.environ.get("EG_FAULT_FIRED")  # a file created just before the kill, so the test knows it fired
+TRACE = os.environ.get("EG_FAULT_TRACE")  # a file that gets "POINT MONOTONIC_TIME" per point passed
 
 
 def hit(name: str) -> None:
+    if TRACE:
+        import time  # noqa: PLC0415
+
+        with open(TRACE, "a") as fh:
+            fh.write(f"{name} {time.monotonic():.6f}\n")
     if name == POINT:
         if FIRED:
             with open(FIRED, "w") as fh:

@@ -44,7 +44,7 @@ OUTSIDE = (("tcp", "203.0.113.12", 22), ("tcp", "203.0.113.12", 80), ("udp", "19
 _POLICY_POINTS = (
     "policy:start", "policy:ipv4:filter:before", "policy:ipv4:filter:after", "policy:ipv4:nat:before",
     "policy:ipv4:nat:after", "policy:ipv4:committed", "policy:ipv6:filter:before", "policy:ipv6:filter:after",
-    "policy:ipv6:nat:after", "policy:done",
+    "policy:ipv6:nat:before", "policy:ipv6:nat:after", "policy:done",
 )
 # A first apply of A (nothing to resolve) holds the routing fence while the policy goes in; one of B
 # (a host entry, so apply must query DNS) commits the lockdown first and lowers the fence before resolving.
@@ -67,6 +67,11 @@ EMPTY_TABLES = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT AC
                 "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
 
 _tally: dict[str, int] = {"named": 0, "timed": 0, "escapes": 0, "fenced": 0, "before_first_change": 0, "restored": 0}
+# Where the timed kills of a first apply landed, judged by the state each left: nothing changed yet,
+# the fence up with no family / one family / both families in, or the guard complete (fence lowered).
+_windows: dict[str, int] = {"before any change": 0, "fence only": 0, "fence + one family": 0,
+                            "fence + both families": 0, "guarded": 0}
+MIN_INSIDE_THE_FENCE = 6  # timed kills of a first apply that must land while the fence holds
 
 
 class Bed:
@@ -86,6 +91,32 @@ class Bed:
         start = time.monotonic()
         assert lab.apply(self.paths["A"]).returncode == 0
         self.full_run_s = time.monotonic() - start
+        self.blank()
+        self.blank_dump = lab.ruleset_dump()
+        # Positive control: every OUTSIDE probe reaches the world without the guard, so `escapes`
+        # would see an escape (a dead server would look like a block).
+        missing = set(OUTSIDE) - {o for o in OUTSIDE if self._reaches(*o)}
+        assert not missing, f"the world does not answer {missing}: escapes could not be seen"
+
+    def _reaches(self, proto: str, dest: str, port: int, uid: int = 1000) -> bool:
+        r: Result = (self.lab.tcp if proto == "tcp" else self.lab.udp)(dest, port, uid=uid, timeout=0.5)
+        return r.ok and str(r.answer).startswith("world")
+
+    def timing(self, name: str) -> dict[str, float]:
+        """When each point of a whole apply comes, in seconds after the process is spawned (one run
+        of the harness with nothing armed; the timed kills run the same harness)."""
+        trace = self.lab.workdir / "trace"
+        trace.unlink(missing_ok=True)
+        start = time.monotonic()
+        done = subprocess.run(self.argv(name, "none"), capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "EG_FAULT_TRACE": str(trace)})
+        assert done.returncode == 0, done.stderr[-800:]
+        points: dict[str, float] = {}
+        for line in trace.read_text().splitlines():
+            point, at = line.rsplit(" ", 1)
+            points.setdefault(point, float(at) - start)
+        points["end"] = time.monotonic() - start
+        return points
 
     def argv(self, name: str, harness_point: str | None = None) -> list[str]:
         head = [sys.executable, str(HARNESS), harness_point] if harness_point else [sys.executable, "-m", "egressguard"]
@@ -123,12 +154,16 @@ class Bed:
                 got.append(f"{proto} {dest}:{port} -> {r.answer}")
         return got
 
-    def check_after_kill(self, fresh: bool, what: str) -> None:
+    def check_after_kill(self, fresh: bool, what: str) -> str:
+        """Check what a killed apply left, and say where it was killed (see _windows)."""
         families = self.guarded_families()
         fenced = self.fenced()
         if fresh and not families and not fenced:
-            _tally["before_first_change"] += 1  # killed before its first kernel change: nothing to hold
-            return
+            # Killed before its first kernel change: nothing may have changed at all (the agent never
+            # starts: the apply did not exit 0).
+            assert self.lab.ruleset_dump() == self.blank_dump, f"{what}: no fence, no guard, but the tables changed"
+            _tally["before_first_change"] += 1
+            return "before any change"
         if families != {4, 6}:
             # Killed during a first apply's first commits: the routing fence, raised for both families
             # in one system call before them, holds whatever family they have not reached yet.
@@ -137,6 +172,9 @@ class Bed:
         leaks = self.escapes({4, 6})
         _tally["escapes"] += len(leaks)
         assert not leaks, f"{what}: {leaks}"
+        if not fenced:
+            return "guarded"
+        return {0: "fence only", 1: "fence + one family", 2: "fence + both families"}[len(families)]
 
     def restore_and_check(self, name: str, what: str) -> None:
         done = subprocess.run(self.argv(name), capture_output=True, text=True, timeout=60)
@@ -207,41 +245,56 @@ def test_sigkill_at_named_point_of_a_reapply(bed: Bed, point: str) -> None:
 
 
 def _kill_after(bed: Bed, victim: str, delay: float) -> None:
-    proc = subprocess.Popen(bed.argv(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The harness with nothing armed: the same start-up as the timing run the delays come from.
+    proc = subprocess.Popen(bed.argv(victim, "none"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)  # our own child, by its pid
     proc.wait(timeout=30)
     time.sleep(0.05)  # the worker child dies with its parent (PR_SET_PDEATHSIG)
 
 
-def test_sigkill_at_timed_instants_over_a_first_apply(bed: Bed) -> None:
-    span = bed.full_run_s * 1.05
-    for i in range(TIMED_KILLS_PER_SCENARIO):
-        delay = span * i / (TIMED_KILLS_PER_SCENARIO - 1)
+def _kill_delays(points: dict[str, float], first: str, last: str) -> list[float]:
+    """Kill instants spread over where the kernel work happens (from just before `first` to just
+    after `last`), not over the whole run: most of a run is Python starting, before any change."""
+    lo, hi = max(0.0, points[first] - 0.01), points[last] + 0.01
+    return [lo + (hi - lo) * i / (TIMED_KILLS_PER_SCENARIO - 1) for i in range(TIMED_KILLS_PER_SCENARIO)]
+
+
+def test_sigkill_at_timed_instants_over_a_first_apply(bed: Bed, figures: list[str]) -> None:
+    bed.blank()
+    points = bed.timing("A")
+    for i, delay in enumerate(_kill_delays(points, "fence:raise:before", "fence:lower:after")):
         bed.blank()
         _kill_after(bed, "A", delay)
         _tally["timed"] += 1
-        what = f"first apply killed after {delay:.3f}s of {bed.full_run_s:.3f}s"
-        bed.check_after_kill(fresh=True, what=what)
+        what = f"first apply killed after {delay:.3f}s (fence raised at {points['fence:raise:before']:.3f}s)"
+        _windows[bed.check_after_kill(fresh=True, what=what)] += 1
         if i % EXACT_CHECK_EVERY == 0:
             bed.restore_and_check("A", what)
+    figures.append("faults: first-apply timed kills landed: " + ", ".join(f"{k} {v}" for k, v in _windows.items()))
+    inside = _windows["fence only"] + _windows["fence + one family"] + _windows["fence + both families"]
+    assert inside >= MIN_INSIDE_THE_FENCE, f"only {inside} kills landed while the fence held: {_windows}"
 
 
 def test_sigkill_at_timed_instants_over_a_reapply(bed: Bed) -> None:
     bed.blank()
     assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
+    points = bed.timing("B")  # a re-apply A->B (B resolves a name, then commits)
+    assert subprocess.run(bed.argv("A"), capture_output=True, timeout=60).returncode == 0
     installed = "A"
-    span = bed.full_run_s * 1.05
-    for i in range(TIMED_KILLS_PER_SCENARIO):
+    changed = 0
+    for i, delay in enumerate(_kill_delays(points, "resolve", "verify")):
         victim = "B" if installed == "A" else "A"
-        delay = span * i / (TIMED_KILLS_PER_SCENARIO - 1)
+        before = bed.lab.ruleset_dump()
         _kill_after(bed, victim, delay)
+        changed += bed.lab.ruleset_dump() != before
         _tally["timed"] += 1
         what = f"re-apply {installed}->{victim} killed after {delay:.3f}s"
         bed.check_after_kill(fresh=False, what=what)
         if i % EXACT_CHECK_EVERY == 0 or i == TIMED_KILLS_PER_SCENARIO - 1:
             bed.restore_and_check(victim, what)
         installed = victim  # or a mix of both policies, per table: a fine starting point for the next kill
+    assert changed >= MIN_INSIDE_THE_FENCE, f"only {changed} of the re-apply kills came after a kernel change"
 
 
 def test_two_applies_at_once_both_finish_with_exactly_one_policy(bed: Bed) -> None:
