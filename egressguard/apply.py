@@ -145,9 +145,13 @@ def apply(
         if first:
             # Deny first: nothing guarded yet, so close the confined uids' egress before anything
             # slow or fallible. The fence closes both families in one system call.
-            with clock("fence_raise"):
-                fenced = _raise_fence(policy)
-            if fenced and not hosts_of(policy):
+            fenced = False
+            if not backend.atomic_families:  # one commit for both families needs no fence
+                with clock("fence_raise"):
+                    fenced = _raise_fence(policy)
+            if backend.atomic_families and not hosts_of(policy):
+                pass  # nothing to resolve: the policy itself closes both families in its one commit
+            elif fenced and not hosts_of(policy):
                 # Nothing to resolve: the fence holds while the policy itself goes in, so no
                 # separate lockdown commit is needed (the fault suite kills apply at every step).
                 holding_fence = out.fence_first = True

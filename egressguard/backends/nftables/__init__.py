@@ -1,0 +1,112 @@
+"""The nftables back end: `table inet egressguard`, both families in one libnftables transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from egressguard.backends import Backend, Installed
+from egressguard.backends.nftables import decode, render
+from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable
+from egressguard.ruleset import AddressSet, Ruleset
+
+log = structlog.get_logger("egressguard")
+
+CAP_NET_ADMIN = 12
+_LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def legacy_tables_in_use() -> list[str]:
+    """x_tables tables this namespace has created (where an iptables-backend apply left objects)."""
+    found = []
+    for path in _LEGACY_NAMES:
+        try:
+            with open(path) as fh:
+                found += [f"{'ip6' if '6' in path else 'ip'}tables {n}" for n in fh.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+class NftablesBackend(Backend):
+    name = "nftables (libnftables)"
+    atomic_families = True
+
+    def __init__(self) -> None:
+        self._checked = False
+
+    def preflight(self) -> None:
+        """Exit 3 unless the kernel accepts an nf_tables transaction in this namespace. The check is
+        a real one: `add table` sent in check mode (nft -c), which the kernel validates, with the
+        caller's capabilities over this namespace, and then aborts. Changes nothing."""
+        if self._checked:
+            return
+        if not _effective_caps() >> CAP_NET_ADMIN & 1:
+            raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
+        try:
+            with Nft() as nft:
+                nft.run(f"add table {render.TABLE}", dry_run=True)
+        except NftablesError as exc:
+            raise NftablesUnavailable(f"the kernel refused an nf_tables transaction in this namespace: {exc}") from None
+        self._checked = True
+
+    def commit(self, ruleset: Ruleset) -> None:
+        with Nft() as nft:
+            before = decode.existing(nft.list_json(f"table {render.TABLE}"))
+            new_sets = render.new_sets_script(ruleset, before)
+            rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
+            try:
+                if new_sets:
+                    nft.run(new_sets)
+                if rules:
+                    nft.run(rules)
+            except NftablesError as exc:
+                raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
+        if legacy_tables_in_use():
+            self._remove_iptables_objects(removing_everything=not any(t.chains for t in ruleset.tables))
+
+    def _remove_iptables_objects(self, removing_everything: bool) -> None:
+        """An upgrade from the iptables back end: its chains, jumps and ipsets go once ours are in
+        force (reset: they go as well). Failing here leaves only more restriction behind."""
+        try:
+            from egressguard.apply import build_empty  # noqa: PLC0415
+            from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+
+            legacy = IptablesBackend()
+            if any(t.chains or t.jump_positions for t in legacy.read().tables) or removing_everything:
+                legacy.commit(build_empty())
+                log.info("iptables_objects_removed")
+        except Exception as exc:  # noqa: BLE001
+            if removing_everything:
+                raise
+            log.warning("iptables_objects_not_removed", error=str(exc))
+
+    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+        with Nft() as nft:
+            return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
+
+    def other_firewalls(self) -> list[str]:
+        found = []
+        try:
+            with Nft() as nft:
+                tables = [f"{t['table']['family']} {t['table']['name']}" for t in nft.list_json("tables")]
+        except Exception as exc:  # noqa: BLE001 - a note in `status`, never a reason to fail
+            found.append(f"nftables: could not be read ({type(exc).__name__}: {exc})")
+        else:
+            others = [t for t in tables if t != render.TABLE]
+            if others:
+                found.append(f"nftables tables: {', '.join(others)} (their rules apply as well: "
+                             "a packet any of them drops is dropped, whatever egressguard allows)")
+        legacy = legacy_tables_in_use()
+        if legacy:
+            found.append(f"legacy x_tables: {', '.join(legacy)} (their rules apply as well)")
+        return found
