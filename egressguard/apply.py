@@ -280,4 +280,4 @@ def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOL
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
-    return differences(want, backend.read())
+    return differences(want, backend.read(expect=want.sets))
