@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
 from typing import Any
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
 
 LIBRARY = "libnftables.so.1"
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
-_OUTPUT_HANDLE = 1 << 3  # NFT_CTX_OUTPUT_HANDLE
+_NETLINK_NETFILTER = 12
 
 _lib: Any = None
 
@@ -53,6 +54,7 @@ class Nft:
 
     def __init__(self) -> None:
         self.lib = load()
+        _netlink_usable()
         self.ctx = self.lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
         if not self.ctx:
             raise NftablesUnavailable("nft_ctx_new failed")
@@ -92,6 +94,15 @@ class Nft:
         if not text.strip():
             return []
         return [o for o in json.loads(text).get("nftables", []) if "metainfo" not in o]
+
+
+def _netlink_usable() -> None:
+    """libnftables exit()s the whole process (status 3, a message on stderr) when it cannot open
+    its netlink socket (nft_ctx_new -> mnl.c netlink_init_error): try the same socket first."""
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER).close()
+    except OSError as exc:
+        raise NftablesUnavailable(f"no nf_tables netlink socket in this process: {exc.strerror or exc}") from None
 
 
 def _first_error(err: str) -> str:
