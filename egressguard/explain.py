@@ -8,8 +8,11 @@ Order of decision, for a new connection from `uid` to `destination:port/protocol
   confined TCP to a `redirect` port, not to a local address, nor to a `deny` entry, nor (with
   `deny_metadata`) to a metadata endpoint -> sent to the local proxy port (then judged as a
   connection to that loopback port: only `deny` can still refuse it);
-  `deny_metadata` -> `deny[i]` -> `loopback` -> the redirect targets on loopback -> `dns`
+  `deny_metadata` -> `deny[i]` -> `loopback` -> the redirect targets on loopback (only for a
+  connection that was redirected: a direct one to the proxy port is loopback traffic) -> `dns`
   -> `allow[i]` -> `default` (refused). `deny` wins over everything, the redirect included.
+`deny_metadata` and every IPv4 `deny` entry also cover their IPv4-embedded forms in the well-known
+NAT64 prefix 64:ff9b::/96 (RFC 6052): 64:ff9b::a9fe:a9fe is 169.254.169.254 behind a NAT64.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK_NETS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 # Where the kernel's REDIRECT sends a locally generated connection.
 REDIRECT_TARGETS = {4: "127.0.0.1", 6: "::1"}
+# RFC 6052's well-known prefix: a NAT64 gateway carries 64:ff9b::a.b.c.d to IPv4 a.b.c.d.
+NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,25 @@ def _entry_matches(entry: AllowEntry | DenyEntry, facts: Facts, addr: IpAddress,
     return any(addr == ipaddress.ip_address(a) for a in facts.hosts.get(entry.host or "", ()))
 
 
+def _denied_forms(addr: IpAddress) -> list[IpAddress]:
+    """The address, and for one in the NAT64 prefix the IPv4 host it stands for: `deny` and
+    `deny_metadata` refuse both."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr in NAT64_WELL_KNOWN:
+        return [addr, ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)]
+    return [addr]
+
+
+def _is_denied(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, proto: str) -> str | None:
+    """The line that refuses addr:port/proto whatever else the policy says, if one does."""
+    forms = _denied_forms(addr)
+    if policy.deny_metadata and any(_in_any(a, METADATA_CIDRS) for a in forms):
+        return "deny_metadata"
+    for i, entry in enumerate(policy.deny):
+        if any(_entry_matches(entry, facts, a, port, proto) for a in forms):
+            return f"deny[{i}]"
+    return None
+
+
 def _confined(policy: Policy, uid: int) -> str | None:
     """None if `uid` is confined, else the line that frees it."""
     if uid in policy.exempt.uids:
@@ -102,20 +126,19 @@ def _confined(policy: Policy, uid: int) -> str | None:
     return None
 
 
-def _filter(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, proto: str) -> Verdict:
+def _filter(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, proto: str,
+            redirected: bool = False) -> Verdict:
     """What confined traffic to addr:port/proto meets once routed (after any redirect)."""
     refuse = policy.action
-    if policy.deny_metadata and _in_any(addr, METADATA_CIDRS):
-        return Verdict("refuse", "deny_metadata", refuse)
-    for i, entry in enumerate(policy.deny):
-        if _entry_matches(entry, facts, addr, port, proto):
-            return Verdict("refuse", f"deny[{i}]", refuse)
+    denied = _is_denied(policy, facts, addr, port, proto)
+    if denied:
+        return Verdict("refuse", denied, refuse)
     if _in_any(addr, facts.local):
         if policy.loopback == "allow":
             return Verdict("allow", "loopback")
         if isinstance(policy.loopback, list) and proto in ("tcp", "udp") and port in policy.loopback:
             return Verdict("allow", "loopback")
-    if proto == "tcp" and str(addr) == REDIRECT_TARGETS[addr.version]:
+    if redirected and proto == "tcp" and str(addr) == REDIRECT_TARGETS[addr.version]:
         for i, r in enumerate(policy.redirect):
             if port == r.to_port:
                 return Verdict("allow", f"redirect[{i}]")
@@ -136,13 +159,12 @@ def evaluate(policy: Policy, facts: Facts, probe: Probe) -> Verdict:
     notes: tuple[str, ...] = ()
     if probe.port is None and probe.protocol != "icmp":
         notes = ("no port given: entries limited to ports, dns and redirect were not considered",)
-    metadata = policy.deny_metadata and _in_any(addr, METADATA_CIDRS)
-    denied = any(_entry_matches(e, facts, addr, probe.port, "tcp") for e in policy.deny)
-    if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not metadata and not denied:
+    denied = _is_denied(policy, facts, addr, probe.port, "tcp")
+    if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not denied:
         for i, r in enumerate(policy.redirect):
             if probe.port in r.ports:
                 target = ipaddress.ip_address(REDIRECT_TARGETS[addr.version])
-                then = _filter(policy, facts, target, r.to_port, "tcp")
+                then = _filter(policy, facts, target, r.to_port, "tcp", redirected=True)
                 if then.verdict == "refuse":
                     return Verdict("refuse", then.line, then.action, notes=(f"redirected by redirect[{i}] first",))
                 return Verdict("redirect", f"redirect[{i}]", to_port=r.to_port)

@@ -34,11 +34,60 @@ _SET_NAME_MAX = 31  # ipset names hold at most 31 bytes
 
 # A multiport match takes at most 15 ports.
 _MULTIPORT_MAX = 15
-# IPv6 neighbour discovery (RS, RA, NS, NA) and MLDv2 reports the kernel sends for itself.
+# IPv6 neighbour discovery (RS, RA, NS, NA) the kernel sends for itself.
 _NDP_TYPES = ("133", "134", "135", "136")  # router solicitation, advertisement; neighbour solicitation, advertisement
-_MLD_REPORT = "143"
 # Uids of user processes: `! --uid-owner` over the whole range matches only socketless (kernel) packets.
 _ANY_USER = "0-4294967294"
+
+# Multicast membership reports are socketless, and any process may join groups of its choice: the
+# kernel then announces them. Only IPv6 needs reports (for the solicited-node groups of its own
+# addresses, so that a snooping switch forwards neighbour solicitations): those pass when every
+# record announces one solicited-node group (ff02::1:ff00:0/104) with no sources, at a bounded rate.
+_MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE = "143", "131", "132"
+_SOLICITED_NODE = "ff02::1:ff00:0/104"
+_MLD_LIMIT, _MLD_BURST = "10/sec", 20
+# Reports with up to this many records pass. The kernel merges pending joins into one report: a
+# pod with a link-local and a global address that adds a third sent 3 records (seen by capture);
+# each record is one more 24-bit choice for a process that joins groups itself.
+_MLD_MAX_RECORDS = 4
+
+
+def _mld_report_u32(records: int) -> tuple[str, ...]:
+    """u32 tests (offsets from the IPv6 header) for an MLDv2 report exactly as the kernel builds it:
+    hop-by-hop header of 8 bytes (router alert) at 40, ICMPv6 at 48, records of 20 bytes from 56,
+    each a join, leave or current state (type 2, 3, 4) without aux data or sources, for a
+    solicited-node group. Printed as ip6tables-save prints u32 (hex), so the read-back compares equal.
+    A u32 match holds at most 10 tests: one match per record, the header tests in the first."""
+    head = [
+        f"0x4>>0x10={_hex(16 + 20 * records)}",  # payload length: hop-by-hop 8 + MLD header 8 + records
+        "0x4>>0x8&0xff=0x0",  # next header: hop-by-hop
+        "0x28>>0x10=0x3a00",  # hop-by-hop: next header ICMPv6, length 0 (8 bytes)
+        f"0x34&0xffff={_hex(records)}",  # number of records
+    ]
+    matches = []
+    for i in range(records):
+        at = 56 + 20 * i
+        tests = [
+            f"{_hex(at)}=0x2000000,0x3000000,0x4000000",  # record type 2-4, aux length 0, 0 sources
+            f"{_hex(at + 4)}=0xff020000",
+            f"{_hex(at + 8)}=0x0",
+            f"{_hex(at + 12)}=0x1",
+            f"{_hex(at + 16)}>>0x18=0xff",
+        ]
+        matches.append("&&".join((head if i == 0 else []) + tests))
+    return tuple(matches)
+
+
+def _hex(n: int) -> str:
+    return f"{n:#x}"
+
+
+# IPv4 header length over 5 words: the packet carries IP options (an unprivileged socket may set
+# loose or strict source routes with IP_OPTIONS).
+_IP_OPTIONS_U32 = "0x0>>0x18&0xf=0x6:0xf"
+# RFC 6052 well-known NAT64 prefix: IPv4 a.b.c.d is reached as 64:ff9b::a.b.c.d over IPv6.
+NAT64_PREFIX = "64:ff9b::/96"
+_NAT64_HEAD = socket.inet_pton(socket.AF_INET6, "64:ff9b::")[:12]
 
 
 @dataclass(frozen=True)
@@ -49,16 +98,22 @@ class Rule:
     comment: str  # the policy line that decides, e.g. "allow[0]", "dns", "metadata"
     dst: str | None = None  # destination network, normalised (203.0.113.0/24)
     out_iface: str | None = None  # "lo" or "!lo"
-    protocol: str | None = None  # tcp, udp, icmp, ipv6-icmp
+    protocol: str | None = None  # tcp, udp, icmp, ipv6-icmp, igmp
     uid: str | None = None  # owner match: "1000" or "!0-4294967294"
+    src_type: str | None = None  # addrtype --src-type: "LOCAL" or "!LOCAL"
+    dst_type: str | None = None  # addrtype --dst-type: "LOCAL"
     ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
     ctdir: str | None = None  # ORIGINAL or REPLY
     ctorigdst: str | None = None  # conntrack original destination (before any DNAT)
     ctorigdstport: int | None = None
     hoplimit: int | None = None  # hl --hl-eq
     icmp6_type: str | None = None
+    routing_header: bool = False  # -m rt: the IPv6 packet carries a routing header (any type)
     dports: tuple[int, ...] = ()  # one port: -m tcp --dport; more: -m multiport --dports
     match_set: str | None = None  # ipset name, matched on dst
+    u32: tuple[str, ...] = ()  # one -m u32 --u32 per element, in ip6tables-save's hex spelling
+    limit: str | None = None  # -m limit --limit, e.g. "10/sec"
+    limit_burst: int | None = None
     reject_with: str | None = None
     to_ports: int | None = None  # REDIRECT --to-ports
 
@@ -74,6 +129,11 @@ class Rule:
         if self.uid:
             neg = self.uid.startswith("!")
             a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", self.uid.lstrip("!")]
+        if self.src_type or self.dst_type:
+            a += ["-m", "addrtype"]
+            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
+                if value:
+                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
         if self.ctstate or self.ctdir or self.ctorigdst:
             a += ["-m", "conntrack"]
             if self.ctstate:
@@ -88,12 +148,20 @@ class Rule:
             a += ["-m", "hl", "--hl-eq", str(self.hoplimit)]
         if self.icmp6_type:
             a += ["-m", "icmp6", "--icmpv6-type", self.icmp6_type]
+        if self.routing_header:
+            a += ["-m", "rt"]
         if len(self.dports) == 1:
             a += ["-m", self.protocol or "tcp", "--dport", str(self.dports[0])]
         elif self.dports:
             a += ["-m", "multiport", "--dports", ",".join(map(str, self.dports))]
         if self.match_set:
             a += ["-m", "set", "--match-set", self.match_set, "dst"]
+        for tests in self.u32:
+            a += ["-m", "u32", "--u32", tests]
+        if self.limit:
+            a += ["-m", "limit", "--limit", self.limit]
+            if self.limit_burst is not None:
+                a += ["--limit-burst", str(self.limit_burst)]
         a += ["-m", "comment", "--comment", self.comment]
         a += ["-j", self.target]
         if self.reject_with:
@@ -281,13 +349,16 @@ def _refuse(policy_action: str, family: Family, comment: str, **match: object) -
     return rules
 
 
-def _entry_nets(entry: AllowEntry | DenyEntry, facts: Facts, family: Family) -> list[str]:
+def _entry_nets(entry: AllowEntry | DenyEntry, facts: Facts, family: Family, embed_nat64: bool = False) -> list[str]:
+    """The entry's networks of `family`; with `embed_nat64` (deny lists), IPv6 also gets each IPv4
+    network in the NAT64 prefix, so a NAT64 gateway does not reach a denied IPv4 host for us."""
     if entry.host is not None:
         nets: Iterable[str] = [_host_net(a) for a in facts.hosts.get(entry.host, ())]
     else:
         nets = entry.networks
     if family == 6:
-        return [n for n in nets if ":" in n]  # what _family says, inline: lists run to 100,000
+        six = [n for n in nets if ":" in n]  # what _family says, inline: lists run to 100,000
+        return six + [nat64(n) for n in nets if ":" not in n] if embed_nat64 else six
     return [n for n in nets if ":" not in n]
 
 
@@ -323,7 +394,7 @@ def _list_rules(
     counts: dict[tuple[str | None, tuple[int, ...]], int] = {}
     for i, entry in enumerate(entries):
         key = (_protocol(entry.protocol, family), tuple(sorted(set(entry.ports))) if entry.ports else ())
-        nets = _entry_nets(entry, facts, family)
+        nets = _entry_nets(entry, facts, family, embed_nat64=kind == "deny")
         everywhere = [n for n in nets if n.endswith("/0")]  # hash:net cannot hold /0
         per_entry.append((i, entry, key, nets, everywhere))
         settable = len(nets) - len(everywhere)
@@ -361,16 +432,54 @@ def _dispatch(policy: Policy, into: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
-    """What confined traffic may always do, in lockdown and under the policy."""
+def _membership_reports(family: Family) -> list[Rule]:
+    """The kernel's multicast membership reports, judged before any uid: they are socketless, so
+    under `confine: uids` they would never be confined, yet any process may choose their groups."""
+    kernel = "!" + _ANY_USER
+    if family == 4:
+        # IPv4 works without IGMP: no report leaves.
+        return [Rule(target="DROP", comment="igmp", protocol="igmp", uid=kernel)]
     rules = [
-        # Replies on connections others opened to us (health probes, inbound services).
-        Rule(target="RETURN", comment="replies", ctstate="RELATED,ESTABLISHED", ctdir="REPLY"),
+        Rule(target="RETURN", comment="mld-solicited-node", protocol="ipv6-icmp", uid=kernel,
+             icmp6_type=_MLD_V2_REPORT, u32=_mld_report_u32(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST)
+        for n in range(1, _MLD_MAX_RECORDS + 1)
     ]
+    rules.append(Rule(target="RETURN", comment="mld-solicited-node", dst=_SOLICITED_NODE, protocol="ipv6-icmp",
+                      uid=kernel, icmp6_type=_MLD_V1_REPORT, limit=_MLD_LIMIT, limit_burst=_MLD_BURST))
+    for t in (_MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE):
+        rules.append(Rule(target="DROP", comment="mld", protocol="ipv6-icmp", uid=kernel, icmp6_type=t))
+    return rules
+
+
+def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
+    """What confined traffic meets first, in lockdown and under the policy: the kernel's own packets
+    that must keep working, then the source invariant and source routes, then replies."""
+    kernel = "!" + _ANY_USER
+    rules: list[Rule] = []
     if family == 6 and policy.confines_everyone:
-        # The kernel's own neighbour discovery and MLD: only from kernel sockets, never a user's.
-        for t in (*_NDP_TYPES, _MLD_REPORT):
-            rules.append(Rule(target="RETURN", comment="kernel-ndp", protocol="ipv6-icmp", uid="!" + _ANY_USER, icmp6_type=t))
+        # The kernel's own neighbour discovery: only from kernel sockets, never a user's. Before the
+        # source check: duplicate address detection sends from `::`.
+        for t in _NDP_TYPES:
+            rules.append(Rule(target="RETURN", comment="kernel-ndp", protocol="ipv6-icmp", uid=kernel, icmp6_type=t))
+    if policy.confines_everyone:
+        # Kernel packets to a local destination never leave the pod: among them the reset our own
+        # REJECT sends back to the local client, whose source is the refused destination.
+        rules.append(Rule(target="RETURN", comment="kernel-local", uid=kernel, dst_type="LOCAL"))
+    # The source invariant: a confined packet leaves only from one of this pod's own addresses.
+    # IPV6_FREEBIND lets any socket send from an address the pod does not own; whatever answers
+    # such a packet (the pod's own kernel over loopback, conntrack's idea of a reply, our REJECT)
+    # answers the forged source. Dropped, never rejected: the guard never answers a non-local source.
+    rules.append(Rule(target="DROP", comment="forged-source", src_type="!LOCAL"))
+    # Source routes: the rules judge only the first hop of a routed packet. Refused here, a confined
+    # uid's packet cannot reach the pod's FORWARD path either: a packet the pod sends is delivered
+    # locally or sent out, and is forwarded only if it comes back in naming the pod as a hop that
+    # passes it on (a routing header, a source-route option).
+    if family == 6:
+        rules += _refuse(policy.action, family, "routing-header", routing_header=True)
+    else:
+        rules += _refuse(policy.action, family, "ip-options", u32=(_IP_OPTIONS_U32,))
+    # Replies on connections others opened to us (health probes, inbound services).
+    rules.append(Rule(target="RETURN", comment="replies", ctstate="RELATED,ESTABLISHED", ctdir="REPLY"))
     return rules
 
 
@@ -386,8 +495,10 @@ def _loopback(policy: Policy, family: Family) -> list[Rule]:
     # still with its original output device, so `-o lo` does not see it: match the address.
     redirect_ports = sorted({r.to_port for r in policy.redirect})
     local = "::1/128" if family == 6 else "127.0.0.1/32"
+    # Only connections our nat REDIRECT redirected (ctstate DNAT): a direct connection to the proxy
+    # port is local traffic like any other, governed by `loopback`.
     for group in _port_groups(redirect_ports) if redirect_ports else []:
-        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", dports=group))
+        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", ctstate="DNAT", dports=group))
     return rules
 
 
@@ -409,15 +520,32 @@ def _metadata(policy: Policy, family: Family) -> list[Rule]:
     if not policy.deny_metadata:
         return []
     rules: list[Rule] = []
-    for net in METADATA_CIDRS:
-        if _family(net) == family:
-            rules += _refuse(policy.action, family, "metadata", dst=net)
+    for net in metadata_nets(family):
+        rules += _refuse(policy.action, family, "metadata", dst=net)
     return rules
+
+
+def nat64(net: str) -> str:
+    """An IPv4 network in the well-known NAT64 prefix: a.b.c.d/n -> 64:ff9b::a.b.c.d/(96+n)."""
+    addr, _, plen = net.partition("/")
+    packed = _NAT64_HEAD + socket.inet_pton(socket.AF_INET, addr)
+    return socket.inet_ntop(socket.AF_INET6, packed) + _SLASH[96 + (int(plen) if plen else 32)]
+
+
+def metadata_nets(family: Family) -> list[str]:
+    """The metadata endpoints as `family` reaches them: IPv6 includes the IPv4 ones behind NAT64."""
+    if family == 4:
+        return [n for n in METADATA_CIDRS if _family(n) == 4]
+    return [n for n in METADATA_CIDRS if _family(n) == 6] + [nat64(n) for n in METADATA_CIDRS if _family(n) == 4]
 
 
 def _confined(
     policy: Policy, family: Family, facts: Facts, lockdown: bool
 ) -> tuple[tuple[Rule, ...], list[AddressSet]]:
+    """EGRESSGUARD-CONFINED, in this order: kernel-ndp (confine: all, IPv6) -> kernel-local
+    (confine: all) -> forged-source (drop) -> routing-header / ip-options -> replies -> metadata
+    -> deny -> loopback -> redirect target -> dns -> allow -> default. Nothing that lets a packet
+    through, and no REJECT (which answers the source), comes before the source check."""
     rules = _confined_head(policy, family, facts)
     rules += _metadata(policy, family)
     sets: list[AddressSet] = []
@@ -449,7 +577,7 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
         deny, _sets = _list_rules(policy.deny, "deny", family, facts, "RETURN", policy.action)
         rules[:0] = deny
         if policy.deny_metadata:
-            rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in METADATA_CIDRS if _family(n) == family]
+            rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in metadata_nets(family)]
     return tuple(rules)
 
 
@@ -470,7 +598,7 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
                 family=family,
                 name="filter",
                 chains=(
-                    Chain(DISPATCH, _dispatch(policy, CONFINED)),
+                    Chain(DISPATCH, (*_membership_reports(family), *_dispatch(policy, CONFINED))),
                     Chain(CONFINED, confined),
                 ),
             )

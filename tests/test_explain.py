@@ -64,8 +64,14 @@ def verdict(uid: int, dest: str, port: int | None, proto: str = "tcp", policy=PO
         (1000, "127.0.0.1", 8443, "tcp", ("allow", "loopback")),
         (1000, "198.51.100.2", 8443, "udp", ("allow", "loopback")),
         (1000, "127.0.0.1", 7000, "tcp", ("refuse", "default")),
-        (1000, "127.0.0.1", 8444, "tcp", ("allow", "redirect[0]")),
-        (1000, "::1", 8444, "tcp", ("allow", "redirect[0]")),
+        # A direct connection to the proxy port is loopback traffic (loopback lists 8443 only here).
+        (1000, "127.0.0.1", 8444, "tcp", ("refuse", "default")),
+        (1000, "::1", 8444, "tcp", ("refuse", "default")),
+        # NAT64: the embedded forms of metadata and of IPv4 deny entries are refused too.
+        (1000, "64:ff9b::a9fe:a9fe", 80, "tcp", ("refuse", "deny_metadata")),
+        (1000, "64:ff9b::cb00:7142", 22, "tcp", ("refuse", "deny[0]")),
+        (1000, "64:ff9b::cb00:7142", 80, "tcp", ("refuse", "deny[0]")),  # not handed to the proxy either
+        (1000, "64:ff9b::cb00:7143", 443, "tcp", ("refuse", "default")),  # allow[0] is IPv4: NAT64 needs an IPv6 allow
         (1000, "127.0.0.1", 80, "tcp", ("refuse", "default")),  # local destinations are not redirected
         (1000, "::ffff:203.0.113.10", 443, "tcp", ("allow", "allow[0]")),  # sent as IPv4 by the kernel
         (1000, "::ffff:203.0.113.66", 443, "tcp", ("refuse", "deny[0]")),
@@ -95,7 +101,11 @@ def test_deny_of_loopback_refuses_the_redirected_connection() -> None:
 
 def test_loopback_deny_still_reaches_the_redirect_target_only() -> None:
     p = validate({"version": 1, "loopback": "deny", "redirect": [{"ports": [443], "to_port": 8444}]})
-    assert verdict(1000, "127.0.0.1", 8444, policy=p) == ("allow", "redirect[0]")
+    assert verdict(1000, "203.0.113.10", 443, policy=p) == ("redirect", "redirect[0]")
+    # Only a redirected connection reaches the proxy; a direct one is loopback traffic (denied here).
+    assert verdict(1000, "127.0.0.1", 8444, policy=p) == ("refuse", "default")
+    listed = validate({"version": 1, "loopback": [8444], "redirect": [{"ports": [443], "to_port": 8444}]})
+    assert verdict(1000, "127.0.0.1", 8444, policy=listed) == ("allow", "loopback")
     assert verdict(1000, "127.0.0.2", 8444, policy=p) == ("refuse", "default")
     assert verdict(1000, "127.0.0.1", 8443, policy=p) == ("refuse", "default")
 

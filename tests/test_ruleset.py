@@ -10,7 +10,20 @@ from typing import Any
 import pytest
 
 from egressguard.policy import DEFAULT_POLICY, METADATA_CIDRS, validate
-from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, Facts, Rule, Ruleset, build, hosts_of, render, to_json
+from egressguard.ruleset import (
+    CONFINED,
+    DISPATCH,
+    FAMILIES,
+    REDIRECT,
+    Facts,
+    Rule,
+    Ruleset,
+    build,
+    hosts_of,
+    metadata_nets,
+    render,
+    to_json,
+)
 
 RESOLVERS = ("198.51.100.53", "2001:db8:53::53")
 
@@ -76,7 +89,8 @@ def test_deny_and_metadata_come_before_every_allow(family: int) -> None:
 def test_deny_is_written_per_family(family: int) -> None:
     rules = _confined(_build(BROAD), family)
     denied = list(dict.fromkeys(r.dst for r in rules if r.comment.startswith("deny[")))
-    assert denied == (["203.0.113.11/32"] if family == 4 else ["2001:db8:2::11/128"])
+    # IPv6 also refuses the IPv4 entry behind the well-known NAT64 prefix (64:ff9b::203.0.113.11).
+    assert denied == (["203.0.113.11/32"] if family == 4 else ["64:ff9b::cb00:710b/128", "2001:db8:2::11/128"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,9 +116,74 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_replies_are_the_first_rule_and_only_in_the_reply_direction(family: int) -> None:
-    first = _confined(_build(), family)[0]
+def test_replies_are_the_first_rule_that_accepts_and_only_in_the_reply_direction(family: int) -> None:
+    rules = _confined(_build(), family)
+    first = next(r for r in rules if r.target == "RETURN")
     assert (first.comment, first.ctstate, first.ctdir, first.target) == ("replies", "RELATED,ESTABLISHED", "REPLY", "RETURN")
+
+
+@pytest.mark.parametrize("confine", [{"uids": [1000]}, {"uids": "all"}])
+@pytest.mark.parametrize("action", ["reject", "drop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forged_sources_are_dropped_before_anything_accepts_or_rejects(family: int, action: str,
+                                                                        confine: dict[str, Any]) -> None:
+    rules = _confined(_build({**BROAD, "confine": confine, "action": action,
+                              "redirect": [{"ports": [80], "to_port": 8444}]}), family)
+    at = [i for i, r in enumerate(rules) if r.comment == "forged-source"]
+    assert len(at) == 1 and (rules[at[0]].src_type, rules[at[0]].target) == ("!LOCAL", "DROP")
+    before = rules[: at[0]]
+    # Only kernel (socketless) packets pass before it: neighbour discovery (from `::` during DAD)
+    # and packets to a local destination (our own REJECT's reset to the local client).
+    assert all(r.uid == "!0-4294967294" and r.target == "RETURN" for r in before)
+    assert all(r.icmp6_type in ("133", "134", "135", "136") or r.dst_type == "LOCAL" for r in before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_source_routes_are_refused_before_replies(family: int) -> None:
+    rules = _confined(_build(), family)
+    comments = _comments(rules)
+    name = "routing-header" if family == 6 else "ip-options"
+    assert comments.index("forged-source") < comments.index(name) < comments.index("replies")
+    routed = [r for r in rules if r.comment == name]
+    assert routed and all(r.target == "REJECT" for r in routed)
+    if family == 6:
+        assert all(r.routing_header for r in routed)
+    else:
+        assert all(r.u32 == ("0x0>>0x18&0xf=0x6:0xf",) for r in routed)
+
+
+@pytest.mark.parametrize("confine", [{"uids": [1000]}, {"uids": "all"}])
+def test_membership_reports_are_judged_before_any_uid(confine: dict[str, Any]) -> None:
+    rs = _build({"confine": confine})
+    v4 = _chain(rs, 4, "filter", DISPATCH)
+    assert (v4[0].comment, v4[0].protocol, v4[0].uid, v4[0].target) == ("igmp", "igmp", "!0-4294967294", "DROP")
+    v6 = _chain(rs, 6, "filter", DISPATCH)
+    mld = [r for r in v6 if r.comment.startswith("mld")]
+    assert v6[: len(mld)] == tuple(mld)
+    passed = [r for r in mld if r.target == "RETURN"]
+    assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.uid == "!0-4294967294" for r in passed)
+    assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
+    assert [(r.icmp6_type, r.target) for r in mld[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
+
+
+def test_mld_report_tests_fit_u32_and_pin_the_kernels_layout() -> None:
+    from egressguard.ruleset import _mld_report_u32  # noqa: PLC0415
+
+    one, two = _mld_report_u32(1), _mld_report_u32(2)
+    assert all(len(m.split("&&")) <= 10 for n in range(1, 5) for m in _mld_report_u32(n))  # the kernel's limit per u32 match
+    assert one[0].startswith("0x4>>0x10=0x24&&")  # payload length 36: hop-by-hop 8 + MLD 8 + one record 20
+    assert two[0].startswith("0x4>>0x10=0x38&&") and two[1].startswith("0x4c=")  # 56: second record at 76
+
+
+def test_nat64_forms_of_metadata_and_ipv4_deny_entries_are_refused_over_ipv6() -> None:
+    from egressguard.ruleset import nat64  # noqa: PLC0415
+
+    assert nat64("169.254.169.254/32") == "64:ff9b::a9fe:a9fe/128"
+    assert nat64("10.0.0.0/8") == "64:ff9b::a00:0/104"
+    rs = _build({"deny": [{"cidr": "10.0.0.0/8"}, {"cidr": "0.0.0.0/0", "protocol": "tcp", "ports": [25]}]})
+    denied = [r.dst for r in _confined(rs, 6) if r.comment.startswith("deny[")]
+    assert "64:ff9b::a00:0/104" in denied and "64:ff9b::/96" in denied
+    assert "64:ff9b::a9fe:a9fe/128" in [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
 
 
 def test_outbound_rules_do_not_depend_on_connection_state() -> None:
@@ -118,7 +197,7 @@ def test_outbound_rules_do_not_depend_on_connection_state() -> None:
 
 def test_exempt_uids_leave_dispatch_before_anyone_is_confined() -> None:
     rules = _chain(_build({"exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
-    assert [(r.comment, r.uid, r.target) for r in rules] == [
+    assert [(r.comment, r.uid, r.target) for r in rules if r.comment != "igmp"] == [
         ("exempt", "1001", "RETURN"),
         ("exempt", "1003", "RETURN"),
         ("confine", "1000", CONFINED),
@@ -134,13 +213,14 @@ def test_root_is_not_confined_unless_listed() -> None:
 
 def test_confine_all_sends_everyone_but_exempt_to_the_confined_chain() -> None:
     rules = _chain(_build({"confine": {"uids": "all"}}), 6, "filter", DISPATCH)
-    assert [(r.comment, r.uid) for r in rules] == [("exempt", "1001"), ("confine", None)]
+    assert [(r.comment, r.uid) for r in rules if not r.comment.startswith("mld")] == [("exempt", "1001"), ("confine", None)]
 
 
 def test_confine_all_lets_only_kernel_sockets_send_neighbour_discovery() -> None:
     rules = _confined(_build({"confine": {"uids": "all"}}), 6)
     ndp = [r for r in rules if r.comment == "kernel-ndp"]
-    assert sorted(r.icmp6_type for r in ndp) == ["133", "134", "135", "136", "143"]  # type: ignore[type-var]
+    # MLD reports (143) are judged in the dispatch chain, for every uid mode.
+    assert sorted(r.icmp6_type for r in ndp) == ["133", "134", "135", "136"]  # type: ignore[type-var]
     assert all(r.uid == "!0-4294967294" and r.protocol == "ipv6-icmp" and r.target == "RETURN" for r in ndp)
     assert not any(r.comment == "kernel-ndp" for r in _confined(_build({"confine": {"uids": "all"}}), 4))
 
@@ -183,7 +263,8 @@ def test_metadata_endpoints_are_refused_in_both_families() -> None:
     v4 = [r.dst for r in _confined(rs, 4) if r.comment == "metadata"]
     v6 = [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
     assert list(dict.fromkeys(v4)) == ["169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32"]
-    assert list(dict.fromkeys(v6)) == ["fd00:ec2::254/128"]
+    assert list(dict.fromkeys(v6)) == ["fd00:ec2::254/128", "64:ff9b::a9fe:a9fe/128", "64:ff9b::a9fe:aa02/128",
+                                       "64:ff9b::6464:64c8/128"]  # the IPv4 ones behind NAT64
 
 
 def test_deny_metadata_false_leaves_them_to_the_allow_list() -> None:
@@ -291,7 +372,7 @@ def test_metadata_endpoints_are_not_redirected_to_the_proxy(deny_metadata: bool)
     for family in FAMILIES:
         chain = _chain(rs, family, "nat", REDIRECT)
         skipped = [r.dst for r in chain if r.target == "RETURN"]
-        want = [n for n in METADATA_CIDRS if (":" in n) == (family == 6)] if deny_metadata else []
+        want = metadata_nets(family) if deny_metadata else []
         assert skipped == want and chain[-1].target == "REDIRECT"
 
 
@@ -299,7 +380,8 @@ def test_metadata_endpoints_are_not_redirected_to_the_proxy(deny_metadata: bool)
 def test_redirected_traffic_is_allowed_to_the_local_port_even_with_loopback_denied(family: int, local: str) -> None:
     rs = _build({"loopback": "deny", "redirect": [{"ports": [80], "to_port": 8444}]})
     rules = [r for r in _confined(rs, family) if r.comment == "redirect"]
-    assert [(r.dst, r.protocol, r.dports) for r in rules] == [(local, "tcp", (8444,))]
+    # Only connections our REDIRECT rewrote (DNAT): a direct connection to the port is loopback traffic.
+    assert [(r.dst, r.protocol, r.ctstate, r.dports) for r in rules] == [(local, "tcp", "DNAT", (8444,))]
 
 
 def test_without_redirects_egressguard_owns_nothing_in_nat() -> None:
@@ -324,7 +406,7 @@ def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(fam
 
 def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
     rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
-    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH)] == ["1001", "1000", "1002"]
+    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.comment != "igmp"] == ["1001", "1000", "1002"]
 
 
 # -- determinism, digest, rendering ------------------------------------------------------------
@@ -386,4 +468,5 @@ def test_json_form_has_one_entry_per_family_and_table() -> None:
 
 def test_default_policy_refuses_everything_but_loopback_dns_and_redirect() -> None:
     rs = build(validate(DEFAULT_POLICY), Facts(resolvers=RESOLVERS))
-    assert set(_comments(_confined(rs, 4))) == {"replies", "metadata", "loopback", "redirect", "dns", "default"}
+    assert set(_comments(_confined(rs, 4))) == {"forged-source", "ip-options", "replies", "metadata", "loopback",
+                                                 "redirect", "dns", "default"}

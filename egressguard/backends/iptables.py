@@ -327,6 +327,12 @@ class IptablesBackend(Backend):
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
             x.create_match("owner").set_parameter("uid-owner", r.uid)
+        if r.src_type or r.dst_type:
+            m = x.create_match("addrtype")
+            if r.src_type:
+                m.set_parameter("src-type", r.src_type)
+            if r.dst_type:
+                m.set_parameter("dst-type", r.dst_type)
         if r.ctstate or r.ctdir or r.ctorigdst:
             m = x.create_match("conntrack")
             if r.ctstate:
@@ -341,12 +347,21 @@ class IptablesBackend(Backend):
             x.create_match("hl").set_parameter("hl-eq", str(r.hoplimit))
         if r.icmp6_type:
             x.create_match("icmp6").set_parameter("icmpv6-type", r.icmp6_type)
+        if r.routing_header:
+            x.create_match("rt")
         if len(r.dports) == 1:
             x.create_match(r.protocol or "tcp").set_parameter("dport", str(r.dports[0]))
         elif r.dports:
             x.create_match("multiport").set_parameter("dports", ",".join(map(str, r.dports)))
         if r.match_set:
             x.create_match("set").set_parameter("match-set", [r.match_set, "dst"])
+        for tests in r.u32:
+            x.create_match("u32").set_parameter("u32", tests)
+        if r.limit:
+            m = x.create_match("limit")
+            m.set_parameter("limit", r.limit)
+            if r.limit_burst is not None:
+                m.set_parameter("limit-burst", str(r.limit_burst))
         x.create_match("comment").set_parameter("comment", r.comment)
         t = x.create_target(r.target)
         if r.reject_with:
@@ -553,6 +568,17 @@ def _decode(x: Any) -> Rule:
         one = {k: v[0] if v else "" for k, v in p.items()}
         if m.name == "owner" and set(one) == {"uid-owner"}:
             fields["uid"] = ("!" if neg else "") + one["uid-owner"]
+        elif m.name == "addrtype" and one and set(one) <= {"src-type", "dst-type"}:
+            for key, name in (("src-type", "src_type"), ("dst-type", "dst_type")):
+                if key in raw:
+                    fields[name] = ("!" if "!" in raw[key] else "") + one[key]
+        elif m.name == "rt" and not raw:
+            fields["routing_header"] = True
+        elif m.name == "u32" and set(one) == {"u32"} and not neg:
+            fields["u32"] = (*fields.get("u32", ()), one["u32"])
+        elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"}:
+            fields["limit"] = one["limit"]
+            fields["limit_burst"] = int(one["limit-burst"]) if "limit-burst" in one else None
         elif m.name == "conntrack" and not neg and set(one) <= {"ctstate", "ctdir", "ctorigdst", "ctorigdstport"}:
             fields["ctstate"] = one.get("ctstate")
             fields["ctdir"] = one.get("ctdir")

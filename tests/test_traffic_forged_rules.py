@@ -1,0 +1,341 @@
+"""Issue 10's rules, with real packets, judged by what the world receives: forged IPv6 sources
+(reflection off the pod's own kernel, our own REJECT reflecting), source routes (IPv6 routing
+headers, IPv4 source-route options), the redirect target reached from a socket bound to eth0, and
+multicast membership reports. Every "blocked" has a control: the same attempt with the rule that
+blocks it removed from the live chain (or from the exempt uid), in the same lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egressguard import lab as lab_mod
+from egressguard.lab import EXEMPT, POD_V4, POD_V6, ROOT, Lab, Result
+from egtraffic import applied, policy
+
+pytestmark = pytest.mark.netns
+
+CONFINED = 1000
+IPV6_FREEBIND = 78
+IPV6_RTHDR = 57
+IP_OPTIONS = 4
+X_V6 = "2001:db8:2::10"  # the forged source: a world host the attacker wants to reach
+ALLOWED_V4, ALLOWED_V6 = "203.0.113.10", "2001:db8:2::10"
+UNLISTED_V4, UNLISTED_V6 = "203.0.113.12", "2001:db8:2::12"
+POD_LISTENER = 8443  # the pod's own TCP listener (root)
+CONFINE_MODES = pytest.mark.parametrize("confine", [{"uids": [CONFINED]}, {"uids": "all"}], ids=["uids", "all"])
+ALLOW_UDP = [{"cidr": f"{ALLOWED_V4}/32", "protocol": "udp", "ports": [9999]},
+             {"cidr": f"{ALLOWED_V6}/128", "protocol": "udp", "ports": [9999]}]
+
+
+# -- probes (forked from this process, as the Lab's own probes are) ---------------------------
+
+
+def _freebind_syn(src: str, sport: int, dest: str, port: int, timeout: float) -> Result:
+    """A TCP connect from an address the pod does not own (IPV6_FREEBIND needs no privilege)."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        s.bind((src, sport))
+        s.connect((dest, port))
+        return Result("ok")
+    finally:
+        s.close()
+
+
+def _srh_udp(first_hop: str, final: str, port: int, timeout: float) -> Result:
+    """A datagram to `final` through `first_hop`, with a segment routing header (type 4) set by an
+    unprivileged socket: the IPv6 header names only `first_hop`."""
+    segments = socket.inet_pton(socket.AF_INET6, final) + socket.inet_pton(socket.AF_INET6, first_hop)
+    srh = struct.pack("!BBBBBBH", 0, 4, 4, 1, 1, 0, 0) + segments  # hdrlen 4 (2 segments), left 1, last 1
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_RTHDR, srh)
+        s.sendto(b"egressguard-srh", (final, port))
+        return Result("ok", detail="sent")
+    finally:
+        s.close()
+
+
+def _options_udp(first_hop: str, final: str, port: int, timeout: float, option: str = "lsrr") -> Result:
+    """A datagram with IP options (IP_OPTIONS): a loose source route to `final` through `first_hop`
+    (needs CAP_NET_RAW on this kernel: confined root has it under `confine: all`), or record route
+    (no privilege), which also puts attacker-chosen option bytes on the wire."""
+    if option == "lsrr":
+        opts = bytes([1, 0x83, 7, 4]) + socket.inet_aton(first_hop)  # NOP, LSRR len 7 ptr 4, one hop
+    else:
+        opts, final = bytes([1, 7, 7, 4, 0, 0, 0, 0]), first_hop  # NOP, record route with one slot
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, IP_OPTIONS, opts)
+        s.sendto(b"egressguard-lsrr", (final, port))
+        return Result("ok", detail="sent")
+    finally:
+        s.close()
+
+
+def _join_groups(groups: list[str], hold: float, timeout: float, leave_each: bool = False) -> Result:
+    """Join multicast groups on eth0 (no privilege needed); the kernel then reports them."""
+    index = socket.if_nametoindex("eth0")
+    socks: list[socket.socket] = []
+    try:
+        for group in groups:
+            if ":" in group:
+                s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                mreq = socket.inet_pton(socket.AF_INET6, group) + struct.pack("@I", index)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            else:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                mreq = socket.inet_aton(group) + struct.pack("@I", 0) + struct.pack("@i", index)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                             socket.inet_aton(group) + socket.inet_aton(POD_V4))
+            if leave_each:
+                s.close()
+            else:
+                socks.append(s)
+        time.sleep(hold)
+        return Result("ok", detail=f"joined {len(groups)}")
+    finally:
+        for s in socks:
+            s.close()
+
+
+lab_mod._OPS.update({"t_freebind_syn": _freebind_syn, "t_srh_udp": _srh_udp, "t_options_udp": _options_udp,
+                     "t_join": _join_groups})
+
+
+# -- world-side capture -----------------------------------------------------------------------
+
+
+class Capture:
+    """Frames arriving at the world's end of the pod's link, captured there (AF_PACKET)."""
+
+    def __init__(self, lab: Lab, seconds: float) -> None:
+        self.path = lab.workdir / f"capture-{time.monotonic_ns()}.json"
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(r)
+                lab_mod._enter_netns(lab.world)
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+                s.bind(("eth0w", 0))
+                s.settimeout(0.05)
+                os.write(w, b"r")
+                frames, end = [], time.monotonic() + seconds
+                while time.monotonic() < end:
+                    try:
+                        data, addr = s.recvfrom(65535)
+                    except TimeoutError:
+                        continue
+                    if addr[2] != socket.PACKET_OUTGOING:
+                        frames.append(data.hex())
+                Path(self.path).write_text(json.dumps(frames))
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.read(r, 1)
+        os.close(r)
+
+    def frames(self) -> list[bytes]:
+        os.waitpid(self.pid, 0)
+        return [bytes.fromhex(h) for h in json.loads(self.path.read_text())]
+
+
+def _mld_groups(frame: bytes) -> list[str] | None:
+    """The groups an MLDv2 report (behind its hop-by-hop header) or MLDv1 report announces."""
+    if frame[12:14] != b"\x86\xdd" or frame[20] != 0:
+        return None
+    ip = frame[14:]
+    hbh_len = (ip[41] + 1) * 8
+    icmp = ip[40 + hbh_len:]
+    if ip[40] != 58 or not icmp:
+        return None
+    if icmp[0] == 143:
+        n, groups, at = struct.unpack("!H", icmp[6:8])[0], [], 8
+        for _ in range(n):
+            aux, nsrc = icmp[at + 1], struct.unpack("!H", icmp[at + 2:at + 4])[0]
+            groups.append(socket.inet_ntop(socket.AF_INET6, icmp[at + 4:at + 20]))
+            at += 20 + 16 * nsrc + 4 * aux
+        return groups
+    if icmp[0] in (131, 132):
+        return [socket.inet_ntop(socket.AF_INET6, icmp[8:24])]
+    return None
+
+
+def _is_igmp(frame: bytes) -> bool:
+    return frame[12:14] == b"\x08\x00" and frame[23] == 2
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _without(lab: Lab, comment: str) -> None:
+    """Delete the live rules with `comment` from our chains (the control: the same attempt without
+    the rule under test), as iptables -D would, in the lab's pod only."""
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        saved = lab.in_pod(f"{tool}-save", "-t", "filter").stdout
+        for line in saved.splitlines():
+            if line.startswith("-A EGRESSGUARD") and f"--comment {comment} " in line:
+                args = [a.strip('"') for a in line[3:].split()]  # no spaces inside our arguments
+                done = lab.in_pod(tool, "-w", "-t", "filter", "-D", *args)
+                assert done.returncode == 0, done.stderr
+
+
+def _l4(frame: bytes) -> tuple[int, int] | None:
+    """(protocol, destination port) of an IPv4 or IPv6 frame, past IP options and IPv6 extension
+    headers (hop-by-hop, routing, destination options)."""
+    if frame[12:14] == b"\x08\x00":
+        at, proto = 14 + (frame[14] & 0xF) * 4, frame[23]
+    elif frame[12:14] == b"\x86\xdd":
+        at, proto = 54, frame[20]
+        while proto in (0, 43, 60) and at + 2 <= len(frame):
+            proto, at = frame[at], at + (frame[at + 1] + 1) * 8
+    else:
+        return None
+    if proto not in (6, 17) or at + 4 > len(frame):
+        return None
+    return proto, struct.unpack("!H", frame[at + 2:at + 4])[0]
+
+
+def _received(lab: Lab, proto: str, port: int, attempt: Callable[[], Any], seconds: float = 1.5) -> int:
+    """Frames for proto/port that reach the world's end of the link while `attempt` runs (a
+    capture, not Lab.world_received: ip6tables-legacy -C took a rule for another port as present)."""
+    cap = Capture(lab, seconds)
+    attempt()
+    want = (6 if proto == "tcp" else 17, port)
+    return sum(1 for f in cap.frames() if _l4(f) == want)
+
+
+# -- forged sources ---------------------------------------------------------------------------
+
+
+@CONFINE_MODES
+def test_forged_ipv6_source_cannot_reflect_off_the_pods_own_listener(lab: Lab, confine: dict[str, Any]) -> None:
+    # Issue 10, item 1: a SYN "from X" to the pod's own listener over loopback; the SYN-ACK goes to X.
+    applied(lab, policy(confine=confine))
+    def attempt(uid: int, sport: int) -> Callable[[], Any]:
+        return lambda: lab.probe("t_freebind_syn", X_V6, sport, POD_V6, POD_LISTENER, uid=uid, timeout=0.5)
+    assert _received(lab, "tcp", 41001, attempt(CONFINED, 41001)) == 0
+    assert _received(lab, "tcp", 41002, attempt(EXEMPT, 41002)) > 0  # control: the exempt uid reflects
+    _without(lab, "forged-source")
+    assert _received(lab, "tcp", 41003, attempt(CONFINED, 41003)) > 0  # control: the rule is what stops it
+
+
+@CONFINE_MODES
+def test_refusing_a_forged_source_syn_sends_no_reset_to_that_source(lab: Lab, confine: dict[str, Any]) -> None:
+    # Issue 10, item 3: REJECT answers the packet's source; with a forged one, it reflects to X.
+    applied(lab, policy(confine=confine, action="reject"))
+    def attempt(sport: int) -> Callable[[], Any]:
+        return lambda: lab.probe("t_freebind_syn", X_V6, sport, UNLISTED_V6, 22, uid=CONFINED, timeout=0.5)
+    assert _received(lab, "tcp", 41011, attempt(41011)) == 0
+    _without(lab, "forged-source")
+    assert _received(lab, "tcp", 41012, attempt(41012)) > 0  # control: our reset reaches X
+
+
+def test_a_forged_source_is_dropped_not_rejected(lab: Lab) -> None:
+    applied(lab, policy(action="reject"))
+    res = lab.probe("t_freebind_syn", X_V6, 41021, UNLISTED_V6, 22, uid=CONFINED, timeout=0.5)
+    assert res.outcome == "timeout"  # silence: the guard never answers a source that is not ours
+
+
+# -- source routes ----------------------------------------------------------------------------
+
+
+def test_ipv6_routing_header_is_refused(lab: Lab) -> None:
+    # Issue 10, item 7: the rules judged only the first segment, an allowed host.
+    applied(lab, policy(allow=ALLOW_UDP))
+    def attempt(uid: int) -> Callable[[], Any]:
+        return lambda: lab.probe("t_srh_udp", ALLOWED_V6, UNLISTED_V6, 9999, uid=uid)
+    plain = _received(lab, "udp", 9999, lambda: lab.udp(ALLOWED_V6, 9999, timeout=0.3))
+    assert plain > 0  # the first hop itself is allowed
+    assert _received(lab, "udp", 9999, attempt(CONFINED)) == 0
+    assert _received(lab, "udp", 9999, attempt(EXEMPT)) > 0  # control: the header is sendable without privilege
+    _without(lab, "routing-header")
+    assert _received(lab, "udp", 9999, attempt(CONFINED)) > 0
+
+
+def test_ipv4_source_route_option_is_refused_for_confined_root(lab: Lab) -> None:
+    applied(lab, policy(confine={"uids": "all"}, allow=ALLOW_UDP))
+    def attempt(uid: int) -> Callable[[], Any]:
+        return lambda: lab.probe("t_options_udp", ALLOWED_V4, UNLISTED_V4, 9999, uid=uid)
+    assert _received(lab, "udp", 9999, lambda: lab.udp(ALLOWED_V4, 9999, uid=ROOT, timeout=0.3)) > 0
+    assert _received(lab, "udp", 9999, attempt(ROOT)) == 0
+    _without(lab, "ip-options")
+    assert _received(lab, "udp", 9999, attempt(ROOT)) > 0  # control: the rule is what stops it
+
+
+def test_ipv4_options_from_an_unprivileged_socket_are_refused(lab: Lab) -> None:
+    applied(lab, policy(allow=ALLOW_UDP))
+    def attempt(uid: int) -> Callable[[], Any]:
+        return lambda: lab.probe("t_options_udp", ALLOWED_V4, UNLISTED_V4, 9999, option="rr", uid=uid)
+    assert _received(lab, "udp", 9999, lambda: lab.udp(ALLOWED_V4, 9999, timeout=0.3)) > 0
+    assert _received(lab, "udp", 9999, attempt(CONFINED)) == 0
+    assert _received(lab, "udp", 9999, attempt(EXEMPT)) > 0  # control: the same packet from the exempt uid
+
+
+# -- redirect target --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("local", ["127.0.0.1", "::1"])
+def test_redirect_target_does_not_pass_a_socket_bound_to_eth0(lab: Lab, local: str) -> None:
+    # Issue 10, item 6: SYNs to 127.0.0.1/::1:8444 from a socket bound to eth0 left on the link.
+    applied(lab, policy(loopback="allow", redirect=[{"ports": [80], "to_port": 8444}]))
+    def attempt(uid: int) -> Callable[[], Any]:
+        return lambda: lab.probe("tcp_device", local, 8444, device="eth0", uid=uid, timeout=0.5)
+    assert _received(lab, "tcp", 8444, attempt(CONFINED)) == 0
+    assert _received(lab, "tcp", 8444, attempt(EXEMPT)) > 0  # control: the kernel does send them
+
+
+def test_direct_connection_to_the_proxy_port_follows_loopback(lab: Lab) -> None:
+    redirect = [{"ports": [80], "to_port": 8444}]
+    applied(lab, policy(loopback="deny", redirect=redirect))
+    assert lab.tcp("127.0.0.1", 8444, timeout=0.5).blocked
+    assert lab.tcp(ALLOWED_V4, 80, timeout=1.0).proxied  # a redirected connection still reaches the proxy
+    assert lab.tcp("127.0.0.1", 8444, uid=EXEMPT, timeout=0.5).ok  # control
+    applied(lab, policy(loopback=[8444], redirect=redirect))
+    assert lab.tcp("127.0.0.1", 8444, timeout=0.5).ok  # explicit HTTP_PROXY use: list the port
+
+
+# -- membership reports -----------------------------------------------------------------------
+
+
+def _reported(lab: Lab, uid: int, groups: list[str], seconds: float = 1.5) -> tuple[set[str], int]:
+    cap = Capture(lab, seconds)
+    lab.probe("t_join", groups, seconds - 0.3, uid=uid, timeout=seconds + 2)
+    frames = cap.frames()
+    seen = {g for f in frames for g in (_mld_groups(f) or [])}
+    return seen, sum(1 for f in frames if _is_igmp(f))
+
+
+@CONFINE_MODES
+def test_membership_reports_for_chosen_groups_do_not_leave(lab: Lab, confine: dict[str, Any]) -> None:
+    # Issue 10, item 5: the kernel announces any group a process joins (about 8.7 KB/s over MLD).
+    chosen = ["ff05::e9:1", "ff0e::e9:2", "239.1.2.3"]
+    seen, igmp = _reported(lab, CONFINED, chosen)
+    assert {"ff05::e9:1", "ff0e::e9:2"} <= seen and igmp > 0  # control: without the guard they leave
+    applied(lab, policy(confine=confine))
+    chosen = ["ff05::e9:3", "ff0e::e9:4", "239.1.2.4"]
+    seen, igmp = _reported(lab, CONFINED, chosen)
+    assert not seen & set(chosen) and igmp == 0
+    seen, igmp = _reported(lab, EXEMPT, ["ff05::e9:5", "239.1.2.5"])
+    assert "ff05::e9:5" not in seen and igmp == 0  # reports are the kernel's, whoever joined
+
+
+@CONFINE_MODES
+def test_solicited_node_reports_for_the_pods_own_addresses_still_leave(lab: Lab, confine: dict[str, Any]) -> None:
+    applied(lab, policy(confine=confine))
+    cap = Capture(lab, 2.5)  # the kernel sends the report within its unsolicited report interval (1 s)
+    lab.in_pod("ip", "-6", "addr", "add", "2001:db8:100::7:7/64", "dev", "eth0")
+    seen = {g for f in cap.frames() for g in (_mld_groups(f) or [])}
+    assert "ff02::1:ff07:7" in seen
+    assert lab.ping("2001:db8:100::1", uid=EXEMPT, timeout=2).ok  # neighbour discovery works
