@@ -196,7 +196,7 @@ def apply(
                 holding_fence = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
-                diffs = differences(ruleset, backend.read(expect=ruleset.sets))
+                diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets))
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
@@ -280,4 +280,4 @@ def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOL
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
-    return differences(want, backend.read(expect=want.sets))
+    return differences(backend.canonical(want), backend.read(expect=want.sets))

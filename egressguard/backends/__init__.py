@@ -60,6 +60,10 @@ class Backend(abc.ABC):
         """Read back what egressguard owns (and the position of its jumps). A set found to hold
         exactly one of `expect` is reported as that very object (compared, not copied)."""
 
+    def canonical(self, ruleset: Ruleset) -> Ruleset:
+        """`ruleset` spelled as this back end reads it back (what read-backs are compared with)."""
+        return ruleset
+
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""
         return []

@@ -94,6 +94,9 @@ class NftablesBackend(Backend):
         with Nft() as nft:
             return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
 
+    def canonical(self, ruleset: Ruleset) -> Ruleset:
+        return render.canonical(ruleset)
+
     def other_firewalls(self) -> list[str]:
         found = []
         try:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from egressguard.backends import Installed, InstalledTable
+from egressguard.backends.nftables import u32
 from egressguard.backends.nftables.render import (
     ANY_USER,
     BASE,
     CT_STATES,
     ICMP6_NAMES,
     REJECT,
-    SOCKETLESS,
+    KERNEL_PREFIX,
+    LIMIT_SHORT,
     Existing,
     chain_name,
     collapse,
@@ -24,6 +27,9 @@ from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, OWNED_CHAINS, REDI
 _WORD_FAMILY = {"ipv4": 4, "ipv6": 6}
 _ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
 _REJECT_BACK = {text: name for name, text in REJECT.items()}
+_KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-\d+$")
+_USER_RETURN = [{"match": {"op": "==", "left": {"meta": {"key": "skuid"}},
+                           "right": {"range": [0, int(ANY_USER.split("-")[1])]}}}, {"return": None}]
 
 
 def objects_by_kind(objs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -65,16 +71,14 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
     for r in k["rule"]:
         rules.setdefault(r["chain"], []).append(r)
     problems: list[str] = []
-    known = set(BASE) | {SOCKETLESS}
+    known = set(BASE)
     for f in FAMILIES:
         for table, owned in OWNED_CHAINS.items():
             known |= {chain_name(f, table, c) for c in owned}
-    problems += [f"unexpected chain {name}" for name in chains if name not in known]
+    problems += [f"unexpected chain {name}" for name in chains if name not in known and not _KERNEL_CHAIN.match(name)]
     for name in BASE:
         if name in chains and (p := _base_problem(chains[name])):
             problems.append(p)
-    if SOCKETLESS in chains and _socketless_problem(rules[SOCKETLESS]):
-        problems.append(f"chain {SOCKETLESS}: " + _socketless_problem(rules[SOCKETLESS]))  # type: ignore[operator]
     tables: list[InstalledTable] = []
     for family in FAMILIES:
         for table, owned in OWNED_CHAINS.items():
@@ -88,7 +92,7 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
             for cname in owned:
                 nft_name = chain_name(family, table, cname)
                 if nft_name in chains:
-                    got_chains.append(Chain(cname, tuple(decode_rule(r, family, table) for r in rules[nft_name])))
+                    got_chains.append(Chain(cname, tuple(decode_rule(r, family, table, rules) for r in rules[nft_name])))
                     counters[cname] = tuple(_counter(r) for r in rules[nft_name])
             tables.append(InstalledTable(
                 family, table, present=True, jump_positions=jumps, chains=tuple(got_chains), counters=counters,
@@ -96,16 +100,6 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
                 problems=tuple(problems) if (family, table) == (4, "filter") else (),
             ))
     return Installed(tables=tuple(tables), sets=tuple(_sets(k["set"], expect)))
-
-
-def _socketless_problem(rules: list[dict[str, Any]]) -> str | None:
-    want = [
-        [{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": {"range": [0, int(ANY_USER.split("-")[1])]}}},
-         {"return": None}],
-        [{"accept": None}],
-    ]
-    got = [r["expr"] for r in rules]
-    return None if got == want else f"rules differ: {json.dumps(got)[:200]}"
 
 
 def _applies_to(r: dict[str, Any], family: Family) -> bool:
@@ -143,19 +137,43 @@ def _addr(value: Any) -> str | None:
     raise ValueError(value)
 
 
-def decode_rule(r: dict[str, Any], family: Family, table: str) -> Rule:
-    """One listed rule back into a Rule; anything unexpected makes it differ from every plan."""
+def decode_rule(r: dict[str, Any], family: Family, table: str,
+                chains: dict[str, list[dict[str, Any]]] | None = None) -> Rule:
+    """One listed rule back into a Rule; anything unexpected makes it differ from every plan.
+    `chains`: every chain's rules, to follow a jump to a socketless rule's own chain."""
     ip = "ip" if family == 4 else "ip6"
     f: dict[str, Any] = {"target": "", "comment": r.get("comment", "")}
     unknown: list[str] = []
     proto_implied: str | None = None
-    for e in r.get("expr", []):
+    exprs = list(r.get("expr", []))
+    last = exprs[-1] if exprs else {}
+    if "jump" in last and _KERNEL_CHAIN.match(str(last["jump"].get("target"))):
+        body = (chains or {}).get(last["jump"]["target"])
+        exprs.pop()
+        if body is None or len(body) != 2 or body[0].get("expr") != _USER_RETURN:
+            unknown.append(f"jump {last['jump']['target']} (not a socketless rule's chain)")
+        else:
+            f["uid"] = "!" + ANY_USER
+            exprs += [{"kernel": True}, *body[1].get("expr", [])]
+    kernel = False
+    for e in exprs:
+        if e == {"kernel": True}:
+            kernel = True
+            continue
+        if kernel and "accept" in e and not f["target"]:
+            f["target"] = "RETURN"
+            continue
+        if kernel and "counter" not in e and "limit" not in e and not _is_verdict(e):
+            unknown.append("in the socketless chain: " + json.dumps(e, sort_keys=True))
+            continue
         try:
             if not _decode_expr(e, f, family, table, ip, unknown):
                 unknown.append(json.dumps(e, sort_keys=True))
         except (ValueError, KeyError, TypeError, AttributeError):
             unknown.append(json.dumps(e, sort_keys=True))
         proto_implied = f.pop("_implied", None) or proto_implied
+    if "_u32" in f:
+        f["u32"] = u32.normal(f.pop("_u32"))
     # `tcp dport`, `icmpv6 type`, `reject with tcp reset` make nft drop the `meta l4proto` it implies
     if f.get("protocol") is None and proto_implied:
         f["protocol"] = proto_implied
@@ -166,12 +184,36 @@ def decode_rule(r: dict[str, Any], family: Family, table: str) -> Rule:
     return Rule(**f)
 
 
+def _is_verdict(e: dict[str, Any]) -> bool:
+    return bool({"return", "drop", "reject", "accept", "jump", "goto", "redirect", "queue"} & set(e))
+
+
 def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: str, ip: str, unknown: list[str]) -> bool:
     if "counter" in e:
         return True
+    if "limit" in e:
+        lim = e["limit"]
+        if set(lim) - {"rate", "burst", "per"} or lim.get("per") not in LIMIT_SHORT:
+            return False
+        _put(f, "limit_burst", int(lim.get("burst", 5)))
+        return _put(f, "limit", f"{int(lim['rate'])}/{LIMIT_SHORT[lim['per']]}")
     if "match" in e:
         m = e["match"]
         left, op, right = m["left"], m["op"], m["right"]
+        raw = u32.from_json(left, op, right) if u32.is_raw(left) else None
+        if raw is not None:
+            f.setdefault("_u32", []).append(raw)
+            return True
+        if "fib" in left:
+            fib = left["fib"]
+            word = {("saddr",): "src_type", ("daddr",): "dst_type"}.get(tuple(fib.get("flags", [])))
+            if fib.get("result") != "type" or word is None or right != "local" or op not in ("==", "!="):
+                return False
+            return _put(f, word, ("!" if op == "!=" else "") + "LOCAL")
+        if "exthdr" in left:
+            if left["exthdr"] == {"name": "rt"} and op == "==" and right is True and family == 6:
+                return _put(f, "routing_header", True)
+            return False
         if "payload" in left:
             p = left["payload"]
             key = (p.get("protocol"), p.get("field"))
@@ -209,6 +251,8 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
                 if states - set(CT_STATES):
                     return False
                 return _put(f, "ctstate", ",".join(s for s in CT_STATES if s in states))
+            if ck == "status" and op in ("==", "in") and cdir is None and right in ("dnat", "snat", ["dnat"], ["snat"]):
+                return _put(f, "ctstate", (right if isinstance(right, str) else right[0]).upper())
             if ck == "direction" and op == "==" and cdir is None:
                 return _put(f, "ctdir", str(right).upper())
             if ck == f"{ip} daddr" and cdir == "original" and op == "==":
@@ -243,9 +287,6 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         return True
     if "jump" in e:
         target = e["jump"]["target"]
-        if target == SOCKETLESS and table == "filter":
-            f["target"] = "RETURN"
-            return _put(f, "uid", "!" + ANY_USER)
         for ours in (CONFINED, REDIRECT):
             try:
                 if target == chain_name(family, table, ours):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
+from egressguard.backends.nftables import u32
 from egressguard.errors import ApplyFailed
 from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, AddressSet, Family, Rule, Ruleset, Table
 
@@ -15,10 +17,13 @@ BASE = {
     "filter": ("filter", "output", 0),
     "nat": ("nat", "output", -100),
 }
-# A rule matching "no user socket" (iptables: ! --uid-owner 0-4294967294). nft's `meta skuid`
-# matches nothing without a socket owner, so `!=` cannot express it: a user-owned packet returns
-# from this chain and goes on; what is left (kernel sockets) gets the allowed verdict.
-SOCKETLESS = "socketless"
+# A rule for packets without a user socket (iptables: ! --uid-owner 0-4294967294, the kernel's
+# own packets). nft's `meta skuid` matches nothing at all without a socket owner (checked: neither
+# `==` nor `!=` counted the kernel's neighbour solicitations), so the rule jumps to a chain of its
+# own: a user-owned packet returns from it and goes on; what is left gets the rule's verdict there
+# (after its limit, which thus counts only kernel packets, as with iptables). An allowed verdict
+# there is `accept`: our base chains hold only jumps, so it ends our table's say, as RETURN does.
+KERNEL_PREFIX = "kernel"
 ANY_USER = "0-4294967294"
 
 _FAMILY_WORD = {4: "ipv4", 6: "ipv6"}
@@ -28,6 +33,8 @@ ICMP6_NAMES = {
     "134": "nd-router-advert",
     "135": "nd-neighbor-solicit",
     "136": "nd-neighbor-advert",
+    "131": "mld-listener-report",
+    "132": "mld-listener-done",
     "143": "mld2-listener-report",
 }
 REJECT = {  # iptables' --reject-with -> nft's reject statement
@@ -43,7 +50,13 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
+    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst",
 })
+LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
+               "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
+LIMIT_SHORT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
+DEFAULT_BURST = 5  # iptables' and nft's
+_CT_STATUS = {"DNAT": "dnat", "SNAT": "snat"}  # iptables --ctstate words that are conntrack status bits
 
 
 class UnsupportedRule(ApplyFailed):
@@ -66,13 +79,25 @@ def chain_names(ruleset: Ruleset) -> list[str]:
     names = [b for b in BASE if any(t.chains and t.name == b for t in ruleset.tables)]
     for t in ruleset.tables:
         names += [chain_name(t.family, t.name, c.name) for c in t.chains]
-    if needs_socketless(ruleset):
-        names.append(SOCKETLESS)
+    names += [k for _t, _r, k in kernel_rules(ruleset)]
     return names
 
 
-def needs_socketless(ruleset: Ruleset) -> bool:
-    return any(r.uid and r.uid.startswith("!") for t in ruleset.tables for c in t.chains for r in c.rules)
+def kernel_chain(family: Family, table: str, n: int) -> str:
+    return f"{'nat' if table == 'nat' else ''}{KERNEL_PREFIX}{family}-{n}"
+
+
+def kernel_rules(ruleset: Ruleset) -> list[tuple[Table, Rule, str]]:
+    """Rules for socketless packets, each with the chain of its own (numbered in rule order)."""
+    out = []
+    for t in ruleset.tables:
+        n = 0
+        for c in t.chains:
+            for r in c.rules:
+                if r.uid and r.uid.startswith("!"):
+                    out.append((t, r, kernel_chain(t.family, t.name, n)))
+                    n += 1
+    return out
 
 
 def quote(text: str) -> str:
@@ -83,8 +108,9 @@ def _net(net: str) -> str:
     return net[:-3] if net.endswith("/32") and ":" not in net else net[:-4] if net.endswith("/128") else net
 
 
-def rule_text(family: Family, table: str, r: Rule) -> str:
-    """One Rule as an nft rule body (matches, counter, verdict, comment)."""
+def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) -> str:
+    """One Rule as an nft rule body (matches, counter, verdict, comment). `kernel`: the chain that
+    holds the rest of a rule for socketless packets (see KERNEL_PREFIX)."""
     unknown = {f.name for f in fields(r)} - HANDLED_FIELDS
     set_unknown = [n for n in sorted(unknown) if getattr(r, n) not in (None, (), "", False)]
     if set_unknown:
@@ -101,16 +127,28 @@ def rule_text(family: Family, table: str, r: Rule) -> str:
         a.append(f"oifname {'!= ' if neg else ''}{quote(r.out_iface.lstrip('!'))}")
     if r.protocol:
         a.append(f"meta l4proto {r.protocol}")
-    socketless = False
     if r.uid:
         if r.uid.startswith("!"):
-            if r.uid != "!" + ANY_USER or r.target != "RETURN":
-                raise UnsupportedRule(f"uid {r.uid} with {r.target}: only !{ANY_USER} RETURN is expressible")
-            socketless = True
+            if r.uid != "!" + ANY_USER:
+                raise UnsupportedRule(f"uid {r.uid}: only !{ANY_USER} (no user socket) is expressible")
+            if kernel is None:
+                raise UnsupportedRule(f"uid {r.uid} needs a chain of its own (rule {r.comment!r})")
         else:
             a.append(f"meta skuid {r.uid}")
+    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
+        if value:
+            if value.lstrip("!") != "LOCAL":
+                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
+            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
     if r.ctstate:
-        a.append("ct state " + ",".join(s.lower() for s in r.ctstate.split(",")))
+        words = r.ctstate.split(",")
+        status = [w for w in words if w in _CT_STATUS]
+        if status and len(status) != len(words) or len(status) > 1:
+            raise UnsupportedRule(f"ctstate {r.ctstate}: states and NAT status in one match (rule {r.comment!r})")
+        if status:
+            a.append(f"ct status {_CT_STATUS[status[0]]}")
+        else:
+            a.append("ct state " + ",".join(w.lower() for w in words))
     if r.ctdir:
         a.append(f"ct direction {r.ctdir.lower()}")
     if r.ctorigdst:
@@ -123,20 +161,46 @@ def rule_text(family: Family, table: str, r: Rule) -> str:
         a.append(f"ip6 hoplimit {r.hoplimit}")
     if r.icmp6_type:
         a.append(f"icmpv6 type {ICMP6_NAMES.get(r.icmp6_type, r.icmp6_type)}")
+    if r.routing_header:
+        if family != 6:
+            raise UnsupportedRule(f"a routing header match in an IPv4 chain (rule {r.comment!r})")
+        a.append("exthdr rt exists")
     if r.dports:
         if r.protocol not in ("tcp", "udp"):
             raise UnsupportedRule(f"ports need protocol tcp or udp (rule {r.comment!r})")
         ports = str(r.dports[0]) if len(r.dports) == 1 else "{ " + ", ".join(map(str, r.dports)) + " }"
         a.append(f"{r.protocol} dport {ports}")
+    for text in r.u32:
+        a += u32.nft_text(u32.parse(text))
+    if kernel is not None:
+        a += ["counter", f"jump {kernel}", f"comment {quote(r.comment)}"]
+        return " ".join(a)
+    a += limit_text(r)
     a.append("counter")
-    a.append(_verdict(family, table, r, socketless))
+    a.append(_verdict(family, table, r))
     a.append(f"comment {quote(r.comment)}")
     return " ".join(a)
 
 
-def _verdict(family: Family, table: str, r: Rule, socketless: bool) -> str:
-    if socketless:
-        return f"jump {SOCKETLESS}"
+def limit_text(r: Rule) -> list[str]:
+    if not r.limit:
+        if r.limit_burst is not None:
+            raise UnsupportedRule(f"limit_burst without limit (rule {r.comment!r})")
+        return []
+    rate, _, unit = r.limit.partition("/")
+    if not rate.isdigit() or unit not in LIMIT_UNITS:
+        raise UnsupportedRule(f"limit {r.limit} (rule {r.comment!r})")
+    burst = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
+    return [f"limit rate {int(rate)}/{LIMIT_UNITS[unit]} burst {burst} packets"]
+
+
+def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
+    """The body of a socketless rule's own chain: user-owned packets go back, the rest is judged."""
+    verdict = "accept" if r.target == "RETURN" else _verdict(family, table, r)
+    return [f"meta skuid {ANY_USER} return", " ".join([*limit_text(r), verdict])]
+
+
+def _verdict(family: Family, table: str, r: Rule) -> str:
     if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
         raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
     if r.target == "RETURN":
@@ -157,6 +221,30 @@ def _verdict(family: Family, table: str, r: Rule, socketless: bool) -> str:
     if r.target in (CONFINED, REDIRECT):
         return f"jump {chain_name(family, table, r.target)}"
     raise UnsupportedRule(f"target {r.target} (rule {r.comment!r})")
+
+
+def canonical(ruleset: Ruleset) -> Ruleset:
+    """The ruleset as this back end reads it back: u32 tests as the bit ranges they constrain (nft
+    merges and rewrites raw matches), a limit with its burst and iptables-save's unit spelling."""
+    tables = []
+    for t in ruleset.tables:
+        chains = []
+        for c in t.chains:
+            chains.append(type(c)(c.name, tuple(_canonical_rule(r) for r in c.rules)))
+        tables.append(type(t)(t.family, t.name, tuple(chains)))
+    return type(ruleset)(tables=tuple(tables), kind=ruleset.kind, unresolved_hosts=ruleset.unresolved_hosts,
+                         sets=ruleset.sets)
+
+
+def _canonical_rule(r: Rule) -> Rule:
+    changes: dict[str, object] = {}
+    if r.u32:
+        changes["u32"] = u32.normal(t for text in r.u32 for t in u32.parse(text))
+    if r.limit:
+        rate, _, unit = r.limit.partition("/")
+        changes["limit"] = f"{rate}/{LIMIT_SHORT.get(LIMIT_UNITS.get(unit, unit), unit)}"
+        changes["limit_burst"] = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
+    return dataclasses.replace(r, **changes) if changes else r  # type: ignore[arg-type]
 
 
 def elements(st: AddressSet) -> list[str]:
@@ -235,13 +323,13 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
                 first = chain_name(family, base, DISPATCH)
                 lines.append(f"add rule {TABLE} {base} meta nfproto {_FAMILY_WORD[family]} counter jump {first} "
                              f"comment {quote('egressguard')}")
+    kernel = {id(r): k for _t, r, k in kernel_rules(ruleset)}
     for t in ruleset.tables:
         for c in t.chains:
             name = chain_name(t.family, t.name, c.name)
-            lines += [f"add rule {TABLE} {name} {rule_text(t.family, t.name, r)}" for r in c.rules]
-    if SOCKETLESS in wanted:
-        lines.append(f"add rule {TABLE} {SOCKETLESS} meta skuid {ANY_USER} return")
-        lines.append(f"add rule {TABLE} {SOCKETLESS} accept")
+            lines += [f"add rule {TABLE} {name} {rule_text(t.family, t.name, r, kernel.get(id(r)))}" for r in c.rules]
+    for t, r, k in kernel_rules(ruleset):
+        lines += [f"add rule {TABLE} {k} {body}" for body in kernel_chain_rules(t.family, t.name, r)]
     gone = [c for c in existing.chains if c not in wanted and c not in existing.stale_base_chains]
     # Regular chains before base chains: a base chain's jumps are gone already (flushed above).
     lines += [f"delete chain {TABLE} {c}" for c in gone]
