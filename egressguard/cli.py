@@ -217,7 +217,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "foreign_output_rules": t.foreign_output_rules,
                 "chains": {
                     c.name: [
-                        {"rule": " ".join(r.args()), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
+                        {"rule": backend.describe(t.family, t.name, r), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
                         for i, r in enumerate(c.rules)
                     ]
                     for c in t.chains

@@ -177,3 +177,20 @@ def test_every_golden_ruleset_reads_back_equal_from_the_kernel(tmp_path: Path) -
 
     found = _in_fresh_netns(each)
     assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_u32_tests_compare_by_the_bits_they_constrain_however_nft_merges_them() -> None:
+    from egressguard.backends.nftables import u32  # noqa: PLC0415
+
+    planned = u32.normal(u32.parse("0x4>>0x10=0x34&&0x4>>0x8&0xff=0x0&&0x0>>0x18&0xf=0x6:0xf"))
+    # as nft 1.0.6 lists them: the two adjacent matches merged, the nibble as a masked byte
+    merged = u32.from_json({"payload": {"base": "nh", "offset": 32, "len": 24}}, "==", 0x3400)
+    nibble = u32.from_json({"&": [{"payload": {"base": "nh", "offset": 0, "len": 8}}, 15]}, "==", {"range": [6, 15]})
+    assert merged and nibble
+    assert u32.normal([merged, nibble]) == planned
+    changed = u32.from_json({"payload": {"base": "nh", "offset": 32, "len": 24}}, "==", 0x3401)
+    assert changed and u32.normal([changed, nibble]) != planned
+    with pytest.raises(u32.UnsupportedU32):
+        u32.parse("0x0>>0x18&0x5=0x1")  # a mask that is not a run of low bits
+    with pytest.raises(u32.UnsupportedU32):
+        u32.parse("6&0xff@0=0x1")  # header hops (@) have no nft raw equivalent here

@@ -6,7 +6,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from egressguard.ruleset import AddressSet, Chain, Family, Ruleset
+from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ class Backend(abc.ABC):
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         """`ruleset` spelled as this back end reads it back (what read-backs are compared with)."""
         return ruleset
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        """One installed rule as this back end's own tool would show it (for `status`)."""
+        return " ".join(rule.args())
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""

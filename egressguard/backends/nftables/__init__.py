@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import structlog
@@ -9,7 +10,7 @@ import structlog
 from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
 from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable
-from egressguard.ruleset import AddressSet, Ruleset
+from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
 log = structlog.get_logger("egressguard")
 
@@ -93,6 +94,18 @@ class NftablesBackend(Backend):
     def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
         with Nft() as nft:
             return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        try:
+            kernel = "<its own chain>" if rule.uid and rule.uid.startswith("!") else None
+            text = render.rule_text(family, table, dataclasses.replace(rule, u32=()), kernel)
+            if rule.u32:  # read back as the byte and bit ranges they constrain (see render.canonical)
+                words = text.split(" ")
+                at = words.index("counter")
+                text = " ".join([*words[:at], *rule.u32, *words[at:]])
+            return text
+        except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
+            return " ".join(rule.args())
 
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         return render.canonical(ruleset)

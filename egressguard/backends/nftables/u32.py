@@ -51,22 +51,35 @@ def nft_text(tests: Iterable[Test]) -> list[str]:
 
 
 def normal(tests: Iterable[Test]) -> tuple[str, ...]:
-    """Constraints as sorted text: a byte-aligned single value is split into bytes (so merged and
-    unmerged spellings agree); anything else stays one (bit, width, ranges) constraint."""
+    """Constraints as sorted text: byte-aligned single values are taken apart into bytes and put
+    back together as maximal runs of adjacent bytes (so merged and unmerged spellings agree);
+    anything else stays one (bit, width, ranges) constraint."""
     found = set()
+    byte_values: dict[int, set[int]] = {}
     for bit, width, ranges in tests:
         if len(ranges) == 1 and ranges[0][0] == ranges[0][1] and bit % 8 == 0 and width % 8 == 0:
             value, n = ranges[0][0], width // 8
             for i in range(n):
-                found.add(f"nh[{bit // 8 + i}]=0x{(value >> (8 * (n - 1 - i))) & 0xff:02x}")
+                byte_values.setdefault(bit // 8 + i, set()).add((value >> (8 * (n - 1 - i))) & 0xFF)
         else:
             found.add(f"@nh,{bit},{width} in " + ",".join(f"0x{lo:x}" if lo == hi else f"0x{lo:x}-0x{hi:x}" for lo, hi in ranges))
+    run: list[int] = []
+    for at in sorted(byte_values) + [-2]:
+        if run and at != run[-1] + 1:
+            vals = [byte_values[b] for b in run]
+            if all(len(v) == 1 for v in vals):
+                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == 0x" + "".join(f"{next(iter(v)):02x}" for v in vals))
+            else:  # two different values for one byte: nothing matches; keep every one visible
+                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == " + "/".join(",".join(f"0x{x:02x}" for x in sorted(v)) for v in vals))
+            run = []
+        if at >= 0:
+            run.append(at)
     return tuple(sorted(found, key=_order))
 
 
 def _order(s: str) -> tuple[int, str]:
-    m = re.match(r"nh\[(\d+)\]|@nh,(\d+),", s)
-    return (int(m.group(1)) * 8 if m and m.group(1) else int(m.group(2)) if m else 0), s
+    m = re.match(r"@nh,(\d+),", s)
+    return (int(m.group(1)) if m else 0), s
 
 
 # Network-header fields nft names when it lists a raw match that covers exactly one of them.
