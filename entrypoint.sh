@@ -17,4 +17,9 @@ fi
 if [ "$#" -eq 0 ]; then
   set -- "${SHELL:-/bin/sh}"
 fi
+# As PID 1, an init forwards signals to the command and reaps orphans (EGRESSGUARD_INIT= disables).
+init=${EGRESSGUARD_INIT-tini}
+if [ "$$" = 1 ] && [ -n "$init" ] && command -v "$init" >/dev/null 2>&1; then
+  exec "$init" -- "$@"
+fi
 exec "$@"

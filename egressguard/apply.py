@@ -196,7 +196,7 @@ def apply(
                 holding_fence = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
-                diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets))
+                diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets, want=ruleset))
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
@@ -236,12 +236,15 @@ def _fall_back_to_lockdown(
     holding_fence: bool,
 ) -> None:
     code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
+    state = "lockdown"
     try:
         backend.commit(lockdown)
         log.warning("lockdown_committed", reason=type(exc).__name__)
     except Exception as again:  # noqa: BLE001 - the original error is what gets reported
         # A fence this apply raised stays up: the confined uids reach nothing but loopback.
         log.error("lockdown_failed", error=str(again))
+        # The status must not claim a lockdown (DNS, replies) the kernel refused.
+        state = "fence" if holding_fence else "lockdown_failed"
     else:
         if holding_fence:  # the lockdown holds both families now
             try:
@@ -250,7 +253,7 @@ def _fall_back_to_lockdown(
                 log.warning("fence_not_lowered", error=str(again))
     if status_path is not None:
         try:
-            status_mod.write(status_path, out.status("lockdown", code, error=str(exc)))
+            status_mod.write(status_path, out.status(state, code, error=str(exc)))
         except Exception:  # noqa: BLE001
             pass
 
@@ -280,4 +283,4 @@ def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOL
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
-    return differences(backend.canonical(want), backend.read(expect=want.sets))
+    return differences(backend.canonical(want), backend.read(want=want))

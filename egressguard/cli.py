@@ -189,10 +189,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     loaded = _load(args)
     st = status_mod.read(args.status_file) or {}
     hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items()}
-    diffs = apply_mod.verify(loaded.policy, _backend(args), args.resolv_conf, hosts)
+    backend = _backend(args)
+    args._summary = {"policy_digest": policy_mod.digest(loaded.policy), "backend": backend.name}
+    diffs = apply_mod.verify(loaded.policy, backend, args.resolv_conf, hosts)
     if diffs:
         raise VerifyFailed("installed rules differ from the policy: " + "; ".join(diffs[:3]))
-    print(f"verified: the kernel holds exactly {loaded.source} ({policy_mod.digest(loaded.policy)})")
+    print(f"verified: the kernel holds exactly {loaded.source} ({args._summary['policy_digest']})")
     return 0
 
 
@@ -251,7 +253,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     from egressguard import apply as apply_mod  # noqa: PLC0415
 
-    apply_mod.reset(_backend(args), args.status_file)
+    backend = _backend(args)
+    args._summary = {"backend": backend.name}
+    apply_mod.reset(backend, args.status_file)
     log.info("reset_done")
     return 0
 

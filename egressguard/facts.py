@@ -82,10 +82,14 @@ def resolve_hosts(
     for name, optional in names:
         found: list[str] = []
         problem = ""
+        name_end = min(time.monotonic() + per_name_timeout, end)  # one budget for A and AAAA together
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            left = min(per_name_timeout, end - time.monotonic())
+            left = name_end - time.monotonic()
+            if left <= 0 and found:
+                break  # A answered in time; AAAA had none of the budget left
             if left <= 0:
-                problem = f"overall resolution deadline of {deadline:g}s passed"
+                problem = (f"overall resolution deadline of {deadline:g}s passed" if end <= name_end
+                           else f"no answer within {per_name_timeout:g}s")
                 break
             try:
                 answer = res.resolve(name + ".", rdtype, lifetime=left, search=False)

@@ -1,10 +1,16 @@
 """A throwaway test bed: a pod network namespace wired to a "world" namespace, with real servers,
 and probes that send real traffic from the pod as a chosen uid. Used by `egressguard demo` and the tests.
 
-    [pod]  eth0 198.51.100.2/24  2001:db8:100::2/64 ---- veth ---- [world] 198.51.100.1  2001:db8:100::1
+    [pod]  eth0 198.51.100.2/24  2001:db8:100::2/64 ---- veth ---- [world] eth0w 198.51.100.1  2001:db8:100::1
            default routes via the world                          on lo: WORLD_HOSTS_V4/V6 (203.0.113.x,
            resolv.conf: 198.51.100.53, 2001:db8:53::53           2001:db8:2::x, resolvers, metadata)
            local servers: TCP 8443, 8444 (proxy), 7000           TCP listeners, UDP echo, DNS on 53
+
+The topology is a parameter, because a rule that names an interface is only proven against the names
+it was run with (issue 9): `Lab(iface=...)` names the pod's interface, `Lab(second_iface=...)` adds a
+second link (192.0.2.0/24, 2001:db8:200::/64; world side `eth1w`) that SECOND_LINK_ROUTED hosts are
+routed through, and the knobs `ipv6`, `dad`, `wide_ping` and `onlink_services` vary what deployments
+vary. `Lab()` is the one-interface `eth0` pod every test used before.
 
 Nothing here touches the namespace the caller runs in: every command is run inside the lab's own
 namespaces (`ip -n` / `ip netns exec` / setns in a forked child), and `close()` removes them.
@@ -56,6 +62,22 @@ WORLD_TCP_PORTS = (22, 53, 80, 443, 853, 5000, 8444)
 WORLD_UDP_PORTS = (123, 443, 9999)
 POD_TCP_PORTS = (7000, 8443, 8444)  # 8444: the redirect target (a stand-in proxy); 7000: "exempt's service"
 CONFINED, EXEMPT, ROOT = 1000, 1001, 0
+
+# Pod interface names the suites run with. The rule: the names deployments give a pod's interface
+# (eth0: Docker and most CNIs; net1: Multus' second interface; tun0: VPN sidecars; veth...: CNIs that
+# name the pod end after the host end), plus one name of the longest length (IFNAMSIZ - 1 = 15) that
+# differs from `lo` in every byte the kernel compares (`l`, `o` and the NUL) while agreeing with it in
+# each of those bytes' lowest bit, the one bit issue 9's 0x01 masks compared. net1, tun0 and veth...
+# agree in that bit too; eth0 does not, which is why a lab that only ever said eth0 saw nothing.
+IFACE_NAMES = ("eth0", "net1", "tun0", "veth1a2b3c4d", "tap-0123456789a")
+
+# The optional second link and the world hosts routed through it (replies come back the same way:
+# the pod picks its second-link address as the source).
+SECOND_POD_V4, SECOND_WORLD_V4 = "192.0.2.2", "192.0.2.1"
+SECOND_POD_V6, SECOND_WORLD_V6 = "2001:db8:200::2", "2001:db8:200::1"
+SECOND_LINK_ROUTED = ("203.0.113.12", "192.0.2.10", "2001:db8:2::12")
+WORLD_IFACE, SECOND_WORLD_IFACE = "eth0w", "eth1w"
+ONLINK_SERVICES = (RESOLVER_V4, OTHER_RESOLVER_V4, METADATA_V4, RESOLVER_V6, OTHER_RESOLVER_V6, METADATA_V6)
 
 CLONE_NEWNET = 0x40000000
 SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST is also 80 at SOL_IPV6
@@ -190,7 +212,11 @@ def _op_dns(name: str, server: str, timeout: float, rdtype: str = "A", tcp: bool
     return Result("ok", detail=dns.rcode.to_text(r.rcode()), answer=addrs)
 
 
-def _op_ping(dest: str, timeout: float) -> Result:
+def _op_ping(dest: str, timeout: float, raw: bool = False) -> Result:
+    """ICMP echo through an unprivileged ping socket (needs the uid's gid in ping_group_range), or
+    through a raw socket as the ping binary does (`raw`: needs CAP_NET_RAW)."""
+    if raw:
+        return _ping_raw(dest, timeout)
     fam = _family(dest)
     proto = socket.IPPROTO_ICMPV6 if fam == socket.AF_INET6 else socket.IPPROTO_ICMP
     s = socket.socket(fam, socket.SOCK_DGRAM, proto)
@@ -200,6 +226,29 @@ def _op_ping(dest: str, timeout: float) -> Result:
         s.sendto(echo, (dest, 0))
         s.recv(256)
         return Result("ok")
+    finally:
+        s.close()
+
+
+def _ping_raw(dest: str, timeout: float) -> Result:
+    fam = _family(dest)
+    v6 = fam == socket.AF_INET6
+    s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF
+    try:
+        echo = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, 1) + b"egressguard"
+        if not v6:  # the kernel fills in ICMPv6 checksums on raw sockets, not ICMPv4 ones
+            echo = echo[:2] + struct.pack("!H", _checksum(echo)) + echo[4:]
+        s.sendto(echo, (dest, 0))
+        deadline = time.monotonic() + timeout
+        while True:  # a raw socket sees every ICMP message: wait for the reply to this echo
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            data = s.recv(512)
+            if not v6:
+                data = data[(data[0] & 0x0F) * 4:]  # past the IPv4 header
+            icmp_type, _, _, got_id, _ = struct.unpack("!BBHHH", data[:8])
+            if icmp_type == (129 if v6 else 0) and got_id == ident:
+                return Result("ok", detail="raw socket")
     finally:
         s.close()
 
@@ -335,8 +384,7 @@ def _op_crafted_udp(how: str, src: str, dst: str, dport: int, timeout: float, if
             tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             try:
                 tx.bind((iface, 0))
-                with open(f"/sys/class/net/{iface}/address") as fh:
-                    src_mac = bytes.fromhex(fh.read().strip().replace(":", ""))
+                src_mac = tx.getsockname()[4]  # not /sys/class/net: that sysfs shows the caller's namespace
                 tx.send(bytes.fromhex(dst_mac.replace(":", "")) + src_mac + b"\x08\x00" + ip)
             finally:
                 tx.close()
@@ -591,6 +639,13 @@ def _serve_dns_tcp(conn: socket.socket, records_file: str) -> None:
 # -- the lab -----------------------------------------------------------------------------------
 
 
+def topology_name(iface: str = "eth0", second_iface: str = "", ipv6: bool = True, dad: bool = False,
+                  wide_ping: bool = True, onlink_services: bool = False) -> str:
+    """A lab's shape in a few characters, from the keywords `Lab` takes (for test ids and messages)."""
+    return "".join((iface, f"+{second_iface}" if second_iface else "", "" if ipv6 else "-noipv6",
+                    "-dad" if dad else "", "" if wide_ping else "-pingdefault", "-onlink" if onlink_services else ""))
+
+
 @dataclass
 class Lab:
     """Build with `with Lab() as lab:`; everything is removed on exit, also after a failure."""
@@ -600,12 +655,38 @@ class Lab:
     world: str = ""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="egressguard-lab-")))
     records: dict[str, dict[str, list[str]]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_RECORDS)))
+    iface: str = "eth0"  # the pod's interface (the world's end is always eth0w)
+    second_iface: str = ""  # a second link from the pod to the world (world end eth1w), or none
+    ipv6: bool = True  # False: an IPv6-disabled pod (disable_ipv6=1 in the pod; the world keeps IPv6)
+    dad: bool = False  # True: IPv6 addresses go through duplicate address detection, as on real nodes
+    wide_ping: bool = True  # ping_group_range open to every gid in the pod (as Docker sets it); False: the kernel's default
+    onlink_services: bool = False  # resolvers and metadata on the pod's link (as on clouds), not behind the gateway
     _pids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in filter(None, (self.iface, self.second_iface)):
+            if len(name) > 15 or not name.isprintable() or any(c in name for c in "/: ") or name in (".", ".."):
+                raise ValueError(f"not a usable interface name: {name!r}")
+        if self.iface == self.second_iface:
+            raise ValueError("the second interface needs a name of its own")
         tag = f"{self.prefix}{os.getpid() % 100000}x{next(_counter)}"
         self.pod = self.pod or f"{tag}-pod"
         self.world = self.world or f"{tag}-world"
+
+    @property
+    def topology(self) -> str:
+        """A short name for this lab's shape (as in test ids): `eth0`, `eth0+net1`, `net1-noipv6`..."""
+        return topology_name(iface=self.iface, second_iface=self.second_iface, ipv6=self.ipv6, dad=self.dad,
+                             wide_ping=self.wide_ping, onlink_services=self.onlink_services)
+
+    @property
+    def ifaces(self) -> tuple[str, ...]:
+        """The pod's interfaces that lead to the world."""
+        return (self.iface, self.second_iface) if self.second_iface else (self.iface,)
+
+    @property
+    def world_ifaces(self) -> tuple[str, ...]:
+        return (WORLD_IFACE, SECOND_WORLD_IFACE) if self.second_iface else (WORLD_IFACE,)
 
     # context management ---------------------------------------------------------------------
 
@@ -641,28 +722,81 @@ class Lab:
             _sh("ip", "netns", "add", ns)
             if netns_inode(ns) == own:  # a lab must never be the caller's own namespace
                 raise RuntimeError(f"netns {ns} is the caller's own namespace")
-        _sh("ip", "-n", self.pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0w", "netns", self.world)
-        for ns, dev, v4, v6 in ((self.pod, "eth0", POD_V4, POD_V6), (self.world, "eth0w", WORLD_V4, WORLD_V6)):
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            _sh("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        # Before any interface exists, so that each one is made with these settings.
+        if not self.ipv6:
+            self._sysctl(self.pod, "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        if self.dad:
+            for ns in (self.pod, self.world):
+                self._sysctl(ns, "net.ipv6.conf.all.accept_dad=1", "net.ipv6.conf.default.accept_dad=1",
+                             "net.ipv6.conf.default.dad_transmits=1")
+        links = [(self.iface, WORLD_IFACE, (POD_V4, WORLD_V4), (POD_V6, WORLD_V6))]
+        if self.second_iface:
+            links.append((self.second_iface, SECOND_WORLD_IFACE, (SECOND_POD_V4, SECOND_WORLD_V4),
+                          (SECOND_POD_V6, SECOND_WORLD_V6)))
+        _sh("ip", "-n", self.pod, "link", "set", "lo", "up")
+        _sh("ip", "-n", self.world, "link", "set", "lo", "up")
+        for pod_dev, world_dev, v4, v6 in links:
+            _sh("ip", "-n", self.pod, "link", "add", pod_dev, "type", "veth", "peer", "name", world_dev,
+                "netns", self.world)
+            for ns, dev, a4, a6 in ((self.pod, pod_dev, v4[0], v6[0]), (self.world, world_dev, v4[1], v6[1])):
+                _sh("ip", "-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
+                if ns == self.world or self.ipv6:
+                    self._addr6(ns, f"{a6}/64", dev)
+                _sh("ip", "-n", ns, "link", "set", dev, "up")
         _sh("ip", "-n", self.pod, "route", "add", "default", "via", WORLD_V4)
-        _sh("ip", "-n", self.pod, "-6", "route", "add", "default", "via", WORLD_V6)
+        if self.ipv6:
+            _sh("ip", "-n", self.pod, "-6", "route", "add", "default", "via", WORLD_V6)
+        onlink = ONLINK_SERVICES if self.onlink_services else ()
         for addr in WORLD_HOSTS_V4:
-            _sh("ip", "-n", self.world, "addr", "add", f"{addr}/32", "dev", "lo")
+            if addr in onlink:  # on the link: the pod resolves it with ARP, not via the gateway
+                _sh("ip", "-n", self.world, "addr", "add", f"{addr}/32", "dev", WORLD_IFACE)
+            else:
+                _sh("ip", "-n", self.world, "addr", "add", f"{addr}/32", "dev", "lo")
         for addr in WORLD_HOSTS_V6:
-            _sh("ip", "-n", self.world, "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
-        # Unprivileged ICMP echo sockets for every uid in the pod (as Docker does), so ping is a real probe.
-        _sh("ip", "netns", "exec", self.pod, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647")
+            self._addr6(self.world, f"{addr}/128", WORLD_IFACE if addr in onlink else "lo")
+        for addr in onlink:
+            if ":" not in addr:
+                _sh("ip", "-n", self.pod, "route", "replace", f"{addr}/32", "dev", self.iface, "scope", "link")
+            elif self.ipv6:  # IPv6 neighbour discovery answers only for addresses on the asking link
+                _sh("ip", "-n", self.pod, "-6", "route", "replace", f"{addr}/128", "dev", self.iface)
+        for addr in SECOND_LINK_ROUTED if self.second_iface else ():
+            if ":" not in addr:
+                _sh("ip", "-n", self.pod, "route", "replace", f"{addr}/32", "via", SECOND_WORLD_V4, "dev", self.second_iface)
+            elif self.ipv6:
+                _sh("ip", "-n", self.pod, "-6", "route", "replace", f"{addr}/128", "via", SECOND_WORLD_V6,
+                    "dev", self.second_iface)
+        if self.wide_ping:
+            # Unprivileged ICMP echo sockets for every uid in the pod (as Docker does), so ping is a real probe.
+            self._sysctl(self.pod, "net.ipv4.ping_group_range=0 2147483647")
         etc = Path("/etc/netns") / self.pod
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(f"nameserver {RESOLVER_V4}\nnameserver {RESOLVER_V6}\n")
         self.set_records(self.records)
         os.chmod(self.workdir, 0o755)
+        if self.dad:
+            for ns in (self.pod, self.world):
+                self._wait_dad(ns)
         self._start_server(self.world, "world")
         self._start_server(self.pod, "pod")
         self._wait_reachable()
+
+    def _sysctl(self, netns: str, *settings: str) -> None:
+        _sh("ip", "netns", "exec", netns, "sysctl", "-q", "-w", *settings)
+
+    def _addr6(self, netns: str, cidr: str, dev: str) -> None:
+        _sh("ip", "-n", netns, "addr", "add", cidr, "dev", dev, *(() if self.dad else ("nodad",)))
+
+    def _wait_dad(self, netns: str) -> None:
+        """Until no IPv6 address in `netns` is tentative (a tentative address cannot be a source yet)."""
+        for _ in range(100):  # one DAD probe takes ~1 s (dad_transmits=1, retrans_time 1 s)
+            links = json.loads(_sh("ip", "-j", "-n", netns, "-6", "addr", "show").stdout or "[]")
+            flags = [a for link in links for a in link.get("addr_info", []) if a.get("tentative") or a.get("dadfailed")]
+            if any(a.get("dadfailed") for a in flags):
+                raise RuntimeError(f"duplicate address detection failed in {netns}: {flags}")
+            if not flags:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"IPv6 addresses in {netns} still tentative after 10 s")
 
     def _start_server(self, netns: str, role: str) -> None:
         self._fork_server(netns, f"{role} server", serve, role, str(self.records_file))
@@ -686,13 +820,17 @@ class Lab:
                 raise RuntimeError(f"{what} did not start")
 
     def _wait_reachable(self) -> None:
+        hosts = [WORLD_HOSTS_V4[0], *(SECOND_LINK_ROUTED if self.second_iface else ())]
+        if self.ipv6:
+            hosts.append(WORLD_HOSTS_V6[0])
+        else:
+            hosts = [h for h in hosts if ":" not in h]
         for _ in range(50):  # IPv6 neighbour entries and routes settle within a few hundred ms
-            if self.tcp(WORLD_HOSTS_V4[0], 22, uid=ROOT, timeout=0.5).ok and self.tcp(
-                WORLD_HOSTS_V6[0], 22, uid=ROOT, timeout=0.5
-            ).ok:
+            hosts = [h for h in hosts if not self.tcp(h, 22, uid=ROOT, timeout=0.5).ok]
+            if not hosts:
                 return
             time.sleep(0.1)
-        raise RuntimeError("lab world not reachable from the pod")
+        raise RuntimeError(f"lab world not reachable from the pod ({self.topology}): {hosts}")
 
     def close(self) -> None:
         for pid in self._pids:
@@ -720,8 +858,9 @@ class Lab:
             timeout: float = 2.0) -> Result:
         return _run_probe(self.pod, uid, "dns", (name, server), {"rdtype": rdtype, "tcp": tcp}, timeout)
 
-    def ping(self, dest: str, uid: int = CONFINED, timeout: float = 2.0) -> Result:
-        return _run_probe(self.pod, uid, "ping", (dest,), {}, timeout)
+    def ping(self, dest: str, uid: int = CONFINED, timeout: float = 2.0, raw: bool = False, caps: int = 0) -> Result:
+        """ICMP echo; `raw` sends it through a raw socket (give the probe CAP_NET_RAW in `caps`)."""
+        return _run_probe(self.pod, uid, "ping", (dest,), {"raw": raw} if raw else {}, timeout, caps=caps)
 
     def exec_as(self, argv: list[str], uid: int = CONFINED, timeout: float = 10.0) -> Result:
         """Run a real client (curl, dig, nc...) in the pod as `uid`."""
@@ -801,36 +940,43 @@ class Lab:
         udp = ",".join(map(str, (*WORLD_UDP_PORTS, 53)))
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             for proto, keep, to in (("tcp", tcp, "5000"), ("udp", udp, "9999")):
-                _sh("ip", "netns", "exec", self.world, tool, "-w", "-t", "nat", "-A", "PREROUTING", "-i", "eth0w",
-                    "-p", proto, "-m", "multiport", "!", "--dports", keep, "-j", "REDIRECT", "--to-ports", to)
+                for dev in self.world_ifaces:
+                    _sh("ip", "netns", "exec", self.world, tool, "-w", "-t", "nat", "-A", "PREROUTING", "-i", dev,
+                        "-p", proto, "-m", "multiport", "!", "--dports", keep, "-j", "REDIRECT", "--to-ports", to)
 
-    def world_link_local(self) -> str:
-        """The world's IPv6 link-local address as seen from the pod (fe80::...%eth0), once usable."""
+    def world_link_local(self, second: bool = False) -> str:
+        """The world's IPv6 link-local address as seen from the pod (fe80::...%<pod interface>), once
+        usable; on the second link if `second`."""
+        pod_dev, world_dev = (self.second_iface, SECOND_WORLD_IFACE) if second else (self.iface, WORLD_IFACE)
         for _ in range(60):
-            info = json.loads(_sh("ip", "-j", "-n", self.world, "-6", "addr", "show", "dev", "eth0w", "scope", "link").stdout)
+            info = json.loads(_sh("ip", "-j", "-n", self.world, "-6", "addr", "show", "dev", world_dev, "scope", "link").stdout)
             for a in info[0].get("addr_info", []) if info else []:
                 if a.get("local") and not a.get("tentative"):
-                    addr = f"{a['local']}%eth0"
+                    addr = f"{a['local']}%{pod_dev}"
                     if self.tcp(addr, 22, uid=ROOT, timeout=0.5).ok:
                         return addr
             time.sleep(0.1)
         raise RuntimeError("world link-local address not usable")
 
-    def world_received(self, proto: str, port: int) -> int:
+    def world_received(self, proto: str, port: int, devices: tuple[str, ...] = ()) -> int:
         """Packets (IPv4 + IPv6) that have reached the world for proto/port so far, counted before any
-        other rule sees them (a rule in the world's raw table, added on first use)."""
+        other rule sees them (a rule in the world's raw table, added on first use), on every link
+        from the pod or on the world-side `devices` named (eth0w, eth1w)."""
         total = 0
         for tool in ("iptables-legacy", "ip6tables-legacy"):
-            rule = ["PREROUTING", "-i", "eth0w", "-p", proto, "--dport", str(port), "-j", "ACCEPT"]
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
-            if _sh(*world, "-C", *rule, check=False).returncode != 0:
-                _sh(*world, "-A", *rule)
+            for dev in devices or self.world_ifaces:
+                rule = ["PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT"]
+                if _sh(*world, "-C", *rule, check=False).returncode != 0:
+                    _sh(*world, "-A", *rule)
             out = _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout
-            total += sum(int(line.split()[0]) for line in out.splitlines() if f"{proto} dpt:{port}" in line)
+            total += sum(int(line.split()[0]) for line in out.splitlines()
+                         if f"{proto} dpt:{port}" in line and line.split()[5] in (devices or self.world_ifaces))
         return total
 
-    def world_mac(self) -> str:
-        return json.loads(_sh("ip", "-j", "-n", self.world, "link", "show", "eth0w").stdout)[0]["address"]
+    def world_mac(self, second: bool = False) -> str:
+        dev = SECOND_WORLD_IFACE if second else WORLD_IFACE
+        return json.loads(_sh("ip", "-j", "-n", self.world, "link", "show", dev).stdout)[0]["address"]
 
 
 class HeldConnection:

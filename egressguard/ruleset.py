@@ -472,8 +472,9 @@ def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
     rules.append(Rule(target="DROP", comment="forged-source", src_type="!LOCAL"))
     # Source routes: the rules judge only the first hop of a routed packet. Refused here, a confined
     # uid's packet cannot reach the pod's FORWARD path either: a packet the pod sends is delivered
-    # locally or sent out, and is forwarded only if it comes back in naming the pod as a hop that
-    # passes it on (a routing header, a source-route option).
+    # locally or sent out; it is forwarded only if, delivered locally, it names a next hop (a
+    # routing header, a source-route option) or carries another packet that a tunnel device of the
+    # pod unpacks (VXLAN, FOU, GENEVE: none without CAP_NET_ADMIN, and forwarding is off in a pod).
     if family == 6:
         rules += _refuse(policy.action, family, "routing-header", routing_header=True)
     else:

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import pwd
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     if not cmd:
         cmd = [who.shell]
     drop_privileges(who)
+    cmd = with_init(cmd)
     log.info("command_exec", user=who.name, uid=who.uid, argv0=cmd[0], policy_digest=out.policy_digest)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -80,6 +82,20 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"egressguard: {cmd[0]}: cannot execute: {exc.strerror}", file=sys.stderr)
         return EXIT_NOT_EXECUTABLE
+
+
+def with_init(cmd: list[str]) -> list[str]:
+    """As PID 1 (a container's first process) the command would ignore SIGTERM unless it handles it,
+    and never reap the orphans agents leave by the hundred: put an init in front of it. The init is
+    exec'd after the privilege drop, so PID 1 holds nothing either. $EGRESSGUARD_INIT names it
+    (default: tini on PATH); empty: no init."""
+    if os.getpid() != 1 or shutil.which(cmd[0]) is None:
+        return cmd  # (a missing or non-executable command: exec fails below with our exit 127/126)
+    init = os.environ.get("EGRESSGUARD_INIT", "tini")
+    path = shutil.which(init) if init else None
+    if init and not path:
+        log.warning("init_missing", init=init, detail="the command runs as PID 1 without an init")
+    return [path, "--", *cmd] if path else cmd
 
 
 def resolve_user(spec: str) -> Identity:

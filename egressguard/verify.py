@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from egressguard.backends import Installed
+from egressguard.backends import Installed, InstalledTable
 from egressguard.ruleset import Ruleset
 
 
@@ -47,4 +47,31 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
                 detail += f"expected {' '.join(w[first].args())}" if first < len(w) else "expected nothing"
                 detail += f", found {' '.join(g[first].args())}" if first < len(g) else ", found nothing"
                 out.append(f"{where}: chain {name} has {len(g)} rules, expected {len(w)}; {detail}")
+        out += _entry_differences(where, got)
+    return out
+
+
+MAX_ENTRY_REPORTS = 3  # differing rules reported per chain: one bad encoding can touch thousands
+
+
+def _entry_differences(where: str, got: InstalledTable) -> list[str]:
+    """Field by field, the kernel's entries against the same rules as the back end encodes them:
+    catches what the decoded comparison above cannot see, e.g. an interface mask (issue 9)."""
+    if got.entries is None or got.encoded is None:
+        return []
+    out: list[str] = []
+    for name, meant in got.encoded.items():
+        kernel = got.entries.get(name, ())
+        if len(kernel) != len(meant):
+            continue  # a missing chain or rule: reported above, in words
+        bad: dict[int, list[str]] = {}
+        for i, (k, m) in enumerate(zip(kernel, meant)):
+            if isinstance(m, str):
+                bad[i] = [f"cannot be encoded for comparison ({m})"]
+            elif k != m:
+                bad[i] = k.differences(m)
+        for i in sorted(bad)[:MAX_ENTRY_REPORTS]:
+            out += [f"{where}: chain {name} rule {i}: {d}" for d in bad[i]]
+        if len(bad) > MAX_ENTRY_REPORTS:
+            out.append(f"{where}: chain {name}: {len(bad) - MAX_ENTRY_REPORTS} more rules differ")
     return out

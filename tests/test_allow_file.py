@@ -86,6 +86,42 @@ def test_plan_exits_2_naming_the_line(tmp_path: Path) -> None:
     assert "bad.txt:2:" in done.stderr
 
 
+def _addresses(n: int, start: int = 0) -> str:
+    """n distinct IPv4 host addresses in 198.18.0.0/15 (131,072 of them)."""
+    base = int(ipaddress.IPv4Address("198.18.0.0"))
+    return "".join(f"{ipaddress.IPv4Address(base + i)}\n" for i in range(start, start + n))
+
+
+def _plan(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "egressguard", "plan", "--policy", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_list_of_exactly_100000_entries_is_accepted(tmp_path: Path) -> None:
+    _write(tmp_path, "big.txt", _addresses(100_000))
+    done = _plan(_write(tmp_path, "p.yaml", "version: 1\nallow:\n  - allow_file: big.txt\n"))
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_one_file_over_100000_entries_exits_2_in_one_line(tmp_path: Path) -> None:
+    _write(tmp_path, "big.txt", _addresses(100_001))
+    done = _plan(_write(tmp_path, "p.yaml", "version: 1\nallow:\n  - allow_file: big.txt\n"))
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "big.txt" in lines[0] and "100001 networks, more than 100000" in lines[0], lines
+
+
+def test_a_list_over_100000_entries_after_expanding_its_files_exits_2(tmp_path: Path) -> None:
+    """The cap is per list, after expansion: two files of 60,000 in one `deny`."""
+    _write(tmp_path, "a.txt", _addresses(60_000))
+    _write(tmp_path, "b.txt", _addresses(60_000, start=60_000))
+    text = "version: 1\ndeny:\n  - deny_file: a.txt\n  - deny_file: b.txt\n"
+    done = _plan(_write(tmp_path, "p.yaml", text))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deny" in lines[0] and "120000 entries after reading the list files" in lines[0], lines
+
+
 # -- the fast parse of list lines agrees with ipaddress -----------------------------------------
 
 

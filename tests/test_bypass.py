@@ -5,6 +5,9 @@ the same probe from the exempt uid gets through, so the block is the guard's doi
 bed's. A few tests pin down paths the guard lets through by design (loopback to a local relay, answers
 on flows others opened, packet sockets for a process given CAP_NET_RAW); the README section "What the
 guard does and does not stop" lists the same cases.
+
+The suite runs on several pod topologies (LAB_TOPOLOGIES): interface names that a rule matching `lo`
+must not confuse with it, and a pod with a second interface that some world hosts are routed through.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from egressguard.lab import (
     RESOLVER_V4,
     RESOLVER_V6,
     ROOT,
+    SECOND_LINK_ROUTED,
     Lab,
     Result,
     WORLD_V4,
@@ -44,6 +48,11 @@ OTHER_V4, OTHER_V6 = "203.0.113.11", "2001:db8:2::11"
 LINK_LOCAL_V4 = "169.254.1.1"  # added to the world for the link-local test
 METADATA = (METADATA_V4, "169.254.170.2", "100.100.100.200", METADATA_V6)
 CAP_NET_RAW_BIT = 1 << 13
+
+# A Multus-style net1 pod, a pod with two interfaces (its second link carries 203.0.113.12, 192.0.2.10
+# and 2001:db8:2::12, which the sweeps below try), and the eth0 pod. Each test that builds its own lab
+# takes the next one in turn (tests/conftest.py); the other real-traffic suites take other names.
+LAB_TOPOLOGIES = [{"iface": "net1"}, {"iface": "veth1a2b3c4d", "second_iface": "tun0"}, {}]
 
 # The guarded pod's policy: one allowed TCP port on one host per family, broad allows that cover every
 # metadata endpoint (deny_metadata must still win), DNS to the pod's resolvers, port 80 redirected to
@@ -68,16 +77,18 @@ POLICY: dict[str, Any] = {
 
 
 class Tally:
-    """Counts confined attempts that had to be stopped, and which got through."""
+    """Counts confined attempts that had to be stopped, and which got through, over every topology."""
 
     def __init__(self) -> None:
         self.attempts = 0
         self.through: list[str] = []
-        self.by_design: list[str] = []
+        self.by_design: set[str] = set()
+        self.topologies: set[str] = set()
 
     def line(self) -> str:
         design = f"; {len(self.by_design)} paths open by design, documented" if self.by_design else ""
-        return f"bypass: {len(self.through)} of {self.attempts} attempts got through{design}"
+        shapes = f" on {len(self.topologies)} pod topologies ({', '.join(sorted(self.topologies))})"
+        return f"bypass: {len(self.through)} of {self.attempts} attempts got through{shapes}{design}"
 
 
 TALLY = Tally()
@@ -111,8 +122,17 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
     assert not failures, "\n".join(failures)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _report(figures: list[str]) -> Iterator[None]:
+    yield
+    if TALLY.attempts:
+        figures.append(TALLY.line())
+    # The printed figure is a claim too: each attempt already failed its own test, this keeps the sum honest.
+    assert not TALLY.through, TALLY.line() + ": " + "; ".join(TALLY.through[:10])
+
+
 @pytest.fixture(scope="module")
-def guarded(module_lab: Lab, figures: list[str]) -> Iterator[Lab]:
+def guarded(module_lab: Lab) -> Iterator[Lab]:
     """The module's pod under POLICY, with a world that answers on every port (positive controls)."""
     lab = module_lab
     lab.world_answer_every_port()
@@ -120,8 +140,8 @@ def guarded(module_lab: Lab, figures: list[str]) -> Iterator[Lab]:
     done = lab.apply(POLICY)
     assert done.returncode == 0, done.stderr
     assert lab.tcp(ALLOWED_V4, 443).ok and lab.tcp(ALLOWED_V6, 443).ok, "the policy's allow does not work"
+    TALLY.topologies.add(lab.topology)
     yield lab
-    figures.append(TALLY.line())
 
 
 # -- other ports, other hosts, other protocols -------------------------------------------------
@@ -187,28 +207,35 @@ def test_ipv4_mapped_ipv6_destinations_are_judged_as_ipv4(guarded: Lab) -> None:
 
 
 def test_link_local_destinations_are_refused(guarded: Lab) -> None:
-    """Link-local neighbours are not exempt: the world's fe80:: address on the link and an IPv4
+    """Link-local neighbours are not exempt: the world's fe80:: address on each link and an IPv4
     link-local host (169.254.1.1) are refused, TCP and UDP."""
-    ll = guarded.world_link_local()
+    lls = [guarded.world_link_local(second=second) for second in (False, True)[:len(guarded.ifaces)]]
     sweep(guarded, "link-local", [
-        ("tcp", (ll, 22), {}), ("tcp", (ll, 443), {}), ("send", (ll, 40000), {}),
+        *[probe for ll in lls for probe in (("tcp", (ll, 22), {}), ("tcp", (ll, 443), {}), ("send", (ll, 40000), {}))],
         ("tcp", (LINK_LOCAL_V4, 22), {}), ("udp", (LINK_LOCAL_V4, 40000), {}),
     ])
 
 
-MULTICAST_AND_BROADCAST = [
-    ("224.0.0.1", {}), ("224.0.0.251", {}), ("239.255.255.250", {}),  # all hosts, mDNS, SSDP
-    ("255.255.255.255", {"broadcast": True}), ("198.51.100.255", {"broadcast": True}),
-    ("ff02::1%eth0", {}), ("ff02::fb%eth0", {}), ("ff05::1:3", {}),  # all nodes, mDNS, DHCPv6 servers
-]
+def multicast_and_broadcast(lab: Lab) -> list[tuple[str, dict[str, Any]]]:
+    """Groups and broadcast addresses, scoped to each of the pod's links."""
+    dests: list[tuple[str, dict[str, Any]]] = [
+        ("224.0.0.1", {}), ("224.0.0.251", {}), ("239.255.255.250", {}),  # all hosts, mDNS, SSDP
+        ("255.255.255.255", {"broadcast": True}), ("198.51.100.255", {"broadcast": True}),
+        ("ff05::1:3", {}),  # DHCPv6 servers
+    ]
+    for dev in lab.ifaces:
+        dests += [(f"ff02::1%{dev}", {}), (f"ff02::fb%{dev}", {})]  # all nodes, mDNS
+    if lab.second_iface:
+        dests.append(("192.0.2.255", {"broadcast": True}))
+    return dests
 
 
 def test_multicast_and_broadcast_are_refused(guarded: Lab) -> None:
     """Datagrams to multicast groups and broadcast addresses: the send fails (EPERM) and no packet
-    reaches the link, counted at the world's end; the exempt uid's identical datagrams arrive."""
+    reaches a link, counted at the world's end; the exempt uid's identical datagrams arrive."""
     port = 9998
     before = guarded.world_received("udp", port)
-    probes = [("send", (dest, port), kw) for dest, kw in MULTICAST_AND_BROADCAST]
+    probes = [("send", (dest, port), kw) for dest, kw in multicast_and_broadcast(guarded)]
     confined = guarded.batch(probes, uid=CONFINED, each=0.2)
     assert guarded.world_received("udp", port) == before, "a confined datagram reached the world"
     control = guarded.batch(probes, uid=EXEMPT, each=0.2)
@@ -307,9 +334,9 @@ def test_with_cap_net_raw_packet_sockets_bypass_the_guard(guarded: Lab) -> None:
     layer, where no iptables (or nftables inet) rule runs. A confined process must never hold
     CAP_NET_RAW (Docker grants it by default: drop it with --cap-drop NET_RAW)."""
     got = guarded.probe("crafted_udp", "packet", POD_V4, OTHER_V4, 9999, dst_mac=guarded.world_mac(),
-                        caps=CAP_NET_RAW_BIT)
+                        iface=guarded.iface, caps=CAP_NET_RAW_BIT)
     assert got.ok and got.answer.startswith("world udp 9999"), got
-    TALLY.by_design.append("packet socket with CAP_NET_RAW")
+    TALLY.by_design.add("packet socket with CAP_NET_RAW")
 
 
 def test_the_confined_uid_cannot_change_its_uid(guarded: Lab) -> None:
@@ -393,7 +420,7 @@ def test_with_loopback_allowed_a_local_relay_is_reachable(guarded: Lab) -> None:
     for dest in ("127.0.0.1", "::1", POD_V4, POD_V6):
         assert guarded.tcp(dest, 7000).ok, dest
     assert guarded.tcp(OTHER_V4, 80).proxied  # the designed path: the redirect to the local proxy
-    TALLY.by_design.append("loopback to a local relay (loopback: allow)")
+    TALLY.by_design.add("loopback to a local relay (loopback: allow)")
 
 
 def test_with_loopback_denied_local_relays_are_refused(lab: Lab) -> None:
@@ -413,19 +440,23 @@ def test_flows_opened_from_outside_can_be_answered(guarded: Lab) -> None:
     40000 to that host and port (a "hole punch" needs an outside party that sends first). A new flow
     from the same socket to another port of that host is refused."""
     knock: dict[str, Result] = {}
+    # A host on the primary link: the world knocks on POD_V4 through it, and only a reply that leaves
+    # the same way (from POD_V4) is on that flow; one routed out of a second interface is a new flow.
+    peer = "203.0.113.5"
+    assert peer not in SECOND_LINK_ROUTED
 
     def world_first() -> None:
-        knock["r"] = guarded.world_probe("send", POD_V4, 40000, src="203.0.113.12", sport=7001, timeout=3)
+        knock["r"] = guarded.world_probe("send", POD_V4, 40000, src=peer, sport=7001, timeout=3)
 
     t = threading.Thread(target=world_first)
     t.start()
     time.sleep(0.5)
-    answer = guarded.probe("send", "203.0.113.12", 7001, sport=40000, timeout=0.5)
-    other = guarded.probe("send", "203.0.113.12", 7002, sport=40000, timeout=0.5)
+    answer = guarded.probe("send", peer, 7001, sport=40000, timeout=0.5)
+    other = guarded.probe("send", peer, 7002, sport=40000, timeout=0.5)
     t.join()
     assert answer.ok and knock["r"].answer == "egressguard", (answer, knock["r"])
     stopped("new flow from the answering socket", other)
-    TALLY.by_design.append("answers on flows opened from outside")
+    TALLY.by_design.add("answers on flows opened from outside")
 
 
 # -- volume and timing -------------------------------------------------------------------------

@@ -115,3 +115,72 @@ def test_pod_shares_nothing_with_the_node(pod: dict[str, Any]) -> None:
     for key in ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace"):
         assert not pod.get(key)
     assert pod["automountServiceAccountToken"] is False
+
+
+# -- Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards) ------------
+# The checks that apply to these containers, per level; a container meets a level when none fails.
+_BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+                  "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def _pss_failures(pod: dict[str, Any], container: dict[str, Any], level: str) -> list[str]:
+    sc, psc = container.get("securityContext", {}), pod.get("securityContext", {})
+    caps = sc.get("capabilities", {})
+    fails = []
+    if any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+        fails.append("host namespaces")
+    if sc.get("privileged"):
+        fails.append("privileged")
+    if set(caps.get("add", [])) - _BASELINE_CAPS:
+        fails.append(f"capabilities {sorted(set(caps.get('add', [])) - _BASELINE_CAPS)}")
+    if any("hostPath" in v for v in pod.get("volumes", [])):
+        fails.append("hostPath volume")
+    if any(p.get("hostPort") for p in container.get("ports", [])):
+        fails.append("hostPort")
+    if (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "Unconfined":
+        fails.append("seccomp Unconfined")
+    if level == "baseline":
+        return fails
+    if any(not (set(v) - {"name"}) <= _RESTRICTED_VOLUMES for v in pod.get("volumes", [])):
+        fails.append("volume type")
+    if sc.get("allowPrivilegeEscalation", True) is not False:
+        fails.append("allowPrivilegeEscalation not false")
+    if not sc.get("runAsNonRoot", psc.get("runAsNonRoot", False)):
+        fails.append("runAsNonRoot not true")
+    if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+        fails.append("runAsUser 0")
+    if (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        fails.append("seccomp profile not set")
+    if "ALL" not in caps.get("drop", []):
+        fails.append("capabilities not dropped")
+    if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+        fails.append(f"capabilities added {caps.get('add')}")
+    return fails
+
+
+def test_the_agent_container_meets_the_restricted_level(pod: dict[str, Any], agent: dict[str, Any]) -> None:
+    assert _pss_failures(pod, agent, "restricted") == []
+
+
+def test_the_init_container_needs_the_privileged_level_for_net_admin_and_net_raw(
+    pod: dict[str, Any], init: dict[str, Any]
+) -> None:
+    """What the README and the manifest say: baseline forbids exactly the two capabilities egressguard needs."""
+    assert _pss_failures(pod, init, "baseline") == ["capabilities ['NET_ADMIN', 'NET_RAW']"]
+    header = MANIFEST.read_text()
+    assert "pod-security.kubernetes.io/enforce: privileged" in header and "meets `restricted`" in header
+
+
+def test_the_pss_check_fails_what_it_should() -> None:
+    """The checker itself: each rule trips on a container that breaks it."""
+    ok = {"securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}
+    assert _pss_failures({}, ok, "restricted") == []
+    for change, level in ((("privileged", True), "baseline"), (("runAsUser", 0), "restricted"),
+                          (("allowPrivilegeEscalation", True), "restricted"), (("runAsNonRoot", False), "restricted")):
+        bad = {"securityContext": {**ok["securityContext"], change[0]: change[1]}}
+        assert _pss_failures({}, bad, level), change
+    assert _pss_failures({"hostNetwork": True}, ok, "baseline")
+    assert _pss_failures({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, ok, "baseline")

@@ -1,9 +1,11 @@
 """Model versus kernel: random valid policies, applied for real, must give the evaluator's verdict
-(egressguard.explain) for random probes sent as real packets from the pod."""
+(egressguard.explain) for random probes sent as real packets from the pod. Each policy is drawn with
+the pod topology it runs in: every name in IFACE_NAMES, and a pod with a second interface."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 from egressguard.explain import LOOPBACK_NETS, Facts, Probe, Verdict, evaluate
 from egressguard.lab import (
+    IFACE_NAMES,
     METADATA_V4,
     METADATA_V6,
     OTHER_RESOLVER_V4,
@@ -20,8 +23,11 @@ from egressguard.lab import (
     POD_V6,
     RESOLVER_V4,
     RESOLVER_V6,
+    SECOND_POD_V4,
+    SECOND_POD_V6,
     Lab,
     Result,
+    topology_name,
 )
 from egressguard.policy import validate
 
@@ -43,6 +49,11 @@ MAX_EXAMPLES = 25
 PROBES_PER_POLICY = 12
 
 _pairs = {"policies": 0, "pairs": 0, "disagreements": 0}
+_shapes: set[str] = set()
+
+# One lab per topology, built when first drawn and kept for the module. The function-lab test below
+# takes the first. 203.0.113.12, 192.0.2.10 and 2001:db8:2::12 leave by the second interface.
+LAB_TOPOLOGIES = [{"iface": "eth0", "second_iface": "net1"}, *({"iface": name} for name in IFACE_NAMES)]
 
 
 @st.composite
@@ -138,10 +149,11 @@ def agrees(p: Probe, want: Verdict, r: Result) -> bool:
 
 def facts_from_status(lab: Lab) -> Facts:
     st_ = json.loads(lab.status_file.read_text())
+    own = [f"{POD_V4}/32", f"{POD_V6}/128"] + ([f"{SECOND_POD_V4}/32", f"{SECOND_POD_V6}/128"] if lab.second_iface else [])
     return Facts(
         resolvers=tuple(st_["resolvers"]),
         hosts={k: tuple(v) for k, v in st_["hosts"].items()},
-        local=(*LOOPBACK_NETS, f"{POD_V4}/32", f"{POD_V6}/128"),
+        local=(*LOOPBACK_NETS, *own),
     )
 
 
@@ -149,28 +161,50 @@ def facts_from_status(lab: Lab) -> Facts:
 def _report(figures: list[str]) -> Any:
     yield
     if _pairs["policies"]:
-        figures.append(f"model vs kernel: {_pairs['policies']} policies, {_pairs['pairs']} policy x probe pairs, "
+        figures.append(f"model vs kernel: {_pairs['policies']} policies on {len(_shapes)} pod topologies "
+                       f"({', '.join(sorted(_shapes))}), {_pairs['pairs']} policy x probe pairs, "
                        f"{_pairs['disagreements']} disagreements between kernel and explain")
+
+
+@pytest.fixture(scope="module")
+def labs() -> Iterator[dict[str, Lab]]:
+    built: dict[str, Lab] = {}
+    try:
+        yield built
+    finally:
+        for lab in built.values():
+            lab.close()
+
+
+def lab_for(labs: dict[str, Lab], topology: dict[str, str]) -> Lab:
+    name = topology_name(**topology)
+    if name not in labs:
+        labs[name] = Lab(**topology).__enter__()
+    return labs[name]
 
 
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(policy=policies(), batch=st.lists(probes(), min_size=PROBES_PER_POLICY, max_size=PROBES_PER_POLICY))
-def test_kernel_verdict_equals_the_model(module_lab: Lab, policy: dict[str, Any], batch: list[Probe]) -> None:
+@given(topology=st.sampled_from(LAB_TOPOLOGIES), policy=policies(),
+       batch=st.lists(probes(), min_size=PROBES_PER_POLICY, max_size=PROBES_PER_POLICY))
+def test_kernel_verdict_equals_the_model(labs: dict[str, Lab], topology: dict[str, str], policy: dict[str, Any],
+                                         batch: list[Probe]) -> None:
+    lab = lab_for(labs, topology)
     validated = validate(policy)
-    done = module_lab.apply(policy)
+    done = lab.apply(policy)
     assert done.returncode == 0, done.stderr[-1500:]
-    facts = facts_from_status(module_lab)
+    facts = facts_from_status(lab)
     disagreements = []
     for p in batch:
         want = evaluate(validated, facts, p)
-        r = send(module_lab, p)
+        r = send(lab, p)
         if not agrees(p, want, r):
             disagreements.append(f"uid {p.uid} {p.destination}:{p.port}/{p.protocol}: model {want}, kernel {r} {r.answer!r}")
+    _shapes.add(lab.topology)
     _pairs["policies"] += 1
     _pairs["pairs"] += len(batch)
     _pairs["disagreements"] += len(disagreements)
-    assert not disagreements, "\n".join([json.dumps(policy), *disagreements])
+    assert not disagreements, "\n".join([f"pod topology {lab.topology}", json.dumps(policy), *disagreements])
 
 
 def test_reapply_with_new_resolvers_when_root_is_confined(lab: Lab) -> None:

@@ -176,3 +176,10 @@ def test_set_members_are_printed_as_the_kernel_lists_them_sharing_the_policys_st
     assert {id(m) for m in st.members} <= {id(m) for m in given}  # the same objects, not copies
     # ipaddress prints ::/96 networks in hex, the kernel (inet_ntop) with an IPv4 tail: the latter
     assert address_set(6, ["::102:304/128", "2001:db8::/32"]).members == ("::1.2.3.4/128", "2001:db8::/32")
+
+
+def test_the_set_threshold_is_the_one_the_readme_states() -> None:
+    from pathlib import Path  # noqa: PLC0415
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"Once {SET_THRESHOLD} or more networks share the same (protocol, ports)" in readme.replace("\n", " ")

@@ -185,3 +185,36 @@ def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None
     assert attempts["kept"] > 20 and attempts["removed"] > 5, attempts
     assert failures == []
     assert leaks == []
+
+
+def test_a_set_no_rule_uses_any_more_is_destroyed_on_reapply(lab: Lab) -> None:
+    applied(lab, list_policy(lab, [v4(i) for i in range(100)]))
+    (old,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
+    applied(lab, list_policy(lab, [v4(i) for i in range(100, 200)]))
+    (new,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
+    assert new != old and old not in ipsets(lab)
+
+
+def test_a_tampered_set_is_repaired_in_place_by_apply(lab: Lab) -> None:
+    """A member removed behind egressguard's back: the next apply swaps a full set in under the
+    same name (the rules keep pointing at it) and the destination answers again."""
+    addrs = [v4(i) for i in range(100)]
+    add_world_hosts(lab, addrs[7])
+    pol = list_policy(lab, addrs)
+    applied(lab, pol)
+    assert reached(lab.tcp(addrs[7], PORT, timeout=FAST), addrs[7])
+    (name,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
+    lab.in_pod("ipset", "del", name, f"{addrs[7]}/32", check=True)
+    assert refused_fast(lab.tcp(addrs[7], PORT, timeout=FAST))
+    applied(lab, pol)
+    assert [s for s in ipsets(lab) if s.startswith("egressguard-")] == [name]
+    assert reached(lab.tcp(addrs[7], PORT, timeout=FAST), addrs[7])
+    assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
+
+
+def test_reset_destroys_every_egressguard_set_and_no_other(lab: Lab) -> None:
+    applied(lab, list_policy(lab, [v4(i) for i in range(100)]))
+    for name in ("egressguard-4-stale-new", "someone-elses"):
+        lab.in_pod("ipset", "create", name, "hash:net", check=True)
+    assert lab.egressguard("reset").returncode == 0
+    assert ipsets(lab) == ["someone-elses"]

@@ -1,17 +1,24 @@
 """`confine: all`: every uid but the exempt ones is confined, root included, while what the kernel
-itself needs keeps working: IPv6 neighbour discovery and replies to inbound connections (health probes)."""
+itself needs keeps working: IPv6 neighbour discovery and replies to inbound connections (health probes).
+Run in a pod whose resolvers and metadata are on its link and whose addresses went through DAD (as on
+clouds), and in a pod with two interfaces."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, WORLD_V6, Lab
+from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, Lab
 from egtraffic import FAST, applied, dns_answered, reached, refused_fast
 
 pytestmark = pytest.mark.netns
+
+# 2001:db8:2::12 (UNLISTED[6]) leaves by the second interface in the two-interface pod.
+LAB_TOPOLOGIES = [{"iface": "net1", "dad": True, "onlink_services": True},
+                  {"iface": "tap-0123456789a", "second_iface": "veth1a2b3c4d"}]
 
 POLICY = {
     "version": 1,
@@ -38,8 +45,12 @@ def _flush_neighbours(lab: Lab) -> None:
             subprocess.run(["ip", "-n", ns, fam, "neigh", "flush", "all"], check=True, capture_output=True, timeout=10)
 
 
-def _pod_knows_world_v6(lab: Lab) -> bool:
-    out = lab.in_pod("ip", "-6", "neigh", "show", WORLD_V6).stdout
+def _pod_knows_next_hop(lab: Lab, dest: str) -> bool:
+    """The pod has learnt the link-layer address of its next hop toward `dest` (the gateway of the
+    interface it leaves by, or `dest` itself when on-link): neighbour discovery got through."""
+    route = lab.in_pod("ip", "-j", "route", "get", dest).stdout
+    hop = json.loads(route)[0]
+    out = lab.in_pod("ip", "neigh", "show", hop.get("gateway", dest), "dev", hop["dev"]).stdout
     return "lladdr" in out and "FAILED" not in out
 
 
@@ -66,13 +77,23 @@ def test_confined_root_still_resolves_names_and_uses_loopback(lab: Lab, family: 
 def test_ipv6_neighbour_discovery_works_for_exempt_traffic_after_the_cache_is_flushed(lab: Lab) -> None:
     _flush_neighbours(lab)
     assert reached(lab.tcp(UNLISTED[6], 22, uid=EXEMPT, timeout=2.0), UNLISTED[6])
-    assert _pod_knows_world_v6(lab)
+    assert _pod_knows_next_hop(lab, UNLISTED[6])
 
 
 def test_ipv6_neighbour_discovery_works_for_confined_traffic_after_the_cache_is_flushed(lab: Lab) -> None:
     _flush_neighbours(lab)
     assert reached(lab.tcp(ALLOWED[6], 22, uid=ROOT, timeout=2.0), ALLOWED[6])
-    assert _pod_knows_world_v6(lab)
+    assert _pod_knows_next_hop(lab, ALLOWED[6])
+
+
+@FAMILIES
+def test_confined_root_reaches_its_resolver_after_the_neighbour_cache_is_flushed(lab: Lab, family: int) -> None:
+    # With on-link resolvers (as on clouds) the pod must resolve the resolver itself, not a gateway:
+    # neighbour discovery for it happens under the guard, for a confined uid's query.
+    resolver = RESOLVER_V6 if family == 6 else RESOLVER_V4
+    _flush_neighbours(lab)
+    assert dns_answered(lab.dns("allowed.test", resolver, uid=ROOT, timeout=2.0))
+    assert _pod_knows_next_hop(lab, resolver)
 
 
 @FAMILIES

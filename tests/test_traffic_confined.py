@@ -23,6 +23,10 @@ from egtraffic import FAST, applied, dns_answered, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 
+# A 15-character interface name, and a Multus-style pod whose second interface carries the "other"
+# and "udp" hosts below (203.0.113.12, 192.0.2.10, 2001:db8:2::12).
+LAB_TOPOLOGIES = [{"iface": "tap-0123456789a"}, {"iface": "eth0", "second_iface": "net1"}]
+
 POLICY = policy(
     allow=[
         {"cidr": "203.0.113.10/32", "ports": [22]},

@@ -19,7 +19,7 @@ import pytest
 
 from egressguard import lab as lab_mod
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, ROOT, Lab, Result
-from egtraffic import applied, policy
+from egtraffic import FAST, applied, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 
@@ -248,6 +248,35 @@ def test_a_forged_source_is_dropped_not_rejected(lab: Lab) -> None:
     assert res.outcome == "timeout"  # silence: the guard never answers a source that is not ours
 
 
+def _own_link_local(lab: Lab) -> str:
+    for _ in range(50):  # the link-local address is usable once duplicate address detection is done
+        info = json.loads(lab.in_pod("ip", "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link").stdout)
+        for a in info[0].get("addr_info", []) if info else []:
+            if a.get("local") and not a.get("tentative"):
+                return f"{a['local']}%eth0"
+        time.sleep(0.1)
+    raise RuntimeError("no usable link-local address in the pod")
+
+
+@CONFINE_MODES
+def test_every_address_the_pod_owns_counts_as_a_local_source(lab: Lab, confine: dict[str, Any]) -> None:
+    # xt_addrtype finds IPv6 sources by a route lookup: the pod's link-local, global and loopback
+    # addresses must all pass the source check (here as loopback traffic to the pod's own listener).
+    applied(lab, policy(confine=confine))
+    for dest in ("127.0.0.1", POD_V4, "::1", POD_V6, _own_link_local(lab)):
+        assert lab.tcp(dest, POD_LISTENER, uid=CONFINED, timeout=FAST).ok, dest
+
+
+@pytest.mark.parametrize(("family", "dest"), [(4, UNLISTED_V4), (6, UNLISTED_V6)], ids=["ipv4", "ipv6"])
+def test_under_confine_all_our_reset_still_reaches_the_local_client(lab: Lab, family: int, dest: str) -> None:
+    # The reset REJECT sends back has the refused destination as its source, and is a kernel packet
+    # to a local destination: `kernel-local` passes it before the source check would drop it.
+    applied(lab, policy(confine={"uids": "all"}, action="reject"))
+    assert refused_fast(lab.tcp(dest, 22, uid=ROOT, timeout=FAST))
+    _without(lab, "kernel-local")
+    assert lab.tcp(dest, 22, uid=ROOT, timeout=FAST).outcome == "timeout"  # control: without it, silence
+
+
 # -- source routes ----------------------------------------------------------------------------
 
 
@@ -339,3 +368,39 @@ def test_solicited_node_reports_for_the_pods_own_addresses_still_leave(lab: Lab,
     seen = {g for f in cap.frames() for g in (_mld_groups(f) or [])}
     assert "ff02::1:ff07:7" in seen
     assert lab.ping("2001:db8:100::1", uid=EXEMPT, timeout=2).ok  # neighbour discovery works
+
+
+def _paced_join(prefix: int, count: int, gap: float, timeout: float) -> Result:
+    """Join `count` solicited-node groups ff02::1:ffPP:NNNN one by one (the 24 bits a report may carry)."""
+    index = socket.if_nametoindex("eth0")
+    socks = []
+    try:
+        for i in range(count):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            socks.append(s)
+            mreq = socket.inet_pton(socket.AF_INET6, f"ff02::1:ff{prefix:02x}:{i:04x}") + struct.pack("@I", index)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            time.sleep(gap)
+        return Result("ok")
+    finally:
+        for s in socks:
+            s.close()
+
+
+lab_mod._OPS["t_paced_join"] = _paced_join
+
+
+def test_what_membership_reports_still_carry_is_bounded_by_the_limit(lab: Lab, figures: list[str]) -> None:
+    # Left by design: a process choosing solicited-node groups, 24 bits each, at most 4 records per
+    # report and 10 reports a second (burst 20).
+    applied(lab, policy())
+    joins, gap, seconds = 200, 0.025, 5.0
+    cap = Capture(lab, seconds + 1.5)
+    lab.probe("t_paced_join", 0x5A, joins, gap, uid=CONFINED, timeout=seconds + 5)
+    frames = [f for f in cap.frames() if _mld_groups(f) is not None]
+    chosen = {g for f in frames for g in (_mld_groups(f) or []) if g.startswith("ff02::1:ff5a:")}
+    span = seconds + 1.5
+    assert len(frames) <= 20 + 10 * span + 1
+    assert len(chosen) <= 4 * (20 + 10 * span)
+    figures.append(f"membership reports: {len(chosen)} of {joins} chosen solicited-node groups left in {span:.1f} s "
+                   f"({len(chosen) * 3 / span:.0f} B/s of chosen bits, bound 120 B/s + 240 B burst)")

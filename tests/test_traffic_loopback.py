@@ -10,6 +10,10 @@ from egtraffic import FAST, dns_answered, lab_with, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 
+# Names whose first bytes agree with `lo` in their lowest bits (see IFACE_NAMES): a `-o lo` rule
+# with a bad mask would take them for loopback.
+LAB_TOPOLOGIES = [{"iface": "tun0"}, {"iface": "veth1a2b3c4d"}]
+
 LOCAL = {4: "127.0.0.1", 6: "::1"}
 POD = {4: POD_V4, 6: POD_V6}
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])

@@ -6,6 +6,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from egressguard.backends.xtables_raw import Entry
 from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
@@ -21,6 +22,11 @@ class InstalledTable:
     counters: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # chain -> (packets, bytes)
     foreign_output_rules: int = 0  # rules in OUTPUT that are not ours
     problems: tuple[str, ...] = ()  # other ways the back end's objects differ from its own plan
+    # Byte-level read-back (only when read() was given the ruleset meant): chain -> the kernel's
+    # entries ("OUTPUT": our jumps only), and the same chains as this back end encodes the ruleset
+    # meant (a str where a rule could not be encoded: why).
+    entries: dict[str, tuple[Entry, ...]] | None = None
+    encoded: dict[str, tuple[Entry | str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,10 @@ class Backend(abc.ABC):
         kernel refuses."""
 
     @abc.abstractmethod
-    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         """Read back what egressguard owns (and the position of its jumps). A set found to hold
-        exactly one of `expect` is reported as that very object (compared, not copied)."""
+        exactly one of `expect` is reported as that very object (compared, not copied). Given
+        `want`, each table also carries its entries byte for byte and `want` as encoded for them."""
 
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         """`ruleset` spelled as this back end reads it back (what read-backs are compared with)."""

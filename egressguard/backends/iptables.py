@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import fcntl
 import glob
 import importlib.util
@@ -12,6 +13,7 @@ import os
 import pickle
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +21,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from egressguard.backends import Backend, Installed, InstalledTable
+from egressguard.backends import Backend, Installed, InstalledTable, xtables_raw
+from egressguard.backends.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.ruleset import (
     DISPATCH,
@@ -63,6 +66,8 @@ def import_iptc() -> Any:
     anything not found this way falls back to python-iptables' own search.
     """
     libdir = os.environ.get("XTABLES_LIBDIR") or _xtables_libdir()
+    if libdir:
+        libdir = os.path.realpath(libdir)  # the image links one fixed path to the platform's directory
     if libdir and "XTABLES_LIBDIR" not in os.environ:
         os.environ["XTABLES_LIBDIR"] = libdir
     if "IPTABLES_LIBDIR" not in os.environ:
@@ -100,7 +105,9 @@ _MISSING = object()
 def _find_library_fast(fallback: Callable[[str], str | None], libdir: str | None) -> Callable[[str], str | None]:
     """ctypes.util.find_library that first looks for lib<name>.so.* beside the xtables directory."""
     dirs = [os.path.dirname(libdir)] if libdir else []
-    dirs += ["/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/lib"]
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # x86_64-linux-gnu, aarch64-linux-gnu, ...
+    dirs += [f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else []
+    dirs += ["/usr/lib64", "/lib64", "/usr/lib", "/lib"]
 
     def find(name: str) -> str | None:
         for d in dirs:
@@ -306,11 +313,11 @@ class IptablesBackend(Backend):
             if not tbl.is_chain(chain.name):
                 tbl.create_chain(chain.name)
         for chain, rules in zip(want.chains, encoded, strict=True):
-            ch = iptc.Chain(tbl, chain.name)
             for rule, ready in zip(chain.rules, rules, strict=True):
-                ch.append_rule(ready if ready is not None else self._encode(want.family, rule))
+                # not ch.append_rule(): its final_check() would undo _encode's byte fixes
+                tbl.append_entry(chain.name, (ready if ready is not None else self._encode(want.family, rule)).rule)
         if want.jump:
-            output.insert_rule(self._encode(want.family, want.jump), 0)
+            tbl.insert_entry("OUTPUT", self._encode(want.family, want.jump).rule, 0)
         return referenced_sets
 
     def _encode(self, family: Family, r: Rule) -> Any:
@@ -368,13 +375,20 @@ class IptablesBackend(Backend):
             t.set_parameter("reject-with", r.reject_with)
         if r.to_ports is not None:
             t.set_parameter("to-ports", str(r.to_ports))
+        # final_check() re-parses every match and target from its own save() text (python-iptables'
+        # _update_parameters): run it here, once, and write the exact bytes after it; _stage then
+        # hands x.rule to libiptc directly (append_rule would run final_check again and undo them).
+        x.final_check()
+        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir):
+            _fix_ipv4_conntrack_addrs(next(m for m in x.matches if m.name == "conntrack"))
         return x
 
     # -- read back ---------------------------------------------------------------------------
 
-    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         tables: list[InstalledTable] = []
-        for found in _in_children(*((self._read_family, (f,)) for f in FAMILIES)):
+        calls = ((self._read_family, (f, None if want is None else [t for t in want.tables if t.family == f])) for f in FAMILIES)
+        for found in _in_children(*calls):
             tables += found
         names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules if r.match_set})
         sets: list[AddressSet] = []
@@ -392,7 +406,7 @@ class IptablesBackend(Backend):
                         sets.append(AddressSet(name=name, family=found[0], members=found[1]))  # type: ignore[arg-type]
         return Installed(tables=tuple(tables), sets=tuple(sets))
 
-    def _read_family(self, family: Family) -> list[InstalledTable]:
+    def _read_family(self, family: Family, want: list[Table] | None = None) -> list[InstalledTable]:
         out = []
         in_use = tables_in_use(family)
         self._limit_table_probing(family, in_use, {"filter"})
@@ -420,6 +434,10 @@ class IptablesBackend(Backend):
                     rules = self.iptc.Chain(tbl, cname).rules
                     chains.append(Chain(cname, tuple(_decode(rule) for rule in rules)))
                     counters[cname] = tuple(tuple(rule.get_counters()) for rule in rules)
+            entries = encoded = None
+            if want is not None:  # issue 9: compare the bytes, not python-iptables' reading of them
+                entries = self._kernel_entries(family, name, jumps)
+                encoded = self._encoded_entries(family, next((t for t in want if t.name == name), None))
             out.append(
                 InstalledTable(
                     family,
@@ -429,9 +447,44 @@ class IptablesBackend(Backend):
                     chains=tuple(chains),
                     counters=counters,
                     foreign_output_rules=len(output_rules) - len(jumps),
+                    entries=entries,
+                    encoded=encoded,
                 )
             )
         return out
+
+    def _kernel_entries(self, family: Family, name: str, jumps: tuple[int, ...]) -> dict[str, tuple[Entry, ...]]:
+        """Our chains and jumps as the kernel holds them, read with IP(6)T_SO_GET_ENTRIES."""
+        try:
+            chains = xtables_raw.read_chains(family, name)
+        except (OSError, ValueError) as exc:
+            raise ApplyFailed(f"{_tool(family)} {name}: entries could not be read back from the kernel: {exc}") from None
+        out = {c: tuple(chains[c]) for c in OWNED_CHAINS[name] if c in chains}
+        output = chains.get("OUTPUT", [])
+        out["OUTPUT"] = tuple(output[i] for i in jumps if i < len(output))
+        return out
+
+    def _encoded_entries(self, family: Family, want: Table | None) -> dict[str, tuple[Entry | str, ...]]:
+        """`want`'s chains and jump, entry by entry, normalised as xtables_raw decodes the kernel's."""
+        if want is None or not want.chains:
+            return {}
+        ours = {DISPATCH, *OWNED_CHAINS[want.name]}
+        out: dict[str, tuple[Entry | str, ...]] = {c.name: tuple(self._encoded_entry(family, r, ours) for r in c.rules) for c in want.chains}
+        out["OUTPUT"] = (self._encoded_entry(family, want.jump, ours),) if want.jump else ()
+        return out
+
+    def _encoded_entry(self, family: Family, r: Rule, ours: set[str]) -> Entry | str:
+        # A jump's target is encoded as ACCEPT: python-iptables can encode a jump only to a chain the
+        # table already has, and libiptc replaces a standard target (verdict or jump) by a verdict or
+        # an offset at commit anyway; what the kernel holds is compared by name (xtables_raw names it).
+        try:
+            x = self._encode(family, dataclasses.replace(r, target="ACCEPT") if r.target in ours else r)
+            entry, _ = xtables_raw.parse_entry(family, bytes(x.rule))
+        except Exception as exc:  # noqa: BLE001 - e.g. a set the kernel lacks: reported by verify
+            return f"{type(exc).__name__}: {exc}"
+        if r.target in ours or r.target in _VERDICTS:
+            entry = dataclasses.replace(entry, target=xtables_raw.Ext(r.target, 0, b""))
+        return entry
 
     def other_firewalls(self) -> list[str]:
         found = []
@@ -500,6 +553,8 @@ def tables_in_use(family: Family) -> set[str] | None:
 
 
 _IFNAMSIZ = 16
+_EXT_HEADER = xtables_raw.EXT_HEADER
+_VERDICTS = {"ACCEPT", "DROP", "RETURN", "QUEUE"}  # standard targets libiptc turns into a verdict
 
 
 def _fix_ipv6_iface_mask(x: Any) -> None:
@@ -514,6 +569,20 @@ def _fix_ipv6_iface_mask(x: Any) -> None:
             continue  # no interface given: all-zero mask, as ip6tables leaves it
         width = sum(1 for b in mask if b)
         setattr(ip6, mask_field, b"\xff" * width + b"\0" * (_IFNAMSIZ - width))
+
+
+def _fix_ipv4_conntrack_addrs(m: Any) -> None:
+    """python-iptables writes an IPv4 --ctorigdst /32 mask as 16 bytes of 0xff (final_check()
+    re-parses the saved text, which shows a /32 without its prefix, and libxtables takes a bare
+    host's mask over all 128 bits); iptables-restore fills only the IPv4 word of each nf_inet_addr
+    (xt_conntrack_mtinfo1..3 open with eight: orig/repl src/dst addr and mask) and leaves the other
+    12 bytes zero. The kernel reads only that word for IPv4, so no verdict changes; the bytes now
+    equal the reference tool's (tests/test_xtables_encoding.py found it), so read-back can insist."""
+    buf = m.match_buf
+    if buf[_EXT_HEADER - 1] < 1:  # revision 0 (xt_conntrack_info) has another layout; never chosen here
+        return
+    for i in range(8):
+        ctypes.memset(ctypes.addressof(buf) + _EXT_HEADER + 16 * i + 4, 0, 12)
 
 
 def _tool(family: Family) -> str:

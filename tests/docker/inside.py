@@ -64,6 +64,37 @@ def setuid_root():
         return errno.errorcode.get(exc.errno, str(exc.errno))
 
 
+def pid1():
+    """Who is PID 1 in this container: its name and real uid."""
+    with open("/proc/1/status") as fh:
+        fields = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+    return {"name": fields.get("Name"), "uid": fields.get("Uid", "").split()[0]}
+
+
+def orphan_reaped(wait_s=3.0):
+    """Leave an orphan (a grandchild whose parent exits at once), let it exit, and see whether
+    PID 1 reaps it: True once its /proc entry is gone, False if it is still a zombie after wait_s."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            time.sleep(0.1)
+            os._exit(0)
+        os.write(w, str(grandchild).encode())
+        os._exit(0)
+    os.close(w)
+    grandchild = int(os.read(r, 32))
+    os.close(r)
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{grandchild}"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def main(argv):
     started = time.time()  # wall clock, for the start-up figures
     marker = None
@@ -84,6 +115,8 @@ def main(argv):
         "setuid_0": setuid_root(),
         "setpriv_root": run(["setpriv", "--reuid", "0", "--regid", "0", "--clear-groups", "id", "-u"]),
         "su_root": run(["su", "-c", "id -u", "root"]),
+        "pid1": pid1(),
+        "orphan_reaped": orphan_reaped(),
     }
     if marker:
         with open(marker, "w") as fh:

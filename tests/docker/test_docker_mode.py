@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,35 @@ def test_command_runs_as_sandbox_without_groups(guarded: dict[str, Any]) -> None
     assert guarded["uid"].split() == ["1000"] * 4
     assert guarded["gid"].split() == ["1000"] * 4
     assert guarded["groups"] == ""
+
+
+def test_pid_1_is_an_unprivileged_init_that_reaps_orphans(guarded: dict[str, Any]) -> None:
+    assert guarded["pid1"] == {"name": "tini", "uid": "1000"}
+    assert guarded["orphan_reaped"] is True
+
+
+def test_docker_stop_ends_the_command_at_once(bed: Bed) -> None:
+    """SIGTERM reaches the command through the init (a bare PID 1 ignores it: docker stop would
+    wait its 10 s and SIGKILL)."""
+    name = f"eg-stop-{os.getpid()}"
+    docker("run", "-d", "--name", name, "--network", bed.network, *DOCKER_MODE,
+           "-v", f"{HERE / 'policy.yaml'}:/etc/egressguard/policy.yaml:ro", IMAGE, "sleep", "300")
+    try:
+        for _ in range(100):  # until the command itself runs (PID 1's own command line names it earlier)
+            if any(line.rstrip().endswith(" sleep 300") and "egressguard" not in line and "tini" not in line
+                   for line in docker("top", name, check=False).stdout.splitlines()):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the command never started")
+        started = time.monotonic()
+        docker("stop", "-t", "10", name)
+        took = time.monotonic() - started
+        state = inspect(name)["State"]
+        assert took < 5, took
+        assert state["ExitCode"] == 143, state  # 128 + SIGTERM: the command died of the signal
+    finally:
+        docker("rm", "-f", name, check=False)
 
 
 def test_command_holds_no_capability_in_any_set_and_no_new_privs(guarded: dict[str, Any]) -> None:
@@ -159,7 +189,7 @@ def test_python_iptables_finds_its_extensions_without_ldconfig(bed: Bed) -> None
 
 
 def test_the_docker_compose_example_runs_guarded(bed: Bed) -> None:
-    example = HERE.parent.parent / "examples" / "docker-compose.yaml"
+    example = HERE.parent.parent / "examples" / "compose.yaml"
     compose = ["docker-compose", "-p", f"{bed.project}example", "-f", str(example)]
     env = dict(os.environ, EGRESSGUARD_IMAGE=IMAGE)
     try:

@@ -59,6 +59,11 @@ def test_agent_holds_no_capability_and_cannot_undo_the_guard(agent: dict[str, An
     assert r["raw_socket"] == "EPERM" and r["setuid_0"] == "EPERM"
 
 
+def test_agents_pid_1_is_an_init_that_reaps_orphans(agent: dict[str, Any]) -> None:
+    assert agent["report"]["pid1"] == {"name": "tini", "uid": "1000"}
+    assert agent["report"]["orphan_reaped"] is True
+
+
 def test_pod_start_up_times(bed: Bed, agent: dict[str, Any], figures: list[str]) -> None:
     init = inspect(bed.container("init"))["State"]
     init_ms = (_time(init["FinishedAt"]) - _time(init["StartedAt"])) * 1000

@@ -91,7 +91,9 @@ class NftablesBackend(Backend):
                 raise
             log.warning("iptables_objects_not_removed", error=str(exc))
 
-    def read(self, expect: Sequence[AddressSet] = ()) -> Installed:
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
+        # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
+        expect = expect or (want.sets if want is not None else ())
         with Nft() as nft:
             return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
 

@@ -1,0 +1,58 @@
+"""Static gates a platform team runs before adopting the image and the examples: every shell script
+passes shellcheck, Dockerfile.base passes hadolint, every Kubernetes manifest validates strictly
+against the Kubernetes versions users run, the compose example is accepted by compose."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SHELL_SCRIPTS = sorted([*(ROOT / "scripts").iterdir(), ROOT / "entrypoint.sh", ROOT / ".ci" / "run"])
+MANIFESTS = sorted((ROOT / "examples").rglob("*.yaml"))
+K8S_MANIFESTS = [m for m in MANIFESTS if "kubernetes" in m.parts]
+K8S_VERSIONS = ("1.25", "1.29", "1.33", "1.37")  # oldest still met in the field .. newest the schemas know
+
+
+def _tool(name: str) -> str:
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} is not installed (scripts/bootstrap installs it with the test extras)")
+    return str(path)
+
+
+def test_there_is_something_to_check() -> None:
+    assert len(SHELL_SCRIPTS) >= 5 and K8S_MANIFESTS and (ROOT / "examples" / "compose.yaml").exists()
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_script_passes_shellcheck(script: Path) -> None:
+    done = subprocess.run([_tool("shellcheck"), "--severity=info", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    done = subprocess.run([_tool("hadolint"), "--no-color", str(ROOT / "Dockerfile.base")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_validate_strictly(version: str) -> None:
+    done = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", "-k", version,
+                           *map(str, K8S_MANIFESTS)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+def test_compose_example_is_accepted_by_compose() -> None:
+    compose = shutil.which("docker-compose")
+    if not compose:
+        pytest.skip("docker-compose not installed (scripts/docker-up installs it)")
+    done = subprocess.run([compose, "-f", str(ROOT / "examples" / "compose.yaml"), "config", "-q"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]

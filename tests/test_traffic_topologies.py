@@ -1,0 +1,137 @@
+"""The guard in pod shapes other than one `eth0`: traffic that leaves by a second interface, a pod with
+IPv6 disabled, and a pod with the kernel's default ping_group_range (as Kubernetes leaves it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from egressguard.lab import (
+    CONFINED,
+    EXEMPT,
+    POD_V6,
+    SECOND_WORLD_IFACE,
+    WORLD_IFACE,
+    WORLD_V6,
+    Lab,
+)
+from egressguard.policy import DEFAULT_POLICY
+from egtraffic import FAST, applied, policy, reached, refused_fast
+
+pytestmark = pytest.mark.netns
+
+CAP_NET_RAW_BIT = 1 << 13
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+VIA_SECOND = {4: "203.0.113.12", 6: "2001:db8:2::12"}  # routed through the pod's second interface
+ALLOWED_VIA_SECOND = "192.0.2.10"
+VIA_FIRST = {4: "203.0.113.11", 6: "2001:db8:2::11"}
+
+# The built-in default policy (issue 9 was found with it) plus one allow for a host on the second link.
+SECOND_LINK_POLICY = {**DEFAULT_POLICY, "allow": [{"cidr": f"{ALLOWED_VIA_SECOND}/32", "ports": [22]}]}
+
+
+# -- a second interface -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[{"iface": "eth0", "second_iface": "net1"},
+                                        {"iface": "tun0", "second_iface": "tap-0123456789a"}],
+                ids=["eth0+net1", "tun0+tap-0123456789a"])
+def two_links(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    with Lab(**request.param) as lab:
+        for host in (*VIA_SECOND.values(), ALLOWED_VIA_SECOND):
+            route = lab.in_pod("ip", "route", "get", host).stdout
+            assert f"dev {lab.second_iface} " in route, route  # the lab really routes it out of the second link
+        applied(lab, SECOND_LINK_POLICY)
+        yield lab
+
+
+def _second_link_packets(lab: Lab, proto: str, port: int) -> int:
+    return lab.world_received(proto, port, devices=(SECOND_WORLD_IFACE,))
+
+
+@FAMILIES
+def test_confined_tcp_leaving_by_the_second_interface_is_refused(two_links: Lab, family: int) -> None:
+    port = 5000
+    before = _second_link_packets(two_links, "tcp", port)
+    assert refused_fast(two_links.tcp(VIA_SECOND[family], port, timeout=FAST))
+    assert _second_link_packets(two_links, "tcp", port) == before, "a confined packet left by the second link"
+    # Control: the exempt uid's connection to the same host and port is answered, over the second link.
+    assert reached(two_links.tcp(VIA_SECOND[family], port, uid=EXEMPT, timeout=FAST), VIA_SECOND[family])
+    assert _second_link_packets(two_links, "tcp", port) > before
+
+
+@FAMILIES
+def test_confined_udp_leaving_by_the_second_interface_is_refused(two_links: Lab, family: int) -> None:
+    port = 9999
+    before = _second_link_packets(two_links, "udp", port)
+    assert refused_fast(two_links.udp(VIA_SECOND[family], port, timeout=FAST))
+    assert _second_link_packets(two_links, "udp", port) == before
+    control = two_links.udp(VIA_SECOND[family], port, uid=EXEMPT, timeout=FAST)
+    assert control.ok and str(control.answer).startswith(f"world udp {port} "), control
+    assert _second_link_packets(two_links, "udp", port) > before
+
+
+def test_confined_uid_reaches_an_allowed_host_on_the_second_link(two_links: Lab) -> None:
+    before = _second_link_packets(two_links, "tcp", 22)
+    assert reached(two_links.tcp(ALLOWED_VIA_SECOND, 22, timeout=FAST), ALLOWED_VIA_SECOND)
+    assert _second_link_packets(two_links, "tcp", 22) > before
+    assert refused_fast(two_links.tcp(ALLOWED_VIA_SECOND, 5000, timeout=FAST))  # only the port listed
+
+
+@FAMILIES
+def test_the_first_interface_is_still_guarded_beside_a_second(two_links: Lab, family: int) -> None:
+    before = two_links.world_received("tcp", 5000, devices=(WORLD_IFACE,))
+    assert refused_fast(two_links.tcp(VIA_FIRST[family], 5000, timeout=FAST))
+    assert two_links.world_received("tcp", 5000, devices=(WORLD_IFACE,)) == before
+    assert reached(two_links.tcp(VIA_FIRST[family], 5000, uid=EXEMPT, timeout=FAST), VIA_FIRST[family])
+
+
+def test_confined_ipv6_to_the_second_links_own_neighbours_is_refused(two_links: Lab) -> None:
+    ll = two_links.world_link_local(second=True)
+    assert refused_fast(two_links.tcp(ll, 22, timeout=FAST))
+    assert two_links.tcp(ll, 22, uid=EXEMPT, timeout=FAST).ok
+
+
+# -- IPv6 disabled in the pod ---------------------------------------------------------------------
+
+
+def test_an_ipv6_disabled_pod_is_guarded_and_stays_guarded_when_ipv6_comes_back() -> None:
+    """apply works in a pod with IPv6 disabled (many clusters are IPv4-only), IPv4 is guarded, and the
+    IPv6 rules are in place all the same: a pod that later enables IPv6 is guarded from the first packet."""
+    with Lab(iface="net1", ipv6=False) as lab:
+        applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]},
+                                   {"cidr": "2001:db8:2::10/128", "ports": [22]}]))
+        assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
+        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+        assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+        assert lab.tcp("2001:db8:2::11", 22, uid=EXEMPT, timeout=FAST).outcome == "unreachable"  # no IPv6 at all
+
+        lab.in_pod("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0", f"net.ipv6.conf.{lab.iface}.disable_ipv6=0",
+                   "net.ipv6.conf.lo.disable_ipv6=0", check=True)
+        lab.in_pod("ip", "addr", "add", f"{POD_V6}/64", "dev", lab.iface, "nodad", check=True)
+        lab.in_pod("ip", "-6", "route", "add", "default", "via", WORLD_V6, check=True)
+        control = lab.tcp("2001:db8:2::11", 22, uid=EXEMPT, timeout=2.0)
+        assert reached(control, "2001:db8:2::11"), control
+        assert refused_fast(lab.tcp("2001:db8:2::11", 22, timeout=FAST))
+        assert reached(lab.tcp("2001:db8:2::10", 22, timeout=FAST), "2001:db8:2::10")
+        assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
+
+
+# -- the kernel's default ping_group_range --------------------------------------------------------
+
+
+@FAMILIES
+def test_with_the_default_ping_range_raw_icmp_echo_is_what_the_guard_must_stop(family: int) -> None:
+    """Without Docker's wide ping_group_range no uid may open a ping socket, so a refused ping
+    proves nothing there; ping then works through a raw socket (CAP_NET_RAW, as the ping binary
+    has it). The confined uid's raw echo is refused, the exempt uid's is answered."""
+    dest = {4: "203.0.113.12", 6: "2001:db8:2::12"}[family]
+    with Lab(iface="veth1a2b3c4d", wide_ping=False) as lab:
+        applied(lab, policy())
+        for uid in (CONFINED, EXEMPT):
+            assert lab.ping(dest, uid=uid, timeout=FAST).outcome == "eperm"
+        control = lab.ping(dest, uid=EXEMPT, raw=True, caps=CAP_NET_RAW_BIT, timeout=FAST)
+        assert control.ok and control.detail == "raw socket", control
+        assert lab.ping(dest, uid=CONFINED, raw=True, caps=CAP_NET_RAW_BIT, timeout=FAST).blocked
+
