@@ -260,3 +260,18 @@ def test_applying_with_nftables_over_an_iptables_guard_leaves_only_the_nft_objec
     assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
     assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
     assert eg(lab, "verify", "--policy", str(path))[0] == 0
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_reset_with_nftables_also_removes_what_the_iptables_back_end_left(lab: Lab) -> None:
+    path = lab.write_policy(POLICY)
+    done = lab.egressguard("apply", "--backend", "iptables", "--policy", str(path))
+    assert done.returncode == 0, done.stderr
+    assert lab.in_pod("ipset", "list", "-n").stdout.split() != []
+    code, out = eg(lab, "reset")
+    assert code == 0, out
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        assert "EGRESSGUARD" not in lab.in_pod(tool).stdout
+    assert lab.in_pod("ipset", "list", "-n").stdout.split() == []
+    assert TABLE not in nft_tables(lab)
+    assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")

@@ -62,7 +62,7 @@ class NftablesBackend(Backend):
 
     def commit(self, ruleset: Ruleset) -> None:
         with Nft() as nft:
-            before = decode.existing(nft.list_json(f"table {render.TABLE}"))
+            before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
             new_sets = render.new_sets_script(ruleset, before)
             rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
             try:

@@ -11,6 +11,7 @@ from egressguard.errors import ApplyFailed, EnvironmentUnsupported
 
 LIBRARY = "libnftables.so.1"
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+_OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 _NETLINK_NETFILTER = 12
 
 _lib: Any = None
@@ -72,9 +73,9 @@ class Nft:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, script: str, *, json_output: bool = False, dry_run: bool = False) -> str:
+    def run(self, script: str, *, json_output: bool = False, dry_run: bool = False, terse: bool = False) -> str:
         """Run `script` (nft syntax); its output. Raises NftablesError with nft's own message."""
-        self.lib.nft_ctx_output_set_flags(self.ctx, _OUTPUT_JSON if json_output else 0)
+        self.lib.nft_ctx_output_set_flags(self.ctx, (_OUTPUT_JSON if json_output else 0) | (_OUTPUT_TERSE if terse else 0))
         self.lib.nft_ctx_set_dry_run(self.ctx, dry_run)
         rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
         out = (self.lib.nft_ctx_get_output_buffer(self.ctx) or b"").decode(errors="replace")
@@ -83,10 +84,11 @@ class Nft:
             raise NftablesError(_first_error(err) or f"nft exited {rc}")
         return out
 
-    def list_json(self, what: str) -> list[dict[str, Any]]:
-        """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist."""
+    def list_json(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
+        """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist. `terse`:
+        without set elements (what a commit needs to know: names, not 10,000 members)."""
         try:
-            text = self.run(f"list {what}", json_output=True)
+            text = self.run(f"list {what}", json_output=True, terse=terse)
         except NftablesError as exc:
             if "No such file or directory" in str(exc):
                 return []
