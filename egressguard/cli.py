@@ -15,7 +15,7 @@ import structlog
 from egressguard import logs
 from egressguard import status as status_mod
 from egressguard._version import __version__
-from egressguard.errors import EXIT_CODES, EgressGuardError, VerifyFailed
+from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
 
 log = structlog.get_logger("egressguard")
 
@@ -152,6 +152,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ).addresses
     rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
     backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
+    from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
+
+    if backend not in BACKEND_CHOICES:
+        raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
     if backend in ("nftables", "auto") and not args.json:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 

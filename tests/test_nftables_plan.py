@@ -194,3 +194,17 @@ def test_u32_tests_compare_by_the_bits_they_constrain_however_nft_merges_them() 
         u32.parse("0x0>>0x18&0x5=0x1")  # a mask that is not a run of low bits
     with pytest.raises(u32.UnsupportedU32):
         u32.parse("6&0xff@0=0x1")  # header hops (@) have no nft raw equivalent here
+
+
+def test_an_unknown_back_end_in_the_environment_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EGRESSGUARD_BACKEND", "pf")
+    assert cli.main(["plan", "--resolv-conf", str(RESOLV_CONF), "--policy", str(GOLDEN / "default.yaml")]) == 2
+    assert "unknown back end 'pf'" in capsys.readouterr().err
+    assert cli.main(["status"]) == 2  # before anything touches the kernel
+
+
+def test_the_default_back_end_is_one_constant() -> None:
+    from egressguard.backends import BACKEND_CHOICES, DEFAULT_BACKEND  # noqa: PLC0415
+
+    assert DEFAULT_BACKEND in BACKEND_CHOICES
