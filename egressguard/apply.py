@@ -149,12 +149,11 @@ def apply(
             if not backend.atomic_families:  # one commit for both families needs no fence
                 with clock("fence_raise"):
                     fenced = _raise_fence(policy)
-            if backend.atomic_families and not hosts_of(policy):
-                pass  # nothing to resolve: the policy itself closes both families in its one commit
-            elif fenced and not hosts_of(policy):
-                # Nothing to resolve: the fence holds while the policy itself goes in, so no
-                # separate lockdown commit is needed (the fault suite kills apply at every step).
-                holding_fence = out.fence_first = True
+            if (fenced or backend.atomic_families) and not hosts_of(policy):
+                # Nothing to resolve: the fence holds while the policy itself goes in (or the policy's
+                # one commit closes both families at once), so no separate lockdown commit is needed
+                # (the fault suites kill apply at every step).
+                holding_fence = out.fence_first = fenced
             else:
                 # apply must query DNS (which the fence would refuse under `confine: all`), or the
                 # kernel has no fence: the lockdown ruleset (DNS, loopback, replies) comes first.
