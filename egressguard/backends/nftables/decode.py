@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from egressguard.backends.nftables.render import (
     LIMIT_SHORT,
     Existing,
     chain_name,
-    collapse,
+    intervals,
+    merge,
+    networks,
 )
 from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, OWNED_CHAINS, REDIRECT, AddressSet, Chain, Family, Rule
 
@@ -306,23 +309,44 @@ def _put(f: dict[str, Any], key: str, value: Any) -> bool:
 
 
 def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet]) -> list[AddressSet]:
-    """Every set in our table; one that holds exactly an expected set's networks (collapsed, as
-    the kernel keeps them) is reported as that very object, so verify compares it as equal."""
+    """Every set in our table; one that holds exactly an expected set's networks (as intervals,
+    the way the kernel keeps them) is reported as that very object, so verify compares it as equal."""
     by_name = {st.name: st for st in expect}
     out = []
     for s in found:
         typ, flags = s.get("type"), s.get("flags", [])
         family: Family = 6 if typ == "ipv6_addr" else 4
         try:
-            elems = collapse(family, [_addr(x) for x in s.get("elem", [])])  # type: ignore[misc]
-        except (ValueError, KeyError, TypeError):
-            elems = [f"<unexpected element in {json.dumps(s.get('elem'))[:200]}>"]
+            held = merge([_interval(family, x) for x in s.get("elem", [])])
+            members = None
+        except (ValueError, KeyError, TypeError, OSError):
+            held, members = [], (f"<unexpected element in {json.dumps(s.get('elem'))[:200]}>",)
         if typ not in ("ipv4_addr", "ipv6_addr") or flags != ["interval"]:
-            elems = [f"<unexpected set type {typ} flags {flags}>"]
+            members = (f"<unexpected set type {typ} flags {flags}>",)
         want = by_name.get(s["name"])
-        if want is not None and want.family == family and collapse(family, want.members) == elems:
+        if members is None and want is not None and want.family == family and intervals(want) == held:
             out.append(want)
         else:
-            members = tuple(x if "/" in x or x.startswith("<") else str(ipaddress.ip_network(x)) for x in elems)
-            out.append(AddressSet(name=s["name"], family=family, members=members))
+            out.append(AddressSet(name=s["name"], family=family, members=members or networks(family, held)))
     return out
+
+
+_AF = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+
+
+def _interval(family: Family, x: Any) -> tuple[int, int]:
+    """One listed element ("192.0.2.7", a prefix, a range) as its first and last address."""
+    af, bits = _AF[family]
+
+    def num(text: str) -> int:
+        return int.from_bytes(socket.inet_pton(af, text), "big")
+
+    if isinstance(x, str):
+        return num(x), num(x)
+    if "prefix" in x:
+        size = 1 << (bits - int(x["prefix"]["len"]))
+        start = num(x["prefix"]["addr"])
+        return start, start + size - 1
+    if "range" in x:
+        return num(x["range"][0]), num(x["range"][1])
+    raise ValueError(x)
