@@ -275,3 +275,20 @@ def test_reset_with_nftables_also_removes_what_the_iptables_back_end_left(lab: L
     assert lab.in_pod("ipset", "list", "-n").stdout.split() == []
     assert TABLE not in nft_tables(lab)
     assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_iptables_legacy_rules_keep_working_and_are_left_alone(lab: Lab) -> None:
+    """Legacy tables that are not ours (Docker's DNS rules live there, say): their drop still wins,
+    and neither apply nor reset (which looks for the iptables back end's leftovers) touches them."""
+    assert lab.in_pod("iptables-legacy", "-A", "OUTPUT", "-d", "203.0.113.12", "-p", "tcp", "--dport", "5000",
+                      "-j", "DROP").returncode == 0
+    before = lab.in_pod("iptables-legacy", "-S").stdout
+    code, out = eg(lab, "apply", "--policy", str(lab.write_policy(policy(allow=[{"cidr": "203.0.113.0/24", "ports": [5000]}]))))
+    assert code == 0, out
+    assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")
+    assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # their drop wins over our allow
+    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    assert eg(lab, "reset")[0] == 0
+    assert lab.in_pod("iptables-legacy", "-S").stdout == before
+    assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok

@@ -77,19 +77,28 @@ class NftablesBackend(Backend):
 
     def _remove_iptables_objects(self, removing_everything: bool) -> None:
         """An upgrade from the iptables back end: its chains, jumps and ipsets go once ours are in
-        force (reset: they go as well). Failing here leaves only more restriction behind."""
-        try:
-            from egressguard.apply import build_empty  # noqa: PLC0415
-            from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+        force (on reset: they go as well). Legacy tables in use here are not necessarily ours
+        (Docker's DNS rules, say): what cannot even be read is a warning; ours that cannot be
+        removed fail a reset, and only warn after an apply (they restrict, never allow)."""
+        from egressguard.apply import build_empty  # noqa: PLC0415
+        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
 
-            legacy = IptablesBackend()
-            if any(t.chains or t.jump_positions for t in legacy.read().tables) or removing_everything:
-                legacy.commit(build_empty())
-                log.info("iptables_objects_removed")
+        legacy = IptablesBackend()
+        try:
+            found = legacy.read()
+        except Exception as exc:  # noqa: BLE001 - python-iptables missing, no CAP_NET_RAW...
+            log.warning("iptables_objects_not_checked", error=str(exc))
+            return
+        if not any(t.chains or t.jump_positions for t in found.tables) and not found.sets:
+            return
+        try:
+            legacy.commit(build_empty())
         except Exception as exc:  # noqa: BLE001
             if removing_everything:
                 raise
             log.warning("iptables_objects_not_removed", error=str(exc))
+        else:
+            log.info("iptables_objects_removed")
 
     def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
