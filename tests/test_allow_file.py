@@ -72,9 +72,12 @@ def test_deny_file_entries_refuse(tmp_path: Path) -> None:
     _write(tmp_path, "d.txt", "".join(f"192.0.2.{i}/32\n" for i in range(40)))
     pol = policy_mod.load_file(_write(tmp_path, "p.yaml", "version: 1\ndns: {resolvers: []}\ndeny:\n  - deny_file: d.txt\n"))
     rs = build(pol, Facts())
-    (st,) = rs.sets
+    (st,) = [s for s in rs.sets if s.family == 4]
     assert len(st.members) == 40
     assert {r.target for r in rs.table(4, "filter").chains[1].rules if r.match_set} == {"REJECT"}
+    (nat64,) = [s for s in rs.sets if s.family == 6]  # the same networks as NAT64 forms (64:ff9b::/96)
+    assert nat64.members[0] == "64:ff9b::c000:200/128" and len(nat64.members) == 40
+    assert {r.target for r in rs.table(6, "filter").chains[1].rules if r.match_set} == {"REJECT"}
 
 
 def test_plan_exits_2_naming_the_line(tmp_path: Path) -> None:
