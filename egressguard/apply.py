@@ -145,12 +145,15 @@ def apply(
         if first:
             # Deny first: nothing guarded yet, so close the confined uids' egress before anything
             # slow or fallible. The fence closes both families in one system call.
-            with clock("fence_raise"):
-                fenced = _raise_fence(policy)
-            if fenced and not hosts_of(policy):
-                # Nothing to resolve: the fence holds while the policy itself goes in, so no
-                # separate lockdown commit is needed (the fault suite kills apply at every step).
-                holding_fence = out.fence_first = True
+            fenced = False
+            if not backend.atomic_families:  # one commit for both families needs no fence
+                with clock("fence_raise"):
+                    fenced = _raise_fence(policy)
+            if (fenced or backend.atomic_families) and not hosts_of(policy):
+                # Nothing to resolve: the fence holds while the policy itself goes in (or the policy's
+                # one commit closes both families at once), so no separate lockdown commit is needed
+                # (the fault suites kill apply at every step).
+                holding_fence = out.fence_first = fenced
             else:
                 # apply must query DNS (which the fence would refuse under `confine: all`), or the
                 # kernel has no fence: the lockdown ruleset (DNS, loopback, replies) comes first.
@@ -192,7 +195,7 @@ def apply(
                 holding_fence = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
-                diffs = differences(ruleset, backend.read(expect=ruleset.sets, want=ruleset))
+                diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets, want=ruleset))
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
@@ -279,4 +282,4 @@ def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOL
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
-    return differences(want, backend.read(want=want))
+    return differences(backend.canonical(want), backend.read(want=want))

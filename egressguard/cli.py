@@ -15,7 +15,7 @@ import structlog
 from egressguard import logs
 from egressguard import status as status_mod
 from egressguard._version import __version__
-from egressguard.errors import EXIT_CODES, EgressGuardError, VerifyFailed
+from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
 
 log = structlog.get_logger("egressguard")
 
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "$EGRESSGUARD_POLICY_JSON, /etc/egressguard/policy.yaml, built-in default")
         sp.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), help=argparse.SUPPRESS)
 
+    def backend_arg(sp: argparse.ArgumentParser) -> None:
+        from egressguard.backends import BACKEND_CHOICES, DEFAULT_BACKEND  # noqa: PLC0415
+
+        sp.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                        help=f"firewall back end (default: $EGRESSGUARD_BACKEND, else {DEFAULT_BACKEND}); "
+                        "auto: nftables where the kernel accepts it, else iptables")
+
     def status_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--status-file", type=Path, default=status_mod.DEFAULT_STATUS_PATH,
                         help="default: %(default)s ($EGRESSGUARD_STATUS)")
@@ -55,21 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="structured output")
     sp.add_argument("--resolve", action="store_true", help="resolve host entries now (DNS queries, no kernel change)")
     sp.add_argument("--lockdown", action="store_true", help="show the lockdown ruleset instead")
+    backend_arg(sp)
 
     sp = sub.add_parser("apply", help="install the policy in this network namespace, verify, write status")
+    backend_arg(sp)
     policy_args(sp)
     status_arg(sp)
     sp.add_argument("--no-status", action="store_true", help="do not write a status file")
 
     sp = sub.add_parser("verify", help="read back and compare with the policy; exit 0 or 5")
+    backend_arg(sp)
     policy_args(sp)
     status_arg(sp)
 
     sp = sub.add_parser("status", help="what is installed now (chains, counters, digest)")
+    backend_arg(sp)
     status_arg(sp)
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("reset", help="remove everything egressguard owns, nothing else")
+    backend_arg(sp)
     status_arg(sp)
 
     sp = sub.add_parser("schema", help="print the policy's JSON Schema")
@@ -82,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an address no sane policy allows, must be refused (repeatable)")
 
     sp = sub.add_parser("run", help="apply, drop every privilege, exec CMD as --user (Docker entrypoint)")
+    backend_arg(sp)
     policy_args(sp)
     status_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest", metavar="DEST[:PORT][/PROTO]")
 
     sp = sub.add_parser("demo", help="throwaway pod + world namespaces: apply the policy, probe, print a table")
+    backend_arg(sp)
     policy_args(sp)
     sp.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -109,10 +123,18 @@ def _load(args: argparse.Namespace) -> Any:
     return loaded
 
 
-def _backend() -> Any:
-    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415 - keep plan/schema light
+def _backend(args: argparse.Namespace) -> Any:
+    from egressguard.backends import select  # noqa: PLC0415 - keep plan/schema light
 
-    return IptablesBackend()
+    backend = select(args.backend)
+    args._summary["backend"] = backend.name
+    return backend
+
+
+def _default_backend() -> str:
+    from egressguard.backends import DEFAULT_BACKEND  # noqa: PLC0415
+
+    return DEFAULT_BACKEND
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -129,6 +151,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
         ).addresses
     rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
+    backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
+    from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
+
+    if backend not in BACKEND_CHOICES:
+        raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
+    if backend in ("nftables", "auto") and not args.json:
+        from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
+
+        header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",
+                  "nftables back end" + (" (auto: where the kernel accepts nf_tables, else the iptables plan)"
+                                         if backend == "auto" else "")]
+        sys.stdout.write(nft_render.render(rs, header=header))
+        return 0
     if args.json:
         print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **to_json(rs)}, indent=2))
     else:
@@ -141,7 +176,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from egressguard import apply as apply_mod  # noqa: PLC0415
 
     loaded = _load(args)
-    out = apply_mod.apply(loaded.policy, loaded.source, _backend(), None if args.no_status else args.status_file,
+    out = apply_mod.apply(loaded.policy, loaded.source, _backend(args), None if args.no_status else args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
              lockdown_first=out.lockdown_first, fence_first=out.fence_first, timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
@@ -158,7 +193,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     loaded = _load(args)
     st = status_mod.read(args.status_file) or {}
     hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items()}
-    backend = _backend()
+    backend = _backend(args)
     args._summary = {"policy_digest": policy_mod.digest(loaded.policy), "backend": backend.name}
     diffs = apply_mod.verify(loaded.policy, backend, args.resolv_conf, hosts)
     if diffs:
@@ -168,7 +203,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    backend = _backend()
+    backend = _backend(args)
     backend.preflight()
     installed = backend.read()
     st = status_mod.read(args.status_file)
@@ -188,7 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "foreign_output_rules": t.foreign_output_rules,
                 "chains": {
                     c.name: [
-                        {"rule": " ".join(r.args()), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
+                        {"rule": backend.describe(t.family, t.name, r), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
                         for i, r in enumerate(c.rules)
                     ]
                     for c in t.chains
@@ -222,7 +257,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     from egressguard import apply as apply_mod  # noqa: PLC0415
 
-    backend = _backend()
+    backend = _backend(args)
     args._summary = {"backend": backend.name}
     apply_mod.reset(backend, args.status_file)
     log.info("reset_done")

@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     mismatches = 0
     with Lab(prefix="egdemo") as lab:
         print(f"pod namespace {lab.pod} <-> world namespace {lab.world} (198.51.100.0/24, 2001:db8:100::/64)")
-        applied = lab.egressguard("apply", *(["--policy", args.policy] if args.policy else []))
+        applied = lab.egressguard("apply", *(["--policy", args.policy] if args.policy else []),
+                                  *(["--backend", args.backend] if getattr(args, "backend", None) else []))
         summary = _summary(applied.stderr)
         print(f"egressguard apply ({'built-in default policy' if builtin else args.policy or 'policy from environment'}): "
               f"exit {applied.returncode}, {summary}")

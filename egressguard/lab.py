@@ -899,7 +899,7 @@ class Lab:
             parts.append("\n".join(line.split(" [")[0] if line.startswith(":") else line
                                    for line in out.splitlines() if not line.startswith("#")))
         if shutil.which("nft"):
-            parts.append(self.in_pod("nft", "list", "ruleset").stdout)
+            parts.append(self.in_pod("nft", "-s", "list", "ruleset").stdout)  # -s: without counters
         if shutil.which("ipset"):
             parts.append(self.in_pod("ipset", "list", "-n").stdout)
         return "\n".join(parts)

@@ -60,9 +60,9 @@ def main(args: argparse.Namespace) -> int:
                                      f"{who.name}); as a non-root agent use `egressguard probe` instead")
 
     from egressguard import apply as apply_mod  # noqa: PLC0415 - loads python-iptables
-    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+    from egressguard.backends import select  # noqa: PLC0415
 
-    out = apply_mod.apply(loaded.policy, loaded.source, IptablesBackend(), args.status_file,
+    out = apply_mod.apply(loaded.policy, loaded.source, select(getattr(args, "backend", None)), args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
              timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})

@@ -29,6 +29,7 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
             if t.chains:
                 out.append(f"{where}: table missing")
             continue
+        out += [f"{where}: {p}" for p in got.problems]
         expected_jumps = (0,) if t.chains else ()
         if got.jump_positions != expected_jumps:
             out.append(f"{where}: jump from OUTPUT at {list(got.jump_positions)}, expected {list(expected_jumps)}")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from egressguard.backends.xtables_raw import Entry
-from egressguard.ruleset import AddressSet, Chain, Family, Ruleset
+from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class InstalledTable:
     chains: tuple[Chain, ...]  # owned chains, as decoded from the kernel
     counters: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # chain -> (packets, bytes)
     foreign_output_rules: int = 0  # rules in OUTPUT that are not ours
+    problems: tuple[str, ...] = ()  # other ways the back end's objects differ from its own plan
     # Byte-level read-back (only when read() was given the ruleset meant): chain -> the kernel's
     # entries ("OUTPUT": our jumps only), and the same chains as this back end encodes the ruleset
     # meant (a str where a rule could not be encoded: why).
@@ -44,6 +45,9 @@ class Backend(abc.ABC):
     """A firewall back end. Each method acts on the current network namespace."""
 
     name: str
+    # True if one commit changes both families at once (nftables): apply then needs no routing
+    # fence, and a first apply with nothing to resolve needs no lockdown commit before the policy.
+    atomic_families: bool = False
 
     @abc.abstractmethod
     def preflight(self) -> None:
@@ -63,6 +67,67 @@ class Backend(abc.ABC):
         exactly one of `expect` is reported as that very object (compared, not copied). Given
         `want`, each table also carries its entries byte for byte and `want` as encoded for them."""
 
+    def canonical(self, ruleset: Ruleset) -> Ruleset:
+        """`ruleset` spelled as this back end reads it back (what read-backs are compared with)."""
+        return ruleset
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        """One installed rule as this back end's own tool would show it (for `status`)."""
+        return " ".join(rule.args())
+
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""
         return []
+
+
+# The back end used when neither --backend nor $EGRESSGUARD_BACKEND names one. "auto" prefers
+# nftables where the kernel accepts it; kept at "iptables" until the suite has run on both.
+DEFAULT_BACKEND = "iptables"
+BACKEND_CHOICES = ("auto", "nftables", "iptables")
+
+
+def select(requested: str | None = None) -> Backend:
+    """The back end for `requested` (or $EGRESSGUARD_BACKEND, or DEFAULT_BACKEND), said in one log
+    line. `auto`: nftables if the kernel accepts an nf_tables transaction here, else iptables if
+    legacy x_tables works here, else exit 3 naming both reasons."""
+    import os  # noqa: PLC0415
+
+    import structlog  # noqa: PLC0415
+
+    from egressguard.errors import EnvironmentUnsupported, PolicyError  # noqa: PLC0415
+
+    log = structlog.get_logger("egressguard")
+    source = "option" if requested else "environment" if os.environ.get("EGRESSGUARD_BACKEND") else "default"
+    name = requested or os.environ.get("EGRESSGUARD_BACKEND") or DEFAULT_BACKEND
+    if name not in BACKEND_CHOICES:
+        raise PolicyError(f"unknown back end {name!r} ({source}); choose one of {', '.join(BACKEND_CHOICES)}")
+    if name == "nftables":
+        from egressguard.backends.nftables import NftablesBackend  # noqa: PLC0415
+
+        chosen: Backend = NftablesBackend()
+        log.info("backend_selected", backend=chosen.name, requested=name, via=source)
+        return chosen
+    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+
+    if name == "iptables":
+        chosen = IptablesBackend()
+        log.info("backend_selected", backend=chosen.name, requested=name, via=source)
+        return chosen
+    from egressguard.backends.nftables import NftablesBackend  # noqa: PLC0415
+
+    nft = NftablesBackend()
+    try:
+        nft.preflight()
+    except EnvironmentUnsupported as no_nft:
+        ipt = IptablesBackend()
+        try:
+            ipt.preflight()
+            ipt.read()  # exit 3 here if legacy x_tables is missing (changes nothing)
+        except EnvironmentUnsupported as no_ipt:
+            raise EnvironmentUnsupported(f"no back end works here: nftables: {no_nft}; iptables: {no_ipt}") from None
+        log.info("backend_selected", backend=ipt.name, requested=name, via=source,
+                 reason=f"nftables unavailable: {no_nft}")
+        return ipt
+    log.info("backend_selected", backend=nft.name, requested=name, via=source,
+             reason="the kernel accepted an nf_tables check transaction in this namespace")
+    return nft

@@ -1,0 +1,139 @@
+"""The nftables back end: `table inet egressguard`, both families in one libnftables transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import structlog
+
+from egressguard.backends import Backend, Installed
+from egressguard.backends.nftables import decode, render
+from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable
+from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
+
+log = structlog.get_logger("egressguard")
+
+CAP_NET_ADMIN = 12
+_LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def legacy_tables_in_use() -> list[str]:
+    """x_tables tables this namespace has created (where an iptables-backend apply left objects)."""
+    found = []
+    for path in _LEGACY_NAMES:
+        try:
+            with open(path) as fh:
+                found += [f"{'ip6' if '6' in path else 'ip'}tables {n}" for n in fh.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+class NftablesBackend(Backend):
+    name = "nftables (libnftables)"
+    atomic_families = True
+
+    def __init__(self) -> None:
+        self._checked = False
+
+    def preflight(self) -> None:
+        """Exit 3 unless the kernel accepts an nf_tables transaction in this namespace. The check is
+        a real one: `add table` sent in check mode (nft -c), which the kernel validates, with the
+        caller's capabilities over this namespace, and then aborts. Changes nothing."""
+        if self._checked:
+            return
+        if not _effective_caps() >> CAP_NET_ADMIN & 1:
+            raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
+        try:
+            with Nft() as nft:
+                nft.run(f"add table {render.TABLE}", dry_run=True)
+        except NftablesError as exc:
+            raise NftablesUnavailable(f"the kernel refused an nf_tables transaction in this namespace: {exc}") from None
+        self._checked = True
+
+    def commit(self, ruleset: Ruleset) -> None:
+        with Nft() as nft:
+            before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
+            new_sets = render.new_sets_script(ruleset, before)
+            rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
+            try:
+                if new_sets:
+                    nft.run(new_sets)
+                if rules:
+                    nft.run(rules)
+            except NftablesError as exc:
+                raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
+        if legacy_tables_in_use():
+            self._remove_iptables_objects(removing_everything=not any(t.chains for t in ruleset.tables))
+
+    def _remove_iptables_objects(self, removing_everything: bool) -> None:
+        """An upgrade from the iptables back end: its chains, jumps and ipsets go once ours are in
+        force (on reset: they go as well). Legacy tables in use here are not necessarily ours
+        (Docker's DNS rules, say): what cannot even be read is a warning; ours that cannot be
+        removed fail a reset, and only warn after an apply (they restrict, never allow)."""
+        from egressguard.apply import build_empty  # noqa: PLC0415
+        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+
+        legacy = IptablesBackend()
+        try:
+            found = legacy.read()
+        except Exception as exc:  # noqa: BLE001 - python-iptables missing, no CAP_NET_RAW...
+            log.warning("iptables_objects_not_checked", error=str(exc))
+            return
+        if not any(t.chains or t.jump_positions for t in found.tables) and not found.sets:
+            return
+        try:
+            legacy.commit(build_empty())
+        except Exception as exc:  # noqa: BLE001
+            if removing_everything:
+                raise
+            log.warning("iptables_objects_not_removed", error=str(exc))
+        else:
+            log.info("iptables_objects_removed")
+
+    def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
+        # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
+        expect = expect or (want.sets if want is not None else ())
+        with Nft() as nft:
+            return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        try:
+            kernel = "<its own chain>" if rule.uid and rule.uid.startswith("!") else None
+            text = render.rule_text(family, table, dataclasses.replace(rule, u32=()), kernel)
+            if rule.u32:  # read back as the byte and bit ranges they constrain (see render.canonical)
+                words = text.split(" ")
+                at = words.index("counter")
+                text = " ".join([*words[:at], *rule.u32, *words[at:]])
+            return text
+        except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
+            return " ".join(rule.args())
+
+    def canonical(self, ruleset: Ruleset) -> Ruleset:
+        return render.canonical(ruleset)
+
+    def other_firewalls(self) -> list[str]:
+        found = []
+        try:
+            with Nft() as nft:
+                tables = [f"{t['table']['family']} {t['table']['name']}" for t in nft.list_json("tables")]
+        except Exception as exc:  # noqa: BLE001 - a note in `status`, never a reason to fail
+            found.append(f"nftables: could not be read ({type(exc).__name__}: {exc})")
+        else:
+            others = [t for t in tables if t != render.TABLE]
+            if others:
+                found.append(f"nftables tables: {', '.join(others)} (their rules apply as well: "
+                             "a packet any of them drops is dropped, whatever egressguard allows)")
+        legacy = legacy_tables_in_use()
+        if legacy:
+            found.append(f"legacy x_tables: {', '.join(legacy)} (their rules apply as well)")
+        return found

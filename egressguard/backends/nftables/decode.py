@@ -1,0 +1,352 @@
+"""Read-back: `list table inet egressguard` (JSON) -> the Rules, chains and sets the Ruleset holds."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from egressguard.backends import Installed, InstalledTable
+from egressguard.backends.nftables import u32
+from egressguard.backends.nftables.render import (
+    ANY_USER,
+    BASE,
+    CT_STATES,
+    ICMP6_NAMES,
+    REJECT,
+    KERNEL_PREFIX,
+    LIMIT_SHORT,
+    Existing,
+    chain_name,
+    intervals,
+    merge,
+    networks,
+)
+from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, OWNED_CHAINS, REDIRECT, AddressSet, Chain, Family, Rule
+
+_WORD_FAMILY = {"ipv4": 4, "ipv6": 6}
+_ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
+_REJECT_BACK = {text: name for name, text in REJECT.items()}
+_KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-\d+$")
+_USER_RETURN = [{"match": {"op": "==", "left": {"meta": {"key": "skuid"}},
+                           "right": {"range": [0, int(ANY_USER.split("-")[1])]}}}, {"return": None}]
+
+
+def objects_by_kind(objs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {"table": [], "chain": [], "set": [], "rule": []}
+    for o in objs:
+        for kind, body in o.items():
+            out.setdefault(kind, []).append(body)
+    return out
+
+
+def existing(objs: Sequence[dict[str, Any]]) -> Existing:
+    """Names in our table, and which base chains no longer have our spec (re-created on commit)."""
+    k = objects_by_kind(objs)
+    stale = tuple(c["name"] for c in k["chain"] if c["name"] in BASE and _base_problem(c))
+    return Existing(
+        table=bool(k["table"]),
+        chains=tuple(c["name"] for c in k["chain"]),
+        sets=tuple(s["name"] for s in k["set"]),
+        stale_base_chains=stale,
+    )
+
+
+def _base_problem(c: dict[str, Any]) -> str | None:
+    typ, hook, prio = BASE[c["name"]]
+    got = (c.get("type"), c.get("hook"), c.get("prio"), c.get("policy"))
+    if got != (typ, hook, prio, "accept"):
+        return (f"base chain {c['name']}: type {got[0]} hook {got[1]} priority {got[2]} policy {got[3]}, "
+                f"expected type {typ} hook {hook} priority {prio} policy accept")
+    return None
+
+
+def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ()) -> Installed:
+    """What our table holds, in the Ruleset's terms: per (family, filter|nat) the Ruleset's chain
+    names, each rule decoded, jump positions among the base chain's rules for that family."""
+    k = objects_by_kind(objs)
+    present = bool(k["table"])
+    chains = {c["name"]: c for c in k["chain"]}
+    rules: dict[str, list[dict[str, Any]]] = {name: [] for name in chains}
+    for r in k["rule"]:
+        rules.setdefault(r["chain"], []).append(r)
+    problems: list[str] = []
+    known = set(BASE)
+    for f in FAMILIES:
+        for table, owned in OWNED_CHAINS.items():
+            known |= {chain_name(f, table, c) for c in owned}
+    problems += [f"unexpected chain {name}" for name in chains if name not in known and not _KERNEL_CHAIN.match(name)]
+    for name in BASE:
+        if name in chains and (p := _base_problem(chains[name])):
+            problems.append(p)
+    tables: list[InstalledTable] = []
+    for family in FAMILIES:
+        for table, owned in OWNED_CHAINS.items():
+            if not present or table not in chains:
+                tables.append(InstalledTable(family, table, present=False, jump_positions=(), chains=()))
+                continue
+            mine = [r for r in rules[table] if _applies_to(r, family)]
+            first = chain_name(family, table, DISPATCH)
+            jumps = tuple(i for i, r in enumerate(mine) if _is_our_jump(r, family, first))
+            got_chains, counters = [], {}
+            for cname in owned:
+                nft_name = chain_name(family, table, cname)
+                if nft_name in chains:
+                    got_chains.append(Chain(cname, tuple(decode_rule(r, family, table, rules) for r in rules[nft_name])))
+                    counters[cname] = tuple(_counter(r) for r in rules[nft_name])
+            tables.append(InstalledTable(
+                family, table, present=True, jump_positions=jumps, chains=tuple(got_chains), counters=counters,
+                foreign_output_rules=len(mine) - len(jumps),
+                problems=tuple(problems) if (family, table) == (4, "filter") else (),
+            ))
+    return Installed(tables=tuple(tables), sets=tuple(_sets(k["set"], expect)))
+
+
+def _applies_to(r: dict[str, Any], family: Family) -> bool:
+    """False for a rule that matches only the other family (meta nfproto)."""
+    for e in r.get("expr", []):
+        m = e.get("match")
+        if m and m.get("left") == {"meta": {"key": "nfproto"}} and m.get("op") == "==":
+            return bool(_WORD_FAMILY.get(m.get("right")) == family)
+    return True
+
+
+def _is_our_jump(r: dict[str, Any], family: Family, target: str) -> bool:
+    word = "ipv4" if family == 4 else "ipv6"
+    exprs = [e for e in r.get("expr", []) if "counter" not in e]
+    return r.get("comment") == "egressguard" and exprs == [
+        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": word}},
+        {"jump": {"target": target}},
+    ]
+
+
+def _counter(r: dict[str, Any]) -> tuple[int, int]:
+    for e in r.get("expr", []):
+        if "counter" in e:
+            return int(e["counter"].get("packets", 0)), int(e["counter"].get("bytes", 0))
+    return 0, 0
+
+
+def _addr(value: Any) -> str | None:
+    """An address or prefix from JSON, as the Ruleset writes it (network/len)."""
+    if isinstance(value, str):
+        return str(ipaddress.ip_network(value))
+    if isinstance(value, dict) and "prefix" in value:
+        p = value["prefix"]
+        return str(ipaddress.ip_network(f"{p['addr']}/{p['len']}"))
+    raise ValueError(value)
+
+
+def decode_rule(r: dict[str, Any], family: Family, table: str,
+                chains: dict[str, list[dict[str, Any]]] | None = None) -> Rule:
+    """One listed rule back into a Rule; anything unexpected makes it differ from every plan.
+    `chains`: every chain's rules, to follow a jump to a socketless rule's own chain."""
+    ip = "ip" if family == 4 else "ip6"
+    f: dict[str, Any] = {"target": "", "comment": r.get("comment", "")}
+    unknown: list[str] = []
+    proto_implied: str | None = None
+    exprs = list(r.get("expr", []))
+    last = exprs[-1] if exprs else {}
+    if "jump" in last and _KERNEL_CHAIN.match(str(last["jump"].get("target"))):
+        body = (chains or {}).get(last["jump"]["target"])
+        exprs.pop()
+        if body is None or len(body) != 2 or body[0].get("expr") != _USER_RETURN:
+            unknown.append(f"jump {last['jump']['target']} (not a socketless rule's chain)")
+        else:
+            f["uid"] = "!" + ANY_USER
+            exprs += [{"kernel": True}, *body[1].get("expr", [])]
+    kernel = False
+    for e in exprs:
+        if e == {"kernel": True}:
+            kernel = True
+            continue
+        if kernel and "accept" in e and not f["target"]:
+            f["target"] = "RETURN"
+            continue
+        if kernel and "counter" not in e and "limit" not in e and not _is_verdict(e):
+            unknown.append("in the socketless chain: " + json.dumps(e, sort_keys=True))
+            continue
+        try:
+            if not _decode_expr(e, f, family, table, ip, unknown):
+                unknown.append(json.dumps(e, sort_keys=True))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            unknown.append(json.dumps(e, sort_keys=True))
+        proto_implied = f.pop("_implied", None) or proto_implied
+    if "_u32" in f:
+        f["u32"] = u32.normal(f.pop("_u32"))
+    # `tcp dport`, `icmpv6 type`, `reject with tcp reset` make nft drop the `meta l4proto` it implies
+    if f.get("protocol") is None and proto_implied:
+        f["protocol"] = proto_implied
+    if not f["target"]:
+        unknown.append("no verdict")
+    if unknown:
+        f["comment"] += " <unexpected: " + "; ".join(unknown) + ">"
+    return Rule(**f)
+
+
+def _is_verdict(e: dict[str, Any]) -> bool:
+    return bool({"return", "drop", "reject", "accept", "jump", "goto", "redirect", "queue"} & set(e))
+
+
+def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: str, ip: str, unknown: list[str]) -> bool:
+    if "counter" in e:
+        return True
+    if "limit" in e:
+        lim = e["limit"]
+        if set(lim) - {"rate", "burst", "per"} or lim.get("per") not in LIMIT_SHORT:
+            return False
+        _put(f, "limit_burst", int(lim.get("burst", 5)))
+        return _put(f, "limit", f"{int(lim['rate'])}/{LIMIT_SHORT[lim['per']]}")
+    if "match" in e:
+        m = e["match"]
+        left, op, right = m["left"], m["op"], m["right"]
+        raw = u32.from_json(left, op, right) if u32.is_raw(left) else None
+        if raw is not None:
+            f.setdefault("_u32", []).append(raw)
+            return True
+        if "fib" in left:
+            fib = left["fib"]
+            word = {("saddr",): "src_type", ("daddr",): "dst_type"}.get(tuple(fib.get("flags", [])))
+            if fib.get("result") != "type" or word is None or right != "local" or op not in ("==", "!="):
+                return False
+            return _put(f, word, ("!" if op == "!=" else "") + "LOCAL")
+        if "exthdr" in left:
+            if left["exthdr"] == {"name": "rt"} and op == "==" and right is True and family == 6:
+                return _put(f, "routing_header", True)
+            return False
+        if "payload" in left:
+            p = left["payload"]
+            key = (p.get("protocol"), p.get("field"))
+            if key == (ip, "daddr") and op == "==":
+                if isinstance(right, str) and right.startswith("@"):
+                    return _put(f, "match_set", right[1:])
+                return _put(f, "dst", _addr(right))
+            if key in (("tcp", "dport"), ("udp", "dport")) and op == "==":
+                ports = right["set"] if isinstance(right, dict) else [right]
+                f["_implied"] = p["protocol"]
+                return _put(f, "dports", tuple(int(x) for x in ports))
+            if key == ("ip6", "hoplimit") and family == 6 and op == "==":
+                return _put(f, "hoplimit", int(right))
+            if key == ("icmpv6", "type") and family == 6 and op == "==":
+                f["_implied"] = "ipv6-icmp"
+                return _put(f, "icmp6_type", _ICMP6_NUMBER.get(right, str(right)))
+            return False
+        if "meta" in left:
+            mk = left["meta"]["key"]
+            if mk == "nfproto" and op == "==" and _WORD_FAMILY.get(right) == family:
+                return True  # a dependency nft adds (e.g. before `reject with icmpv6`); a no-op in this chain
+            if mk == "l4proto" and op == "==":
+                return _put(f, "protocol", str(right))
+            if mk == "oifname" and op in ("==", "!="):
+                return _put(f, "out_iface", ("!" if op == "!=" else "") + str(right))
+            if mk == "skuid" and op == "==":
+                if isinstance(right, dict) and "range" in right:
+                    return _put(f, "uid", f"{right['range'][0]}-{right['range'][1]}")
+                return _put(f, "uid", str(int(right)))
+            return False
+        if "ct" in left:
+            ck, cdir = left["ct"].get("key"), left["ct"].get("dir")
+            if ck == "state" and op in ("==", "in") and cdir is None:
+                states = {s.upper() for s in (right if isinstance(right, list) else [right])}
+                if states - set(CT_STATES):
+                    return False
+                return _put(f, "ctstate", ",".join(s for s in CT_STATES if s in states))
+            if ck == "status" and op in ("==", "in") and cdir is None and right in ("dnat", "snat", ["dnat"], ["snat"]):
+                return _put(f, "ctstate", (right if isinstance(right, str) else right[0]).upper())
+            if ck == "direction" and op == "==" and cdir is None:
+                return _put(f, "ctdir", str(right).upper())
+            if ck == f"{ip} daddr" and cdir == "original" and op == "==":
+                return _put(f, "ctorigdst", _addr(right))
+            if ck == "proto-dst" and cdir == "original" and op == "==":
+                return _put(f, "ctorigdstport", int(right))
+            return False
+        return False
+    if f["target"]:
+        return False  # anything after the verdict
+    if "return" in e:
+        f["target"] = "RETURN"
+        return True
+    if "drop" in e:
+        f["target"] = "DROP"
+        return True
+    if "reject" in e:
+        rj = e["reject"] or {}
+        text = "reject with tcp reset" if rj.get("type") == "tcp reset" else f"reject with {rj.get('type')} type {rj.get('expr')}"
+        name = _REJECT_BACK.get(text)
+        if name is None:
+            return False
+        f["target"], f["reject_with"] = "REJECT", name
+        if name == "tcp-reset":
+            f["_implied"] = "tcp"
+        return True
+    if "redirect" in e and table == "nat":
+        rd = e["redirect"] or {}
+        if set(rd) != {"port"}:
+            return False
+        f["target"], f["to_ports"] = "REDIRECT", int(rd["port"])
+        return True
+    if "jump" in e:
+        target = e["jump"]["target"]
+        for ours in (CONFINED, REDIRECT):
+            try:
+                if target == chain_name(family, table, ours):
+                    f["target"] = ours
+                    return True
+            except Exception:  # noqa: BLE001 - not a chain of this table
+                continue
+        return False
+    return False
+
+
+def _put(f: dict[str, Any], key: str, value: Any) -> bool:
+    if key in f:
+        return False  # the same match twice: not something a plan renders
+    f[key] = value
+    return True
+
+
+def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet]) -> list[AddressSet]:
+    """Every set in our table; one that holds exactly an expected set's networks (as intervals,
+    the way the kernel keeps them) is reported as that very object, so verify compares it as equal."""
+    by_name = {st.name: st for st in expect}
+    out = []
+    for s in found:
+        typ, flags = s.get("type"), s.get("flags", [])
+        family: Family = 6 if typ == "ipv6_addr" else 4
+        try:
+            held = merge([_interval(family, x) for x in s.get("elem", [])])
+            members = None
+        except (ValueError, KeyError, TypeError, OSError):
+            held, members = [], (f"<unexpected element in {json.dumps(s.get('elem'))[:200]}>",)
+        if typ not in ("ipv4_addr", "ipv6_addr") or flags != ["interval"]:
+            members = (f"<unexpected set type {typ} flags {flags}>",)
+        want = by_name.get(s["name"])
+        if members is None and want is not None and want.family == family and intervals(want) == held:
+            out.append(want)
+        else:
+            out.append(AddressSet(name=s["name"], family=family, members=members or networks(family, held)))
+    return out
+
+
+_AF = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+
+
+def _interval(family: Family, x: Any) -> tuple[int, int]:
+    """One listed element ("192.0.2.7", a prefix, a range) as its first and last address."""
+    af, bits = _AF[family]
+
+    def num(text: str) -> int:
+        return int.from_bytes(socket.inet_pton(af, text), "big")
+
+    if isinstance(x, str):
+        return num(x), num(x)
+    if "prefix" in x:
+        size = 1 << (bits - int(x["prefix"]["len"]))
+        start = num(x["prefix"]["addr"])
+        return start, start + size - 1
+    if "range" in x:
+        return num(x["range"][0]), num(x["range"][1])
+    raise ValueError(x)

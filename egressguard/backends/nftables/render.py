@@ -1,0 +1,421 @@
+"""Ruleset -> nft script text (pure): what `plan --backend nftables` prints and `apply` commits."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from egressguard.backends.nftables import u32
+from egressguard.errors import ApplyFailed
+from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, AddressSet, Family, Rule, Ruleset, Table
+
+TABLE = "inet egressguard"
+# Base chains: name -> spec. Priority 0 is iptables' filter, -100 its nat (dstnat) on output.
+BASE = {
+    "filter": ("filter", "output", 0),
+    "nat": ("nat", "output", -100),
+}
+# A rule for packets without a user socket (iptables: ! --uid-owner 0-4294967294, the kernel's
+# own packets). nft's `meta skuid` matches nothing at all without a socket owner (checked: neither
+# `==` nor `!=` counted the kernel's neighbour solicitations), so the rule jumps to a chain of its
+# own: a user-owned packet returns from it and goes on; what is left gets the rule's verdict there
+# (after its limit, which thus counts only kernel packets, as with iptables). An allowed verdict
+# there is `accept`: our base chains hold only jumps, so it ends our table's say, as RETURN does.
+KERNEL_PREFIX = "kernel"
+ANY_USER = "0-4294967294"
+
+_FAMILY_WORD = {4: "ipv4", 6: "ipv6"}
+_ADDR = {4: "ip", 6: "ip6"}
+ICMP6_NAMES = {
+    "133": "nd-router-solicit",
+    "134": "nd-router-advert",
+    "135": "nd-neighbor-solicit",
+    "136": "nd-neighbor-advert",
+    "131": "mld-listener-report",
+    "132": "mld-listener-done",
+    "143": "mld2-listener-report",
+}
+REJECT = {  # iptables' --reject-with -> nft's reject statement
+    "tcp-reset": "reject with tcp reset",
+    "icmp-port-unreachable": "reject with icmp type port-unreachable",
+    "icmp6-port-unreachable": "reject with icmpv6 type port-unreachable",
+}
+# ctstate words in iptables' print order, so a read-back spells them as the Ruleset does.
+CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
+
+# Every field of Rule this back end renders and decodes. A field not listed here (added to the
+# model for another back end first) is refused loudly, never silently left out of a rule.
+HANDLED_FIELDS = frozenset({
+    "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
+    "ctorigdstport", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
+    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst",
+})
+LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
+               "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
+LIMIT_SHORT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
+DEFAULT_BURST = 5  # iptables' and nft's
+_CT_STATUS = {"DNAT": "dnat", "SNAT": "snat"}  # iptables --ctstate words that are conntrack status bits
+
+
+class UnsupportedRule(ApplyFailed):
+    """A Rule this back end cannot express (exit 4): refused, never rendered without the part."""
+
+
+def chain_name(family: Family, table: str, chain: str) -> str:
+    """Our nft chain for the Ruleset's (family, table, chain): dispatch4, confined6, redirect4..."""
+    if table == "filter":
+        base = {DISPATCH: "dispatch", CONFINED: "confined"}.get(chain)
+    else:
+        base = {DISPATCH: "natdispatch", REDIRECT: "redirect"}.get(chain)
+    if base is None:
+        raise UnsupportedRule(f"no nftables chain for {table}/{chain}")
+    return f"{base}{family}"
+
+
+def chain_names(ruleset: Ruleset) -> list[str]:
+    """Every chain this ruleset needs, base chains first."""
+    names = [b for b in BASE if any(t.chains and t.name == b for t in ruleset.tables)]
+    for t in ruleset.tables:
+        names += [chain_name(t.family, t.name, c.name) for c in t.chains]
+    names += [k for _t, _r, k in kernel_rules(ruleset)]
+    return names
+
+
+def kernel_chain(family: Family, table: str, n: int) -> str:
+    return f"{'nat' if table == 'nat' else ''}{KERNEL_PREFIX}{family}-{n}"
+
+
+def kernel_rules(ruleset: Ruleset) -> list[tuple[Table, Rule, str]]:
+    """Rules for socketless packets, each with the chain of its own (numbered in rule order)."""
+    out = []
+    for t in ruleset.tables:
+        n = 0
+        for c in t.chains:
+            for r in c.rules:
+                if r.uid and r.uid.startswith("!"):
+                    out.append((t, r, kernel_chain(t.family, t.name, n)))
+                    n += 1
+    return out
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _net(net: str) -> str:
+    return net[:-3] if net.endswith("/32") and ":" not in net else net[:-4] if net.endswith("/128") else net
+
+
+def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) -> str:
+    """One Rule as an nft rule body (matches, counter, verdict, comment). `kernel`: the chain that
+    holds the rest of a rule for socketless packets (see KERNEL_PREFIX)."""
+    unknown = {f.name for f in fields(r)} - HANDLED_FIELDS
+    set_unknown = [n for n in sorted(unknown) if getattr(r, n) not in (None, (), "", False)]
+    if set_unknown:
+        raise UnsupportedRule(f"the nftables back end cannot express Rule field(s) {', '.join(set_unknown)} "
+                              f"(rule {r.comment!r})")
+    ip = _ADDR[family]
+    a: list[str] = []
+    if r.dst:
+        a.append(f"{ip} daddr {_net(r.dst)}")
+    if r.match_set:
+        a.append(f"{ip} daddr @{r.match_set}")
+    if r.out_iface:
+        neg = r.out_iface.startswith("!")
+        a.append(f"oifname {'!= ' if neg else ''}{quote(r.out_iface.lstrip('!'))}")
+    if r.protocol:
+        a.append(f"meta l4proto {r.protocol}")
+    if r.uid:
+        if r.uid.startswith("!"):
+            if r.uid != "!" + ANY_USER:
+                raise UnsupportedRule(f"uid {r.uid}: only !{ANY_USER} (no user socket) is expressible")
+            if kernel is None:
+                raise UnsupportedRule(f"uid {r.uid} needs a chain of its own (rule {r.comment!r})")
+        else:
+            a.append(f"meta skuid {r.uid}")
+    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
+        if value:
+            if value.lstrip("!") != "LOCAL":
+                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
+            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
+    if r.ctstate:
+        words = r.ctstate.split(",")
+        status = [w for w in words if w in _CT_STATUS]
+        if status and len(status) != len(words) or len(status) > 1:
+            raise UnsupportedRule(f"ctstate {r.ctstate}: states and NAT status in one match (rule {r.comment!r})")
+        if status:
+            a.append(f"ct status {_CT_STATUS[status[0]]}")
+        else:
+            a.append("ct state " + ",".join(w.lower() for w in words))
+    if r.ctdir:
+        a.append(f"ct direction {r.ctdir.lower()}")
+    if r.ctorigdst:
+        a.append(f"ct original {ip} daddr {_net(r.ctorigdst)}")
+    if r.ctorigdstport is not None:
+        if r.protocol not in ("tcp", "udp"):
+            raise UnsupportedRule(f"ct original proto-dst needs protocol tcp or udp (rule {r.comment!r})")
+        a.append(f"ct original proto-dst {r.ctorigdstport}")
+    if r.hoplimit is not None:
+        a.append(f"ip6 hoplimit {r.hoplimit}")
+    if r.icmp6_type:
+        a.append(f"icmpv6 type {ICMP6_NAMES.get(r.icmp6_type, r.icmp6_type)}")
+    if r.routing_header:
+        if family != 6:
+            raise UnsupportedRule(f"a routing header match in an IPv4 chain (rule {r.comment!r})")
+        a.append("exthdr rt exists")
+    if r.dports:
+        if r.protocol not in ("tcp", "udp"):
+            raise UnsupportedRule(f"ports need protocol tcp or udp (rule {r.comment!r})")
+        ports = str(r.dports[0]) if len(r.dports) == 1 else "{ " + ", ".join(map(str, r.dports)) + " }"
+        a.append(f"{r.protocol} dport {ports}")
+    for text in r.u32:
+        a += u32.nft_text(u32.parse(text))
+    if kernel is not None:
+        a += ["counter", f"jump {kernel}", f"comment {quote(r.comment)}"]
+        return " ".join(a)
+    a += limit_text(r)
+    a.append("counter")
+    a.append(_verdict(family, table, r))
+    a.append(f"comment {quote(r.comment)}")
+    return " ".join(a)
+
+
+def limit_text(r: Rule) -> list[str]:
+    if not r.limit:
+        if r.limit_burst is not None:
+            raise UnsupportedRule(f"limit_burst without limit (rule {r.comment!r})")
+        return []
+    rate, _, unit = r.limit.partition("/")
+    if not rate.isdigit() or unit not in LIMIT_UNITS:
+        raise UnsupportedRule(f"limit {r.limit} (rule {r.comment!r})")
+    burst = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
+    return [f"limit rate {int(rate)}/{LIMIT_UNITS[unit]} burst {burst} packets"]
+
+
+def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
+    """The body of a socketless rule's own chain: user-owned packets go back, the rest is judged."""
+    verdict = "accept" if r.target == "RETURN" else _verdict(family, table, r)
+    return [f"meta skuid {ANY_USER} return", " ".join([*limit_text(r), verdict])]
+
+
+def _verdict(family: Family, table: str, r: Rule) -> str:
+    if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
+        raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
+    if r.target == "RETURN":
+        return "return"
+    if r.target == "DROP":
+        return "drop"
+    if r.target == "REJECT":
+        text = REJECT.get(r.reject_with or "")
+        if text is None or (r.reject_with == "tcp-reset" and r.protocol != "tcp"):
+            raise UnsupportedRule(f"REJECT --reject-with {r.reject_with} (rule {r.comment!r})")
+        if (family == 6) != (r.reject_with == "icmp6-port-unreachable") and r.reject_with != "tcp-reset":
+            raise UnsupportedRule(f"{r.reject_with} in an IPv{family} chain (rule {r.comment!r})")
+        return text
+    if r.target == "REDIRECT":
+        if r.to_ports is None:
+            raise UnsupportedRule(f"REDIRECT without a port (rule {r.comment!r})")
+        return f"redirect to :{r.to_ports}"
+    if r.target in (CONFINED, REDIRECT):
+        return f"jump {chain_name(family, table, r.target)}"
+    raise UnsupportedRule(f"target {r.target} (rule {r.comment!r})")
+
+
+def canonical(ruleset: Ruleset) -> Ruleset:
+    """The ruleset as this back end reads it back: u32 tests as the bit ranges they constrain (nft
+    merges and rewrites raw matches), a limit with its burst and iptables-save's unit spelling."""
+    tables = []
+    for t in ruleset.tables:
+        chains = []
+        for c in t.chains:
+            chains.append(type(c)(c.name, tuple(_canonical_rule(r) for r in c.rules)))
+        tables.append(type(t)(t.family, t.name, tuple(chains)))
+    return type(ruleset)(tables=tuple(tables), kind=ruleset.kind, unresolved_hosts=ruleset.unresolved_hosts,
+                         sets=ruleset.sets)
+
+
+def _canonical_rule(r: Rule) -> Rule:
+    changes: dict[str, object] = {}
+    if r.u32:
+        changes["u32"] = u32.normal(t for text in r.u32 for t in u32.parse(text))
+    if r.limit:
+        rate, _, unit = r.limit.partition("/")
+        changes["limit"] = f"{rate}/{LIMIT_SHORT.get(LIMIT_UNITS.get(unit, unit), unit)}"
+        changes["limit_burst"] = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
+    return dataclasses.replace(r, **changes) if changes else r  # type: ignore[arg-type]
+
+
+Interval = tuple[int, int]  # first and last address, as integers
+_AF = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
+_interval_cache: dict[tuple[str, int, int], list[Interval]] = {}
+
+
+def intervals(st: AddressSet) -> list[Interval]:
+    """A set's members as the kernel keeps them in an interval set: sorted, overlapping and
+    adjacent networks merged (nft refuses overlapping elements). Integer arithmetic: ipaddress
+    objects cost ~0.3 s per 10,000 members here. Cached per set (its name hashes its members)."""
+    key = (st.name, st.family, len(st.members))
+    if key not in _interval_cache:
+        af, bits = _AF[st.family]
+        pton, frm = socket.inet_pton, int.from_bytes
+        out = []
+        for m in st.members:
+            addr, _, plen = m.partition("/")
+            size = 1 << (bits - (int(plen) if plen else bits))
+            start = frm(pton(af, addr), "big") & ~(size - 1)
+            out.append((start, start + size - 1))
+        if len(_interval_cache) > 64:
+            _interval_cache.clear()
+        _interval_cache[key] = merge(out)
+    return _interval_cache[key]
+
+
+def merge(found: list[Interval]) -> list[Interval]:
+    found.sort()
+    merged: list[Interval] = []
+    for start, end in found:
+        if merged and start <= merged[-1][1] + 1:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _ntop(family: Family, n: int) -> str:
+    af, bits = _AF[family]
+    return socket.inet_ntop(af, n.to_bytes(bits // 8, "big"))
+
+
+def elements(st: AddressSet) -> list[str]:
+    """A set's members as interval-set elements: a prefix where an interval is one, else a range."""
+    bits = _AF[st.family][1]
+    out = []
+    for start, end in intervals(st):
+        size = end - start + 1
+        if size & (size - 1) == 0 and start % size == 0:
+            plen = bits - size.bit_length() + 1
+            out.append(_ntop(st.family, start) + ("" if plen == bits else f"/{plen}"))
+        else:
+            out.append(f"{_ntop(st.family, start)}-{_ntop(st.family, end)}")
+    return out
+
+
+def networks(family: Family, found: list[Interval]) -> tuple[str, ...]:
+    """Intervals as the fewest networks covering exactly them, in canonical form (203.0.113.7/32)."""
+    bits = _AF[family][1]
+    cls = ipaddress.IPv6Address if family == 6 else ipaddress.IPv4Address
+    out: list[str] = []
+    for start, end in found:
+        size = end - start + 1
+        if size & (size - 1) == 0 and start % size == 0:  # one network: no ipaddress objects
+            out.append(f"{_ntop(family, start)}/{bits - size.bit_length() + 1}")
+        else:
+            out += [str(n) for n in ipaddress.summarize_address_range(cls(start), cls(end))]
+    return tuple(out)
+
+
+def _set_decl(st: AddressSet) -> str:
+    typ = "ipv6_addr" if st.family == 6 else "ipv4_addr"
+    return f"add set {TABLE} {st.name} {{ type {typ}; flags interval; }}"
+
+
+def fill_set(st: AddressSet, chunk: int = 4096) -> list[str]:
+    """`add element` commands for `st` (in chunks: one line per 4096 members keeps lines sane)."""
+    elems = elements(st)
+    return [f"add element {TABLE} {st.name} {{ {', '.join(elems[i:i + chunk])} }}" for i in range(0, len(elems), chunk)]
+
+
+def base_chain_decl(name: str) -> str:
+    typ, hook, prio = BASE[name]
+    return f"add chain {TABLE} {name} {{ type {typ} hook {hook} priority {prio}; policy accept; }}"
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What our table holds before a commit (names only), as read from the kernel."""
+
+    table: bool = False
+    chains: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+    stale_base_chains: tuple[str, ...] = ()  # base chains whose type, hook, priority or policy differ
+
+
+def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
+    """Transaction 1: sets that do not exist yet, created and filled before any rule refers to
+    them (a new interval set is published after rules committed with it: measured, TESTBED.md)."""
+    new = [st for st in ruleset.sets if st.name not in existing.sets]
+    if not new:
+        return None
+    lines = [f"add table {TABLE}"]
+    for st in new:
+        lines.append(_set_decl(st))
+        lines += fill_set(st)
+    return "\n".join(lines) + "\n"
+
+
+def rules_script(ruleset: Ruleset, existing: Existing) -> str:
+    """Transaction 2: the whole ruleset, both families. Table, chains and sets are kept and
+    refilled, never deleted and re-created (that refused connections to kept destinations)."""
+    if not any(t.chains for t in ruleset.tables):
+        return f"delete table {TABLE}\n" if existing.table else ""
+    wanted = chain_names(ruleset)
+    lines = [f"add table {TABLE}"]
+    # Empty every chain in our table first: then nothing refers to a chain or set being removed.
+    lines += [f"flush chain {TABLE} {c}" for c in existing.chains]
+    lines += [f"delete chain {TABLE} {c}" for c in existing.stale_base_chains]
+    for name in wanted:
+        lines.append(base_chain_decl(name) if name in BASE else f"add chain {TABLE} {name}")
+    for st in ruleset.sets:
+        if st.name in existing.sets:  # kept: refilled in place (repairs a tampered set)
+            lines.append(f"flush set {TABLE} {st.name}")
+            lines += fill_set(st)
+    for base in BASE:
+        if base not in wanted:
+            continue
+        for family in FAMILIES:
+            t = _table(ruleset, family, base)
+            if t is not None and t.chains:
+                first = chain_name(family, base, DISPATCH)
+                lines.append(f"add rule {TABLE} {base} meta nfproto {_FAMILY_WORD[family]} counter jump {first} "
+                             f"comment {quote('egressguard')}")
+    kernel = {id(r): k for _t, r, k in kernel_rules(ruleset)}
+    for t in ruleset.tables:
+        for c in t.chains:
+            name = chain_name(t.family, t.name, c.name)
+            lines += [f"add rule {TABLE} {name} {rule_text(t.family, t.name, r, kernel.get(id(r)))}" for r in c.rules]
+    for t, r, k in kernel_rules(ruleset):
+        lines += [f"add rule {TABLE} {k} {body}" for body in kernel_chain_rules(t.family, t.name, r)]
+    gone = [c for c in existing.chains if c not in wanted and c not in existing.stale_base_chains]
+    # Regular chains before base chains: a base chain's jumps are gone already (flushed above).
+    lines += [f"delete chain {TABLE} {c}" for c in gone]
+    lines += [f"delete set {TABLE} {s}" for s in existing.sets if s not in {st.name for st in ruleset.sets}]
+    return "\n".join(lines) + "\n"
+
+
+def _table(ruleset: Ruleset, family: Family, name: str) -> Table | None:
+    try:
+        return ruleset.table(family, name)
+    except KeyError:
+        return None
+
+
+def render(ruleset: Ruleset, *, header: Sequence[str] = ()) -> str:
+    """The nft script a first apply commits (`nft -f` loads it as well): new sets in one
+    transaction, then everything else in one more. A re-apply also deletes chains and sets the
+    ruleset no longer needs (see rules_script)."""
+    lines = [f"# {h}" for h in header]
+    for host in ruleset.unresolved_hosts:
+        lines.append(f"# host {host}: resolved at apply time (A and AAAA); its rules are not shown")
+    if not any(t.chains for t in ruleset.tables):
+        return "\n".join([*lines, f"delete table {TABLE}"]) + "\n"
+    sets = new_sets_script(ruleset, Existing())
+    if sets:
+        lines.append(f"# transaction 1: {len(ruleset.sets)} set(s), created and filled before any rule uses them")
+        lines.append(sets.rstrip("\n"))
+    lines.append("# transaction 2: both families at once")
+    lines.append(rules_script(ruleset, Existing(table=True)).rstrip("\n"))
+    return "\n".join(lines) + "\n"

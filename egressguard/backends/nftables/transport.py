@@ -1,0 +1,113 @@
+"""libnftables through ctypes: one nft script in, one atomic transaction out; listings as JSON."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import socket
+from typing import Any
+
+from egressguard.errors import ApplyFailed, EnvironmentUnsupported
+
+LIBRARY = "libnftables.so.1"
+_OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+_OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
+_NETLINK_NETFILTER = 12
+
+_lib: Any = None
+
+
+class NftablesError(ApplyFailed):
+    """libnftables or the kernel refused a transaction (exit 4)."""
+
+
+class NftablesUnavailable(EnvironmentUnsupported):
+    """No libnftables, or a kernel / namespace that refuses nf_tables (exit 3)."""
+
+
+def load() -> Any:
+    """The library, loaded once; a missing one is exit 3."""
+    global _lib
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL(LIBRARY, use_errno=True)
+        except OSError as exc:
+            raise NftablesUnavailable(f"{LIBRARY} cannot be loaded ({exc}); install libnftables1") from None
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+class Nft:
+    """One libnftables context. Each `run` is one transaction (the whole buffer, or nothing)."""
+
+    def __init__(self) -> None:
+        self.lib = load()
+        _netlink_usable()
+        self.ctx = self.lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
+        if not self.ctx:
+            raise NftablesUnavailable("nft_ctx_new failed")
+        self.lib.nft_ctx_buffer_output(self.ctx)
+        self.lib.nft_ctx_buffer_error(self.ctx)
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.nft_ctx_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> Nft:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, script: str, *, json_output: bool = False, dry_run: bool = False, terse: bool = False) -> str:
+        """Run `script` (nft syntax); its output. Raises NftablesError with nft's own message."""
+        self.lib.nft_ctx_output_set_flags(self.ctx, (_OUTPUT_JSON if json_output else 0) | (_OUTPUT_TERSE if terse else 0))
+        self.lib.nft_ctx_set_dry_run(self.ctx, dry_run)
+        rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
+        out = (self.lib.nft_ctx_get_output_buffer(self.ctx) or b"").decode(errors="replace")
+        err = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace")
+        if rc != 0:
+            raise NftablesError(_first_error(err) or f"nft exited {rc}")
+        return out
+
+    def list_json(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
+        """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist. `terse`:
+        without set elements (what a commit needs to know: names, not 10,000 members)."""
+        try:
+            text = self.run(f"list {what}", json_output=True, terse=terse)
+        except NftablesError as exc:
+            if "No such file or directory" in str(exc):
+                return []
+            raise
+        if not text.strip():
+            return []
+        return [o for o in json.loads(text).get("nftables", []) if "metainfo" not in o]
+
+
+def _netlink_usable() -> None:
+    """libnftables exit()s the whole process (status 3, a message on stderr) when it cannot open
+    its netlink socket (nft_ctx_new -> mnl.c netlink_init_error): try the same socket first."""
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER).close()
+    except OSError as exc:
+        raise NftablesUnavailable(f"no nf_tables netlink socket in this process: {exc.strerror or exc}") from None
+
+
+def _first_error(err: str) -> str:
+    """nft's error, as one line: the message, then the offending command (without the caret line)."""
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip() and set(ln.strip()) - {"^", "~"}]
+    return " | ".join(lines[:2])

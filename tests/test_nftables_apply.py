@@ -1,0 +1,294 @@
+"""The nftables back end in a real pod namespace: verify, tampering noticed (exit 5) and repaired
+by apply, reset, coexistence with iptables-nft and another nft table, auto-detection both ways,
+and the upgrade from the iptables back end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from egressguard.lab import EXEMPT, Lab
+from egtraffic import FAST, policy, reached, refused_fast
+from nftbed import legacy_tables, nft_tables
+
+pytestmark = pytest.mark.netns
+
+NFTBED = Path(__file__).with_name("nftbed.py")
+SET_NETS = [f"198.18.1.{i}/32" for i in range(16)]
+POLICY = policy(allow=[
+    {"cidr": "203.0.113.10/32", "ports": [22]},
+    {"cidr": "2001:db8:2::10/128", "ports": [22]},
+    {"cidr": "203.0.113.12/32", "ports": [5000]},  # with SET_NETS: one kernel set (16+ networks, same port)
+    *({"cidr": n, "ports": [5000]} for n in SET_NETS),
+])
+TABLE = "inet egressguard"
+
+
+def eg(lab: Lab, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
+    done = lab.egressguard(*args, env={"EGRESSGUARD_BACKEND": "nftables", **(env or {})}, prefix=prefix)
+    return done.returncode, done.stdout + done.stderr
+
+
+def nft(lab: Lab, *args: str) -> str:
+    done = lab.in_pod("nft", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def events(text: str, name: str) -> list[dict[str, object]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("event") == name:
+            out.append(ev)
+    return out
+
+
+@pytest.fixture
+def guarded(module_lab: Lab) -> Iterator[tuple[Lab, Path]]:
+    path = module_lab.write_policy(POLICY)
+    code, out = eg(module_lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    yield module_lab, path
+    assert legacy_tables(module_lab) == [] or os.environ.get("EG_ALLOW_LEGACY")
+
+
+def test_apply_names_the_back_end_in_the_log_and_the_status(guarded: tuple[Lab, Path]) -> None:
+    lab, path = guarded
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert [e["backend"] for e in events(out, "backend_selected")] == ["nftables (libnftables)"]
+    assert events(out, "run_finished")[0]["backend"] == "nftables (libnftables)"
+    assert json.loads(lab.status_file.read_text())["backend"] == "nftables (libnftables)"
+    assert TABLE in nft_tables(lab)
+
+
+def test_verify_exits_0_and_changes_nothing(guarded: tuple[Lab, Path]) -> None:
+    lab, path = guarded
+    before = nft(lab, "-s", "list", "ruleset")
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 0, out
+    assert nft(lab, "-s", "list", "ruleset") == before
+
+
+def test_a_foreign_rule_in_our_chain_is_exit_5_and_apply_removes_it(guarded: tuple[Lab, Path]) -> None:
+    lab, path = guarded
+    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    nft(lab, "insert", "rule", "inet", "egressguard", "confined4", "accept")
+    assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")  # the tampering works
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 5, out
+    assert "chain EGRESSGUARD-CONFINED" in out
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+
+
+def _set_name(lab: Lab) -> str:
+    sets = [o["set"]["name"] for o in json.loads(nft(lab, "-j", "list", "sets"))["nftables"] if "set" in o]
+    assert len(sets) == 1, sets
+    return sets[0]
+
+
+def test_a_set_element_removed_is_exit_5_and_apply_puts_it_back(guarded: tuple[Lab, Path]) -> None:
+    lab, path = guarded
+    assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    nft(lab, "delete", "element", "inet", "egressguard", _set_name(lab), "{ 203.0.113.12 }")
+    assert refused_fast(lab.tcp("203.0.113.12", 5000, timeout=FAST))
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 5, out
+    assert "members, expected" in out, out
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+
+
+def test_a_changed_base_chain_policy_is_exit_5_and_apply_restores_it(guarded: tuple[Lab, Path]) -> None:
+    """`policy drop` on our base chain would make egressguard allow less than the policy says
+    (here: the exempt uid's traffic); verify names it and apply re-creates the chain."""
+    lab, path = guarded
+    nft(lab, "add", "chain", "inet", "egressguard", "filter", "{ type filter hook output priority 0; policy drop; }")
+    assert not lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST).ok
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 5 and "policy drop" in out, out
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+
+
+def test_a_foreign_chain_in_our_table_is_exit_5_and_apply_deletes_it(guarded: tuple[Lab, Path]) -> None:
+    lab, path = guarded
+    nft(lab, "add", "chain", "inet", "egressguard", "sneaky", "{ type filter hook output priority -5; policy accept; }")
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 5 and "unexpected chain sneaky" in out, out
+    assert eg(lab, "apply", "--policy", str(path))[0] == 0
+    assert "sneaky" not in nft(lab, "list", "table", "inet", "egressguard")
+
+
+def test_reset_deletes_our_table_and_nothing_else(guarded: tuple[Lab, Path]) -> None:
+    lab, _path = guarded
+    nft(lab, "add", "table", "inet", "bystander")
+    code, out = eg(lab, "reset")
+    assert code == 0, out
+    tables = nft_tables(lab)
+    assert TABLE not in tables and "inet bystander" in tables
+    assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")  # unguarded again
+    nft(lab, "delete", "table", "inet", "bystander")
+
+
+def test_status_shows_counters_that_move_with_traffic(guarded: tuple[Lab, Path]) -> None:
+    lab, _path = guarded
+    lab.tcp("203.0.113.10", 22, timeout=FAST)
+    done = lab.egressguard("status", "--json", env={"EGRESSGUARD_BACKEND": "nftables"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["guarded"] is True
+    rules = {r["rule"]: r["packets"] for t in report["tables"] if t["family"] == "ipv4" and t["table"] == "filter"
+             for r in t["chains"].get("EGRESSGUARD-CONFINED", [])}
+    allow = [n for rule, n in rules.items() if rule.startswith("ip daddr 203.0.113.10 ")]
+    assert allow and allow[0] > 0, rules
+
+
+# -- other firewalls in the same namespace ----------------------------------------------------------
+
+
+def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wins(module_lab: Lab) -> None:
+    lab = module_lab
+    pol = policy(allow=[{"cidr": "203.0.113.0/24", "ports": [5000]}])
+    assert lab.in_pod("iptables-nft", "-A", "OUTPUT", "-d", "203.0.113.12", "-p", "tcp", "--dport", "5000",
+                      "-j", "DROP").returncode == 0
+    nft(lab, "add", "table", "inet", "other")
+    nft(lab, "add", "chain", "inet", "other", "out", "{ type filter hook output priority 10; policy accept; }")
+    nft(lab, "add", "rule", "inet", "other", "out", "ip", "daddr", "203.0.113.10", "tcp", "dport", "5000", "reject")
+    try:
+        code, out = eg(lab, "apply", "--policy", str(lab.write_policy(pol)))
+        assert code == 0, out
+        assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")  # ours allows; nobody drops
+        assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # iptables-nft's drop wins over our allow
+        assert not lab.tcp("203.0.113.10", 5000, timeout=FAST).ok  # the other table's reject wins too
+        assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok  # and for everyone
+        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))  # ours still refuses
+        tables = nft_tables(lab)
+        assert {"ip filter", "inet other", TABLE} <= set(tables), tables
+        code, out = eg(lab, "reset")
+        assert code == 0, out
+        assert TABLE not in nft_tables(lab)
+        assert "203.0.113.12" in lab.in_pod("iptables-nft", "-S", "OUTPUT").stdout
+        assert "203.0.113.10" in nft(lab, "list", "table", "inet", "other")
+    finally:
+        lab.in_pod("iptables-nft", "-F", "OUTPUT")
+        lab.in_pod("nft", "delete", "table", "inet", "other")
+
+
+# -- auto-detection ---------------------------------------------------------------------------------
+
+
+def _auto(lab: Lab, *seccomp: str, policy_: dict[str, object] = POLICY) -> tuple[int, str]:
+    prefix = (sys.executable, str(NFTBED), *seccomp, "--") if seccomp else ()
+    path = lab.write_policy(policy_)
+    done = lab.egressguard("apply", "--backend", "auto", "--policy", str(path), prefix=prefix)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_auto_picks_nftables_where_the_kernel_accepts_it(module_lab: Lab) -> None:
+    code, out = _auto(module_lab)
+    assert code == 0, out
+    chosen = events(out, "backend_selected")
+    assert chosen and chosen[0]["backend"] == "nftables (libnftables)" and "accepted" in str(chosen[0]["reason"])
+    assert TABLE in nft_tables(module_lab)
+    assert eg(module_lab, "reset")[0] == 0
+
+
+def _legacy_works() -> bool:
+    return os.path.exists("/proc/net/ip_tables_names")
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_auto_falls_back_to_iptables_where_nf_tables_is_refused(module_lab: Lab) -> None:
+    """A seccomp filter refuses the nf_tables netlink socket (as a runtime's profile can): auto says
+    why and uses legacy x_tables; the confined uid is guarded all the same."""
+    lab = module_lab
+    # No kernel set: ipset speaks the same nfnetlink socket family, so it is refused here too.
+    code, out = _auto(lab, "--netfilter-only", policy_=policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}]))
+    try:
+        assert code == 0, out
+        chosen = events(out, "backend_selected")
+        assert chosen and chosen[0]["backend"].startswith("iptables"), out
+        assert "nftables unavailable" in str(chosen[0]["reason"])
+        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+        assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+    finally:
+        lab.egressguard("reset", "--backend", "iptables")
+        lab.in_pod("nft", "delete", "table", "inet", "egressguard")
+
+
+def test_auto_exits_3_naming_both_back_ends_when_neither_works(module_lab: Lab) -> None:
+    before = nft(module_lab, "-s", "list", "ruleset")
+    code, out = _auto(module_lab, "--raw")
+    assert code == 3, out
+    line = [ln for ln in out.splitlines() if ln.startswith("egressguard:")][0]
+    assert "nftables:" in line and "iptables:" in line, line
+    assert nft(module_lab, "-s", "list", "ruleset") == before
+
+
+# -- the upgrade from the iptables back end -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_applying_with_nftables_over_an_iptables_guard_leaves_only_the_nft_objects(lab: Lab) -> None:
+    path = lab.write_policy(POLICY)
+    done = lab.egressguard("apply", "--backend", "iptables", "--policy", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "EGRESSGUARD" in lab.in_pod("iptables-legacy-save").stdout
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        assert "EGRESSGUARD" not in lab.in_pod(tool).stdout
+    assert lab.in_pod("ipset", "list", "-n").stdout.split() == []
+    assert TABLE in nft_tables(lab)
+    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_reset_with_nftables_also_removes_what_the_iptables_back_end_left(lab: Lab) -> None:
+    path = lab.write_policy(POLICY)
+    done = lab.egressguard("apply", "--backend", "iptables", "--policy", str(path))
+    assert done.returncode == 0, done.stderr
+    assert lab.in_pod("ipset", "list", "-n").stdout.split() != []
+    code, out = eg(lab, "reset")
+    assert code == 0, out
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        assert "EGRESSGUARD" not in lab.in_pod(tool).stdout
+    assert lab.in_pod("ipset", "list", "-n").stdout.split() == []
+    assert TABLE not in nft_tables(lab)
+    assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+def test_iptables_legacy_rules_keep_working_and_are_left_alone(lab: Lab) -> None:
+    """Legacy tables that are not ours (Docker's DNS rules live there, say): their drop still wins,
+    and neither apply nor reset (which looks for the iptables back end's leftovers) touches them."""
+    assert lab.in_pod("iptables-legacy", "-A", "OUTPUT", "-d", "203.0.113.12", "-p", "tcp", "--dport", "5000",
+                      "-j", "DROP").returncode == 0
+    before = lab.in_pod("iptables-legacy", "-S").stdout
+    code, out = eg(lab, "apply", "--policy", str(lab.write_policy(policy(allow=[{"cidr": "203.0.113.0/24", "ports": [5000]}]))))
+    assert code == 0, out
+    assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")
+    assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # their drop wins over our allow
+    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    assert eg(lab, "reset")[0] == 0
+    assert lab.in_pod("iptables-legacy", "-S").stdout == before
+    assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok
