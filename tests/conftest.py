@@ -17,6 +17,12 @@ from egressguard.lab import Lab, topology_name
 
 _FIGURES: list[str] = []
 
+# The suites that read iptables state (iptables-legacy-save, ipsets, python-iptables tampering) run
+# on the iptables back end; their nftables twins (tests/test_nftables_*.py) pin nftables, and the
+# default, `auto`, is what tests/test_demo.py, tests/test_nftables_select*.py and the container
+# tests (tests/docker) run. A run with EGRESSGUARD_BACKEND set keeps it.
+os.environ.setdefault("EGRESSGUARD_BACKEND", "iptables")
+
 
 def _can_build_namespaces() -> str | None:
     if os.geteuid() != 0:

@@ -3,6 +3,7 @@ real probes, every result as the default policy says, and nothing left behind.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ def _namespaces() -> set[str]:
 
 def test_demo_shows_every_probe_as_the_default_policy_says_and_cleans_up() -> None:
     before = _namespaces()
-    done = subprocess.run([sys.executable, "-m", "egressguard", "demo"], capture_output=True, text=True, timeout=180)
+    env = {k: v for k, v in os.environ.items() if k != "EGRESSGUARD_BACKEND"}  # the default back end: auto
+    done = subprocess.run([sys.executable, "-m", "egressguard", "demo"], capture_output=True, text=True, timeout=180,
+                          env=env)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("confined", "exempt", "root"))]
     assert len(rows) == 17 and not any("MISMATCH" in r for r in rows), done.stdout

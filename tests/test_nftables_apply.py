@@ -278,6 +278,27 @@ def test_reset_with_nftables_also_removes_what_the_iptables_back_end_left(lab: L
 
 
 @pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
+@pytest.mark.parametrize("command", ["apply", "reset"])
+def test_the_iptables_back_end_over_an_nftables_guard_removes_the_nft_table(lab: Lab, command: str) -> None:
+    """A downgrade (or auto falling back): the nftables table goes once the iptables guard is in force,
+    and reset on either back end removes both."""
+    path = lab.write_policy(POLICY)
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert TABLE in nft_tables(lab)
+    args = ("apply", "--policy", str(path)) if command == "apply" else ("reset",)
+    done = lab.egressguard(*args, "--backend", "iptables")
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert TABLE not in nft_tables(lab)
+    if command == "apply":
+        assert "EGRESSGUARD" in lab.in_pod("iptables-legacy-save").stdout
+        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+        assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    else:
+        assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")
+
+
+@pytest.mark.skipif(not _legacy_works(), reason="legacy x_tables not in this kernel")
 def test_iptables_legacy_rules_keep_working_and_are_left_alone(lab: Lab) -> None:
     """Legacy tables that are not ours (Docker's DNS rules live there, say): their drop still wins,
     and neither apply nor reset (which looks for the iptables back end's leftovers) touches them."""

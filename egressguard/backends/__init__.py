@@ -80,9 +80,9 @@ class Backend(abc.ABC):
         return []
 
 
-# The back end used when neither --backend nor $EGRESSGUARD_BACKEND names one. "auto" prefers
-# nftables where the kernel accepts it; kept at "iptables" until the suite has run on both.
-DEFAULT_BACKEND = "iptables"
+# The back end used when neither --backend nor $EGRESSGUARD_BACKEND names one: nftables where the
+# kernel accepts it (legacy x_tables is off by default since Linux 6.17), else iptables, else exit 3.
+DEFAULT_BACKEND = "auto"
 BACKEND_CHOICES = ("auto", "nftables", "iptables")
 
 

@@ -183,9 +183,12 @@ def _collect(pid: int, r: int) -> tuple[bool, Any]:
 class IptablesBackend(Backend):
     name = "iptables-legacy (python-iptables)"
 
-    def __init__(self) -> None:
+    def __init__(self, *, leave_nftables: bool = False) -> None:
         self._iptc: Any = None
         self._sets_touched = False  # this process created sets: prune what the last commit left unused
+        # False: a commit also removes the nftables back end's table (a downgrade); True when the
+        # nftables back end itself uses this one to clear what an earlier iptables guard left.
+        self._leave_nftables = leave_nftables
 
     @property
     def iptc(self) -> Any:
@@ -228,6 +231,8 @@ class IptablesBackend(Backend):
                 busy = ipsets.prune(keep=[st.name for st in ruleset.sets])
             if busy:
                 raise ApplyFailed(f"ipset {busy[0]}: still referenced by a rule egressguard does not own")
+        if not self._leave_nftables:
+            _remove_nftables_table()
 
     def _commit_family(self, family: Family, tables: list[Table]) -> bool:
         """Commit this family's tables; True if the chains replaced matched on sets."""
@@ -540,6 +545,24 @@ def xtables_lock(wait_s: float = XTABLES_LOCK_WAIT_S) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _remove_nftables_table() -> None:
+    """A namespace the nftables back end guarded, now guarded by this one (a downgrade, or auto
+    falling back): its table goes once ours are in force, so one guard, this one, says what holds.
+    Nothing to do where libnftables or nf_tables is missing: then no such table can exist."""
+    from egressguard.backends.nftables import transport  # noqa: PLC0415
+    from egressguard.backends.nftables.render import TABLE  # noqa: PLC0415
+
+    try:
+        with transport.Nft() as nft:
+            if nft.list_json(f"table {TABLE}", terse=True):
+                nft.run(f"delete table {TABLE}")
+                log.info("nftables_table_removed", table=TABLE)
+    except (transport.NftablesUnavailable, OSError):
+        return
+    except transport.NftablesError as exc:
+        raise ApplyFailed(f"could not remove the nftables back end's table {TABLE}: {exc}") from None
 
 
 def tables_in_use(family: Family) -> set[str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import time
@@ -35,6 +36,37 @@ def guarded(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     assert p.returncode == 0, p.stderr[-2000:]
     assert (markers / "ran").exists()
     return report_of(p)
+
+
+@pytest.fixture(scope="module")
+def guarded_by_iptables(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """The same command, the image told to use the iptables back end (the fall-back)."""
+    markers = tmp_path_factory.mktemp("docker-mode-iptables")
+    markers.chmod(0o777)
+    p = run(bed, markers, *DOCKER_MODE, "-e", "EGRESSGUARD_BACKEND=iptables")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return report_of(p), p.stderr
+
+
+def _backend_used(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if '"backend_selected"' in line:
+            return str(json.loads(line)["backend"])
+    raise AssertionError(f"no backend_selected line: {stderr[-1500:]}")
+
+
+def test_the_image_uses_nftables_by_default_where_the_kernel_has_it(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, *DOCKER_MODE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _backend_used(p.stderr).startswith("nftables")
+
+
+def test_on_the_iptables_back_end_the_command_gets_the_same_verdicts(guarded_by_iptables: tuple[dict[str, Any], str]) -> None:
+    report, stderr = guarded_by_iptables
+    assert _backend_used(stderr).startswith("iptables")
+    assert report["tcp"][ALLOWED4] == "connected" and report["tcp"][ALLOWED6] == "connected"
+    assert report["tcp"][DENIED4] == "ECONNREFUSED" and report["tcp"][DENIED6] == "ECONNREFUSED"
+    assert report["caps"]["CapBnd"] == ZERO and report["pid1"]["name"] == "tini"
 
 
 def test_command_reaches_the_allowed_server(guarded: dict[str, Any]) -> None:

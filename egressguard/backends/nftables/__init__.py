@@ -83,7 +83,7 @@ class NftablesBackend(Backend):
         from egressguard.apply import build_empty  # noqa: PLC0415
         from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
 
-        legacy = IptablesBackend()
+        legacy = IptablesBackend(leave_nftables=True)
         try:
             found = legacy.read()
         except Exception as exc:  # noqa: BLE001 - python-iptables missing, no CAP_NET_RAW...
