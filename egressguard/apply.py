@@ -84,7 +84,7 @@ class Outcome:
             "state": state,
             "exit_code": exit_code,
             "error": error,
-            "applied_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "applied_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "policy_source": self.source,
             "policy_digest": self.policy_digest,
             "ruleset_digest": rs.digest() if rs else None,
@@ -274,7 +274,9 @@ def build_empty() -> Ruleset:
     return Ruleset(tables=tuple(Table(f, n, ()) for f in FAMILIES for n in ("filter", "nat")))
 
 
-def verify(policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOLV_CONF, hosts: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+def verify(
+    policy: Policy, backend: Backend, resolv_conf: Path = facts_mod.RESOLV_CONF, hosts: dict[str, tuple[str, ...]] | None = None
+) -> list[str]:
     """Differences between the kernel and `policy` (hosts as resolved by the last apply)."""
     backend.preflight()
     resolvers = facts_mod.resolvers_for(policy, resolv_conf)

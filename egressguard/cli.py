@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -21,7 +21,7 @@ log = structlog.get_logger("egressguard")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # noqa: D401 - one line, exit 2, like a policy error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like a policy error
         self.exit(2, f"egressguard: usage error: {message} (see --help)\n")
 
 
@@ -138,9 +138,8 @@ def _default_backend() -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from egressguard import policy as policy_mod  # noqa: PLC0415
-
     from egressguard import facts  # noqa: PLC0415
+    from egressguard import policy as policy_mod  # noqa: PLC0415
     from egressguard.ruleset import Facts, build, hosts_of, render, to_json  # noqa: PLC0415
 
     loaded = _load(args)
@@ -179,16 +178,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = apply_mod.apply(loaded.policy, loaded.source, _backend(args), None if args.no_status else args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
-             lockdown_first=out.lockdown_first, fence_first=out.fence_first, timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
+             lockdown_first=out.lockdown_first, fence_first=out.fence_first,
+             timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
     args._summary = {"policy_digest": out.policy_digest, "backend": out.backend,
                      "rules": out.ruleset.rule_count() if out.ruleset else 0}
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from egressguard import policy as policy_mod  # noqa: PLC0415
-
     from egressguard import apply as apply_mod  # noqa: PLC0415
+    from egressguard import policy as policy_mod  # noqa: PLC0415
 
     loaded = _load(args)
     st = status_mod.read(args.status_file) or {}
@@ -223,7 +222,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "foreign_output_rules": t.foreign_output_rules,
                 "chains": {
                     c.name: [
-                        {"rule": backend.describe(t.family, t.name, r), "packets": t.counters[c.name][i][0], "bytes": t.counters[c.name][i][1]}
+                        {"rule": backend.describe(t.family, t.name, r), "packets": t.counters[c.name][i][0],
+                         "bytes": t.counters[c.name][i][1]}
                         for i, r in enumerate(c.rules)
                     ]
                     for c in t.chains

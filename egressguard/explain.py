@@ -222,7 +222,8 @@ def _cli_facts(policy: Policy, args: argparse.Namespace) -> tuple[Facts, list[st
             hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items() if isinstance(v, list)}
         for name in dict.fromkeys(names):
             if name not in hosts:
-                notes.append(f"host {name}: addresses unknown (no status file from an apply of this policy); its entries were not considered")
+                notes.append(f"host {name}: addresses unknown (no status file from an apply of this policy); "
+                             "its entries were not considered")
     return Facts(resolvers=resolvers, hosts=hosts), notes
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 from egressguard.errors import ApplyFailed
 from egressguard.policy import Policy
@@ -48,7 +49,7 @@ def uid_ranges(policy: Policy) -> list[tuple[int, int]]:
         if start <= MAX_UID:
             ranges.append((start, MAX_UID))
         return ranges
-    uids = sorted(set(policy.confine.uids))  # type: ignore[arg-type]
+    uids = sorted(set(cast(list[int], policy.confine.uids)))  # a list here: `all` returned above
     ranges = []
     for uid in uids:
         if ranges and ranges[-1][1] == uid - 1:

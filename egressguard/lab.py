@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,9 @@ def _op_exec(argv: list[str], timeout: float) -> Result:
     return Result("ok" if p.returncode == 0 else "error", detail=f"exit {p.returncode}", answer=p.stdout + p.stderr)
 
 
-_OPS = {"tcp": _op_tcp, "udp": _op_udp, "dns": _op_dns, "ping": _op_ping, "raw": _op_raw, "exec": _op_exec}
+_OPS: dict[str, Callable[..., Result]] = {
+    "tcp": _op_tcp, "udp": _op_udp, "dns": _op_dns, "ping": _op_ping, "raw": _op_raw, "exec": _op_exec,
+}
 
 
 # Bypass-suite probes (tests/test_bypass.py): each tries one way out and reports what the kernel did.
@@ -298,7 +301,7 @@ def _op_send(dest: str, port: int, timeout: float, proto: str = "udp", broadcast
         s.sendto(b"egressguard", _sockaddr(dest, port))
         try:
             data = s.recv(256).decode(errors="replace").strip()
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             data = ""
         except OSError as exc:  # an ICMP error from whoever answered
             data = errno.errorcode.get(exc.errno or 0, str(exc.errno))

@@ -434,7 +434,7 @@ if getattr(yaml, "__with_libyaml__", False):
             _refuse_duplicate_keys(self, node, deep)
             return super().construct_mapping(node, deep=deep)
 
-    _LOADER: type = _FastStrictLoader
+    _LOADER: type[Any] = _FastStrictLoader  # CSafeLoader-based: not a SafeLoader subclass
 else:  # pragma: no cover - PyYAML built without libyaml
     _LOADER = _StrictLoader
 
@@ -448,7 +448,7 @@ def _refuse_tag(loader: Any, node: Any) -> Any:
 
 for _tag in ("set", "omap", "pairs", "binary"):
     for _loader in {_LOADER, _StrictLoader}:
-        _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+        _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)  # type: ignore[attr-defined]
 
 
 def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -539,7 +539,9 @@ def _refuse_long_lists(data: Any, source: str) -> None:
         where, value = stack.pop()
         if isinstance(value, list):
             if len(value) > MAX_ENTRIES:
-                raise PolicyError(f"policy error: {source}: {where or '(top level)'}: {len(value)} items, more than {MAX_ENTRIES}")
+                raise PolicyError(
+                    f"policy error: {source}: {where or '(top level)'}: {len(value)} items, more than {MAX_ENTRIES}"
+                )
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (list, Mapping)))
         elif isinstance(value, Mapping):
             stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items() if isinstance(v, (list, Mapping)))

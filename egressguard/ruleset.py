@@ -8,7 +8,7 @@ import json
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from egressguard.canonical import json_sha256
 from egressguard.policy import METADATA_CIDRS, AllowEntry, DenyEntry, Policy
@@ -428,7 +428,8 @@ def _dispatch(policy: Policy, into: str) -> tuple[Rule, ...]:
     if policy.confines_everyone:
         rules.append(Rule(target=into, comment="confine"))
     else:
-        rules += [Rule(target=into, comment="confine", uid=str(u)) for u in sorted(set(policy.confine.uids))]
+        uids = cast(list[int], policy.confine.uids)  # a list, unless confines_everyone
+        rules += [Rule(target=into, comment="confine", uid=str(u)) for u in sorted(set(uids))]
     return tuple(rules)
 
 
@@ -569,7 +570,8 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
     for i, r in enumerate(policy.redirect):
         for group in _port_groups(r.ports):
             rules.append(
-                Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface="!lo", protocol="tcp", dports=group, to_ports=r.to_port)
+                Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface="!lo", protocol="tcp", dports=group,
+                     to_ports=r.to_port)
             )
     if rules:
         # Denied destinations and metadata endpoints are not handed to the proxy (an exempt process

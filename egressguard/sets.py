@@ -210,7 +210,7 @@ class Ipsets:
         if family != want.family or len(keys) != len(want.members):
             return False
         keys.sort()  # one family: the order of want.members (see canonical_members), no repeats
-        return all(k == member_key(*parse_member(m)) for k, m in zip(keys, want.members))
+        return all(k == member_key(*parse_member(m)) for k, m in zip(keys, want.members, strict=False))
 
     def _keys(self, name: str) -> tuple[int, list[bytes]] | None:
         """(family, member keys in the kernel's order) of set `name`, or None if there is none."""
@@ -345,7 +345,10 @@ _KIND = 0x3FFF  # an attribute kind without its flags
 # What the kernel lists for a hash:net element, by the length of its DATA attribute: the lengths and
 # kinds (without flags) of DATA, IP, the address and CIDR; then the address and the prefix length.
 _LISTED = {
-    20 + size: (_ELEMENT[size], (20 + size, ATTR_DATA, 8 + size, DATA_IP, 4 + size, IPADDR_V6 if size == 16 else IPADDR_V4, 5, DATA_CIDR))
+    20 + size: (
+        _ELEMENT[size],
+        (20 + size, ATTR_DATA, 8 + size, DATA_IP, 4 + size, IPADDR_V6 if size == 16 else IPADDR_V4, 5, DATA_CIDR),
+    )
     for size in (4, 16)
 }
 

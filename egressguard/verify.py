@@ -11,13 +11,14 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
     out: list[str] = []
     got_sets = {s.name: s for s in have.sets}
     for st in want.sets:
-        got = got_sets.get(st.name)
-        if got is None:
+        found = got_sets.get(st.name)
+        if found is None:
             out.append(f"set {st.name}: missing")
-        elif (got.family, got.members) != (st.family, st.members):
-            lost = len(set(st.members) - set(got.members))
-            extra = len(set(got.members) - set(st.members))
-            out.append(f"set {st.name}: {len(got.members)} members, expected {len(st.members)} ({lost} missing, {extra} unexpected)")
+        elif (found.family, found.members) != (st.family, st.members):
+            lost = len(set(st.members) - set(found.members))
+            extra = len(set(found.members) - set(st.members))
+            out.append(f"set {st.name}: {len(found.members)} members, expected {len(st.members)} "
+                       f"({lost} missing, {extra} unexpected)")
     for t in want.tables:
         where = f"ipv{t.family} {t.name}"
         try:
@@ -42,7 +43,7 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
                 out.append(f"{where}: unexpected chain {name}")
             elif want_chains[name] != got_chains[name]:
                 w, g = want_chains[name], got_chains[name]
-                first = next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
+                first = next((i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b), min(len(w), len(g)))
                 detail = f"rule {first}: "
                 detail += f"expected {' '.join(w[first].args())}" if first < len(w) else "expected nothing"
                 detail += f", found {' '.join(g[first].args())}" if first < len(g) else ", found nothing"
@@ -65,7 +66,7 @@ def _entry_differences(where: str, got: InstalledTable) -> list[str]:
         if len(kernel) != len(meant):
             continue  # a missing chain or rule: reported above, in words
         bad: dict[int, list[str]] = {}
-        for i, (k, m) in enumerate(zip(kernel, meant)):
+        for i, (k, m) in enumerate(zip(kernel, meant, strict=False)):
             if isinstance(m, str):
                 bad[i] = [f"cannot be encoded for comparison ({m})"]
             elif k != m:

@@ -82,7 +82,7 @@ def _seccomp_program(raw: bool) -> list[tuple[int, int, int, int]]:
             out.append(ins)
     final = []
     for i, (code, jt, jf, k) in enumerate(out):
-        def rel(j: object) -> int:
+        def rel(j: object, i: int = i) -> int:
             return labels[j] - i - 1 if isinstance(j, str) else int(j)  # type: ignore[arg-type]
         final.append((int(code), rel(jt), rel(jf), k))
     return final

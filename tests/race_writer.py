@@ -23,7 +23,7 @@ def main(max_seconds: float) -> None:
     deadline = time.monotonic() + max_seconds
     landed = 0
     tables = {4: iptc.Table("filter", autocommit=False), 6: iptc.Table6("filter", autocommit=False)}
-    for fam, table in tables.items():
+    for table in tables.values():
         table.refresh()
         if not table.is_chain("FOREIGN"):
             table.create_chain("FOREIGN")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from egtraffic import FAST, applied, apply_quick, foreign_lines, normalized, owned_lines, policy, reached
 
 from egressguard.lab import Lab
-from egtraffic import FAST, apply_quick, applied, foreign_lines, normalized, owned_lines, policy, reached
 
 pytestmark = pytest.mark.netns
 

@@ -4,9 +4,9 @@ policy replaces ours, and behaviour follows at once."""
 from __future__ import annotations
 
 import pytest
+from egtraffic import FAST, applied, apply_quick, owned_lines, policy, reached, refused_fast
 
 from egressguard.lab import Lab
-from egtraffic import FAST, apply_quick, applied, owned_lines, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

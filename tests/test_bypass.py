@@ -36,9 +36,9 @@ from egressguard.lab import (
     RESOLVER_V6,
     ROOT,
     SECOND_LINK_ROUTED,
+    WORLD_V4,
     Lab,
     Result,
-    WORLD_V4,
 )
 
 pytestmark = pytest.mark.netns
@@ -110,7 +110,7 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
     confined = lab.batch(probes, uid=CONFINED, each=each)
     control = lab.batch(probes, uid=EXEMPT, each=each)
     failures = []
-    for probe, got, ctl in zip(probes, confined, control):
+    for probe, got, ctl in zip(probes, confined, control, strict=True):
         label = f"{what} {probe[0]} {probe[1]}"
         if not ctl.ok:
             failures.append(f"{label}: control failed: {ctl}")
@@ -240,7 +240,7 @@ def test_multicast_and_broadcast_are_refused(guarded: Lab) -> None:
     assert guarded.world_received("udp", port) == before, "a confined datagram reached the world"
     control = guarded.batch(probes, uid=EXEMPT, each=0.2)
     assert guarded.world_received("udp", port) - before == len(probes), "controls did not all arrive"
-    for (_, (dest, _p), _kw), got, ctl in zip(probes, confined, control):
+    for (_, (dest, _p), _kw), got, ctl in zip(probes, confined, control, strict=True):
         stopped(f"multicast/broadcast {dest}", got, ctl)
         assert got.outcome == "eperm"
 

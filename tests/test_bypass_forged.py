@@ -304,7 +304,8 @@ def _groups() -> tuple[list[str], list[list[str]], list[str]]:
     r = secrets.token_bytes(10)
     g4 = f"239.{r[0]}.{r[1]}.{r[2]}"
     g6 = f"ff05::{r[3]:02x}{r[4]:02x}:{r[5]:02x}{r[6]:02x}"
-    ssm = [[f"232.1.{r[7]}.{r[8]}", f"198.18.{r[9]}.{r[0]}"], [f"ff35::{r[1]:02x}{r[2]:02x}", f"2001:db8:77::{r[3]:02x}{r[4]:02x}"]]
+    ssm = [[f"232.1.{r[7]}.{r[8]}", f"198.18.{r[9]}.{r[0]}"],
+           [f"ff35::{r[1]:02x}{r[2]:02x}", f"2001:db8:77::{r[3]:02x}{r[4]:02x}"]]
     return [g4, g6], ssm, [g4, g6, *(a for pair in ssm for a in pair)]
 
 
@@ -387,7 +388,8 @@ def test_neighbour_discovery_and_dad_keep_working(pod: Lab) -> None:
             assert _addr_state(pod, fresh) == "ok", f"DAD did not complete: {_addr_state(pod, fresh)}"
             assert pod.world_probe("tcp", fresh, 8443, timeout=3.0).ok, "the new address does not answer the world"
         finally:
-            subprocess.run(["ip", "-n", pod.pod, "addr", "del", f"{fresh}/64", "dev", iface(pod)], check=False, capture_output=True,
+            subprocess.run(["ip", "-n", pod.pod, "addr", "del", f"{fresh}/64", "dev", iface(pod)], check=False,
+                           capture_output=True,
                            timeout=10)
 
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from egtraffic import policy
 
 from egressguard.lab import Lab
-from egtraffic import policy
 
 pytestmark = pytest.mark.netns
 

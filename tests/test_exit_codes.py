@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
 
 from egressguard import __version__
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
-from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
 
 ALLOW_HOST = policy(allow=[{"host": "nowhere.test", "ports": [22]}, {"cidr": "203.0.113.10/32", "ports": [22]}])
 SETPRIV_NO_NET_CAPS = ("setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw", "--")

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
 
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
-from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.uname().machine != "x86_64", reason="seccomp filters: x86_64 syscall numbers")]

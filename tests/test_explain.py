@@ -160,7 +160,9 @@ def _policy_file(tmp_path: Path) -> Path:
     [("203.0.113.5:443", "allow: allow[0]"), ("203.0.113.66:443", "refuse (reject): deny[0]"),
      ("198.51.100.53:53/udp", "allow: dns"), ("[2001:db8::9]:443", "refuse (reject): default")],
 )
-def test_explain_command_prints_verdict_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], dest: str, line: str) -> None:
+def test_explain_command_prints_verdict_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], dest: str, line: str
+) -> None:
     code = cli.main(["explain", "--policy", str(_policy_file(tmp_path)), "--uid", "1000", dest])
     assert code == 0
     assert capsys.readouterr().out.splitlines()[0] == line
@@ -190,7 +192,8 @@ def test_explain_reads_host_addresses_from_a_matching_status_file(tmp_path: Path
 
 
 def test_deny_wins_over_redirect_in_the_model() -> None:
-    from egressguard.explain import Facts as ExplainFacts, Probe, evaluate
+    from egressguard.explain import Facts as ExplainFacts
+    from egressguard.explain import Probe, evaluate
     from egressguard.policy import validate
 
     pol = validate({"version": 1, "confine": {"uids": [1000]}, "deny": [{"cidr": "203.0.113.11/32"}],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from egtraffic import FAST, applied, policy, reached, refused_fast
 
 from egressguard.lab import Lab
-from egtraffic import FAST, applied, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

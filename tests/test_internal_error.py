@@ -7,9 +7,9 @@ import json
 import sys
 
 import pytest
+from egtraffic import FAST, dns_answered, policy, reached
 
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
-from egtraffic import FAST, dns_answered, policy, reached
 
 pytestmark = pytest.mark.netns
 

@@ -8,9 +8,9 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import policy
 
 from egressguard.lab import Lab
-from egtraffic import policy
 
 pytestmark = pytest.mark.netns
 

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from egressguard.lab import EXEMPT, Lab
 from egtraffic import FAST, policy, reached, refused_fast
 from nftbed import legacy_tables, nft_tables
+
+from egressguard.lab import EXEMPT, Lab
 
 pytestmark = pytest.mark.netns
 

@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
-
-from egressguard.lab import EXEMPT, Lab
 from egtraffic import FAST, policy, reached, refused_fast
 from nftbed import nft_tables
+
+from egressguard.lab import EXEMPT, Lab
 
 pytestmark = pytest.mark.netns
 

@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-
-from egressguard.lab import CONFINED, Lab
 from egtraffic import FAST, applied, reached, refused_fast
 from nftbed import nftables_backend  # noqa: F401 - the autouse fixture: EGRESSGUARD_BACKEND=nftables
-from test_sets_traffic import N, PORT, add_world_hosts, list_policy, neighbour4, neighbour6, v4, v6
+from test_sets_traffic import PORT, N, add_world_hosts, list_policy, neighbour4, neighbour6, v4, v6
+
+from egressguard.lab import CONFINED, Lab
 
 pytestmark = pytest.mark.netns
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from egressguard.lab import Lab
 from egtraffic import applied
 from nftbed import legacy_tables, nft_tables, nftables_backend  # noqa: F401 - the autouse fixture
 from test_traffic_confined import *  # noqa: F403 - the suite's tests, collected again here
 from test_traffic_confined import POLICY
+
+from egressguard.lab import Lab
 
 
 @pytest.fixture(scope="module")

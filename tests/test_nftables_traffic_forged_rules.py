@@ -8,11 +8,11 @@ import json
 from collections.abc import Iterator
 
 import pytest
-
 import test_traffic_forged_rules as suite
-from egressguard.lab import Lab
 from nftbed import nftables_backend  # noqa: F401 - the autouse fixture: EGRESSGUARD_BACKEND=nftables
 from test_traffic_forged_rules import *  # noqa: F403 - the suite's tests, collected again here
+
+from egressguard.lab import Lab
 
 
 def _without_nft(lab: Lab, comment: str) -> None:

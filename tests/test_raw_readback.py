@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, reached
 
 from egressguard.lab import CONFINED, EXEMPT, POD_V6, WORLD_V4, WORLD_V6, Lab, _sh
-from egtraffic import FAST, reached
 
 pytestmark = pytest.mark.netns
 
@@ -134,7 +134,8 @@ def test_verify_exits_5_for_match_bytes_python_iptables_reads_back_the_same(lab:
     assert _rules_as_text(lab) == before  # the text rendering cannot tell
     code, out = _verify(lab)
     assert code == 5, out
-    assert f"ipv4 filter: chain EGRESSGUARD-CONFINED rule {int(done.stdout)}: match conntrack data differs from byte 52" in out, out
+    expected = f"ipv4 filter: chain EGRESSGUARD-CONFINED rule {int(done.stdout)}: match conntrack data differs from byte 52"
+    assert expected in out, out
     assert lab.apply(DEFAULT_POLICY).returncode == 0
     assert _verify(lab)[0] == 0
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, policy, reached
 
 from egressguard.lab import EXEMPT, Lab
-from egtraffic import FAST, policy, reached
 
 pytestmark = pytest.mark.netns
 

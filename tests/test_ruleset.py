@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from egressguard.policy import DEFAULT_POLICY, METADATA_CIDRS, validate
+from egressguard.policy import DEFAULT_POLICY, validate
 from egressguard.ruleset import (
     CONFINED,
     DISPATCH,

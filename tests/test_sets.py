@@ -10,7 +10,17 @@ from typing import Any
 from egressguard import sets
 from egressguard.backends import Installed
 from egressguard.policy import validate
-from egressguard.ruleset import SET_THRESHOLD, AddressSet, Facts, address_set, build, canonical_members, member_key, parse_member, render
+from egressguard.ruleset import (
+    SET_THRESHOLD,
+    AddressSet,
+    Facts,
+    address_set,
+    build,
+    canonical_members,
+    member_key,
+    parse_member,
+    render,
+)
 from egressguard.verify import differences
 
 

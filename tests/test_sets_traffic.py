@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, applied, policy, reached, refused_fast
 
 from egressguard.lab import CONFINED, Lab
-from egtraffic import FAST, applied, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
+from egtraffic import SILENT, lab_with, policy
 
 from egressguard.lab import OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, Lab
-from egtraffic import SILENT, lab_with, policy
 
 pytestmark = pytest.mark.netns
 

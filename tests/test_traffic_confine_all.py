@@ -10,9 +10,9 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, reached, refused_fast
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, Lab
-from egtraffic import FAST, applied, dns_answered, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, policy, reached, refused_fast
 
 from egressguard.lab import (
     CONFINED,
@@ -19,7 +20,6 @@ from egressguard.lab import (
     ROOT,
     Lab,
 )
-from egtraffic import FAST, applied, dns_answered, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 
@@ -211,7 +211,7 @@ def _everything(family: int) -> list[tuple[str, tuple[object, ...], dict[str, ob
 def test_unconfined_uid_reaches_everything_the_confined_uid_may_not(lab: Lab, family: int, uid: int) -> None:
     probes = _everything(family)
     results = lab.batch(probes, uid=uid, each=FAST)
-    failed = [(p, str(r)) for p, r in zip(probes, results) if not r.ok]
+    failed = [(p, str(r)) for p, r in zip(probes, results, strict=True) if not r.ok]
     assert not failed
     confined = lab.batch(probes, uid=CONFINED, each=FAST)
-    assert all(r.blocked for r in confined), [(p, str(r)) for p, r in zip(probes, confined) if not r.blocked]
+    assert all(r.blocked for r in confined), [(p, str(r)) for p, r in zip(probes, confined, strict=True) if not r.blocked]

@@ -4,9 +4,9 @@ refused, not handed to the (exempt) proxy that would connect to it on the confin
 from __future__ import annotations
 
 import pytest
+from egtraffic import FAST, applied, policy, refused_fast
 
 from egressguard.lab import Lab
-from egtraffic import FAST, applied, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 

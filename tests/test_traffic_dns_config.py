@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, lab_with, policy
 
 from egressguard.lab import EXEMPT, OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, RESOLVER_V4, RESOLVER_V6, Lab
-from egtraffic import FAST, applied, dns_answered, lab_with, policy
 
 pytestmark = pytest.mark.netns
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, applied, dns_answered, policy
 
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab, _dns_answer, _serve_dns_tcp
-from egtraffic import FAST, applied, dns_answered, policy
 
 pytestmark = pytest.mark.netns
 

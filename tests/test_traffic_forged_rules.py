@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from egtraffic import FAST, applied, policy, refused_fast
 
 from egressguard import lab as lab_mod
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, ROOT, Lab, Result
-from egtraffic import FAST, applied, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 

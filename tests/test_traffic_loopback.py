@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
+from egtraffic import FAST, dns_answered, lab_with, policy, refused_fast
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, Lab
-from egtraffic import FAST, dns_answered, lab_with, policy, refused_fast
 
 pytestmark = pytest.mark.netns
 

@@ -9,9 +9,9 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, applied, policy
 
 from egressguard.lab import EXEMPT, Lab
-from egtraffic import FAST, applied, policy
 
 pytestmark = pytest.mark.netns
 

@@ -7,10 +7,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, lab_with, policy, reached, refused_fast
 
 from egressguard.lab import EXEMPT, ROOT, Lab, Result
 from egressguard.policy import DEFAULT_POLICY
-from egtraffic import FAST, lab_with, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from egtraffic import FAST, applied, policy, reached, refused_fast
 
 from egressguard.lab import (
     CONFINED,
@@ -17,7 +18,6 @@ from egressguard.lab import (
     Lab,
 )
 from egressguard.policy import DEFAULT_POLICY
-from egtraffic import FAST, applied, policy, reached, refused_fast
 
 pytestmark = pytest.mark.netns
 

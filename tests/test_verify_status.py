@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from egtraffic import FAST, apply_quick, policy, reached
 
 from egressguard.lab import Lab
-from egtraffic import FAST, apply_quick, policy, reached
 
 pytestmark = pytest.mark.netns
 

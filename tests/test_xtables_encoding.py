@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from test_model_vs_kernel import policies
 
 from egressguard import facts as facts_mod
 from egressguard.backends import xtables_raw
@@ -23,7 +24,6 @@ from egressguard.backends.iptables import IptablesBackend
 from egressguard.lab import _enter_netns, netns_inode
 from egressguard.policy import load_file, validate
 from egressguard.ruleset import Facts, Rule, Ruleset, build, hosts_of, render
-from test_model_vs_kernel import policies
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -126,7 +126,7 @@ def _differences(ours: Any, theirs: Any) -> list[str]:
             if len(entries) != len(ref[name]):
                 out.append(f"{where}: chain {name}: {len(entries)} entries, reference {len(ref[name])}")
                 continue
-            for i, (a, b) in enumerate(zip(entries, ref[name])):
+            for i, (a, b) in enumerate(zip(entries, ref[name], strict=False)):
                 out += [f"{where}: chain {name} rule {i}: {d}" for d in a.differences(b, ("egressguard", "iptables-restore"))]
     return out
 

@@ -7,8 +7,9 @@ socket on either side made of it: a frame that is here reached the world.
 
 Bounded: at most MAX_FRAMES frames and MAX_BYTES bytes are kept (each frame cut to SNAPLEN bytes),
 for at most MAX_SECONDS; past a cap the child stops recording and says so (`cap.truncated`), and
-`barrier` fails, so a test that relies on "no frame" cannot pass on a capture that stopped early. The child is stopped by a message on a pipe
-and reaped on exit, also when the test fails; it dies with the test process (PR_SET_PDEATHSIG).
+`barrier` fails, so a test that relies on "no frame" cannot pass on a capture that stopped early.
+The child is stopped by a message on a pipe and reaped on exit, also when the test fails; it dies
+with the test process (PR_SET_PDEATHSIG).
 
     with WireCapture(lab, "eth0w") as cap:
         ...  # the attempt
@@ -256,9 +257,10 @@ class WireCapture:
             time.sleep(0.01)
 
     def barrier(self, lab: Lab, timeout: float = 3.0) -> None:
-        """Send one UDP datagram from the pod (the exempt uid: root is confined under `confine: all`) to the world and wait until the capture has it:
-        frames the pod sent before this point have then been delivered and read. Raises if it never
-        arrives, since a capture that misses it cannot vouch for an absence either."""
+        """Send one UDP datagram from the pod (the exempt uid: root is confined under `confine: all`)
+        to the world and wait until the capture has it: frames the pod sent before this point have then been
+        delivered and read. Raises if it never arrives, since a capture that misses it cannot vouch for an
+        absence either."""
         marker = new_marker()
         for addr in (WORLD_V6, WORLD_V4):
             in_pod(lab, EXEMPT, _send_udp, addr, 9, marker.decode())

@@ -85,7 +85,7 @@ def import_iptc() -> Any:
     distutils = sys.modules.get("distutils", _MISSING)
     # python-iptables falls back to sysconfig when distutils is missing: make it look missing.
     sys.modules["distutils"] = None  # type: ignore[assignment]
-    ctypes.util.find_library = _find_library_fast(find_library, libdir)
+    ctypes.util.find_library = _find_library_fast(find_library, libdir)  # type: ignore[assignment]
     try:
         import iptc  # noqa: PLC0415 - costly; only the kernel-facing commands need it
     except Exception as exc:  # ImportError, OSError (libiptc missing), XTablesError
@@ -95,7 +95,7 @@ def import_iptc() -> Any:
         if distutils is _MISSING:
             del sys.modules["distutils"]
         else:
-            sys.modules["distutils"] = distutils
+            sys.modules["distutils"] = distutils  # type: ignore[assignment]
     return iptc
 
 
@@ -406,9 +406,9 @@ class IptablesBackend(Backend):
                     if name in expected and ipsets.holds(expected[name]):
                         sets.append(expected[name])
                         continue
-                    found = ipsets.members(name)
-                    if found is not None:
-                        sets.append(AddressSet(name=name, family=found[0], members=found[1]))  # type: ignore[arg-type]
+                    listed = ipsets.members(name)
+                    if listed is not None:
+                        sets.append(AddressSet(name=name, family=listed[0], members=listed[1]))  # type: ignore[arg-type]
         return Installed(tables=tuple(tables), sets=tuple(sets))
 
     def _read_family(self, family: Family, want: list[Table] | None = None) -> list[InstalledTable]:
@@ -474,7 +474,9 @@ class IptablesBackend(Backend):
         if want is None or not want.chains:
             return {}
         ours = {DISPATCH, *OWNED_CHAINS[want.name]}
-        out: dict[str, tuple[Entry | str, ...]] = {c.name: tuple(self._encoded_entry(family, r, ours) for r in c.rules) for c in want.chains}
+        out: dict[str, tuple[Entry | str, ...]] = {
+            c.name: tuple(self._encoded_entry(family, r, ours) for r in c.rules) for c in want.chains
+        }
         out["OUTPUT"] = (self._encoded_entry(family, want.jump, ours),) if want.jump else ()
         return out
 
@@ -586,7 +588,7 @@ def _fix_ipv6_iface_mask(x: Any) -> None:
     Rewrite both masks as xtables_parse_interface does: 0xff over the name and its NUL (a trailing
     `+` wildcard: over the name only), zero after."""
     ip6 = x.entry.ipv6
-    for name_field, mask_field in (("iniface", "iniface_mask"), ("outiface", "outiface_mask")):
+    for mask_field in ("iniface_mask", "outiface_mask"):
         mask = bytes(getattr(ip6, mask_field))
         if not any(mask):
             continue  # no interface given: all-zero mask, as ip6tables leaves it

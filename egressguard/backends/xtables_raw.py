@@ -98,7 +98,7 @@ def _ext_differences(a: Ext, b: Ext, labels: tuple[str, str], *fields: str) -> l
         if x != y:
             out.append(f"{f} differs ({mine_l} {_show(x)}, {theirs_l} {_show(y)})")
     if a.data != b.data:
-        at = next((i for i, (x, y) in enumerate(zip(a.data, b.data)) if x != y), min(len(a.data), len(b.data)))
+        at = next((i for i, (x, y) in enumerate(zip(a.data, b.data, strict=False)) if x != y), min(len(a.data), len(b.data)))
         start = at - at % 8
         out.append(f"data differs from byte {at} ({mine_l} {len(a.data)} bytes {_show(a.data[start:])}, "
                    f"{theirs_l} {len(b.data)} bytes {_show(b.data[start:])})")
@@ -165,7 +165,7 @@ def read_blob(family: int, table: str, attempts: int = 5) -> tuple[tuple[int, ..
             fields = _GETINFO.unpack(info.raw)
             valid_hooks, hook_entry, underflow, size = fields[1], fields[2:7], fields[7:12], fields[13]
             req = ctypes.create_string_buffer(_GET_ENTRIES_HEADER + size)
-            req[:36] = struct.pack("=32sI", table.encode(), size)
+            ctypes.memmove(req, struct.pack("=32sI", table.encode(), size), 36)
             length = ctypes.c_uint(_GET_ENTRIES_HEADER + size)
             if libc.getsockopt(sock.fileno(), level, SO_GET_ENTRIES, req, ctypes.byref(length)) == 0:
                 return hook_entry, underflow, valid_hooks, req.raw[_GET_ENTRIES_HEADER:]
@@ -195,7 +195,7 @@ def decode_table(
     policies = {underflow[h] for h in range(len(HOOKS)) if valid_hooks >> h & 1}
     # A jump's verdict is the offset of the chain's first entry: the one after its ERROR head.
     first_of: dict[int, str] = {}
-    for i, (off, entry) in enumerate(parsed):
+    for i, (_off, entry) in enumerate(parsed):
         if entry.target.name == "ERROR" and i + 1 < len(parsed):
             first_of[parsed[i + 1][0]] = _cstr(entry.target.data)
     chains: dict[str, list[Entry]] = {}

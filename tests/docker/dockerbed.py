@@ -15,7 +15,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-
 HERE = Path(__file__).resolve().parent
 IMAGE = os.environ.get("EG_IMAGE", "egressguard:ci")
 ALLOWED4, DENIED4, ALLOWED6, DENIED6 = "198.19.7.10", "198.19.7.11", "2001:db8:7::10", "2001:db8:7::11"

@@ -32,7 +32,7 @@ def tcp(address, timeout=2.0):
             s.connect((address, PORT))
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             return "connected" if s.recv(16).startswith(b"HTTP/") else "connected-no-reply"
-    except socket.timeout:
+    except TimeoutError:
         return "timeout"
     except OSError as exc:
         return errno.errorcode.get(exc.errno, str(exc.errno))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from dockerbed import ALLOWED4, ALLOWED6, DENIED4, DENIED6, HERE, IMAGE, Bed, docker, inspect, report_of
 
 pytestmark = pytest.mark.docker
@@ -212,7 +211,7 @@ def test_start_to_command_time_and_image_size(bed: Bed, figures: list[str]) -> N
 
 def _epoch(rfc3339: str) -> float:
     head, _, frac = rfc3339.rstrip("Z").partition(".")
-    return dt.datetime.fromisoformat(head).replace(tzinfo=dt.timezone.utc).timestamp() + float(f"0.{frac or 0}")
+    return dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp() + float(f"0.{frac or 0}")
 
 
 def test_python_iptables_finds_its_extensions_without_ldconfig(bed: Bed) -> None:

@@ -137,4 +137,4 @@ class _pause:
 
 def _time(rfc3339: str) -> float:
     head, _, frac = rfc3339.rstrip("Z").partition(".")
-    return dt.datetime.fromisoformat(head).replace(tzinfo=dt.timezone.utc).timestamp() + float(f"0.{frac or 0}")
+    return dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp() + float(f"0.{frac or 0}")

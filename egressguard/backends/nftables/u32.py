@@ -70,7 +70,8 @@ def normal(tests: Iterable[Test]) -> tuple[str, ...]:
             if all(len(v) == 1 for v in vals):
                 found.add(f"@nh,{run[0] * 8},{len(run) * 8} == 0x" + "".join(f"{next(iter(v)):02x}" for v in vals))
             else:  # two different values for one byte: nothing matches; keep every one visible
-                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == " + "/".join(",".join(f"0x{x:02x}" for x in sorted(v)) for v in vals))
+                values = "/".join(",".join(f"0x{x:02x}" for x in sorted(v)) for v in vals)
+                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == " + values)
             run = []
         if at >= 0:
             run.append(at)
