@@ -149,8 +149,18 @@ def test_broken_policy_exits_2_and_the_command_never_runs(bed: Bed, markers: Pat
     assert not (markers / "ran").exists()
 
 
-def test_without_net_raw_exits_3_and_the_command_never_runs(bed: Bed, markers: Path) -> None:
+def test_without_net_raw_the_nftables_back_end_guards_and_the_command_runs(bed: Bed, markers: Path) -> None:
+    """Only python-iptables needs CAP_NET_RAW: the default back end does without it."""
     p = run(bed, markers, "--cap-add", "NET_ADMIN", "--cap-drop", "NET_RAW")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _backend_used(p.stderr).startswith("nftables")
+    report = report_of(p)
+    assert report["tcp"][ALLOWED4] == "connected" and report["tcp"][DENIED4] == "ECONNREFUSED"
+    assert report["tcp"][DENIED6] == "ECONNREFUSED"
+
+
+def test_without_net_raw_the_iptables_back_end_exits_3_and_the_command_never_runs(bed: Bed, markers: Path) -> None:
+    p = run(bed, markers, "--cap-add", "NET_ADMIN", "--cap-drop", "NET_RAW", "-e", "EGRESSGUARD_BACKEND=iptables")
     assert p.returncode == 3, p.stderr[-2000:]
     assert "NET_RAW" in p.stderr
     assert not (markers / "ran").exists()
