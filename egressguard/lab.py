@@ -968,9 +968,11 @@ class Lab:
         total = 0
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
+            # Not `-C`: ip6tables-legacy -C took the rule of another port as this one (seen on 1.8.9).
+            listed = _sh(*world, "-S", "PREROUTING").stdout.splitlines()
             for dev in devices or self.world_ifaces:
                 rule = ["PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT"]
-                if _sh(*world, "-C", *rule, check=False).returncode != 0:
+                if f"-A PREROUTING -i {dev} -p {proto} -m {proto} --dport {port} -j ACCEPT" not in listed:
                     _sh(*world, "-A", *rule)
             out = _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout
             total += sum(int(line.split()[0]) for line in out.splitlines()
