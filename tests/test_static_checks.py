@@ -1,6 +1,8 @@
-"""Static gates a platform team runs before adopting the image and the examples: every shell script
-passes shellcheck, Dockerfile.base passes hadolint, every Kubernetes manifest validates strictly
-against the Kubernetes versions users run, the compose example is accepted by compose."""
+"""Static gates: the lint and type gate on the code (ruff on the package and the tests, mypy on the
+package; configured in pyproject.toml), and what a platform team runs before adopting the image and
+the examples: every shell script passes shellcheck, Dockerfile.base passes hadolint, every
+Kubernetes manifest validates strictly against the Kubernetes versions users run, the compose
+example is accepted by compose. The tools come with the test extras."""
 
 from __future__ import annotations
 
@@ -56,3 +58,15 @@ def test_compose_example_is_accepted_by_compose() -> None:
     done = subprocess.run([compose, "-f", str(ROOT / "examples" / "compose.yaml"), "config", "-q"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_ruff_finds_nothing() -> None:
+    done = subprocess.run([_tool("ruff"), "check", "--no-cache", "egressguard", "tests"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_mypy_finds_nothing_in_the_package() -> None:
+    done = subprocess.run([_tool("mypy"), "--no-incremental", "--cache-dir", "/dev/null", "egressguard"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
