@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from test_model_vs_kernel import policies
 
 from egressguard import facts as facts_mod
 from egressguard.backends import xtables_raw
-from egressguard.backends.iptables import IptablesBackend
+from egressguard.backends.iptables import IptablesBackend, _in_children
 from egressguard.lab import _enter_netns, netns_inode
 from egressguard.policy import load_file, validate
 from egressguard.ruleset import Facts, Rule, Ruleset, build, hosts_of, render
@@ -43,32 +42,14 @@ _tally = {"policies": 0, "entries": 0, "differences": 0}
 
 
 def _in_netns(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a forked child inside network namespace `name`; its result (or its error)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            _enter_netns(name)
-            try:
-                payload: tuple[bool, Any] = (True, fn(*args))
-            except Exception as exc:  # noqa: BLE001 - handed to the parent
-                payload = (False, f"{type(exc).__name__}: {exc}")
-            with os.fdopen(w, "wb") as fh:
-                pickle.dump(payload, fh)
-        except BaseException:  # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    ok, value = pickle.loads(data) if data else (False, "child died")  # noqa: S301 - our own child
-    if not ok:
-        raise AssertionError(f"in {name}: {value}")
-    return value
+    """fn(*args) in a forked child inside network namespace `name`, through the back end's own
+    runner (it waits for the child and raises the child's error here)."""
+    return _in_children((_entered, (name, fn, args)))[0]
+
+
+def _entered(name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    _enter_netns(name)
+    return fn(*args)
 
 
 def _read_all() -> dict[tuple[int, str], dict[str, list[xtables_raw.Entry]]]:
