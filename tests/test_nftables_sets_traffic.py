@@ -5,15 +5,13 @@ once the apply that removed it has returned; counts printed)."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import pytest
 from egtraffic import FAST, applied, reached, refused_fast
 from nftbed import nftables_backend  # noqa: F401 - the autouse fixture: EGRESSGUARD_BACKEND=nftables
-from test_sets_traffic import PORT, N, add_world_hosts, list_policy, neighbour4, neighbour6, v4, v6
+from test_sets_traffic import PORT, N, add_world_hosts, list_policy, neighbour4, neighbour6, reapply_under_traffic, v4, v6
 
-from egressguard.lab import CONFINED, Lab
+from egressguard.lab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -45,53 +43,7 @@ ROUNDS = 8
 def test_reapply_keeps_kept_destinations_and_closes_removed_ones_under_traffic(lab: Lab, figures: list[str]) -> None:
     """Each apply swaps the list between two versions (different set names, so each apply creates
     a new set and deletes the old one) while two threads keep connecting."""
-    kept4, kept6, removed = v4(1), v6(1), v4(2)
-    add_world_hosts(lab, kept4, kept6, removed)
-    base = [v4(i) for i in range(3, 2000)] + [v6(i) for i in range(3, 2000)]
-    with_removed = list_policy(lab, [kept4, kept6, removed, *base], "a.txt")
-    without = list_policy(lab, [kept4, kept6, *base, v4(5000)], "b.txt")
-    applied(lab, with_removed)
-
-    failures: list[str] = []
-    leaks: list[str] = []
-    stop = threading.Event()
-    removed_since: list[float] = []
-    attempts = {"kept": 0, "removed": 0, "removed_after_apply": 0}
-
-    def keep_trying() -> None:
-        while not stop.is_set() and attempts["kept"] < 100_000:
-            for host in (kept4, kept6):
-                res = lab.tcp(host, PORT, uid=CONFINED, timeout=FAST)
-                attempts["kept"] += 1
-                if not reached(res, host):
-                    failures.append(f"{host}: {res}")
-
-    def try_removed() -> None:
-        while not stop.is_set() and attempts["removed"] < 100_000:
-            started = time.monotonic()
-            window = list(removed_since)
-            res = lab.tcp(removed, PORT, uid=CONFINED, timeout=FAST)
-            attempts["removed"] += 1
-            if window and started > window[0] and removed_since == window:
-                attempts["removed_after_apply"] += 1
-                if reached(res, removed):
-                    leaks.append(str(res))
-
-    threads = [threading.Thread(target=keep_trying), threading.Thread(target=try_removed)]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(ROUNDS):
-            applied(lab, without)
-            removed_since[:] = [time.monotonic()]
-            time.sleep(0.5)
-            removed_since.clear()
-            applied(lab, with_removed)
-            time.sleep(0.3)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
+    attempts, failures, leaks = reapply_under_traffic(lab, rounds=ROUNDS)
     line = (f"nftables re-apply under traffic: {2 * ROUNDS} applies, kept {attempts['kept']} attempts "
             f"{len(failures)} refused; removed {attempts['removed_after_apply']} attempts after its apply "
             f"{len(leaks)} reached")

@@ -134,9 +134,11 @@ def _key(member: str) -> tuple[int, ...]:
     return (*map(int, addr.split(".")), int(plen))
 
 
-def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None:
-    """Kept destinations are never refused while the list changes; a removed one is never reached
-    once the apply that removed it has returned."""
+def reapply_under_traffic(lab: Lab, rounds: int) -> tuple[dict[str, int], list[str], list[str]]:
+    """Switch between a list with and a list without one destination, `rounds` times each way,
+    while two threads keep connecting as the confined uid: (attempts, kept destinations refused,
+    the removed destination reached after the apply that removed it had returned). Attempts:
+    `kept`, `removed`, and `removed_after_apply` (the removed one tried only after that apply)."""
     kept4, kept6, removed = v4(1), v6(1), v4(2)
     add_world_hosts(lab, kept4, kept6, removed)
     base = [v4(i) for i in range(3, 2000)] + [v6(i) for i in range(3, 2000)]
@@ -148,10 +150,10 @@ def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None
     leaks: list[str] = []
     stop = threading.Event()
     removed_since: list[float] = []  # when the current "without" apply returned (empty: removed is allowed)
-    attempts = {"kept": 0, "removed": 0}
+    attempts = {"kept": 0, "removed": 0, "removed_after_apply": 0}
 
     def keep_trying() -> None:
-        while not stop.is_set():
+        while not stop.is_set() and attempts["kept"] < 100_000:
             for host in (kept4, kept6):
                 res = lab.tcp(host, PORT, uid=CONFINED, timeout=FAST)
                 attempts["kept"] += 1
@@ -159,19 +161,21 @@ def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None
                     failures.append(f"{host}: {res}")
 
     def try_removed() -> None:
-        while not stop.is_set():
+        while not stop.is_set() and attempts["removed"] < 100_000:
             started = time.monotonic()
             window = list(removed_since)
             res = lab.tcp(removed, PORT, uid=CONFINED, timeout=FAST)
             attempts["removed"] += 1
-            if window and started > window[0] and removed_since == window and reached(res, removed):
-                leaks.append(str(res))
+            if window and started > window[0] and removed_since == window:
+                attempts["removed_after_apply"] += 1
+                if reached(res, removed):
+                    leaks.append(str(res))
 
     threads = [threading.Thread(target=keep_trying), threading.Thread(target=try_removed)]
     for t in threads:
         t.start()
     try:
-        for _ in range(3):
+        for _ in range(rounds):
             applied(lab, without)
             removed_since[:] = [time.monotonic()]
             time.sleep(0.5)
@@ -182,6 +186,13 @@ def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None
         stop.set()
         for t in threads:
             t.join(timeout=10)
+    return attempts, failures, leaks
+
+
+def test_reapply_with_a_changed_list_under_continuous_attempts(lab: Lab) -> None:
+    """Kept destinations are never refused while the list changes; a removed one is never reached
+    once the apply that removed it has returned."""
+    attempts, failures, leaks = reapply_under_traffic(lab, rounds=3)
     assert attempts["kept"] > 20 and attempts["removed"] > 5, attempts
     assert failures == []
     assert leaks == []
