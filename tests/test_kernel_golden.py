@@ -10,14 +10,13 @@ Regenerate after an intended change with `UPDATE_GOLDEN=1 pytest tests/test_kern
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import os
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from goldenfile import assert_matches_golden
 
 from egressguard.lab import DEFAULT_RECORDS, Lab
 
@@ -69,16 +68,7 @@ def _apply(lab: Lab, name: str) -> str:
 
 def test_kernel_holds_the_golden_dump_after_apply(applied: tuple[str, Lab, str]) -> None:
     name, _lab, got = applied
-    golden = GOLDEN / "kernel" / f"{name}.save"
-    if os.environ.get("UPDATE_GOLDEN") == "1" and os.environ.get("CI") != "true":
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text(got)
-        pytest.fail(f"{golden} rewritten: review the diff, then run again without UPDATE_GOLDEN")
-    assert golden.exists(), f"no golden file {golden}: run with UPDATE_GOLDEN=1"
-    want = golden.read_text()
-    if got != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(golden), "kernel"))
-        pytest.fail(f"the kernel holds something else than {golden}:\n{diff}")
+    assert_matches_golden(GOLDEN / "kernel" / f"{name}.save", got, "the kernel holds something else than")
 
 
 def _normalised(line: str) -> tuple[str, ...]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import difflib
 import json
 import os
 import pickle
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from goldenfile import assert_matches_golden
 
 from egressguard import cli
 from egressguard.backends.nftables import render
@@ -40,15 +40,7 @@ def test_nft_plan_matches_golden_file(name: str, capsys: pytest.CaptureFixture[s
                      "--policy", str(GOLDEN / f"{name}.yaml")])
     got = capsys.readouterr().out
     assert code == 0
-    golden = ROOT / GOLDEN / "nftables" / f"{name}.nft"
-    if os.environ.get("UPDATE_GOLDEN") == "1" and os.environ.get("CI") != "true":
-        golden.write_text(got)
-        pytest.fail(f"{golden} rewritten: review the diff, then run again without UPDATE_GOLDEN")
-    assert golden.exists(), f"no golden file {golden}: run with UPDATE_GOLDEN=1"
-    want = golden.read_text()
-    if got != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(golden), "plan"))
-        pytest.fail(f"nft plan differs from {golden} (UPDATE_GOLDEN=1 to accept):\n{diff}")
+    assert_matches_golden(ROOT / GOLDEN / "nftables" / f"{name}.nft", got, "nft plan differs from")
 
 
 def test_the_environment_picks_the_plan_back_end(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,13 +6,12 @@ then read the diff of tests/golden/*.plan before committing it.
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from goldenfile import assert_matches_golden
 
 from egressguard import cli
 
@@ -43,15 +42,7 @@ def test_there_are_golden_policies() -> None:
 @pytest.mark.parametrize("name", POLICIES)
 def test_plan_output_matches_golden_file(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     got = _plan(capsys, "--policy", str(GOLDEN / f"{name}.yaml"))
-    golden = ROOT / GOLDEN / f"{name}.plan"
-    if os.environ.get("UPDATE_GOLDEN") == "1" and os.environ.get("CI") != "true":
-        golden.write_text(got)
-        pytest.fail(f"{golden} rewritten: review the diff, then run again without UPDATE_GOLDEN")
-    assert golden.exists(), f"no golden file {golden}: run with UPDATE_GOLDEN=1"
-    want = golden.read_text()
-    if got != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(golden), "plan"))
-        pytest.fail(f"plan output differs from {golden} (UPDATE_GOLDEN=1 to accept):\n{diff}")
+    assert_matches_golden(ROOT / GOLDEN / f"{name}.plan", got, "plan output differs from")
 
 
 def test_default_golden_policy_is_the_builtin_default(capsys: pytest.CaptureFixture[str], tmp_path: Path,

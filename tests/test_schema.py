@@ -7,11 +7,11 @@ After changing the policy models: `python -m egressguard schema > schema/policy.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
+from goldenfile import assert_matches_golden
 
 from egressguard import cli
 
@@ -24,13 +24,7 @@ def _generated(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_committed_schema_equals_the_generated_one(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _generated(capsys)
-    if os.environ.get("UPDATE_GOLDEN") == "1" and os.environ.get("CI") != "true":
-        SCHEMA.write_text(out)
-        pytest.fail("schema/policy.schema.json rewritten: review the diff, then run again without UPDATE_GOLDEN")
-    assert SCHEMA.read_text() == out, (
-        "schema/policy.schema.json is stale: run `python -m egressguard schema > schema/policy.schema.json`"
-    )
+    assert_matches_golden(SCHEMA, _generated(capsys), "the models' schema (`python -m egressguard schema`) differs from")
 
 
 GOLDEN_POLICIES = sorted((Path(__file__).resolve().parent / "golden").glob("*.yaml"))
