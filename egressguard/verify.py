@@ -66,7 +66,7 @@ def _entry_differences(where: str, got: InstalledTable) -> list[str]:
         if len(kernel) != len(meant):
             continue  # a missing chain or rule: reported above, in words
         bad: dict[int, list[str]] = {}
-        for i, (k, m) in enumerate(zip(kernel, meant, strict=False)):
+        for i, (k, m) in enumerate(zip(kernel, meant, strict=True)):  # lengths checked above
             if isinstance(m, str):
                 bad[i] = [f"cannot be encoded for comparison ({m})"]
             elif k != m:
