@@ -10,14 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-import structlog
-
 from egressguard import logs
 from egressguard import status as status_mod
 from egressguard._version import __version__
 from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 
 class _Parser(argparse.ArgumentParser):

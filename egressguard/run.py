@@ -11,13 +11,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-import structlog
-
+from egressguard import logs
 from egressguard import policy as policy_mod
 from egressguard.errors import EnvironmentUnsupported, PolicyError
 from egressguard.policy import Policy
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 # prctl(2) options, from <linux/prctl.h>.
 PR_CAPBSET_DROP = 24

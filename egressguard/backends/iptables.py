@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import structlog
-
+from egressguard import logs
 from egressguard.backends import Backend, Installed, InstalledTable, xtables_raw
 from egressguard.backends.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
@@ -38,7 +37,7 @@ from egressguard.ruleset import (
 )
 
 T = TypeVar("T")
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 TABLES = ("filter", "nat")
 XTABLES_LOCK = "/run/xtables.lock"  # what `iptables -w` locks ($XTABLES_LOCKFILE overrides, as for iptables)
