@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
-
-if TYPE_CHECKING:  # the iptables back end's byte-level entries: not imported on the nftables path
-    from egressguard.backends.xtables_raw import Entry
+if TYPE_CHECKING:  # annotations only: the CLI reads BACKEND_CHOICES for every command, probe included
+    from egressguard.backends.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
+    from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
 @dataclass(frozen=True)
