@@ -27,7 +27,6 @@ from pathlib import Path
 EG = [sys.executable, "-m", "egressguard"]
 PID = os.getpid()
 TMP = Path(tempfile.mkdtemp(prefix=f"egb-{PID}-"))
-TMP.chmod(0o755)  # the probe runs as uid 1000 and reads the status file here
 POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"
 RESOLVER = "198.51.100.53"
 HOST_NS = os.stat("/proc/self/ns/net").st_ino
@@ -259,21 +258,23 @@ IMPORTS_FOR_APPLY = {
 
 
 def probe_time(runs: int) -> list[tuple[str, float]]:
-    """`egressguard probe` as the confined uid in a guarded pod (nftables), beside python's own start."""
-    policy = write_policy(0)
+    """`egressguard probe` as the agent runs it in a guarded pod (nftables), beside python's own start.
+    The agent here is uid 0 without any capability (securebits noroot, empty bounding set, no_new_privs)
+    under `confine: all`: a uid other than 0 cannot read this machine's Python under /root, and a
+    start that searches an unreadable library path is not what a container's agent pays."""
+    policy = TMP / "policy-probe.yaml"
+    policy.write_text(f"version: 1\nexempt: {{uids: [1001]}}\ndns: {{resolvers: [{RESOLVER}]}}\n")
     status = TMP / "status.json"
-    # as a sandbox runs its agent: another uid, no capabilities left to regain
-    who = ["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups", "--bounding-set=-all", "--no-new-privs"]
+    agent = ["setpriv", "--securebits=+noroot,+noroot_locked", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
     with pod_and_world() as (pod, _):
         eg_apply(pod, policy, "nftables", "--status-file", str(status))
-        status.chmod(0o644)
         rows = {
-            "probe": lambda: timed(lambda: sh(*who, *EG, "probe", "--status-file", str(status), ns=pod)),
-            "pass": lambda: timed(lambda: sh(*who, sys.executable, "-c", "pass", ns=pod)),
+            "probe": lambda: timed(lambda: sh(*agent, *EG, "probe", "--status-file", str(status), ns=pod)),
+            "pass": lambda: timed(lambda: sh(*agent, sys.executable, "-c", "pass", ns=pod)),
         }
         t = interleaved(runs, rows)
-    return [("egressguard probe (uid 1000, guarded pod, default targets)", t["probe"]),
-            ("python start (`python -c pass`, uid 1000)", t["pass"])]
+    return [("egressguard probe (an agent without capabilities, guarded pod, default targets)", t["probe"]),
+            ("python start (`python -c pass`, the same agent)", t["pass"])]
 
 
 def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float, float, str]]:
