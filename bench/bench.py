@@ -106,8 +106,9 @@ def write_policy(n: int, redirect: bool = True) -> Path:
 
 
 def list_addresses(n: int) -> list[str]:
-    """n addresses in 198.18.0.0/15 (benchmark range); the last one is the world's 198.19.255.254."""
-    out = [f"198.18.{i // 256}.{i % 256}" for i in range(n - 1)]
+    """n addresses in 198.18.0.0/15 (benchmark range), every other one so that no two merge into one
+    interval (the kernel set then holds n elements); the last is the world's 198.19.255.254."""
+    out = [f"198.{18 + i // 32768}.{i // 128 % 256}.{i % 128 * 2}" for i in range(n - 1)]
     return out + ["198.19.255.254"]
 
 
@@ -368,7 +369,7 @@ def conn_rate(pod: str, dest: str, count: int) -> float:
     return float(out.stdout)
 
 
-NFT_TRACKED = "table inet egb { chain in { type filter hook input priority 0; ct state invalid drop; } }\n"
+NFT_TRACKED = "table inet egb { chain in { type filter hook input priority 0; ct state invalid drop; }; }\n"
 
 
 def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float]]:
