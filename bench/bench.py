@@ -337,12 +337,12 @@ CLIENT = r"""
 import socket, struct, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, so ports never run out
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 for _ in range(count):
     s = socket.create_connection((host, port), timeout=2)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
     s.close()
-print(count / (time.perf_counter() - t))
+print(count / (time.perf_counter() - t), count / (time.process_time() - cpu))
 """
 
 SERVER = r"""
@@ -363,16 +363,20 @@ except OSError:
 PIN = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else ([], [])
 
 
-def conn_rate(pod: str, dest: str, count: int) -> float:
+def conn_rate(pod: str, dest: str, count: int) -> tuple[float, float]:
+    """(new connections per second of wall time, per second of the client's CPU time). The output
+    path's netfilter hooks run in the client's system calls, so its CPU time carries the rules'
+    cost; unlike the wall rate, it does not count time the client waited for a busy CPU."""
     out = sh(*PIN[0], "setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
              sys.executable, "-c", CLIENT, dest, "5000", str(count), ns=pod, timeout=120)
-    return float(out.stdout)
+    wall, cpu = out.stdout.split()
+    return float(wall), float(cpu)
 
 
 NFT_TRACKED = "table inet egb { chain in { type filter hook input priority 0; ct state invalid drop; }; }\n"
 
 
-def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[float]]:
+def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[float, float]]]:
     """Every configuration gets its own pod/world pair, set up once: a namespace never carries state
     from another row (a legacy nat table, once used, keeps its per-connection NAT set-up even after
     its rules are gone). The rows are measured in rounds, one run of each per round, so drift in
@@ -402,7 +406,7 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[float]
                   f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n")
         configs.append((f"linear chain, {n:,} rules, dest last",
                         lambda pod, text=linear: sh("iptables-legacy-restore", "-n", ns=pod, input=text)))
-    rates: dict[str, list[float]] = {name: [] for name, _ in configs}
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
     with contextlib.ExitStack() as stack:
         pods = []
         for name, setup in configs:
@@ -506,16 +510,22 @@ def section_per_packet(runs: int, quick: bool) -> None:
     rates = per_packet(runs, count, [16, 1_000] if quick else [16, 1_000, 10_000])
     baselines = ("no guard", "no guard, connection tracking on", "no guard, connection tracking on (nft rule)")
 
-    def ratio(name: str, base: str) -> float:
+    def ratio(name: str, base: str, i: int) -> float:
         """Median of the per-round ratios: each round measures every row once, so a round's ratio
         compares runs taken seconds apart (the machine's load drifts over minutes)."""
-        return statistics.median(r / b for r, b in zip(rates[name], rates[base], strict=True))
+        return statistics.median(r[i] / b[i] for r, b in zip(rates[name], rates[base], strict=True))
 
-    print(f"\n## 3. Per-packet cost (new TCP connections/s, uid 1000, {count} per run, ratios: median of per-round ratios)\n")
-    print("| what | conns/s | vs no guard | vs conntrack on (iptables rule) | vs conntrack on (nft rule) |\n"
-          "|---|---:|---:|---:|---:|")
+    print(f"\n## 3. Per-packet cost (new TCP connections, uid 1000, {count} per run; ratios: median of per-round ratios)\n")
+    print("Per second of the client's CPU time (the output path's rules run in its system calls), "
+          "then per second of wall time.\n")
+    vs = "vs no guard | vs conntrack on (iptables rule) | vs conntrack on (nft rule)"
+    print(f"| what | conns per CPU-s | {vs} | conns/s (wall) | {vs} |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, found in rates.items():
-        print(f"| {name} | {statistics.median(found):,.0f} | " + " | ".join(f"{ratio(name, b):.2f}x" for b in baselines) + " |")
+        cells = []
+        for i in (1, 0):
+            cells.append(f"{statistics.median(r[i] for r in found):,.0f}")
+            cells += [f"{ratio(name, b, i):.2f}x" for b in baselines]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def section_probe(runs: int) -> None:
