@@ -239,6 +239,12 @@ def test_the_guard_image_elsewhere_or_doing_something_else_gets_no_capabilities(
     shell = mutate(agent_pod())
     shell["spec"]["initContainers"][0]["command"] = ["sh", "-c", "egressguard apply; nft flush ruleset"]
     assert any(f.startswith("only the first init container") for f in refusals(shell))
+    twice = mutate(agent_pod())
+    twice["spec"]["initContainers"].append({**twice["spec"]["initContainers"][0], "volumeMounts": []})
+    assert refusals(twice) == ["only the first init container, egressguard by digest, may add NET_ADMIN and NET_RAW; "
+                               "other containers may add NET_BIND_SERVICE only",
+                               "restricted: every container but egressguard runs as non-root (runAsNonRoot: true, "
+                               "runAsUser not 0)"]
     as_app = agent_pod()
     as_app["spec"]["containers"].append({**other, "name": "sidecar"})
     assert any(f.startswith("only the first init container") for f in admit(as_app))
