@@ -45,10 +45,11 @@ def dns_answered(res: Result) -> bool:
 
 def served(op: str, args: tuple[Any, ...], res: Result) -> bool:
     """`res` is the far side's own answer to probe `op(*args)`: the world host's banner for TCP, the
-    world's UDP echo from that port, a DNS answer, an echo reply. A closed port, a dead server or the
-    pod's proxy is not an answer."""
+    world's UDP echo from that port, a DNS answer, an echo reply (a pod's own listener for a local
+    destination). A closed port, a dead server or the pod's proxy is not an answer."""
     if op == "tcp":
-        return reached(res, str(args[0]))
+        banner = str(res.answer or "")
+        return res.ok and banner.startswith((f"world {args[0]} {args[1]} ", f"pod {args[0]} {args[1]} "))
     if op == "udp":
         return res.ok and str(res.answer or "").startswith(f"world udp {args[1]} ")
     if op == "dns":
@@ -68,7 +69,8 @@ def stopped(lab: Lab, op: str, *args: Any, verdict: str = "refused", uid: int = 
     far side's server (else a closed port or a dead server would pass for the guard), and `uid` must
     get `verdict` (refused: an immediate error within 0.5 s; silence: a timeout). Returns `uid`'s result."""
     control = lab.probe(op, *args, uid=control_uid, timeout=timeout, **kwargs)
-    assert served(op, args, control), f"control {op}{args} as uid {control_uid} did not reach the server: {control} {control.answer or ''}"
+    assert served(op, args, control), \
+        f"control {op}{args} as uid {control_uid} did not reach the server: {control} {control.answer or ''}"
     got = lab.probe(op, *args, uid=uid, timeout=timeout, **kwargs)
     assert got.outcome in VERDICTS[verdict], f"{op}{args} as uid {uid}: {got} {got.answer or ''}, expected {verdict}"
     if verdict == "refused":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, applied, policy, reached, refused_fast
+from egtraffic import FAST, applied, policy, reached, stopped
 
 from egressguard.lab import CONFINED, EXEMPT, Lab
 
@@ -144,7 +144,7 @@ def test_run_without_setuid_or_setgid_exits_3_with_the_guard_in_place(
     assert f"(needs CAP_SET{cap[-3:].upper()})" in done.stderr
     assert not marker.exists()  # the command never ran
     assert lab.egressguard("verify", "--policy", str(path)).returncode == 0
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
     _exempt_control(lab)
 
@@ -163,7 +163,7 @@ def test_run_of_a_command_that_cannot_be_executed_exits_126_or_127_with_the_guar
     assert done.returncode == code, done.stderr[-1500:]
     assert "started" not in done.stdout
     assert lab.egressguard("verify", "--policy", str(path)).returncode == 0
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     _exempt_control(lab)
 
 
