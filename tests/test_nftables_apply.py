@@ -118,7 +118,7 @@ def test_a_changed_base_chain_policy_is_exit_5_and_apply_restores_it(guarded: tu
     (here: the exempt uid's traffic); verify names it and apply re-creates the chain."""
     lab, path = guarded
     nft(lab, "add", "chain", "inet", "egressguard", "filter", "{ type filter hook output priority 0; policy drop; }")
-    assert not lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST).ok
+    assert lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST).outcome == "timeout"  # dropped: silence
     code, out = eg(lab, "verify", "--policy", str(path))
     assert code == 5 and "policy drop" in out, out
     code, out = eg(lab, "apply", "--policy", str(path))
@@ -175,9 +175,9 @@ def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wi
         code, out = eg(lab, "apply", "--policy", str(lab.write_policy(pol)))
         assert code == 0, out
         assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")  # ours allows; nobody drops
-        assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # iptables-nft's drop wins over our allow
-        assert not lab.tcp("203.0.113.10", 5000, timeout=FAST).ok  # the other table's reject wins too
-        assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok  # and for everyone
+        assert lab.tcp("203.0.113.12", 5000, timeout=FAST).outcome == "timeout"  # iptables-nft's drop wins over our allow
+        assert lab.tcp("203.0.113.10", 5000, timeout=FAST).outcome == "refused"  # the other table's reject wins too
+        assert lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).outcome == "timeout"  # and for everyone
         stopped(lab, "tcp", "203.0.113.11", 22)  # ours still refuses
         tables = nft_tables(lab)
         assert {"ip filter", "inet other", TABLE} <= set(tables), tables
@@ -189,6 +189,9 @@ def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wi
     finally:
         lab.in_pod("iptables-nft", "-F", "OUTPUT")
         lab.in_pod("nft", "delete", "table", "inet", "other")
+    # Control: without the other firewalls the same probes reach the same servers.
+    assert reached(lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.12")
+    assert reached(lab.tcp("203.0.113.10", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.10")
 
 
 # -- auto-detection ---------------------------------------------------------------------------------
@@ -307,8 +310,11 @@ def test_iptables_legacy_rules_keep_working_and_are_left_alone(lab: Lab) -> None
     code, out = eg(lab, "apply", "--policy", str(lab.write_policy(policy(allow=[{"cidr": "203.0.113.0/24", "ports": [5000]}]))))
     assert code == 0, out
     assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")
-    assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # their drop wins over our allow
+    assert lab.tcp("203.0.113.12", 5000, timeout=FAST).outcome == "timeout"  # their drop wins over our allow
     stopped(lab, "tcp", "203.0.113.11", 22)
     assert eg(lab, "reset")[0] == 0
     assert lab.in_pod("iptables-legacy", "-S").stdout == before
-    assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok
+    assert lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).outcome == "timeout"
+    lab.in_pod("iptables-legacy", "-D", "OUTPUT", "-d", "203.0.113.12", "-p", "tcp", "--dport", "5000", "-j", "DROP",
+               check=True)
+    assert reached(lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.12")  # control: their drop did it
