@@ -149,9 +149,16 @@ class TestHostThatDoesNotResolve:
         st = json.loads(module_lab.status_file.read_text())
         assert st["state"] == "lockdown" and st["exit_code"] == 4 and "nowhere.test" in st["error"]
 
-    def test_verify_of_the_policy_does_not_pass(self, module_lab: Lab, failed: subprocess.CompletedProcess[str]) -> None:
+    def test_verify_of_the_policy_exits_4_naming_the_unresolved_host(
+        self, module_lab: Lab, failed: subprocess.CompletedProcess[str]
+    ) -> None:
+        # Not 0 or 5: verify cannot rebuild the policy's rules without the host's addresses, which no
+        # apply recorded. Exactly 4 with the host named (a crash would be 1, also "not passing").
+        before = module_lab.ruleset_dump()
         done = module_lab.egressguard("verify", "--policy", str(module_lab.workdir / "policy.yaml"))
-        assert done.returncode != 0
+        assert done.returncode == 4, done.stderr[-800:]
+        assert "egressguard: host nowhere.test: no record of its resolved addresses" in done.stderr
+        assert module_lab.ruleset_dump() == before
 
 
 @pytest.mark.netns
