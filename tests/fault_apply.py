@@ -8,6 +8,9 @@ Points (KIND is lockdown or policy): fence:raise:before|after (the routing fence
 one system call), KIND:start, KIND:ipv4:filter:before|after (around the libiptc commit of one table,
 inside the worker), KIND:ipv4:committed (between the families), KIND:done, fence:lower:before|after,
 resolve, verify, status. POINT `none` arms nothing to kill (with EG_FAULT_TRACE: a timing run).
+With EG_FAULT_ANCHOR=POINT and EG_FAULT_ANCHOR_FD=N, passing POINT writes one byte to fd N and goes
+on: the test's timed kill starts its clock there, not at process spawn (whose start-up time varies
+far more than the kernel work it aims at).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ MAIN = os.getpid()
 POINT = sys.argv[1]
 FIRED = os.environ.get("EG_FAULT_FIRED")  # a file created just before the kill, so the test knows it fired
 TRACE = os.environ.get("EG_FAULT_TRACE")  # a file that gets "POINT MONOTONIC_TIME" per point passed
+ANCHOR = os.environ.get("EG_FAULT_ANCHOR")
+ANCHOR_FD = int(os.environ.get("EG_FAULT_ANCHOR_FD", "-1"))
 
 
 def hit(name: str) -> None:
@@ -28,6 +33,11 @@ def hit(name: str) -> None:
 
         with open(TRACE, "a") as fh:
             fh.write(f"{name} {time.monotonic():.6f}\n")
+    if name == ANCHOR and ANCHOR_FD >= 0:
+        try:
+            os.write(ANCHOR_FD, b"a")
+        except OSError:
+            pass  # the test stopped listening: nothing to announce to
     if name == POINT:
         if FIRED:
             with open(FIRED, "w") as fh:
