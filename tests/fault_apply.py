@@ -8,9 +8,6 @@ Points (KIND is lockdown or policy): fence:raise:before|after (the routing fence
 one system call), KIND:start, KIND:ipv4:filter:before|after (around the libiptc commit of one table,
 inside the worker), KIND:ipv4:committed (between the families), KIND:done, fence:lower:before|after,
 resolve, verify, status. POINT `none` arms nothing to kill (with EG_FAULT_TRACE: a timing run).
-With EG_FAULT_ANCHOR=POINT and EG_FAULT_ANCHOR_FD=N, passing POINT writes one byte to fd N and goes
-on: the test's timed kill starts its clock there, not at process spawn (whose start-up time varies
-far more than the kernel work it aims at).
 """
 
 from __future__ import annotations
@@ -23,6 +20,9 @@ MAIN = os.getpid()
 POINT = sys.argv[1]
 FIRED = os.environ.get("EG_FAULT_FIRED")  # a file created just before the kill, so the test knows it fired
 TRACE = os.environ.get("EG_FAULT_TRACE")  # a file that gets "POINT MONOTONIC_TIME" per point passed
+# EG_FAULT_ANCHOR=POINT, EG_FAULT_ANCHOR_FD=N: passing POINT writes one byte to fd N and goes on, so a
+# test's timed kill starts its clock there, not at process spawn (whose start-up varies far more than
+# the kernel work the kill aims at).
 ANCHOR = os.environ.get("EG_FAULT_ANCHOR")
 ANCHOR_FD = int(os.environ.get("EG_FAULT_ANCHOR_FD", "-1"))
 
