@@ -35,7 +35,9 @@ def reached(res: Result, host: str) -> bool:
 
 
 def refused_fast(res: Result, within: float = 0.5) -> bool:
-    """Refused by an immediate error (reject), not by a timeout."""
+    """Refused by an immediate error (reject), not by a timeout. On its own this cannot tell the guard
+    from a closed port or a dead server: use `stopped`, which adds the control, unless the test has
+    its own control in the same run."""
     return res.outcome in ("refused", "eperm", "unreachable") and res.elapsed < within
 
 
