@@ -8,6 +8,15 @@ Points (KIND is lockdown or policy): fence:raise:before|after (the routing fence
 one system call), KIND:start, KIND:ipv4:filter:before|after (around the libiptc commit of one table,
 inside the worker), KIND:ipv4:committed (between the families), KIND:done, fence:lower:before|after,
 resolve, verify, status. POINT `none` arms nothing to kill (with EG_FAULT_TRACE: a timing run).
+
+With EGRESSGUARD_BACKEND=nftables the nftables back end is armed instead: KIND:start, KIND:read
+(our table read, before anything is rendered), KIND:sets:before|after (the transaction that creates
+new sets), KIND:rules:before|after (the one transaction with both families), KIND:done,
+readback:before|after (apply's read-back: before the listing, and with the listing in hand, before
+it is compared), then fence:lower, resolve, verify and status as above. EG_NFT_RACE=N (or `all`)
+makes a real foreign commit land in the window of the first N policy commit attempts: before our
+read a separate `nft` process adds chain `intruder` to our table, right after it deletes it again,
+so the transaction rendered from that read names a chain that is gone.
 """
 
 from __future__ import annotations
@@ -37,8 +46,6 @@ def hit(name: str) -> None:
 
 
 def arm() -> None:
-    from egressguard import apply as apply_mod
-    from egressguard import facts, fence, status
     from egressguard.backends import iptables as ipt
 
     kind = {"now": "?"}
@@ -78,6 +85,13 @@ def arm() -> None:
         return iptc
 
     ipt.import_iptc = wrapped_import
+    _arm_common()
+
+
+def _arm_common() -> None:
+    from egressguard import apply as apply_mod
+    from egressguard import facts, fence, status
+
     for module, name, point in ((facts, "resolve_hosts", "resolve"), (apply_mod, "differences", "verify"),
                                 (status, "write", "status"), (fence, "raise_fence", "fence:raise"),
                                 (fence, "lower_fence", "fence:lower")):
@@ -93,8 +107,84 @@ def arm() -> None:
         setattr(module, name, wrapper)
 
 
+def arm_nftables() -> None:
+    import subprocess  # noqa: PLC0415
+
+    from egressguard.backends import nftables as nftb
+    from egressguard.backends.nftables import render
+    from egressguard.backends.nftables.transport import Nft
+
+    kind = {"now": "?", "sets": None}
+    race = os.environ.get("EG_NFT_RACE", "0")
+    races = {"left": 1 << 30 if race == "all" else int(race)}
+    commit = nftb.NftablesBackend.commit
+
+    def wrapped_commit(self, ruleset):  # type: ignore[no-untyped-def]
+        kind["now"] = ruleset.kind
+        hit(f"{ruleset.kind}:start")
+        out = commit(self, ruleset)
+        hit(f"{ruleset.kind}:done")
+        return out
+
+    nftb.NftablesBackend.commit = wrapped_commit  # type: ignore[method-assign]
+    new_sets_script = render.new_sets_script
+
+    def wrapped_new_sets(*a, **kw):  # type: ignore[no-untyped-def]
+        kind["sets"] = new_sets_script(*a, **kw)
+        return kind["sets"]
+
+    render.new_sets_script = wrapped_new_sets
+    run, list_json = Nft.run, Nft.list_json
+
+    def wrapped_run(self, script, **kw):  # type: ignore[no-untyped-def]
+        if kw.get("json_output") or kw.get("dry_run"):
+            return run(self, script, **kw)
+        step = "sets" if script == kind["sets"] else "rules"
+        hit(f"{kind['now']}:{step}:before")
+        out = run(self, script, **kw)
+        hit(f"{kind['now']}:{step}:after")
+        return out
+
+    def foreign(script: str) -> None:
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True, capture_output=True, timeout=20)
+
+    def wrapped_list(self, what, terse=False):  # type: ignore[no-untyped-def]
+        racing = terse and kind["now"] == "policy" and races["left"] > 0
+        if racing:
+            foreign(f"add table {render.TABLE}\nadd chain {render.TABLE} intruder\n")
+        out = list_json(self, what, terse=terse)
+        if racing:
+            races["left"] -= 1
+            foreign(f"delete chain {render.TABLE} intruder\n")  # committed between our read and our commit
+        if terse:
+            hit(f"{kind['now']}:read")
+        return out
+
+    Nft.run, Nft.list_json = wrapped_run, wrapped_list  # type: ignore[method-assign]
+    read = nftb.NftablesBackend.read
+
+    def wrapped_read(self, expect=(), want=None):  # type: ignore[no-untyped-def]
+        if want is None:
+            return read(self, expect, want)
+        hit("readback:before")
+        decode_installed = nftb.decode.installed
+
+        def listed(*a, **kw):  # type: ignore[no-untyped-def]
+            hit("readback:after")  # the kernel's listing is in hand, not yet decoded or compared
+            return decode_installed(*a, **kw)
+
+        nftb.decode.installed = listed
+        try:
+            return read(self, expect, want)
+        finally:
+            nftb.decode.installed = decode_installed
+
+    nftb.NftablesBackend.read = wrapped_read  # type: ignore[method-assign]
+    _arm_common()
+
+
 if __name__ == "__main__":
-    arm()
+    arm_nftables() if os.environ.get("EGRESSGUARD_BACKEND") == "nftables" else arm()
     from egressguard.cli import main
 
     sys.exit(main(sys.argv[2:]))
