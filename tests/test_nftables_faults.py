@@ -276,3 +276,54 @@ def test_named_kills_covered_every_window(figures: list[str]) -> None:
     figures.append(f"nftables named-point kills per window: {_windows}, {_named_escapes[0]} escapes")
     assert all(n >= MIN_NAMED_PER_WINDOW for n in _windows.values()), _windows
     assert _named_escapes[0] == 0
+
+
+def _legacy_guarded_families(lab: Lab) -> set[int]:
+    return {f for f, tool in ((4, "iptables-legacy-save"), (6, "ip6tables-legacy-save"))
+            if "-j EGRESSGUARD" in lab.in_pod(tool).stdout}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/ip_tables_names"), reason="legacy x_tables not in this kernel")
+def test_sigkill_at_every_named_point_of_an_upgrade_from_the_iptables_back_end(named: NamedBed, figures: list[str]) -> None:
+    """apply --backend nftables over an iptables guard: the iptables back end's chains, jumps and
+    ipsets go only once a whole nftables ruleset is in force. Killed anywhere, a whole guard holds
+    (the old one on iptables, the new one on nftables, or both), and a re-apply leaves nft objects only."""
+    lab = named.lab
+
+    def prepare() -> None:
+        named.blank()
+        done = lab.egressguard("apply", "--backend", "iptables", "--policy", str(named.paths["A"]))
+        assert done.returncode == 0, done.stderr[-800:]
+        assert _legacy_guarded_families(lab) == {4, 6}
+
+    prepare()
+    path = named.trace("B")
+    assert path == PATHS[("first", "B")], path  # nothing of ours in nftables yet: a first apply there
+    fired = lab.workdir / "fired"
+    tally: dict[str, int] = {}
+    for at, point in enumerate(path):
+        prepare()
+        fired.unlink(missing_ok=True)
+        done = named.run("B", point, env={"EG_FAULT_FIRED": str(fired)})
+        assert fired.read_text() == point and done.returncode == -signal.SIGKILL, (point, done.stderr[-500:])
+        what = f"upgrade to nftables killed at {point}"
+        legacy = _legacy_guarded_families(lab)
+        assert legacy in (set(), {4, 6}), f"{what}: the iptables guard holds one family only: {legacy}"
+        nft_window = named.state("B", None, what)
+        assert nft_window == _expected(path, at, "B", None), f"{what}: left {nft_window}"
+        # The iptables guard goes in the same commit call that put the nft lockdown in force, after it.
+        removed = at >= path.index("lockdown:done")
+        assert (legacy == set()) == removed, f"{what}: iptables guard {'still there' if legacy else 'gone'}"
+        window = ("iptables guard" + (" + nftables " + nft_window if nft_window != "nothing enforced" else "")
+                  if legacy else "nftables " + nft_window)
+        leaks = named.escapes()
+        _named_escapes[0] += len(leaks)
+        assert not leaks, f"{what}: {leaks}"
+        repaired = named.run("B")
+        assert repaired.returncode == 0, f"{what}: re-apply failed: {repaired.stderr[-800:]}"
+        assert _blocks(named.table()) == _blocks(named.ref["B"]), what
+        assert _legacy_guarded_families(lab) == set() and lab.in_pod("ipset", "list", "-n").stdout.split() == [], what
+        tally[window] = tally.get(window, 0) + 1
+    figures.append(f"nftables upgrade from an iptables guard: SIGKILL at {len(path)} named points, left {tally}, "
+                   "never without a whole guard, each repaired by a re-apply")
+    assert {"iptables guard", "iptables guard + nftables lockdown", "nftables lockdown", "nftables new policy"} <= set(tally)
