@@ -45,11 +45,9 @@ def hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm() -> None:
-    from egressguard.backends import iptables as ipt
-
-    kind = {"now": "?"}
-    commit = ipt.IptablesBackend.commit
+def _wrap_commit(backend: type, kind: dict[str, str | None]) -> None:
+    """KIND:start and KIND:done around the back end's commit; kind["now"] says which is running."""
+    commit = backend.commit
 
     def wrapped_commit(self, ruleset):  # type: ignore[no-untyped-def]
         kind["now"] = ruleset.kind
@@ -58,7 +56,14 @@ def arm() -> None:
         hit(f"{ruleset.kind}:done")
         return out
 
-    ipt.IptablesBackend.commit = wrapped_commit  # type: ignore[method-assign]
+    backend.commit = wrapped_commit  # type: ignore[attr-defined]
+
+
+def arm() -> None:
+    from egressguard.backends import iptables as ipt
+
+    kind: dict[str, str | None] = {"now": "?"}
+    _wrap_commit(ipt.IptablesBackend, kind)
     commit_family = ipt.IptablesBackend._commit_family
 
     def wrapped_family(self, family, tables):  # type: ignore[no-untyped-def]
@@ -114,19 +119,10 @@ def arm_nftables() -> None:
     from egressguard.backends.nftables import render
     from egressguard.backends.nftables.transport import Nft
 
-    kind = {"now": "?", "sets": None}
+    kind: dict[str, str | None] = {"now": "?", "sets": None}
     race = os.environ.get("EG_NFT_RACE", "0")
     races = {"left": 1 << 30 if race == "all" else int(race)}
-    commit = nftb.NftablesBackend.commit
-
-    def wrapped_commit(self, ruleset):  # type: ignore[no-untyped-def]
-        kind["now"] = ruleset.kind
-        hit(f"{ruleset.kind}:start")
-        out = commit(self, ruleset)
-        hit(f"{ruleset.kind}:done")
-        return out
-
-    nftb.NftablesBackend.commit = wrapped_commit  # type: ignore[method-assign]
+    _wrap_commit(nftb.NftablesBackend, kind)
     new_sets_script = render.new_sets_script
 
     def wrapped_new_sets(*a, **kw):  # type: ignore[no-untyped-def]

@@ -1,6 +1,8 @@
-"""SIGKILL `apply --backend nftables` at timed instants: one transaction per ruleset, so the table
-holds one whole ruleset (the old or the new, both families), or on a first apply nothing at all;
-never a mix. Confined traffic to a destination neither policy allows never gets out."""
+"""SIGKILL `apply --backend nftables` at timed instants (aimed at the commit by a timing run) and at
+every named point (tests/fault_apply.py): one transaction per ruleset, so the table holds one whole
+ruleset (the old or the new, both families, or the lockdown), or on a first apply nothing at all;
+never a mix. Confined traffic to a destination neither policy allows never gets out (the exempt uid
+reaches it in the same run), and a re-apply restores exactly the policy."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from egressguard.lab import EXEMPT, Lab
 
 pytestmark = pytest.mark.netns
 
+HARNESS = Path(__file__).with_name("fault_apply.py")
 KILLS = 20
 A = policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}, {"cidr": "2001:db8:2::10/128", "ports": [22]}])
 B = policy(allow=[{"cidr": "203.0.113.12/32", "ports": [22]}, {"cidr": "2001:db8:2::12/128", "ports": [22]},
@@ -28,11 +31,30 @@ B = policy(allow=[{"cidr": "203.0.113.12/32", "ports": [22]}, {"cidr": "2001:db8
 OUTSIDE = ("203.0.113.11", "2001:db8:2::11")  # allowed by neither
 
 
-def _start(lab: Lab, path: str) -> subprocess.Popen[bytes]:
+def _start(lab: Lab, path: str, trace: Path | None = None) -> subprocess.Popen[bytes]:
+    """apply through tests/fault_apply.py with nothing armed (with `trace`: a timing run), so the
+    timed kills and the timing run they are aimed by start up alike."""
     env = {**os.environ, "EGRESSGUARD_BACKEND": "nftables", "EGRESSGUARD_STATUS": str(lab.status_file)}
-    # `ip netns exec` execs the command: the pid is egressguard's own
-    return subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-m", "egressguard", "apply",
+    if trace is not None:
+        env["EG_FAULT_TRACE"] = str(trace)
+    # `ip netns exec` execs the command: the pid is the harness's own
+    return subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, str(HARNESS), "none", "apply",
                              "--policy", path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_delays(lab: Lab, path: str) -> list[float]:
+    """KILLS instants spread from just before the policy's commit starts to just after it is done,
+    seconds after the process is spawned (one timing run; most of a run is Python starting)."""
+    trace = lab.workdir / "timing"
+    trace.unlink(missing_ok=True)
+    start = time.monotonic()
+    assert _start(lab, path, trace).wait(timeout=60) == 0
+    at = {}
+    for line in trace.read_text().splitlines():
+        point, when = line.rsplit(" ", 1)
+        at.setdefault(point, float(when) - start)  # the child's CLOCK_MONOTONIC is this one
+    lo, hi = max(0.0, at["policy:start"] - 0.02), at["policy:done"] + 0.02
+    return [lo + (hi - lo) * i / (KILLS - 1) for i in range(KILLS)]
 
 
 def _holds(lab: Lab, path: str) -> bool:
@@ -58,9 +80,10 @@ def _outside_refused(lab: Lab) -> None:
 def test_sigkill_during_a_first_apply_leaves_the_whole_ruleset_or_nothing(lab: Lab, figures: list[str]) -> None:
     path = str(lab.write_policy(A, "a.yaml"))
     tally = {"nothing": 0, "whole": 0, "finished": 0}
+    delays = _kill_delays(lab, path)
     for i in range(KILLS):
         assert lab.egressguard("reset", "--backend", "nftables").returncode == 0
-        landed = _kill_after(_start(lab, path), 0.06 + 0.22 * i / KILLS)
+        landed = _kill_after(_start(lab, path), delays[i])
         if "inet egressguard" not in nft_tables(lab):
             assert landed
             tally["nothing"] += 1
@@ -79,9 +102,11 @@ def test_sigkill_during_a_reapply_leaves_the_old_or_the_new_ruleset(lab: Lab, fi
     done = lab.egressguard("apply", "--policy", a, env={"EGRESSGUARD_BACKEND": "nftables"})
     assert done.returncode == 0, done.stderr
     tally = {"old": 0, "new": 0}
+    delays = _kill_delays(lab, b)  # a re-apply A -> B
+    assert lab.egressguard("apply", "--policy", a, env={"EGRESSGUARD_BACKEND": "nftables"}).returncode == 0
     current, other = a, b
     for i in range(KILLS):
-        _kill_after(_start(lab, other), 0.06 + 0.22 * i / KILLS)
+        _kill_after(_start(lab, other), delays[i])
         if _holds(lab, other):
             tally["new"] += 1
             current, other = other, current
@@ -95,8 +120,6 @@ def test_sigkill_during_a_reapply_leaves_the_old_or_the_new_ruleset(lab: Lab, fi
 
 
 # -- SIGKILL at every named point of apply (tests/fault_apply.py, armed for the nftables back end) -----
-
-HARNESS = Path(__file__).with_name("fault_apply.py")
 NAMED = {"A": POLICY_A, "B": {**POLICY_B, "allow": [*POLICY_B["allow"], *({"cidr": f"198.18.3.{i}/32", "ports": [22]}
                                                                             for i in range(20))]}}
 # Every point a whole apply passes, in order, per scenario (checked against a trace of an unarmed run,
