@@ -350,3 +350,59 @@ def test_sigkill_at_every_named_point_of_an_upgrade_from_the_iptables_back_end(n
     figures.append(f"nftables upgrade from an iptables guard: SIGKILL at {len(path)} named points, left {tally}, "
                    "never without a whole guard, each repaired by a re-apply")
     assert {"iptables guard", "iptables guard + nftables lockdown", "nftables lockdown", "nftables new policy"} <= set(tally)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/ip_tables_names"), reason="legacy x_tables not in this kernel")
+def test_sigkill_at_every_named_point_of_a_move_to_the_iptables_back_end(named: NamedBed, figures: list[str]) -> None:
+    """apply --backend iptables over an nftables guard (a downgrade, or auto falling back): the nft
+    table goes only once both families' iptables guard is in force. Killed at any named point of the
+    iptables apply, a whole guard holds (nft, or iptables, or both; the routing fence covers a family
+    not yet committed), and a re-apply leaves the iptables objects only."""
+    from egressguard import fence  # noqa: PLC0415
+
+    lab = named.lab
+    ipt = {"EGRESSGUARD_BACKEND": "iptables"}
+
+    def fenced() -> bool:
+        return f"proto {fence.PROTOCOL}" in lab.in_pod("ip", "rule").stdout + lab.in_pod("ip", "-6", "rule").stdout
+
+    def prepare() -> None:
+        assert lab.egressguard("reset", "--backend", "iptables").returncode == 0
+        assert not fenced() and _legacy_guarded_families(lab) == set()
+        _applied(named, "A")  # the nftables guard
+
+    prepare()
+    trace = lab.workdir / "trace"
+    trace.unlink(missing_ok=True)
+    assert named.run("B", "none", env={**ipt, "EG_FAULT_TRACE": str(trace)}).returncode == 0
+    path = tuple(line.split()[0] for line in trace.read_text().splitlines())
+    assert "lockdown:ipv6:filter:after" in path and "policy:ipv4:filter:after" in path, path
+    fired = lab.workdir / "fired"
+    tally: dict[str, int] = {}
+    for point in path:
+        prepare()
+        fired.unlink(missing_ok=True)
+        done = named.run("B", point, env={**ipt, "EG_FAULT_FIRED": str(fired)})
+        assert fired.read_text() == point and done.returncode == -signal.SIGKILL, (point, done.stderr[-500:])
+        what = f"move to iptables killed at {point}"
+        legacy, up = _legacy_guarded_families(lab), fenced()
+        nft_whole = bool(_blocks(named.table())[1])
+        if nft_whole:
+            assert _blocks(named.table()) == _blocks(named.ref["A"]), f"{what}: the nft table is not whole A"
+        else:
+            # The nft table went only after the iptables guard was in force in both families.
+            assert legacy == {4, 6}, f"{what}: no nft table, iptables guard in {legacy}"
+        assert legacy in (set(), {4, 6}) or up, f"{what}: one family guarded by iptables ({legacy}) and no fence"
+        leaks = named.escapes()
+        _named_escapes[0] += len(leaks)
+        assert not leaks, f"{what}: {leaks}"
+        window = " + ".join(w for w, on in (("nftables guard", nft_whole), (f"iptables {sorted(legacy)}", legacy),
+                                            ("fence", up)) if on)
+        tally[window] = tally.get(window, 0) + 1
+        repaired = named.run("B", env=ipt)
+        assert repaired.returncode == 0, f"{what}: re-apply failed: {repaired.stderr[-800:]}"
+        assert "inet egressguard" not in nft_tables(lab) and _legacy_guarded_families(lab) == {4, 6} and not fenced()
+    assert lab.egressguard("reset", "--backend", "iptables").returncode == 0
+    figures.append(f"move from nftables to iptables: SIGKILL at {len(path)} named points, left {tally}, "
+                   "never without a whole guard, each repaired by a re-apply")
+    assert {"nftables guard", "iptables [4, 6]"} <= set(tally) and any("+" in w for w in tally), tally
