@@ -16,7 +16,10 @@ readback:before|after (apply's read-back: before the listing, and with the listi
 it is compared), then fence:lower, resolve, verify and status as above. EG_NFT_RACE=N (or `all`)
 makes a real foreign commit land in the window of the first N policy commit attempts: before our
 read a separate `nft` process adds chain `intruder` to our table, right after it deletes it again,
-so the transaction rendered from that read names a chain that is gone.
+so the transaction rendered from that read names a chain that is gone. EG_NFT_OWNER=1: before the
+first commit (after preflight) a second netlink socket of this process creates our table with
+`flags owner` (only that socket may change it, until it closes): the kernel refuses apply's
+transactions, with no other commit in between.
 """
 
 from __future__ import annotations
@@ -123,6 +126,17 @@ def arm_nftables() -> None:
     race = os.environ.get("EG_NFT_RACE", "0")
     races = {"left": 1 << 30 if race == "all" else int(race)}
     _wrap_commit(nftb.NftablesBackend, kind)
+    if os.environ.get("EG_NFT_OWNER"):
+        commit_ = nftb.NftablesBackend.commit
+        owner: list[Nft] = []
+
+        def owned_first(self, ruleset):  # type: ignore[no-untyped-def]
+            if not owner:  # after preflight, before the first commit: this socket, not apply's, owns the name
+                owner.append(Nft())
+                owner[0].run(f"add table {render.TABLE} {{ flags owner; }}")
+            return commit_(self, ruleset)
+
+        nftb.NftablesBackend.commit = owned_first  # type: ignore[method-assign]
     new_sets_script = render.new_sets_script
 
     def wrapped_new_sets(*a, **kw):  # type: ignore[no-untyped-def]

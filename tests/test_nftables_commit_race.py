@@ -121,3 +121,19 @@ def test_a_commit_that_keeps_racing_exits_4_with_the_lockdown_in_force(lab: Lab)
         assert refused_fast(lab.tcp(host, 22, timeout=FAST)), host
         assert reached(lab.tcp(host, 22, uid=EXEMPT, timeout=FAST), host)  # control
     assert dns_answered(lab.dns("allowed.test", RESOLVER_V4)), "the lockdown keeps DNS to the resolvers"
+
+
+
+def test_a_transaction_the_kernel_refuses_is_not_retried(lab: Lab) -> None:
+    """Another netlink socket owns our table (`flags owner`), created after preflight: the kernel
+    refuses apply's transaction with no other commit in between, so apply exits 4 at once, naming
+    the refusal, without a retry."""
+    path = lab.write_policy(POLICY_A, "a.json")
+    env = {**os.environ, **NFT, "EGRESSGUARD_STATUS": str(lab.status_file), "EG_NFT_OWNER": "1"}
+    done = subprocess.run(["ip", "netns", "exec", lab.pod, sys.executable, HARNESS, "none", "apply", "--policy", str(path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 4, done.stderr[-1500:]
+    assert _events(done.stderr, "commit_retried") == 0
+    human = _human(done.stderr)
+    assert len(human) == 1 and "the kernel refused the transaction" in human[0] and "not permitted" in human[0], human
+    assert "inet egressguard" not in nft_tables(lab)  # the owner's table went with its socket
