@@ -135,5 +135,8 @@ def test_a_transaction_the_kernel_refuses_is_not_retried(lab: Lab) -> None:
     assert done.returncode == 4, done.stderr[-1500:]
     assert _events(done.stderr, "commit_retried") == 0
     human = _human(done.stderr)
-    assert len(human) == 1 and "the kernel refused the transaction" in human[0] and "not permitted" in human[0], human
+    # libnftables 1.0.6 cannot even print an owned table as JSON, so apply stops reading it; a
+    # libnftables that can gets the kernel's refusal of the transaction. Either way: at once, no retry.
+    assert len(human) == 1 and ("owned by another program" in human[0] or (
+        "the kernel refused the transaction" in human[0] and "not permitted" in human[0])), human
     assert "inet egressguard" not in nft_tables(lab)  # the owner's table went with its socket

@@ -97,7 +97,13 @@ class Nft:
             raise
         if not text.strip():
             return []
-        return [o for o in json.loads(text).get("nftables", []) if "metainfo" not in o]
+        try:
+            listing = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # libnftables 1.0.6 prints a table's `flags owner` as truncated JSON: someone else's table.
+            raise NftablesError(f"libnftables printed {what} as invalid JSON ({exc.msg} at {exc.pos}): "
+                                "is it owned by another program (flags owner)?") from None
+        return [o for o in listing.get("nftables", []) if "metainfo" not in o]
 
 
 def _netlink_usable() -> None:
