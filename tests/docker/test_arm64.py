@@ -41,7 +41,7 @@ def test_the_image_is_arm64_and_runs_an_aarch64_userland(image: str) -> None:
 
 def test_its_python_loads_both_back_ends_with_an_aarch64_python_iptables(image: str) -> None:
     probe = (
-        "import glob, json, sys, iptc, pydantic_core, yaml\n"
+        "import glob, json, sys, iptc, yaml\n"
         "from egressguard.backends.nftables import transport\n"
         "transport.load()\n"
         "wrapper = glob.glob(sys.prefix + '/lib/python3*/site-packages/libxtwrapper*.so')\n"
