@@ -286,6 +286,29 @@ class Redirect(_Model):
     to_port: Port = Field(..., description="local port the proxy listens on (loopback, both families)")
 
 
+# `log.rate`: packets per unit, as nft and iptables both spell it (iptables prints "10/sec").
+_RATE = re.compile(r"^([1-9][0-9]{0,5})/(second|minute|hour|day)$")
+MAX_LOG_RATE_PER_SECOND = 10_000  # the kernel's limit counts in jiffies: beyond this it cannot limit
+
+
+class Log(_Model):
+    """Refused packets handed to `egressguard watch` (NFLOG), rate-limited in the kernel."""
+
+    refused: bool = Field(True, strict=True, description="log refused packets; false installs no log rule at all")
+    rate: str = Field("10/second", description="at most this many log messages per refusal rule: N/second|minute|hour|day")
+    burst: int = Field(50, ge=1, le=10_000, strict=True, description="messages allowed at once before `rate` applies")
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        m = _RATE.match(v) if isinstance(v, str) else None
+        if m is None:
+            raise ValueError(f"{v!r} is not a rate such as 10/second (N/second, /minute, /hour or /day, N from 1)")
+        if m.group(2) == "second" and int(m.group(1)) > MAX_LOG_RATE_PER_SECOND:
+            raise ValueError(f"{v!r}: more than {MAX_LOG_RATE_PER_SECOND}/second")
+        return v
+
+
 class Policy(_Model):
     """An egress policy, version 1."""
 
@@ -312,6 +335,7 @@ class Policy(_Model):
     allow: list[AllowEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
     deny: list[DenyEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
     redirect: list[Redirect] = Field(default_factory=list, max_length=64)
+    log: Log = Field(default_factory=Log, description="what `egressguard watch` is told about refused packets")
 
     @field_validator("loopback")
     @classmethod
