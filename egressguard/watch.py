@@ -210,6 +210,11 @@ def _read(sock: socket.socket, buf: bytearray, flows: Flows, more: int) -> int:
     return lost
 
 
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGESIZE") // 1024
+
+
 def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: int = MAX_FLOWS,
           ready: Callable[[], None] | None = None) -> int:
     """Read the group until SIGTERM or SIGINT; one event per flow per window, and at the end."""
@@ -249,8 +254,9 @@ def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: in
     wake_w.close()
     sock.setblocking(False)  # what the kernel queued before the stop is still reported
     lost += _read(sock, buf, flows, MAX_FLOWS)
+    rss = _rss_kib()  # with the last window's flows still held: what the reader's memory came to
     flows.flush(emit, window_s, lost)
-    log.info("watch_stopped")
+    log.info("watch_stopped", rss_kib=rss)
     return 0
 
 
