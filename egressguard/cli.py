@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy_args(sp)
     status_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
+                    "policy logs refusals (default: nobody)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
 
     sp = sub.add_parser("watch", help="print one event per refused flow (reads the NFLOG group; runs until stopped)")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fold repeats of a flow over this long (default: 10)")
     sp.add_argument("--max-flows", type=int, default=None, metavar="N",
                     help="flows itemised per window; packets of further flows are counted (default: 4096)")
+    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
 
     sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
     policy_args(sp)

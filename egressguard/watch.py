@@ -20,7 +20,9 @@ from typing import Any
 
 import structlog
 
-from egressguard.errors import EnvironmentUnsupported
+from egressguard import sidecar
+from egressguard.errors import EnvironmentUnsupported, PolicyError
+from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges, resolve_user
 from egressguard.ruleset import LOG_GROUP
 
 log = structlog.get_logger("egressguard")
@@ -51,6 +53,7 @@ _FRAGMENT = 44
 # most this many keys (each a few hundred bytes) and one receive buffer.
 MAX_FLOWS = 4096
 DEFAULT_WINDOW_S = 10.0
+NOBODY = 65534
 
 
 @dataclass(frozen=True)
@@ -216,8 +219,9 @@ def _rss_kib() -> int:
 
 
 def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: int = MAX_FLOWS,
-          ready: Callable[[], None] | None = None) -> int:
-    """Read the group until SIGTERM or SIGINT; one event per flow per window, and at the end."""
+          ready: Callable[[], None] | None = None, until: int | None = None) -> int:
+    """Read the group until SIGTERM or SIGINT (or `until` becomes readable: the parent's pidfd);
+    one event per flow per window, and at the end."""
     stop = False
 
     def _stop(_sig: int, _frm: Any) -> None:
@@ -240,11 +244,14 @@ def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: in
     while not stop:
         timeout = max(0.0, window_end - time.monotonic())
         try:
-            readable, _, _ = select.select([sock, wake_r], [], [], timeout)
+            readable, _, _ = select.select([sock.fileno(), wake_r.fileno(), *([until] if until is not None else [])],
+                                           [], [], timeout)
         except InterruptedError:
             readable = []
-        if sock in readable:
+        if sock.fileno() in readable:
             lost += _read(sock, buf, flows, 0)
+        if until is not None and until in readable:
+            stop = True
         if time.monotonic() >= window_end:
             flows.flush(emit, window_s, lost)
             lost = 0
@@ -262,8 +269,6 @@ def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: in
 
 def main(args: Any) -> int:
     """`egressguard watch`: as root, first become --user (default nobody) with CAP_NET_ADMIN only."""
-    from egressguard.errors import PolicyError  # noqa: PLC0415
-    from egressguard.privileges import CAP_NET_ADMIN, drop_privileges, resolve_user  # noqa: PLC0415
 
     window = DEFAULT_WINDOW_S if args.window is None else args.window
     max_flows = MAX_FLOWS if args.max_flows is None else args.max_flows
@@ -272,6 +277,18 @@ def main(args: Any) -> int:
     if not 1 <= max_flows <= 1_000_000:
         raise PolicyError(f"usage error: --max-flows {max_flows}: between 1 and 1000000")
     if os.geteuid() == 0:
-        drop_privileges(resolve_user(args.user or "nobody"), keep=(CAP_NET_ADMIN,))
+        drop_privileges(_watch_user(args.user), keep=(CAP_NET_ADMIN,))
+    until = None if args.parent is None else sidecar.parent_exit_fd(args.parent)
     with open_group() as sock:
-        return serve(sock, window, max_flows)
+        ready = None if args.ready_fd is None else (lambda: sidecar.report_ready(args.ready_fd))
+        return serve(sock, window, max_flows, ready=ready, until=until)
+
+
+def _watch_user(name: str | None) -> Identity:
+    """--user, else nobody (uid 65534 even where the image's passwd lacks it)."""
+    if name is not None:
+        return resolve_user(name)
+    try:
+        return resolve_user("nobody")
+    except PolicyError:
+        return Identity(name="nobody", uid=NOBODY, gid=NOBODY, home="/", shell="/bin/sh")
