@@ -93,13 +93,20 @@ def open_group(group: int = LOG_GROUP) -> socket.socket:
             sock.send(_config(seq, socket.AF_UNSPEC, group, attrs))
             err = _ack(sock, seq)
             if err:
-                hint = {errno.EPERM: " (needs CAP_NET_ADMIN)",
-                        errno.EBUSY: f" (another reader holds NFLOG group {group} in this namespace)"}.get(err, "")
+                held = f" (another reader holds NFLOG group {group} in this namespace)"
+                # the kernel answers EPERM both without CAP_NET_ADMIN and for a group bound by another socket
+                hint = {errno.EPERM: held if _has_net_admin() else " (needs CAP_NET_ADMIN)", errno.EBUSY: held}.get(err, "")
                 raise EnvironmentUnsupported(f"NFLOG group {group}: cannot {what}: {os.strerror(err)}{hint}")
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _has_net_admin() -> bool:
+    with open("/proc/self/status") as fh:
+        eff = next((int(line.split()[1], 16) for line in fh if line.startswith("CapEff:")), 0)
+    return bool(eff >> CAP_NET_ADMIN & 1)
 
 
 def _ack(sock: socket.socket, seq: int) -> int:
@@ -269,7 +276,6 @@ def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: in
 
 def main(args: Any) -> int:
     """`egressguard watch`: as root, first become --user (default nobody) with CAP_NET_ADMIN only."""
-
     window = DEFAULT_WINDOW_S if args.window is None else args.window
     max_flows = MAX_FLOWS if args.max_flows is None else args.max_flows
     if not 0.05 <= window <= 3600:

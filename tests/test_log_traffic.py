@@ -262,3 +262,11 @@ def test_watch_runs_as_nobody_with_only_cap_net_admin(lab: Lab, watcher: Watcher
     assert fields["Uid"].split() == ["65534"] * 4
     assert int(fields["CapEff"], 16) == 1 << 12 and int(fields["CapBnd"], 16) == 1 << 12
     assert fields["NoNewPrivs"].strip() == "1"
+
+
+def test_a_second_reader_in_the_same_pod_exits_3_and_the_first_goes_on(lab: Lab, watcher: Watcher) -> None:
+    second = lab.egressguard("watch", timeout=30)
+    assert second.returncode == 3, second.stderr[-1000:]
+    assert "another reader holds NFLOG group 14 in this namespace" in second.stderr
+    assert lab.tcp("203.0.113.11", 22, timeout=FAST).blocked
+    assert [e for e in _refused(watcher.stop()) if e[1] == "203.0.113.11"] == [(CONFINED, "203.0.113.11", 22, "tcp", "deny[0]")]
