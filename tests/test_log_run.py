@@ -1,6 +1,6 @@
 """Docker mode's log (issue 14), without Docker: `egressguard run` starts `egressguard watch` as a
 process of its own beside the command, as another user; its events go to the same log as the
-command's; the command cannot signal it; and it ends with the command."""
+command's; the command can neither signal nor trace it; and it ends with the command."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.netns
 
 # The command: a refused connection, then an attempt to kill the reader.
 COMMAND = r"""
-import json, os, signal, socket
+import ctypes, json, os, signal, socket
 s = socket.socket()
 s.settimeout(1.0)
 try:
@@ -39,7 +39,11 @@ for pid in readers:
             os.kill(pid, sig); killed[f"{pid}/{sig.name}"] = "sent"
         except OSError as exc:
             killed[f"{pid}/{sig.name}"] = exc.strerror
-print(json.dumps({"refused": refused, "readers": readers, "kill": killed}))
+libc = ctypes.CDLL(None, use_errno=True)
+traced = {}
+for pid in readers:  # PTRACE_ATTACH (16): no way into the reader's memory either
+    traced[str(pid)] = "attached" if libc.ptrace(16, pid, None, None) == 0 else os.strerror(ctypes.get_errno())
+print(json.dumps({"refused": refused, "readers": readers, "kill": killed, "ptrace": traced}))
 """
 
 
@@ -54,6 +58,7 @@ def test_run_starts_the_reader_beside_the_command_which_cannot_signal_it(
     assert report["refused"] == "ConnectionRefusedError"
     assert len(report["readers"]) == 1, report
     assert set(report["kill"].values()) == {"Operation not permitted"}, report
+    assert set(report["ptrace"].values()) == {"Operation not permitted"}, report
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     started = next(e for e in events if e["event"] == "watch_started_beside_command")
     assert started["pid"] == report["readers"][0]
