@@ -286,6 +286,12 @@ class IptablesBackend(Backend):
                     return referenced_sets
                 except iptc.IPTCError as exc:
                     last = exc
+                    if "Invalid argument" in str(exc) and self._holds(want):
+                        # libiptc replaces the table, then adds the old counters to it; a writer that
+                        # commits in between makes the second call fail (EINVAL: the entry count
+                        # changed) after the replace landed. What the kernel holds decides.
+                        log.info("commit_landed_counters_lost", table=f"ipv{want.family}/{want.name}")
+                        return referenced_sets
                     if not ("temporarily unavailable" in str(exc) or "Resource" in str(exc)):
                         raise _commit_error(want, exc) from None
                 except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
@@ -293,6 +299,17 @@ class IptablesBackend(Backend):
             log.info("commit_retried", table=f"ipv{want.family}/{want.name}", attempt=attempt + 1, error=str(last))
             time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
+
+    def _holds(self, want: Table) -> bool:
+        """The kernel's table holds `want`'s chains entry for entry and our jump first in OUTPUT."""
+        try:
+            chains = xtables_raw.read_chains(want.family, want.name)
+        except (OSError, ValueError):
+            return False
+        encoded = self._encoded_entries(want.family, want)
+        output = chains.get("OUTPUT", [])
+        return all(tuple(chains.get(c.name, ())) == encoded[c.name] for c in want.chains) and \
+            tuple(output[:len(encoded["OUTPUT"])]) == encoded["OUTPUT"]
 
     def _stage(self, tbl: Any, want: Table, encoded: list[list[Any]]) -> bool:
         """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one);
