@@ -354,3 +354,26 @@ def test_version_1_point_0_is_not_taken_for_1(text: str) -> None:
 def test_yaml_types_that_no_policy_field_has_are_refused_with_their_line(text: str, kind: str) -> None:
     with pytest.raises(PolicyError, match=rf"invalid YAML at line 2 column \d+: YAML type {kind} is not allowed"):
         policy_mod.parse_text(text, "p")
+
+
+# -- log (issue 14) ------------------------------------------------------------------------------
+
+
+def test_log_of_refusals_is_on_by_default_with_the_documented_rate() -> None:
+    log = validate({"version": 1}).log
+    assert (log.refused, log.rate, log.burst) == (True, "10/second", 50)
+
+
+@pytest.mark.parametrize(("log", "where"), [
+    ({"refused": "maybe"}, "log.refused: "),
+    ({"rate": "10/sec"}, "log.rate: '10/sec' is not a rate such as 10/second"),
+    ({"rate": "0/second"}, "log.rate: '0/second' is not a rate"),
+    ({"rate": 10}, "log.rate: Input should be a valid string"),
+    ({"rate": "20000/second"}, "log.rate: '20000/second': more than 10000/second"),
+    ({"burst": 0}, "log.burst: "),
+    ({"burst": 10001}, "log.burst: "),
+    ({"burst": "50"}, "log.burst: "),
+    ({"group": 3}, "log.group: unknown key"),
+])
+def test_bad_log_settings_are_one_line_naming_the_field(log: dict[str, Any], where: str) -> None:
+    assert _error({"version": 1, "log": log}).startswith(where)
