@@ -577,9 +577,23 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
     return LoadedPolicy(policy=validate(DEFAULT_POLICY, "built-in default"), source="built-in default")
 
 
+# Keys added after 0.1 (dotted paths). While one holds its default it is left out of the digest, so
+# the digest a deployment pinned (EGRESSGUARD_EXPECT_DIGEST) survives an upgrade of the image; a
+# policy that sets one to anything else gets a new digest, as any change of meaning does.
+ADDED_KEYS: tuple[str, ...] = ("log",)
+
+
 def digest(policy: Policy) -> str:
     """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
     data = policy.to_json()
+    default = Policy(version=1).to_json()
+    for path in ADDED_KEYS:
+        *parents, key = path.split(".")
+        here, there = data, default
+        for part in parents:
+            here, there = here[part], there[part]
+        if here[key] == there[key]:
+            del here[key]
     # A list file is part of the policy: its networks count, not just its path.
     files = {
         f"{kind}[{i}]": list(e.networks)
