@@ -212,8 +212,8 @@ def test_net_admin_outside_the_guard_is_refused() -> None:
     for cap in ("NET_ADMIN", "NET_RAW", "SYS_ADMIN"):
         pod = agent_pod()
         pod["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = [cap]
-        assert admit(pod) == ["only the first init container, egressguard by digest, may add NET_ADMIN and NET_RAW; "
-                              "other containers may add NET_BIND_SERVICE only"], cap
+        assert admit(pod) == ["only the first init container, egressguard by digest, may add NET_ADMIN and NET_RAW (the "
+                              "egressguard-watch sidecar NET_ADMIN); other containers may add NET_BIND_SERVICE only"], cap
 
 
 def test_the_guard_by_tag_instead_of_digest_is_refused() -> None:
@@ -241,8 +241,8 @@ def test_the_guard_image_elsewhere_or_doing_something_else_gets_no_capabilities(
     assert any(f.startswith("only the first init container") for f in refusals(shell))
     twice = mutate(agent_pod())
     twice["spec"]["initContainers"].append({**twice["spec"]["initContainers"][0], "volumeMounts": []})
-    assert refusals(twice) == ["only the first init container, egressguard by digest, may add NET_ADMIN and NET_RAW; "
-                               "other containers may add NET_BIND_SERVICE only",
+    assert refusals(twice) == ["only the first init container, egressguard by digest, may add NET_ADMIN and NET_RAW "
+                               "(the egressguard-watch sidecar NET_ADMIN); other containers may add NET_BIND_SERVICE only",
                                "restricted: every container but egressguard runs as non-root (runAsNonRoot: true, "
                                "runAsUser not 0)"]
     as_app = agent_pod()
@@ -282,3 +282,19 @@ def test_an_agent_container_without_the_status_mount_is_refused() -> None:
     pod["spec"]["containers"][0]["volumeMounts"][0]["readOnly"] = False
     assert refusals(pod) == ["agent pod: every app container mounts the egressguard-run volume read-only at "
                              "/run/egressguard"]
+
+
+def test_the_watch_sidecar_of_the_example_is_admitted_by_digest_with_net_admin_only() -> None:
+    """examples/kubernetes/pod-with-watch.yaml, images by digest: admitted; its reader with NET_RAW, or another
+    image, is not."""
+    pod = yaml.safe_load((ROOT / "examples" / "kubernetes" / "pod-with-watch.yaml").read_text())
+    pod["metadata"]["labels"]["egressguard.io/agent"] = "true"
+    for c in pod["spec"]["initContainers"]:
+        c["image"] = GUARD_IMAGE
+    assert admit(pod) == []
+    caps = next(c for c in pod["spec"]["initContainers"] if c["name"] == "egressguard-watch")["securityContext"]["capabilities"]
+    caps["add"] = ["NET_ADMIN", "NET_RAW"]
+    assert any(f.startswith("only the first init container") for f in admit(pod))
+    caps["add"] = ["NET_ADMIN"]
+    next(c for c in pod["spec"]["initContainers"] if c["name"] == "egressguard-watch")["image"] = "registry.example/x:1"
+    assert any(f.startswith("only the first init container") for f in admit(pod))
