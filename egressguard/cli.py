@@ -92,7 +92,20 @@ def _run_args(sp: argparse.ArgumentParser) -> None:
     _policy_args(sp)
     _status_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
+                    "policy logs refusals (default: nobody)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
+
+
+def _watch_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
+                    "(default: stay who it is; as root: nobody)")
+    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="fold repeats of a flow over this long (default: 10)")
+    sp.add_argument("--max-flows", type=int, default=None, metavar="N",
+                    help="flows itemised per window; packets of further flows are counted (default: 4096)")
+    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
 
 
 def _explain_args(sp: argparse.ArgumentParser) -> None:
@@ -117,6 +130,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "schema": ("print the policy's JSON Schema", lambda sp: None),
     "probe": ("unprivileged self-check: is egress from this identity guarded?", _probe_args),
     "run": ("apply, drop every privilege, exec CMD as --user (Docker entrypoint)", _run_args),
+    "watch": ("print one event per refused flow (reads the NFLOG group; runs until stopped)", _watch_args),
     "explain": ("which policy line decides for a destination (no kernel)", _explain_args),
     "demo": ("throwaway pod + world namespaces: apply the policy, probe, print a table", _demo_args),
 }
@@ -262,6 +276,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for t in installed.tables
         ],
     }
+    report["refused"] = refused_by_line(installed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -273,6 +288,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last apply: no status file at {args.status_file}")
     for other in report["other_firewalls"]:
         print(f"note: {other}")
+    if report["refused"]:
+        print("refused packets, by policy line: " + ", ".join(f"{k} {v}" for k, v in report["refused"].items()))
     for t in report["tables"]:
         if not t["chains"]:
             continue
@@ -282,6 +299,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             for r in rules:
                 print(f"    {r['packets']:>8} pkts {r['bytes']:>10} B  {r['rule']}")
     return 0
+
+
+def refused_by_line(installed: Any) -> dict[str, int]:
+    """Packets refused so far per policy line (both families): the counters of the refusing rules,
+    which count every packet (the log rules before them count only what their limit lets through)."""
+    from egressguard.ruleset import CONFINED, policy_line  # noqa: PLC0415
+
+    out: dict[str, int] = {}
+    for t in installed.tables:
+        for c in t.chains:
+            if c.name != CONFINED:
+                continue
+            for i, r in enumerate(c.rules):
+                if r.target in ("REJECT", "DROP"):
+                    line = policy_line(r.comment)
+                    out[line] = out.get(line, 0) + t.counters[c.name][i][0]
+    return out
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from egressguard import watch  # noqa: PLC0415
+
+    return watch.main(args)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -335,6 +375,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "run": cmd_run,
     "explain": cmd_explain,
+    "watch": cmd_watch,
     "demo": cmd_demo,
 }
 
