@@ -47,6 +47,12 @@ def _structlog() -> Any:
     return structlog
 
 
+def load() -> None:
+    """Import and configure structlog now: before a process drops privileges, so that its first
+    event does not depend on what the new user may read (e.g. a Python under /root)."""
+    _structlog()
+
+
 class Logger:
     """A structlog logger for `name`, made when it first emits an event."""
 

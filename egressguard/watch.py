@@ -281,6 +281,7 @@ def main(args: Any) -> int:
     if not 1 <= max_flows <= 1_000_000:
         raise PolicyError(f"usage error: --max-flows {max_flows}: between 1 and 1000000")
     if os.geteuid() == 0:
+        logs.load()  # its events are logged as the user it becomes
         drop_privileges(_watch_user(args.user), keep=(CAP_NET_ADMIN,))
     until = None if args.parent is None else sidecar.parent_exit_fd(args.parent)
     with open_group() as sock:
