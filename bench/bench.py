@@ -450,7 +450,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
-    ap.add_argument("--sections", default="12345", help="which sections to run, e.g. 13")
+    ap.add_argument("--sections", default="123456", help="which sections to run, e.g. 13")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
         print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
@@ -479,7 +479,7 @@ def main() -> int:
         print("| what | peak RSS |\n|---|---:|")
         for name, mib in peak_rss([0, sizes[-1]]):
             print(f"| {name} | {mib:.1f} MiB |")
-    if "5" in args.sections:
+    if "6" in args.sections:
         section_import_time(runs)
     print(f"\n# load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     return 0
@@ -541,7 +541,7 @@ def section_import_time(runs: int) -> None:
     """`python -X importtime` of a whole apply per back end: the sum of every module's own import time
     (median per module over the runs) and the largest packages."""
     policy = write_policy(0)
-    print("\n## 5. Import time of apply (`python -X importtime`, default policy, medians per module)\n")
+    print("\n## 6. Import time of apply (`python -X importtime`, default policy, medians per module)\n")
     print("| back end | all imports | egressguard | structlog | PyYAML | python-iptables | ctypes | argparse | rest (stdlib) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for backend in ("nftables", "iptables"):
