@@ -149,13 +149,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hosts = facts.resolve_hosts(
             hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
         ).addresses
-    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
     backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
     from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
-    if backend in ("nftables", "auto") and not args.json:
+    nft_plan = backend in ("nftables", "auto") and not args.json
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nft_plan)
+    if nft_plan:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",

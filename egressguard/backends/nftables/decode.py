@@ -259,6 +259,8 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             if ck == "direction" and op == "==" and cdir is None:
                 return _put(f, "ctdir", str(right).upper())
             if ck == f"{ip} daddr" and cdir == "original" and op == "==":
+                if isinstance(right, str) and right.startswith("@"):
+                    return _put(f, "ctorigdst_set", right[1:])
                 return _put(f, "ctorigdst", _addr(right))
             if ck == "proto-dst" and cdir == "original" and op == "==":
                 return _put(f, "ctorigdstport", int(right))
