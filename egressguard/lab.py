@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import itertools
 import json
 import os
@@ -1121,7 +1122,7 @@ def _serve_relay(uid: int, port: int, divert: tuple[str, int] | None, log_path: 
     os.close(ready_fd)
     while True:
         for key, _ in sel.select():
-            lst = key.fileobj  # type: ignore[assignment]
+            lst: socket.socket = key.fileobj  # type: ignore[assignment]
             try:
                 conn, _peer = lst.accept()
             except OSError:
@@ -1133,7 +1134,9 @@ def _serve_relay(uid: int, port: int, divert: tuple[str, int] | None, log_path: 
                     log.write(orig + "\n")
                 target = divert or (_split_hostport(orig) if orig != "-" else None)
                 answer = f"relay {uid} -"
-                if target:
+                if target and target[1] == port and ipaddress.ip_address(target[0]).is_loopback:
+                    answer = f"relay {uid} loop"  # connected to directly: no original destination to go to
+                elif target:
                     where = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
                     try:
                         with socket.create_connection(target, timeout=1.5) as up:

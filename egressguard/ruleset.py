@@ -433,7 +433,7 @@ def _list_rules(
                 name = sets[key].name
                 if orig and orig_sets:
                     for port in key[1] or (None,):
-                        match = {"ctorigdst_set": name, "protocol": key[0], "ctorigdstport": port}
+                        match: dict[str, object] = {"ctorigdst_set": name, "protocol": key[0], "ctorigdstport": port}
                         rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
                 else:
                     for group in _port_groups(list(key[1]) or None):
@@ -572,7 +572,7 @@ def _confined(
 ) -> tuple[tuple[Rule, ...], list[AddressSet]]:
     """EGRESSGUARD-CONFINED, in this order: kernel-ndp (confine: all, IPv6) -> kernel-local
     (confine: all) -> forged-source (drop) -> routing-header / ip-options -> replies -> metadata
-    -> deny -> nat-elsewhere -> loopback -> redirect target -> dns -> dnat-set (sets on iptables)
+    -> deny -> loopback -> redirect target -> dns -> nat-elsewhere -> dnat-set (sets on iptables)
     -> allow -> default. Nothing that lets a packet through, and no REJECT (which answers the
     source), comes before the source check.
 
@@ -587,12 +587,13 @@ def _confined(
                                       orig_sets=orig_sets)
         rules += deny
         sets += deny_sets
-    # Judged by where it was addressed, a connection must also go there: a NAT may hand it to a
-    # process on this host (a mesh relay, our proxy, Docker's DNS), whose own connections are judged
-    # by its uid, never on to another host the policy did not allow.
-    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_type="!LOCAL")
     rules += _loopback(policy, family)
     rules += _dns(family, facts)
+    # Judged by where it was addressed, an allowed connection must also go there: a NAT may hand it
+    # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
+    # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
+    # resolver (kube-dns style), as before.
+    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_type="!LOCAL")
     if not lockdown:
         allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
                                         orig_sets=orig_sets)

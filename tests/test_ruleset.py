@@ -477,3 +477,47 @@ def test_default_policy_refuses_everything_but_loopback_dns_and_redirect() -> No
     rs = build(validate(DEFAULT_POLICY), Facts(resolvers=RESOLVERS))
     assert set(_comments(_confined(rs, 4))) == {"forged-source", "ip-options", "replies", "metadata", "loopback",
                                                  "nat-elsewhere", "redirect", "dns", "default"}
+
+
+# -- original destinations (service meshes) -----------------------------------------------------
+
+
+def test_destinations_are_judged_by_the_original_destination_and_port() -> None:
+    # A mesh's nat redirect makes the packet's destination 127.0.0.1:15001 before the filter table
+    # sees it; conntrack's original tuple still names what the process asked for.
+    rs = _build({"allow": [{"cidr": "203.0.113.0/24", "ports": [443, 80]}], "deny": [{"cidr": "203.0.113.7/32"}]})
+    judged = [r for r in _confined(rs, 4) if r.comment.startswith(("allow[", "deny[", "metadata"))]
+    assert judged and all(r.dst is None and not r.dports and r.ctorigdst for r in judged)
+    assert [(r.ctorigdst, r.ctorigdstport) for r in judged if r.comment == "allow[0]"] == [
+        ("203.0.113.0/24", 80), ("203.0.113.0/24", 443)]
+    # The nat table acts before any NAT of ours, on the packet as sent: its matches stay on the packet.
+    nat = _build({"deny": [{"cidr": "203.0.113.7/32"}], "redirect": [{"ports": [80], "to_port": 8444}]})
+    assert all(r.ctorigdst is None for r in _chain(nat, 4, "nat", "EGRESSGUARD-REDIRECT"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_connection_natted_to_another_host_is_refused_before_the_allow_list(family: int) -> None:
+    rules = _confined(_build(BROAD), family)
+    at = _first(rules, "nat-elsewhere")
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert all(r.ctstate == "DNAT" and r.dst_type == "!LOCAL" and r.target == "REJECT"
+               for r in rules if r.comment == "nat-elsewhere")
+
+
+def _listed(n: int, base: str, **extra: Any) -> list[dict[str, Any]]:
+    return [{"cidr": f"{base}.{i}/32", **extra} for i in range(1, n + 1)]
+
+
+def test_iptables_sets_refuse_dnatted_connections_before_the_allow_list() -> None:
+    data = {"allow": _listed(20, "198.19.0", ports=[443]) + [{"cidr": "203.0.113.0/24", "ports": [80]}],
+            "deny": _listed(20, "198.18.0")}
+    rules = _confined(_build(data), 4)
+    (at,) = {i for i, r in enumerate(rules) if r.comment == "dnat-set" and r.protocol == "tcp"}
+    assert rules[at].ctstate == "DNAT" and rules[at].target == "REJECT"
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert {r.match_set for r in rules if r.match_set} and not any(r.ctorigdst_set for r in rules)
+    # Without sets, or where sets are looked up by the original destination, nothing is refused so.
+    assert "dnat-set" not in _comments(_confined(_build({"allow": _listed(3, "198.19.0")}), 4))
+    nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
+    assert "dnat-set" not in _comments(nft)
+    assert {r.ctorigdst_set for r in nft if r.ctorigdst_set} and not any(r.match_set for r in nft)

@@ -131,6 +131,28 @@ def test_egressguard_redirect_wins_over_the_mesh_on_its_ports(meshed: tuple[Lab,
     assert through_relay(lab.tcp(host, REDIRECTED_PORT, uid=EXEMPT, timeout=FAST), mesh.uid, host, REDIRECTED_PORT)
 
 
+def test_which_redirect_wins_when_the_mesh_is_set_up_after_egressguard(meshed: tuple[Lab, Mesh]) -> None:
+    """nftables: egressguard's nat chain (priority -101) runs before any dstnat (-100) chain, so it
+    wins whoever came first. iptables: its jump heads the legacy nat table's OUTPUT, so it wins over
+    a legacy-iptables mesh; a mesh in nftables hooks at -100 like that table, and of two chains at
+    one priority the one registered last runs first: set up later, the mesh takes the port, and the
+    connection is judged by its original destination (here: not allowed, refused)."""
+    lab, mesh = meshed
+    mesh.remove(lab)
+    mesh.install(lab)  # registered after egressguard's nat chain or table
+    log = relay_log(lab, mesh.uid, mesh.port)
+    before = log.read_text()
+    ours = os.environ.get("EGRESSGUARD_BACKEND") == "nftables" or not mesh.nft
+    for family in (4, 6):
+        host = UNLISTED[family]
+        res = lab.tcp(host, REDIRECTED_PORT, timeout=FAST)
+        if ours:
+            assert res.proxied and str(res.answer).endswith(f" orig={hostport(host, REDIRECTED_PORT)}"), res
+        else:
+            assert refused_fast(res), res
+        assert log.read_text() == before
+
+
 @FAMILIES
 def test_ports_the_mesh_ignores_are_judged_as_they_go(meshed: tuple[Lab, Mesh], family: int) -> None:
     lab, mesh = meshed
@@ -275,3 +297,23 @@ class TestSetsThroughTheMesh:
                 assert through_relay(control, ISTIO.uid, DENIED[family], 80), control.answer
         finally:
             ISTIO.remove(lab)
+
+
+class TestMeshWithLoopbackDenied:
+    """Redirected connections are judged by where they were addressed, not as loopback traffic: with
+    `loopback: deny` they still pass, while the relay's port itself stays closed to the agent."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def lab(cls, own_lab: Lab) -> Iterator[Lab]:
+        own_lab.start_relay(ISTIO.uid, ISTIO.port)
+        ISTIO.install(own_lab)
+        applied(own_lab, {**POLICY, "loopback": "deny"})
+        yield own_lab
+
+    @FAMILIES
+    def test_allowed_traffic_passes_the_mesh_and_the_relay_port_stays_closed(self, lab: Lab, family: int) -> None:
+        assert through_relay(lab.tcp(ALLOWED[family], 443, timeout=FAST), ISTIO.uid, ALLOWED[family], 443)
+        local = "::1" if family == 6 else "127.0.0.1"
+        assert refused_fast(lab.tcp(local, ISTIO.port, timeout=FAST))
+        assert lab.tcp(local, ISTIO.port, uid=EXEMPT, timeout=FAST).ok  # the control: the relay listens
