@@ -11,8 +11,9 @@ import pytest
 
 from egressguard import policy as policy_mod
 from egressguard.errors import PolicyError
+from egressguard.privileges import Identity
 from egressguard.probe import capability_problems, parse_target, status_problems
-from egressguard.run import Identity, check_confined
+from egressguard.run import check_confined
 
 HERE_NETNS = os.readlink("/proc/self/ns/net")
 ZERO = "0000000000000000"
