@@ -20,6 +20,11 @@ MAIN = os.getpid()
 POINT = sys.argv[1]
 FIRED = os.environ.get("EG_FAULT_FIRED")  # a file created just before the kill, so the test knows it fired
 TRACE = os.environ.get("EG_FAULT_TRACE")  # a file that gets "POINT MONOTONIC_TIME" per point passed
+# EG_FAULT_ANCHOR=POINT, EG_FAULT_ANCHOR_FD=N: passing POINT writes one byte to fd N and goes on, so a
+# test's timed kill starts its clock there, not at process spawn (whose start-up varies far more than
+# the kernel work the kill aims at).
+ANCHOR = os.environ.get("EG_FAULT_ANCHOR")
+ANCHOR_FD = int(os.environ.get("EG_FAULT_ANCHOR_FD", "-1"))
 
 
 def hit(name: str) -> None:
@@ -28,6 +33,11 @@ def hit(name: str) -> None:
 
         with open(TRACE, "a") as fh:
             fh.write(f"{name} {time.monotonic():.6f}\n")
+    if name == ANCHOR and ANCHOR_FD >= 0:
+        try:
+            os.write(ANCHOR_FD, b"a")
+        except OSError:
+            pass  # the test stopped listening: nothing to announce to
     if name == POINT:
         if FIRED:
             with open(FIRED, "w") as fh:
