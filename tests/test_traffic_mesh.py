@@ -151,6 +151,10 @@ def test_which_redirect_wins_when_the_mesh_is_set_up_after_egressguard(meshed: t
         else:
             assert refused_fast(res), res
         assert log.read_text() == before
+    for family in (4, 6):  # the control: the mesh does take this port, for the exempt uid
+        host = UNLISTED[family]
+        res = lab.tcp(host, REDIRECTED_PORT, uid=EXEMPT, timeout=FAST)
+        assert through_relay(res, mesh.uid, host, REDIRECTED_PORT), res.answer
 
 
 @FAMILIES
@@ -162,6 +166,9 @@ def test_ports_the_mesh_ignores_are_judged_as_they_go(meshed: tuple[Lab, Mesh], 
     else:
         assert through_relay(res, mesh.uid, ALLOWED[family], 853), res.answer
     assert refused_fast(lab.tcp(DENIED[family], 853, timeout=FAST))
+    control = lab.tcp(DENIED[family], 853, uid=EXEMPT, timeout=FAST)
+    assert reached(control, DENIED[family]) if 853 in mesh.ignore_ports else \
+        through_relay(control, mesh.uid, DENIED[family], 853), control.answer
 
 
 # -- a NAT that sends a connection elsewhere ------------------------------------------------------
@@ -275,6 +282,7 @@ class TestSetsThroughTheMesh:
     def test_set_members_without_the_mesh_are_judged_by_their_sets(self, lab: Lab, family: int) -> None:
         assert reached(lab.tcp(ALLOWED[family], 443, timeout=FAST), ALLOWED[family])
         assert refused_fast(lab.tcp(DENIED[family], 80, timeout=FAST))
+        assert reached(lab.tcp(DENIED[family], 80, uid=EXEMPT, timeout=FAST), DENIED[family])  # the control
 
     @FAMILIES
     def test_through_the_mesh_sets_judge_the_original_destination_or_refuse(self, lab: Lab, family: int) -> None:
@@ -293,6 +301,8 @@ class TestSetsThroughTheMesh:
                 else:  # ipset cannot judge a DNATed connection: refused, whatever a set holds
                     assert refused_fast(allowed) and refused_fast(by_rule), (allowed, by_rule)
                     assert not cap.frames_with(to(ALLOWED[family], 443))
+                    control = lab.tcp(ALLOWED[family], 443, uid=EXEMPT, timeout=FAST)
+                    assert through_relay(control, ISTIO.uid, ALLOWED[family], 443), control.answer
                 control = lab.tcp(DENIED[family], 80, uid=EXEMPT, timeout=FAST)
                 assert through_relay(control, ISTIO.uid, DENIED[family], 80), control.answer
         finally:
