@@ -98,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     policy_args(sp)
     status_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
+                    "policy logs refusals (default: nobody)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
+
+    sp = sub.add_parser("watch", help="print one event per refused flow (reads the NFLOG group; runs until stopped)")
+    sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
+                    "(default: stay who it is; as root: nobody)")
+    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="fold repeats of a flow over this long (default: 10)")
+    sp.add_argument("--max-flows", type=int, default=None, metavar="N",
+                    help="flows itemised per window; packets of further flows are counted (default: 4096)")
+    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
 
     sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
     policy_args(sp)
@@ -233,6 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             for t in installed.tables
         ],
     }
+    report["refused"] = refused_by_line(installed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -244,6 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last apply: no status file at {args.status_file}")
     for other in report["other_firewalls"]:
         print(f"note: {other}")
+    if report["refused"]:
+        print("refused packets, by policy line: " + ", ".join(f"{k} {v}" for k, v in report["refused"].items()))
     for t in report["tables"]:
         if not t["chains"]:
             continue
@@ -253,6 +268,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             for r in rules:
                 print(f"    {r['packets']:>8} pkts {r['bytes']:>10} B  {r['rule']}")
     return 0
+
+
+def refused_by_line(installed: Any) -> dict[str, int]:
+    """Packets refused so far per policy line (both families): the counters of the refusing rules,
+    which count every packet (the log rules before them count only what their limit lets through)."""
+    from egressguard.ruleset import CONFINED, policy_line  # noqa: PLC0415
+
+    out: dict[str, int] = {}
+    for t in installed.tables:
+        for c in t.chains:
+            if c.name != CONFINED:
+                continue
+            for i, r in enumerate(c.rules):
+                if r.target in ("REJECT", "DROP"):
+                    line = policy_line(r.comment)
+                    out[line] = out.get(line, 0) + t.counters[c.name][i][0]
+    return out
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from egressguard import watch  # noqa: PLC0415
+
+    return watch.main(args)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -306,6 +344,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "run": cmd_run,
     "explain": cmd_explain,
+    "watch": cmd_watch,
     "demo": cmd_demo,
 }
 

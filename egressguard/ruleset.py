@@ -7,7 +7,7 @@ import ipaddress
 import json
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Literal, cast
 
 from egressguard.canonical import json_sha256
@@ -31,6 +31,12 @@ SET_THRESHOLD = 16
 SET_PREFIX = "egressguard-"
 SET_STAGING_SUFFIX = "-new"  # a set is filled under this suffix, then renamed or swapped into place
 _SET_NAME_MAX = 31  # ipset names hold at most 31 bytes
+
+# The NFLOG group refused packets are sent to (`log group` in nftables), read by `egressguard watch`.
+# Groups are per network namespace: one pod's guard never sees another's.
+LOG_GROUP = 14
+LOG_PREFIX_MAX = 63  # NFLOG's prefix holds 64 bytes with its NUL (xt_nflog_info)
+_LIMIT_UNIT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 
 # A multiport match takes at most 15 ports.
 _MULTIPORT_MAX = 15
@@ -117,6 +123,8 @@ class Rule:
     limit_burst: int | None = None
     reject_with: str | None = None
     to_ports: int | None = None  # REDIRECT --to-ports
+    nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
+    nflog_group: int | None = None  # NFLOG --nflog-group
 
     def args(self) -> list[str]:
         """The rule as iptables arguments, in iptables-save's order."""
@@ -173,6 +181,10 @@ class Rule:
             a += ["--reject-with", self.reject_with]
         if self.to_ports is not None:
             a += ["--to-ports", str(self.to_ports)]
+        if self.nflog_prefix is not None:
+            a += ["--nflog-prefix", self.nflog_prefix]
+        if self.nflog_group is not None:
+            a += ["--nflog-group", str(self.nflog_group)]
         return a
 
 
@@ -602,7 +614,38 @@ def _confined(
         rules += allow
         sets += allow_sets
     rules += _refuse(policy.action, family, "lockdown" if lockdown else "default")
-    return tuple(rules), sets
+    return tuple(_log_refusals(rules, policy)), sets
+
+
+def policy_line(comment: str) -> str:
+    """The policy line a rule's comment stands for, named as `egressguard explain` names it."""
+    return "deny_metadata" if comment == "metadata" else comment
+
+
+def _log_refusals(rules: list[Rule], policy: Policy) -> list[Rule]:
+    """A log rule before each refusal: the kernel hands the refused packet (rate-limited per rule)
+    to the NFLOG group with the refusing line as its prefix. A reject's TCP-reset rule and its
+    twin for every other protocol share one log rule, placed before both, that matches them both."""
+    if not policy.log.refused:
+        return rules
+    rate, _, unit = policy.log.rate.partition("/")
+    limit = f"{rate}/{_LIMIT_UNIT[unit]}"
+    out: list[Rule] = []
+    covered = False
+    for i, r in enumerate(rules):
+        if r.target not in ("REJECT", "DROP") or covered:
+            covered = False
+            out.append(r)
+            continue
+        twin = rules[i + 1] if i + 1 < len(rules) else None
+        widest = r
+        if r.reject_with == "tcp-reset" and twin is not None and twin.target == "REJECT" and twin.protocol is None \
+                and replace(twin, protocol="tcp", reject_with="tcp-reset") == r:
+            widest, covered = twin, True
+        out.append(replace(widest, target="NFLOG", reject_with=None, limit=limit, limit_burst=policy.log.burst,
+                           nflog_prefix=policy_line(r.comment)[:LOG_PREFIX_MAX], nflog_group=LOG_GROUP))
+        out.append(r)
+    return out
 
 
 def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:

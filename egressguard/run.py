@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
              timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
     if not cmd:
         cmd = [who.shell]
+    if loaded.policy.log.refused:
+        start_watch(who, getattr(args, "watch_user", None))
     drop_privileges(who)
     cmd = with_init(cmd)
     log.info("command_exec", user=who.name, uid=who.uid, argv0=cmd[0], policy_digest=out.policy_digest)
@@ -54,6 +56,21 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"egressguard: {cmd[0]}: cannot execute: {exc.strerror}", file=sys.stderr)
         return EXIT_NOT_EXECUTABLE
+
+
+def start_watch(who: Identity, user: str | None) -> None:
+    """`egressguard watch` beside the command, as a user the command cannot signal; its events go
+    to the container's log. The guard does not depend on it: if it does not start, a warning."""
+    from egressguard import sidecar  # noqa: PLC0415
+
+    argv = ["watch"] + (["--user", user] if user else [])
+    if user and resolve_user(user).uid == who.uid:
+        raise PolicyError(f"usage error: --watch-user {user}: the command's own user could signal it")
+    pid = sidecar.start(argv)
+    if pid is None:
+        log.warning("watch_not_started", detail="refusals are still refused; they are not logged")
+    else:
+        log.info("watch_started_beside_command", pid=pid)
 
 
 def with_init(cmd: list[str]) -> list[str]:

@@ -186,12 +186,19 @@ def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wi
         assert TABLE not in nft_tables(lab)
         assert "203.0.113.12" in lab.in_pod("iptables-nft", "-S", "OUTPUT").stdout
         assert "203.0.113.10" in nft(lab, "list", "table", "inet", "other")
+        # Their effect outlives our table, and it was theirs: without them, the same probes get through.
+        assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok and not lab.tcp("203.0.113.10", 5000, timeout=FAST).ok
+        code, out = eg(lab, "apply", "--policy", str(lab.write_policy(pol)))
+        assert code == 0, out
     finally:
         lab.in_pod("iptables-nft", "-F", "OUTPUT")
         lab.in_pod("nft", "delete", "table", "inet", "other")
     # Control: without the other firewalls the same probes reach the same servers.
     assert reached(lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.12")
     assert reached(lab.tcp("203.0.113.10", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.10")
+    for host in ("203.0.113.12", "203.0.113.10"):  # control: our policy alone lets them through
+        assert reached(lab.tcp(host, 5000, timeout=FAST), host)
+    assert eg(lab, "reset")[0] == 0
 
 
 # -- auto-detection ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
     FAMILIES,
+    LOG_GROUP,
+    LOG_PREFIX_MAX,
     REDIRECT,
     Facts,
     Rule,
@@ -41,7 +43,8 @@ def _chain(rs: Ruleset, family: int, table: str, name: str) -> tuple[Rule, ...]:
 
 
 def _confined(rs: Ruleset, family: int) -> tuple[Rule, ...]:
-    return _chain(rs, family, "filter", CONFINED)
+    """The confined chain's deciding rules: log rules (NFLOG, which decide nothing) have tests of their own."""
+    return tuple(r for r in _chain(rs, family, "filter", CONFINED) if r.target != "NFLOG")
 
 
 def _comments(rules: tuple[Rule, ...]) -> list[str]:
@@ -112,7 +115,7 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
     rs = _build({**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]})
     targets = {r.target for t in rs.tables for c in t.chains for r in c.rules}
     assert "ACCEPT" not in targets
-    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", CONFINED, REDIRECT}
+    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", CONFINED, REDIRECT}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -521,3 +524,57 @@ def test_iptables_sets_refuse_dnatted_connections_before_the_allow_list() -> Non
     nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
     assert "dnat-set" not in _comments(nft)
     assert {r.ctorigdst_set for r in nft if r.ctorigdst_set} and not any(r.match_set for r in nft)
+
+
+# -- the log of refusals (issue 14) --------------------------------------------------------------
+
+LOGGED = {"deny": [{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128", "protocol": "udp", "ports": [53]}],
+          "allow": [{"cidr": "203.0.113.10/32", "ports": [443]}]}
+
+
+@pytest.mark.parametrize("action", ["reject", "drop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_refusal_is_preceded_by_a_log_rule_naming_its_policy_line(family: int, action: str) -> None:
+    rules = _chain(_build({**LOGGED, "action": action}), family, "filter", CONFINED)
+    refusals = [i for i, r in enumerate(rules) if r.target in ("REJECT", "DROP")]
+    assert {rules[i].comment for i in refusals} >= {"deny[0]" if family == 4 else "deny[1]", "metadata", "default"}
+    for i in refusals:
+        log = next(rules[j] for j in range(i - 1, -1, -1) if rules[j].target not in ("REJECT", "DROP"))
+        r = rules[i]
+        assert log.target == "NFLOG" and log.nflog_group == LOG_GROUP
+        assert log.nflog_prefix == ("deny_metadata" if r.comment == "metadata" else r.comment)
+        assert (log.limit, log.limit_burst) == ("10/sec", 50)
+        # it matches every packet the refusal matches: the same rule, the protocol left open for a reject's pair
+        assert dataclasses.replace(log, target=r.target, reject_with=r.reject_with, limit=r.limit,
+                                   limit_burst=r.limit_burst, nflog_prefix=None, nflog_group=None,
+                                   protocol=log.protocol or r.protocol) == r
+
+
+def test_log_rules_decide_nothing_and_sit_only_in_the_confined_chain() -> None:
+    rs = _build({**LOGGED, "redirect": [{"ports": [80], "to_port": 8444}]})
+    for t in rs.tables:
+        for c in t.chains:
+            logs = [r for r in c.rules if r.target == "NFLOG"]
+            assert not logs or (t.name, c.name) == ("filter", CONFINED)
+            assert all(r.reject_with is None and r.to_ports is None for r in logs)
+    assert dataclasses.replace(_build({**LOGGED, "log": {"refused": False}}), tables=()) == \
+        dataclasses.replace(rs, tables=())  # same sets, same kind
+
+
+def test_log_refused_false_installs_no_log_rule_at_all() -> None:
+    rs = _build({**LOGGED, "log": {"refused": False}})
+    assert not [r for t in rs.tables for c in t.chains for r in c.rules if r.target == "NFLOG" or r.nflog_prefix]
+    on = _build(LOGGED)
+    assert [r for f in FAMILIES for r in _confined(on, f)] == [r for f in FAMILIES for r in _confined(rs, f)]
+
+
+def test_log_rate_and_burst_are_the_policys() -> None:
+    rules = _chain(_build({**LOGGED, "log": {"rate": "5/minute", "burst": 3}}), 4, "filter", CONFINED)
+    assert {(r.limit, r.limit_burst) for r in rules if r.target == "NFLOG"} == {("5/min", 3)}
+
+
+def test_a_long_policy_line_is_cut_to_what_nflog_carries() -> None:
+    deny = [{"cidr": f"192.0.2.{n}/32", "protocol": "udp"} for n in range(0, 40, 2)]  # a set rule: deny[0-19]
+    deny += [{"cidr": "198.18.0.1/32", "protocol": "tcp"}]
+    rules = _chain(_build({"deny": deny}), 4, "filter", CONFINED)
+    assert all(len(r.nflog_prefix.encode()) <= LOG_PREFIX_MAX for r in rules if r.nflog_prefix)

@@ -91,7 +91,7 @@ def test_deny_list_set_refuses_before_the_allows() -> None:
     first_deny = next(i for i, r in enumerate(rules) if r.match_set)
     allow = next(i for i, r in enumerate(rules) if r.comment == "allow[0]")
     assert first_deny < allow
-    assert {r.target for r in rules if r.match_set} == {"REJECT"}
+    assert {r.target for r in rules if r.match_set} == {"NFLOG", "REJECT"}  # the refusal, and its log rule
 
 
 def test_resolved_host_addresses_join_the_set_of_their_ports() -> None:

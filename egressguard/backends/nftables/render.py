@@ -54,7 +54,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
-    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst",
+    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "nflog_prefix", "nflog_group",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
@@ -210,6 +210,10 @@ def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
 def _verdict(family: Family, table: str, r: Rule) -> str:
     if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
         raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
+    if (r.nflog_prefix is not None or r.nflog_group is not None) != (r.target == "NFLOG"):
+        raise UnsupportedRule(f"{r.target} with nflog_prefix/nflog_group, or NFLOG without (rule {r.comment!r})")
+    if r.target == "NFLOG":  # not a verdict: the packet goes on to the next rule, as with iptables' NFLOG
+        return f"log prefix {quote(r.nflog_prefix or '')} group {r.nflog_group}"
     if r.target == "RETURN":
         return "return"
     if r.target == "DROP":
