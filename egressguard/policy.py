@@ -51,6 +51,10 @@ Uid = Annotated[int, Field(ge=0, le=4294967294, strict=True, description="A nume
 MAX_UIDS = 1024
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# dns.mode proxy: the forwarder's port on loopback (unprivileged: the forwarder holds no
+# CAP_NET_BIND_SERVICE) and how long a learned address may stay allowed at most (one day).
+DEFAULT_FORWARDER_PORT = 1053
+MAX_LEARNED_TTL = 86_400
 
 
 class _Model(BaseModel):
@@ -100,6 +104,13 @@ def _hostname(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a DNS name")
     name = value.strip().rstrip(".").lower()
+    if name.startswith("*."):
+        # A wildcard (dns.mode proxy only, checked with the whole policy): `*` is the whole first
+        # label, and what follows it must be a name of two labels or more (not a top-level domain).
+        rest = _hostname(name[2:])
+        if "." not in rest:
+            raise ValueError(f"{value!r}: a wildcard over a top-level domain; name at least two labels after `*.`")
+        return "*." + rest
     if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
         raise ValueError(f"{value!r} is not a valid DNS name (ASCII letters, digits, '-' and '.')")
     try:
@@ -261,12 +272,34 @@ class Exempt(_Model):
     uids: list[Uid] = Field(default_factory=list, max_length=MAX_UIDS, description="uids never restricted; root only if listed")
 
 
-class Dns(_Model):
-    """Which resolvers confined processes may query (UDP and TCP 53)."""
+class Ttl(_Model):
+    """dns.mode proxy: how long a learned address stays allowed, the answer's TTL clamped to [min, max]."""
 
-    resolvers: Literal["auto"] | list[str] = Field(
-        "auto", description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS"
+    min: int = Field(30, ge=1, le=MAX_LEARNED_TTL, strict=True, description="seconds, at least")
+    max: int = Field(3600, ge=1, le=MAX_LEARNED_TTL, strict=True, description="seconds, at most")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Ttl:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
+class Dns(_Model):
+    """Which resolvers confined processes may query (UDP and TCP 53), or the forwarder in proxy mode."""
+
+    mode: Literal["static", "proxy"] = Field(
+        "static", description="static: host entries resolved at apply time, DNS to `resolvers` allowed; "
+        "proxy: every confined DNS query goes to `egressguard dns`, which answers only allowed names "
+        "and lets the kernel learn their addresses"
     )
+    resolvers: Literal["auto"] | list[str] = Field(
+        "auto", description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS "
+        "(proxy mode: the forwarder's upstream resolvers)"
+    )
+    ttl: Ttl = Field(default_factory=Ttl, description="proxy mode: clamp of a learned address's lifetime")
+    forwarder_uid: Uid | None = Field(None, description="proxy mode: the uid `egressguard dns` runs as; must be in exempt.uids")
+    forwarder_port: Port = Field(DEFAULT_FORWARDER_PORT, description="proxy mode: the forwarder's port on loopback")
 
     max_addresses_per_host: int = Field(
         DEFAULT_MAX_ADDRESSES_PER_HOST, ge=1, le=4096, strict=True,
@@ -333,11 +366,43 @@ class Policy(_Model):
                 if port in seen:
                     raise _located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
                 seen[port] = i
+        self._check_dns_mode()
         for kind in ("allow", "deny"):
             total = sum(len(e.networks) or 1 for e in getattr(self, kind))
             if total > MAX_ENTRIES:
                 raise _located(kind, f"{total} entries after reading the list files, more than {MAX_ENTRIES}")
         return self
+
+    def _check_dns_mode(self) -> None:
+        proxy = self.dns.mode == "proxy"
+        for kind in ("allow", "deny"):
+            for i, e in enumerate(getattr(self, kind)):
+                if e.host is None:
+                    continue
+                if e.host.startswith("*.") and not proxy:
+                    raise _located(f"{kind}[{i}].host", f"{e.host!r}: wildcards need dns.mode: proxy")
+                if proxy and kind == "deny":
+                    raise _located(f"deny[{i}].host", "dns.mode proxy learns allowed names only: deny by `cidr`")
+                if proxy and e.optional:
+                    raise _located(f"allow[{i}].optional", "has no meaning in dns.mode proxy (names are learned, not resolved)")
+        if not proxy:
+            return
+        uid = self.dns.forwarder_uid
+        if uid is None:
+            raise _located("dns.forwarder_uid", "dns.mode proxy needs the uid `egressguard dns` runs as")
+        if uid == 0 or uid not in self.exempt.uids:
+            raise _located("dns.forwarder_uid", f"uid {uid} must be a non-root uid listed in exempt.uids "
+                           "(its queries to the upstream resolvers must not be confined)")
+        for i, r in enumerate(self.redirect):
+            if 53 in r.ports:
+                raise _located(f"redirect[{i}].ports", "port 53: dns.mode proxy sends DNS to the forwarder")
+            if r.to_port == self.dns.forwarder_port:
+                raise _located(f"redirect[{i}].to_port", f"port {r.to_port} is dns.forwarder_port")
+
+    @property
+    def proxy_dns(self) -> bool:
+        """dns.mode proxy: confined DNS goes to the forwarder, host entries are learned from answers."""
+        return self.dns.mode == "proxy"
 
     @property
     def confines_everyone(self) -> bool:
@@ -610,6 +675,10 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
 def digest(policy: Policy) -> str:
     """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
     data = policy.model_dump(mode="json")
+    if policy.dns == Dns(resolvers=policy.dns.resolvers, max_addresses_per_host=policy.dns.max_addresses_per_host):
+        # A policy that says nothing of dns.mode keeps the digest it had before dns.mode existed.
+        for key in ("mode", "ttl", "forwarder_uid", "forwarder_port"):
+            data["dns"].pop(key)
     # A list file is part of the policy: its networks count, not just its path.
     files = {
         f"{kind}[{i}]": list(e.networks)
