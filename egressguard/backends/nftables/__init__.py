@@ -41,6 +41,7 @@ def legacy_tables_in_use() -> list[str]:
 class NftablesBackend(Backend):
     name = "nftables (libnftables)"
     atomic_families = True
+    learned_sets = True
 
     def __init__(self) -> None:
         self._checked = False
