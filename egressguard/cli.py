@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
 
+    sp = sub.add_parser("dns", help="dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)")
+    policy_args(sp)
+    sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
+
     sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
     policy_args(sp)
     sp.add_argument("--uid", type=int, required=True)
@@ -155,6 +159,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
+    if backend == "iptables" and loaded.policy.proxy_dns:
+        from egressguard.apply import refuse_proxy_without_learned_sets  # noqa: PLC0415
+        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+
+        refuse_proxy_without_learned_sets(loaded.policy, IptablesBackend())
     if backend in ("nftables", "auto") and not args.json:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 
@@ -232,10 +241,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             for t in installed.tables
         ],
     }
+    hosts = (st or {}).get("learned_sets") or {}
+    report["learned"] = [
+        {"set": h.name, "host": hosts.get(h.name, "?"), "address": addr, "ttl": ttl, "expires_s": left}
+        for h in installed.learned_sets for addr, ttl, left in h.elements
+    ]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"guarded: {'yes' if report['guarded'] else 'NO'}")
+    if installed.learned_sets:
+        print(f"learned addresses (dns.mode proxy): {len(report['learned'])}")
+        for item in report["learned"]:
+            print(f"  {item['host']:<30} {item['address']:<40} {item['expires_s']:>6} s left (of {item['ttl']} s)")
     if st:
         print(f"last apply: {st.get('state')} at {st.get('applied_at')} from {st.get('policy_source')} "
               f"({st.get('policy_digest')}), exit {st.get('exit_code')}")
@@ -283,6 +301,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run.main(args)
 
 
+def cmd_dns(args: argparse.Namespace) -> int:
+    from egressguard import dnsproxy  # noqa: PLC0415
+
+    return dnsproxy.main(args)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from egressguard import explain  # noqa: PLC0415
 
@@ -305,6 +329,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "run": cmd_run,
     "explain": cmd_explain,
+    "dns": cmd_dns,
     "demo": cmd_demo,
 }
 
