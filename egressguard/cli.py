@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("dns", help="dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)")
     policy_args(sp)
     sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
+    sp.add_argument("--check", action="store_true", help="only ask the running forwarder on loopback: exit 0 if it "
+                    "answers, 6 if not (a Kubernetes startup probe)")
 
     sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
     policy_args(sp)

@@ -409,6 +409,14 @@ def main(args: Any) -> int:
     policy = loaded.policy
     if not policy.proxy_dns:
         raise PolicyError(f"policy error: {loaded.source}: dns.mode is static: `egressguard dns` runs only in dns.mode proxy")
+    if args.check:
+        from egressguard.errors import ProbeFailed  # noqa: PLC0415
+
+        why = probe_forwarder("127.0.0.1", port=policy.dns.forwarder_port)
+        if why:
+            raise ProbeFailed(why)
+        print(f"the DNS forwarder answers on 127.0.0.1:{policy.dns.forwarder_port}")
+        return 0
     upstreams = facts.resolvers_for(policy, args.resolv_conf)
     if not upstreams:
         raise PolicyError(f"policy error: {loaded.source}: dns.resolvers: no upstream resolver (none in {args.resolv_conf})")
@@ -455,14 +463,14 @@ def _has_net_admin() -> bool:
     return False
 
 
-def probe_forwarder(server: str = "192.0.2.1", timeout: float = 1.0) -> str | None:
+def probe_forwarder(server: str = "192.0.2.1", timeout: float = 1.0, port: int = 53) -> str | None:
     """None if a DNS query from this identity is answered by the forwarder (a name no policy allows
     gets REFUSED; any address works, the query is redirected); else what went wrong."""
     import dns.query  # noqa: PLC0415
 
     q = dns.message.make_query("egressguard-probe.invalid", "A")
     try:
-        r = dns.query.udp(q, server, timeout=timeout)
+        r = dns.query.udp(q, server, timeout=timeout, port=port)
     except (dns.exception.DNSException, OSError) as exc:
         return f"the DNS forwarder did not answer ({type(exc).__name__}: {exc or 'no answer'})"
     if r.rcode() != dns.rcode.REFUSED:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import shutil
+import signal
 import sys
 
 import structlog
 
 from egressguard import policy as policy_mod
-from egressguard.errors import EnvironmentUnsupported, PolicyError
+from egressguard.errors import ApplyFailed, EnvironmentUnsupported, PolicyError
 from egressguard.policy import Policy
 from egressguard.privileges import Identity, drop_privileges, resolve_user
 
@@ -40,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
              timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
     if not cmd:
         cmd = [who.shell]
+    if loaded.policy.proxy_dns:
+        start_forwarder(args, loaded.policy)
     drop_privileges(who)
     cmd = with_init(cmd)
     log.info("command_exec", user=who.name, uid=who.uid, argv0=cmd[0], policy_digest=out.policy_digest)
@@ -54,6 +59,50 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"egressguard: {cmd[0]}: cannot execute: {exc.strerror}", file=sys.stderr)
         return EXIT_NOT_EXECUTABLE
+
+
+FORWARDER_START_S = 20.0
+
+
+def start_forwarder(args: argparse.Namespace, policy: Policy) -> int:
+    """dns.mode proxy: `egressguard dns` as a process of its own, before the command gets anything.
+    It becomes dns.forwarder_uid holding CAP_NET_ADMIN only, in a session of its own: the command,
+    another uid with no capability, can neither signal nor trace it, and cannot take its port while
+    it runs. Returns its pid once it listens; exit 4 if it does not start (the policy stays: DNS is
+    refused, fail-closed)."""
+    uid = policy.dns.forwarder_uid
+    assert uid is not None  # proxy mode requires it
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs
+        try:
+            os.close(r)
+            os.setsid()
+            argv = [sys.executable, "-m", "egressguard", "dns", "--resolv-conf", str(args.resolv_conf),
+                    "--ready-fd", str(w), *(["--policy", args.policy] if args.policy else [])]
+            # Started as root, it becomes dns.forwarder_uid with CAP_NET_ADMIN only (dnsproxy.main) once
+            # the interpreter is loaded (which another uid may not be able to read).
+            os.set_inheritable(w, True)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.execv(sys.executable, argv)
+        except BaseException as exc:  # noqa: BLE001
+            print(f"egressguard: the DNS forwarder could not start: {exc}", file=sys.stderr)
+        finally:
+            os._exit(EXIT_NOT_EXECUTABLE)
+    os.close(w)
+    try:
+        ready, _, _ = select.select([r], [], [], FORWARDER_START_S)
+        said = os.read(r, 16) if ready else b""
+    finally:
+        os.close(r)
+    if said != b"ready\n":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise ApplyFailed(f"the DNS forwarder (dns.mode proxy) did not start within {FORWARDER_START_S:g} s: "
+                          "confined DNS stays refused")
+    log.info("dns_forwarder_started", pid=pid, uid=uid)
+    return pid
 
 
 def with_init(cmd: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ refuses proxy mode: last test)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -306,12 +307,16 @@ def test_status_lists_learned_addresses_with_time_left(module_lab: Lab, forwarde
 def test_probe_checks_the_forwarder_answers(module_lab: Lab, world: World) -> None:
     lab = module_lab
     argv = ["probe", "--status-file", str(lab.status_file)]
-    fwd = Forwarder(lab, lab.write_policy(PROXY))
+    path = lab.write_policy(PROXY)
+    fwd = Forwarder(lab, path)
     try:
         with_forwarder = lab.probe("egressguard", argv, uid=CONFINED, timeout=20)
+        check = lab.egressguard("dns", "--check", "--policy", str(path))  # the sidecar's startup probe
     finally:
         fwd.stop()
     without = lab.probe("egressguard", argv, uid=CONFINED, timeout=20)
+    check_without = lab.egressguard("dns", "--check", "--policy", str(path))
+    assert check.returncode == 0 and check_without.returncode == 6, (check.stderr, check_without.stderr)
     # (the probe child keeps a full bounding set, which probe reports too: only the DNS verdict is read here)
     assert "dns.mode proxy" not in with_forwarder.answer["stderr"], with_forwarder.answer
     assert without.answer["exit"] == 6 and "the DNS forwarder did not answer" in without.answer["stderr"], without.answer
@@ -346,3 +351,90 @@ def test_reapply_keeps_what_was_learned_and_verify_passes(module_lab: Lab, forwa
     assert reached(lab.tcp(A, 22), A)
     done = lab.egressguard("verify", "--policy", str(lab.write_policy(PROXY)))
     assert done.returncode == 0, done.stderr
+
+
+# The command `egressguard run` starts (uid 1000, no capability) attacks the forwarder it started
+# first: signal, trace, write its memory, take its port; then asks DNS through it. System python3:
+# the command may not read the test's virtualenv.
+_ATTACK = r"""
+import ctypes, errno, json, os, signal, socket, struct, sys
+marker = sys.argv[1].encode()
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"dns\0" in open(f"/proc/{p}/cmdline", "rb").read()
+        and marker in open(f"/proc/{p}/cmdline", "rb").read()]
+out = {"pids": pids, "uid": os.getuid()}
+pid = pids[0]
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "done"
+    except OSError as exc:
+        out[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+attempt("kill", lambda: os.kill(pid, signal.SIGKILL))
+attempt("stop", lambda: os.kill(pid, signal.SIGSTOP))
+attempt("killpg", lambda: os.killpg(os.getpgid(pid), signal.SIGKILL))
+libc = ctypes.CDLL(None, use_errno=True)
+def ptrace():
+    if libc.ptrace(16, pid, 0, 0) != 0:  # PTRACE_ATTACH
+        raise OSError(ctypes.get_errno(), "ptrace")
+attempt("ptrace", ptrace)
+def seize():
+    if libc.ptrace(0x4206, pid, 0, 0) != 0:  # PTRACE_SEIZE
+        raise OSError(ctypes.get_errno(), "ptrace")
+attempt("ptrace_seize", seize)
+attempt("mem", lambda: open(f"/proc/{pid}/mem", "wb").close())
+for kind, name in ((socket.SOCK_DGRAM, "bind_udp"), (socket.SOCK_STREAM, "bind_tcp")):
+    def bind(kind=kind):
+        s = socket.socket(socket.AF_INET, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 1053))
+    attempt(name, bind)
+q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x06rotate\x04test\x00" + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(q, ("198.51.100.53", 53))
+r = s.recv(512)
+out["dns_rcode"], out["dns_answers"] = r[3] & 0xF, struct.unpack("!H", r[6:8])[0]
+out["alive"] = os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "T"
+print(json.dumps(out))
+"""
+
+
+def test_run_starts_the_forwarder_and_the_command_cannot_signal_trace_or_replace_it(module_lab: Lab, world: World) -> None:
+    lab = module_lab
+    path = lab.write_policy(PROXY, f"run-{secrets.token_hex(3)}.yaml")
+    stdout, stderr = lab.workdir / "run.out", lab.workdir / "run.err"
+    env = {**os.environ, "EGRESSGUARD_STATUS": str(lab.status_file)}
+    with open(stdout, "w") as out_fh, open(stderr, "w") as err_fh:  # files: the forwarder outlives the command
+        code = subprocess.run(["ip", "netns", "exec", lab.pod, sys.executable, "-m", "egressguard", "run", "--policy",
+                               str(path), "--user", str(CONFINED), "--", "/usr/bin/python3", "-c", _ATTACK, path.name],
+                              stdout=out_fh, stderr=err_fh, env=env, timeout=60).returncode
+    pids: list[int] = [p for p in _forwarders(path.name)]
+    try:
+        assert code == 0, stderr.read_text()[-2000:]
+        out = json.loads(stdout.read_text().strip().splitlines()[-1])
+        assert out["pids"] == pids and len(pids) == 1 and out["uid"] == CONFINED
+        status = Path(f"/proc/{pids[0]}/status").read_text()
+        assert f"Uid:\t{FORWARDER_UID}\t" in status and "CapEff:\t0000000000001000" in status
+        for attack in ("kill", "stop", "killpg", "ptrace", "ptrace_seize"):
+            assert out[attack] == "EPERM", (attack, out)
+        assert out["mem"] == "EACCES", out
+        assert out["bind_udp"] == "EADDRINUSE" and out["bind_tcp"] == "EADDRINUSE", out
+        assert out["alive"] and (out["dns_rcode"], out["dns_answers"]) == (0, 1), out
+    finally:
+        for pid in pids:  # the forwarder this test's `run` started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _forwarders(marker: str) -> list[int]:
+    """Pids of `egressguard dns` processes whose command line names `marker` (this test's policy file)."""
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes() if p.isdigit() else b""
+        except OSError:
+            continue
+        if b"egressguard\0dns\0" in cmdline and marker.encode() in cmdline:
+            found.append(int(p))
+    return found
