@@ -51,6 +51,7 @@ UPSTREAM_TIMEOUT_S = 2.0  # per upstream resolver; all failing: SERVFAIL
 MAX_CNAME_CHAIN = 16
 UDP_PAYLOAD = 1232  # our EDNS payload size (DNS flag day 2020)
 MAX_SET_ELEMENTS_PER_ANSWER = 256  # addresses learned from one answer (more: the rest are not learned)
+MAX_CACHED = 10_000  # answers kept for repeated questions (least recently used dropped first)
 
 _HEADER = struct.Struct("!HHHHHH")
 
@@ -100,6 +101,18 @@ class KernelSets:
 
 
 @dataclass
+class _Cached:
+    """A positive answer whose addresses the kernel holds at least until `until` (monotonic)."""
+
+    until: float
+    at: float
+    rcode: dns.rcode.Rcode
+    flags: int
+    answer: list[Any]
+    authority: list[Any]
+
+
+@dataclass
 class _Bucket:
     tokens: float
     at: float
@@ -131,6 +144,7 @@ class Forwarder:
         self.clients: OrderedDict[str, _Bucket] = OrderedDict()
         self.stats = Stats()
         self.keep_commit_times = False
+        self.cache: OrderedDict[tuple[str, int, bool], _Cached] = OrderedDict()
 
     # -- limits ------------------------------------------------------------------------------
 
@@ -190,8 +204,13 @@ class Forwarder:
             self.stats.refused += 1
             log.info("dns_refused", name=name[:255], qtype=dns.rdatatype.to_text(question.rdtype), client=client)
             return _reply(q, dns.rcode.REFUSED, tcp)
+        dnssec = q.ednsflags & dns.flags.DO != 0 if q.edns >= 0 else False
+        key = (name, int(question.rdtype), dnssec)
+        hit = self._cached(key)
+        if hit is not None:
+            return _to_wire(self._from_cache(q, hit), q, tcp)
         upstream_q = dns.message.make_query(question.name, question.rdtype, use_edns=0, payload=UDP_PAYLOAD,
-                                            want_dnssec=q.ednsflags & dns.flags.DO != 0 if q.edns >= 0 else False)
+                                            want_dnssec=dnssec)
         r = await self._ask_upstreams(upstream_q)
         if r is None:
             self.stats.servfail += 1
@@ -224,7 +243,48 @@ class Forwarder:
             rrset.ttl = min(rrset.ttl, self.config.ttl_max)
         resp.answer = r.answer
         resp.authority = r.authority
+        if learned and r.rcode() == dns.rcode.NOERROR:
+            self._remember(key, r)
         return _to_wire(resp, q, tcp)
+
+    # -- answers the kernel still holds --------------------------------------------------------
+
+    def _remember(self, key: tuple[str, int, bool], r: dns.message.Message) -> None:
+        """Keep an answer whose addresses were just committed, for as long as every record of it may
+        be cached by a client (its TTLs, already clamped to max), less a second: the kernel keeps
+        each address at least that long (its timeout is the TTL clamped up to min, counted from
+        the commit, which came first)."""
+        lifetime = min(rrset.ttl for rrset in r.answer) - 1
+        if lifetime < 1:
+            return
+        now = self.clock()
+        self.cache[key] = _Cached(now + lifetime, now, r.rcode(), r.flags, list(r.answer), list(r.authority))
+        self.cache.move_to_end(key)
+        if len(self.cache) > MAX_CACHED:
+            self.cache.popitem(last=False)
+
+    def _cached(self, key: tuple[str, int, bool]) -> _Cached | None:
+        hit = self.cache.get(key)
+        if hit is None:
+            return None
+        if self.clock() >= hit.until - 1:
+            del self.cache[key]
+            return None
+        self.cache.move_to_end(key)
+        return hit
+
+    def _from_cache(self, q: dns.message.Message, hit: _Cached) -> dns.message.Message:
+        self.stats.answered += 1
+        elapsed = int(self.clock() - hit.at)
+        resp = _reply_message(q)
+        resp.set_rcode(hit.rcode)
+        resp.flags |= hit.flags & (dns.flags.RA | dns.flags.AD)
+        for rrset in hit.answer:
+            copy = rrset.copy()
+            copy.ttl = max(1, min(rrset.ttl - elapsed, int(hit.until - self.clock())))
+            resp.answer.append(copy)
+        resp.authority = list(hit.authority)
+        return resp
 
     async def _ask_upstreams(self, query: dns.message.Message) -> dns.message.Message | None:
         for server in self.config.upstreams:
@@ -363,6 +423,7 @@ async def serve(config: Config, sets: Any, ready: Callable[[], None] | None = No
                 stop: asyncio.Event | None = None) -> Forwarder:
     """Listen on loopback (127.0.0.1 and ::1, where the pod has them) at config.port until `stop`."""
     fwd = Forwarder(config, sets)
+    fwd.keep_commit_times = os.environ.get("EGRESSGUARD_DNS_TIMINGS") == "1"
     loop = asyncio.get_running_loop()
     tcp = _Tcp(fwd)
     closers: list[Any] = []
@@ -445,8 +506,13 @@ def main(args: Any) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         fwd = await serve(config, sets, ready, stop)
+        timings = {}
+        if fwd.stats.commit_ms:  # EGRESSGUARD_DNS_TIMINGS=1 (bench/bench.py)
+            ordered = sorted(fwd.stats.commit_ms)
+            timings = {"commit_ms_median": round(ordered[len(ordered) // 2], 3),
+                       "commit_ms_p99": round(ordered[int(len(ordered) * 0.99)], 3), "commits": len(ordered)}
         log.info("dns_forwarder_stopped", answered=fwd.stats.answered, refused=fwd.stats.refused,
-                 dropped=fwd.stats.dropped, learned=fwd.stats.learned)
+                 dropped=fwd.stats.dropped, learned=fwd.stats.learned, **timings)
 
     try:
         asyncio.run(run())
