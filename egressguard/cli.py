@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from egressguard import policy as policy_mod  # noqa: PLC0415 - pydantic models: only when a policy is read
+    from egressguard import policy as policy_mod  # noqa: PLC0415 - PyYAML and the records: only when a policy is read
 
     loaded = policy_mod.load(args.policy)
     log.debug("policy_loaded", source=loaded.source)  # its digest: in policy_applied (computed once, by apply)

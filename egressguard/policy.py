@@ -1,4 +1,4 @@
-"""The policy: its schema (pydantic), loading from a file or the environment, and its digest."""
+"""The policy: its records (egressguard.records), loading from a file or the environment, and its digest."""
 
 from __future__ import annotations
 
@@ -8,23 +8,16 @@ import os
 import re
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
+from egressguard import records
 from egressguard.canonical import json_sha256
 from egressguard.errors import PolicyError
+from egressguard.records import Bool, Either, Int, Invalid, ListOf, Located, Nested, Nullable, OneOf, Record, Str, field
 
 # Where the Docker entrypoint and `apply` look when no policy is given explicitly.
 DEFAULT_POLICY_PATH = Path("/etc/egressguard/policy.yaml")
@@ -45,8 +38,9 @@ METADATA_CIDRS: tuple[str, ...] = (
     "fd00:ec2::254/128",  # AWS IMDS over IPv6
 )
 
-Port = Annotated[int, Field(ge=1, le=65535, strict=True, description="A TCP/UDP port, 1-65535")]
-Uid = Annotated[int, Field(ge=0, le=4294967294, strict=True, description="A numeric user id")]
+PORT = Int(ge=1, le=65535, description="A TCP/UDP port, 1-65535")
+UID = Int(ge=0, le=4294967294, description="A numeric user id")
+_PROTOCOLS = OneOf("tcp", "udp", "icmp", "any")
 # uids per confine/exempt list: each is a rule in every family's dispatch chain.
 MAX_UIDS = 1024
 
@@ -55,10 +49,6 @@ _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # CAP_NET_BIND_SERVICE) and how long a learned address may stay allowed at most (one day).
 DEFAULT_FORWARDER_PORT = 1053
 MAX_LEARNED_TTL = 86_400
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _unusable(value: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
@@ -186,21 +176,23 @@ def read_network_list(path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(nets))
 
 
-class _Entry(_Model):
+class _Entry(Record):
     """One destination: a network (`cidr`), a DNS name (`host`) or a file of networks
     (`allow_file`/`deny_file`), optionally narrowed by ports/protocol."""
 
-    cidr: str | None = Field(None, description="IPv4 or IPv6 network, e.g. 203.0.113.0/24 or 2001:db8::/32")
-    host: str | None = Field(None, description="DNS name, resolved (A and AAAA) at apply time")
-    ports: list[Port] | None = Field(None, min_length=1, description="Destination ports; omit for every port")
-    optional: bool = Field(False, description="host only: a name that does not resolve is skipped, not an error")
+    cidr: str | None = field(Nullable(Str()), default=None, before=lambda v: None if v is None else _network(v),
+                             description="IPv4 or IPv6 network, e.g. 203.0.113.0/24 or 2001:db8::/32")
+    host: str | None = field(Nullable(Str()), default=None, before=lambda v: None if v is None else _hostname(v),
+                             description="DNS name, resolved (A and AAAA) at apply time")
+    ports: list[int] | None = field(Nullable(ListOf(PORT, min_length=1)), default=None,
+                                    description="Destination ports; omit for every port")
+    optional: bool = field(Bool(), default=False, description="host only: a name that does not resolve is skipped, not an error")
+    protocol: str = field(_PROTOCOLS, default="tcp")  # each kind of entry sets its own default
 
-    _check_cidr = field_validator("cidr", mode="before")(lambda v: None if v is None else _network(v))
-    _check_host = field_validator("host", mode="before")(lambda v: None if v is None else _hostname(v))
-    _file_networks: tuple[str, ...] = PrivateAttr(default=())
+    _file_key: ClassVar[str] = "allow_file"  # the key naming this entry's list file
+    _file_networks: ClassVar[tuple[str, ...]] = ()  # set per entry that names a file, by check()
 
-    @model_validator(mode="after")
-    def _one_destination(self, info: ValidationInfo) -> _Entry:
+    def check(self, ctx: Mapping[str, Any]) -> None:
         given = [k for k in ("cidr", "host", self._file_key) if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of `cidr`, `host` or `{self._file_key}`")
@@ -209,12 +201,8 @@ class _Entry(_Model):
         if self.optional and self.host is None:
             raise ValueError("`optional` applies to `host` entries only")
         if self.file is not None:
-            base = (info.context or {}).get("base_dir") or Path.cwd()
-            self._file_networks = read_network_list(Path(base) / self.file)
-        return self
-
-    protocol: str  # narrowed by the subclasses, which set the default
-    _file_key: ClassVar[str] = "allow_file"  # the key naming this entry's list file
+            base = ctx.get("base_dir") or Path.cwd()
+            object.__setattr__(self, "_file_networks", read_network_list(Path(base) / self.file))
 
     @property
     def file(self) -> str | None:
@@ -239,139 +227,134 @@ _FILE_HELP = "file of networks, one per line, # comments; relative to the policy
 class AllowEntry(_Entry):
     """A destination confined processes may reach."""
 
-    protocol: Literal["tcp", "udp", "icmp", "any"] = Field("tcp", description="tcp (default), udp, icmp or any")
-    allow_file: str | None = Field(None, min_length=1, description=_FILE_HELP)
+    protocol: str = field(_PROTOCOLS, default="tcp", description="tcp (default), udp, icmp or any")
+    allow_file: str | None = field(Nullable(Str(min_length=1)), default=None, description=_FILE_HELP)
 
 
 class DenyEntry(_Entry):
     """A destination refused even when an `allow` covers it."""
 
-    protocol: Literal["tcp", "udp", "icmp", "any"] = Field("any", description="any (default), tcp, udp or icmp")
-    deny_file: str | None = Field(None, min_length=1, description=_FILE_HELP)
+    protocol: str = field(_PROTOCOLS, default="any", description="any (default), tcp, udp or icmp")
+    deny_file: str | None = field(Nullable(Str(min_length=1)), default=None, description=_FILE_HELP)
     _file_key: ClassVar[str] = "deny_file"
 
 
-class Confine(_Model):
+def _some_uids(v: Any) -> Any:
+    if isinstance(v, list) and not v:
+        raise ValueError("an empty list confines nobody: list uids or use 'all'")
+    return v
+
+
+class Confine(Record):
     """Whose traffic is restricted."""
 
-    uids: Annotated[list[Uid], Field(max_length=MAX_UIDS)] | Literal["all"] = Field(
-        "all", description="uids whose egress is restricted, or 'all' for every process except `exempt`"
+    uids: list[int] | Literal["all"] = field(
+        Either(ListOf(UID, max_length=MAX_UIDS), OneOf("all")), default="all", after=_some_uids,
+        description="uids whose egress is restricted, or 'all' for every process except `exempt`",
     )
 
-    @field_validator("uids")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("an empty list confines nobody: list uids or use 'all'")
-        return v
 
-
-class Exempt(_Model):
+class Exempt(Record):
     """Who is never restricted."""
 
-    uids: list[Uid] = Field(default_factory=list, max_length=MAX_UIDS, description="uids never restricted; root only if listed")
+    uids: list[int] = field(ListOf(UID, max_length=MAX_UIDS), default_factory=list,
+                            description="uids never restricted; root only if listed")
 
 
-class Ttl(_Model):
+class Ttl(Record):
     """dns.mode proxy: how long a learned address stays allowed, the answer's TTL clamped to [min, max]."""
 
-    min: int = Field(30, ge=1, le=MAX_LEARNED_TTL, strict=True, description="seconds, at least")
-    max: int = Field(3600, ge=1, le=MAX_LEARNED_TTL, strict=True, description="seconds, at most")
+    min: int = field(Int(ge=1, le=MAX_LEARNED_TTL), default=30, description="seconds, at least")
+    max: int = field(Int(ge=1, le=MAX_LEARNED_TTL), default=3600, description="seconds, at most")
 
-    @model_validator(mode="after")
-    def _ordered(self) -> Ttl:
+    def check(self, ctx: Mapping[str, Any]) -> None:
         if self.min > self.max:
             raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
-        return self
 
 
-class Dns(_Model):
+class Dns(Record):
     """Which resolvers confined processes may query (UDP and TCP 53), or the forwarder in proxy mode."""
 
-    mode: Literal["static", "proxy"] = Field(
-        "static", description="static: host entries resolved at apply time, DNS to `resolvers` allowed; "
-        "proxy: every confined DNS query goes to `egressguard dns`, which answers only allowed names "
-        "and lets the kernel learn their addresses"
+    mode: Literal["static", "proxy"] = field(
+        OneOf("static", "proxy"), default="static",
+        description="static: host entries resolved at apply time, DNS to `resolvers` allowed; proxy: every "
+        "confined DNS query goes to `egressguard dns`, which answers only allowed names and lets the kernel "
+        "learn their addresses",
     )
-    resolvers: Literal["auto"] | list[str] = Field(
-        "auto", description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS "
-        "(proxy mode: the forwarder's upstream resolvers)"
+    resolvers: Literal["auto"] | list[str] = field(
+        Either(OneOf("auto"), ListOf(Str())), default="auto",
+        before=lambda v: [_address(x) for x in v] if isinstance(v, list) else v,
+        description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS "
+        "(proxy mode: the forwarder's upstream resolvers)",
     )
-    ttl: Ttl = Field(default_factory=Ttl, description="proxy mode: clamp of a learned address's lifetime")
-    forwarder_uid: Uid | None = Field(None, description="proxy mode: the uid `egressguard dns` runs as; must be in exempt.uids")
-    forwarder_port: Port = Field(DEFAULT_FORWARDER_PORT, description="proxy mode: the forwarder's port on loopback")
-
-    max_addresses_per_host: int = Field(
-        DEFAULT_MAX_ADDRESSES_PER_HOST, ge=1, le=4096, strict=True,
+    ttl: Ttl = field(Nested(Ttl), default_factory=Ttl, description="proxy mode: clamp of a learned address's lifetime")
+    forwarder_uid: int | None = field(Nullable(UID), default=None,
+                                      description="proxy mode: the uid `egressguard dns` runs as; must be in exempt.uids")
+    forwarder_port: int = field(PORT, default=DEFAULT_FORWARDER_PORT,
+                                description="proxy mode: the forwarder's port on loopback")
+    max_addresses_per_host: int = field(
+        Int(ge=1, le=4096), default=DEFAULT_MAX_ADDRESSES_PER_HOST,
         description="a host resolving to more addresses fails the apply (or is skipped if optional)",
     )
 
-    @field_validator("resolvers", mode="before")
-    @classmethod
-    def _addresses(cls, v: Any) -> Any:
-        return [_address(x) for x in v] if isinstance(v, list) else v
 
-
-class Redirect(_Model):
+class Redirect(Record):
     """Confined TCP to `ports` goes to `to_port` on loopback instead (a transparent proxy)."""
 
-    ports: list[Port] = Field(..., min_length=1, description="destination TCP ports to redirect")
-    to_port: Port = Field(..., description="local port the proxy listens on (loopback, both families)")
+    ports: list[int] = field(ListOf(PORT, min_length=1), description="destination TCP ports to redirect")
+    to_port: int = field(PORT, description="local port the proxy listens on (loopback, both families)")
 
 
-class Policy(_Model):
+def _the_number_1(v: Any) -> Any:
+    if isinstance(v, (bool, float)):  # YAML `true` or `1.0` would otherwise pass as 1
+        raise ValueError("must be the number 1")
+    return v
+
+
+def _some_ports(v: Any) -> Any:
+    if isinstance(v, list) and not v:
+        raise ValueError("an empty port list: use 'deny' to refuse all loopback traffic")
+    return v
+
+
+class Policy(Record):
     """An egress policy, version 1."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, title="egressguard policy")
+    title = "egressguard policy"
 
-    version: Literal[1] = Field(..., description="policy format version; must be 1")
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_is_a_number(cls, v: Any) -> Any:
-        if isinstance(v, (bool, float)):  # YAML `true` or `1.0` would otherwise pass as 1
-            raise ValueError("must be the number 1")
-        return v
-    confine: Confine = Field(default_factory=Confine, description="whose traffic is restricted")
-    exempt: Exempt = Field(default_factory=Exempt, description="who is never restricted")
-    action: Literal["reject", "drop"] = Field(
-        "reject", description="reject: immediate error to the client; drop: silently dropped"
+    version: Literal[1] = field(OneOf(1), before=_the_number_1, description="policy format version; must be 1")
+    confine: Confine = field(Nested(Confine), default_factory=Confine, description="whose traffic is restricted")
+    exempt: Exempt = field(Nested(Exempt), default_factory=Exempt, description="who is never restricted")
+    action: Literal["reject", "drop"] = field(
+        OneOf("reject", "drop"), default="reject", description="reject: immediate error to the client; drop: silently dropped"
     )
-    loopback: Literal["allow", "deny"] | list[Port] = Field(
-        "allow", description="local traffic: allow, deny, or only these ports (TCP and UDP)"
+    loopback: Literal["allow", "deny"] | list[int] = field(
+        Either(OneOf("allow", "deny"), ListOf(PORT)), default="allow", after=_some_ports,
+        description="local traffic: allow, deny, or only these ports (TCP and UDP)",
     )
-    dns: Dns = Field(default_factory=Dns, description="DNS resolvers confined processes may use")
-    deny_metadata: bool = Field(True, description="refuse cloud metadata endpoints even if an allow covers them")
-    allow: list[AllowEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
-    deny: list[DenyEntry] = Field(default_factory=list, max_length=MAX_ENTRIES)
-    redirect: list[Redirect] = Field(default_factory=list, max_length=64)
+    dns: Dns = field(Nested(Dns), default_factory=Dns, description="DNS resolvers confined processes may use")
+    deny_metadata: bool = field(Bool(), default=True, description="refuse cloud metadata endpoints even if an allow covers them")
+    allow: list[AllowEntry] = field(ListOf(Nested(AllowEntry), max_length=MAX_ENTRIES), default_factory=list)
+    deny: list[DenyEntry] = field(ListOf(Nested(DenyEntry), max_length=MAX_ENTRIES), default_factory=list)
+    redirect: list[Redirect] = field(ListOf(Nested(Redirect), max_length=64), default_factory=list)
 
-    @field_validator("loopback")
-    @classmethod
-    def _loopback_ports(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("an empty port list: use 'deny' to refuse all loopback traffic")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Policy:
+    def check(self, ctx: Mapping[str, Any]) -> None:
         if isinstance(self.confine.uids, list):
             confined = set(self.confine.uids)
             for i, uid in enumerate(self.exempt.uids):
                 if uid in confined:
-                    raise _located(f"exempt.uids[{i}]", f"uid {uid} is also in confine.uids")
+                    raise Located(f"exempt.uids[{i}]", f"uid {uid} is also in confine.uids")
         seen: dict[int, int] = {}
         for i, r in enumerate(self.redirect):
             for port in r.ports:
                 if port in seen:
-                    raise _located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
+                    raise Located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
                 seen[port] = i
         self._check_dns_mode()
         for kind in ("allow", "deny"):
             total = sum(len(e.networks) or 1 for e in getattr(self, kind))
             if total > MAX_ENTRIES:
-                raise _located(kind, f"{total} entries after reading the list files, more than {MAX_ENTRIES}")
-        return self
+                raise Located(kind, f"{total} entries after reading the list files, more than {MAX_ENTRIES}")
 
     def _check_dns_mode(self) -> None:
         proxy = self.dns.mode == "proxy"
@@ -380,24 +363,24 @@ class Policy(_Model):
                 if e.host is None:
                     continue
                 if e.host.startswith("*.") and not proxy:
-                    raise _located(f"{kind}[{i}].host", f"{e.host!r}: wildcards need dns.mode: proxy")
+                    raise Located(f"{kind}[{i}].host", f"{e.host!r}: wildcards need dns.mode: proxy")
                 if proxy and kind == "deny":
-                    raise _located(f"deny[{i}].host", "dns.mode proxy learns allowed names only: deny by `cidr`")
+                    raise Located(f"deny[{i}].host", "dns.mode proxy learns allowed names only: deny by `cidr`")
                 if proxy and e.optional:
-                    raise _located(f"allow[{i}].optional", "has no meaning in dns.mode proxy (names are learned, not resolved)")
+                    raise Located(f"allow[{i}].optional", "has no meaning in dns.mode proxy (names are learned, not resolved)")
         if not proxy:
             return
         uid = self.dns.forwarder_uid
         if uid is None:
-            raise _located("dns.forwarder_uid", "dns.mode proxy needs the uid `egressguard dns` runs as")
+            raise Located("dns.forwarder_uid", "dns.mode proxy needs the uid `egressguard dns` runs as")
         if uid == 0 or uid not in self.exempt.uids:
-            raise _located("dns.forwarder_uid", f"uid {uid} must be a non-root uid listed in exempt.uids "
-                           "(its queries to the upstream resolvers must not be confined)")
+            raise Located("dns.forwarder_uid", f"uid {uid} must be a non-root uid listed in exempt.uids "
+                          "(its queries to the upstream resolvers must not be confined)")
         for i, r in enumerate(self.redirect):
             if 53 in r.ports:
-                raise _located(f"redirect[{i}].ports", "port 53: dns.mode proxy sends DNS to the forwarder")
+                raise Located(f"redirect[{i}].ports", "port 53: dns.mode proxy sends DNS to the forwarder")
             if r.to_port == self.dns.forwarder_port:
-                raise _located(f"redirect[{i}].to_port", f"port {r.to_port} is dns.forwarder_port")
+                raise Located(f"redirect[{i}].to_port", f"port {r.to_port} is dns.forwarder_port")
 
     @property
     def proxy_dns(self) -> bool:
@@ -407,18 +390,6 @@ class Policy(_Model):
     @property
     def confines_everyone(self) -> bool:
         return self.confine.uids == "all"
-
-
-class _LocatedError(ValueError):
-    """A cross-field error that names its own location."""
-
-    def __init__(self, loc: str, msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
-
-
-def _located(loc: str, msg: str) -> _LocatedError:
-    return _LocatedError(loc, msg)
 
 
 DEFAULT_POLICY: dict[str, Any] = {
@@ -547,37 +518,14 @@ def parse_text(text: str, source: str) -> Any:
         raise PolicyError(f"policy error: {source}: unreadable value: {str(exc).splitlines()[0]}") from None
 
 
-def _loc(parts: tuple[Any, ...]) -> str:
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p in ("list[...]", "literal['all']", "literal['auto']", "literal['allow','deny']") or str(p).startswith(
-            ("list[", "literal[", "function-")
-        ):
-            continue  # pydantic union branch names are noise for users
-        else:
-            out += ("." if out else "") + str(p)
-    return out or "(top level)"
-
-
 def _clip(message: str, limit: int = 1000) -> str:
     """A message quotes the offending value: keep a multi-megabyte value out of a one-line error."""
     return message if len(message) <= limit else message[: limit - 20] + f"... ({len(message)} chars)"
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    messages: list[str] = []
-    for err in exc.errors(include_url=False):
-        ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _LocatedError):
-            messages.append(_clip(f"{ctx_err.loc}: {ctx_err}"))
-            continue
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        messages.append(_clip(f"{_loc(tuple(err['loc']))}: {msg}"))
-    # A union reports one error per branch; keep the first per location, at most three in all.
+def _format_problems(exc: Invalid, source: str) -> str:
+    messages = [_clip(f"{where or '(top level)'}: {message}") for where, message in exc.problems]
+    # An `Either` reports one problem per alternative: keep the first per text, at most three in all.
     unique = list(dict.fromkeys(messages))
     more = f" (and {len(unique) - 3} more)" if len(unique) > 3 else ""
     return f"policy error: {source}: " + "; ".join(unique[:3]) + more
@@ -590,15 +538,15 @@ def validate(data: Any, source: str = "policy", base_dir: Path | None = None) ->
         raise PolicyError(f"policy error: {source}: the policy must be a mapping (got {type(data).__name__})")
     _refuse_long_lists(data, source)
     try:
-        return Policy.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        raise PolicyError(_format_validation_error(exc, source)) from None
+        return records.validate(Policy, data, ctx={"base_dir": base_dir})
+    except Invalid as exc:
+        raise PolicyError(_format_problems(exc, source)) from None
     except RecursionError:
         raise PolicyError(f"policy error: {source}: nested too deeply") from None
 
 
 def _refuse_long_lists(data: Any, source: str) -> None:
-    """Before pydantic: it would validate every item of a 10^6-entry list before counting them."""
+    """Before validation, which would check every item of a 10^6-entry list before counting them."""
     stack: list[tuple[str, Any]] = [("", data)]
     while stack:
         where, value = stack.pop()
@@ -612,10 +560,9 @@ def _refuse_long_lists(data: Any, source: str) -> None:
             stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items() if isinstance(v, (list, Mapping)))
 
 
-class LoadedPolicy(BaseModel):
+@dataclass(frozen=True)
+class LoadedPolicy:
     """A validated policy and where it came from."""
-
-    model_config = ConfigDict(frozen=True)
 
     policy: Policy
     source: str
@@ -674,7 +621,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
 
 def digest(policy: Policy) -> str:
     """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
-    data = policy.model_dump(mode="json")
+    data = policy.to_json()
     if policy.dns == Dns(resolvers=policy.dns.resolvers, max_addresses_per_host=policy.dns.max_addresses_per_host):
         # A policy that says nothing of dns.mode keeps the digest it had before dns.mode existed.
         for key in ("mode", "ttl", "forwarder_uid", "forwarder_port"):
@@ -693,7 +640,7 @@ def digest(policy: Policy) -> str:
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the policy, generated from the models."""
-    schema = Policy.model_json_schema()
+    schema = records.json_schema(Policy)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://egressguard.invalid/policy.schema.json"
     return schema

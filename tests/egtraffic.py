@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from egressguard.lab import Lab, Result
+from egressguard.lab import CONFINED, EXEMPT, Lab, Result
 
 # Short timeouts: a refusal under `reject` comes at once; silence is only waited for where it is the point.
 FAST = 1.0
@@ -35,12 +35,49 @@ def reached(res: Result, host: str) -> bool:
 
 
 def refused_fast(res: Result, within: float = 0.5) -> bool:
-    """Refused by an immediate error (reject), not by a timeout."""
+    """Refused by an immediate error (reject), not by a timeout. On its own this cannot tell the guard
+    from a closed port or a dead server: use `stopped`, which adds the control, unless the test has
+    its own control in the same run."""
     return res.outcome in ("refused", "eperm", "unreachable") and res.elapsed < within
 
 
 def dns_answered(res: Result) -> bool:
     return res.ok and res.detail == "NOERROR" and bool(res.answer)
+
+
+def served(op: str, args: tuple[Any, ...], res: Result) -> bool:
+    """`res` is the far side's own answer to probe `op(*args)`: the world host's banner for TCP, the
+    world's UDP echo from that port, a DNS answer, an echo reply (a pod's own listener for a local
+    destination). A closed port, a dead server or the pod's proxy is not an answer."""
+    if op == "tcp":
+        banner = str(res.answer or "")
+        return res.ok and banner.startswith((f"world {args[0]} {args[1]} ", f"pod {args[0]} {args[1]} "))
+    if op == "udp":
+        return res.ok and str(res.answer or "").startswith(f"world udp {args[1]} ")
+    if op == "dns":
+        return dns_answered(res)
+    return res.ok
+
+
+# What each expected verdict accepts from the confined probe. Timeouts and refusals are kept apart:
+# `refused` is reject's immediate error, `silence` is drop's timeout; a test that accepts both says so.
+VERDICTS = {"refused": ("refused", "eperm", "unreachable"), "silence": ("timeout",),
+            "blocked": ("refused", "eperm", "unreachable", "timeout")}
+
+
+def stopped(lab: Lab, op: str, *args: Any, verdict: str = "refused", uid: int = CONFINED, control_uid: int = EXEMPT,
+            timeout: float = FAST, **kwargs: Any) -> Result:
+    """Probe `op(*args)` as `control_uid`, then as `uid`, in this run: the control must reach the
+    far side's server (else a closed port or a dead server would pass for the guard), and `uid` must
+    get `verdict` (refused: an immediate error within 0.5 s; silence: a timeout). Returns `uid`'s result."""
+    control = lab.probe(op, *args, uid=control_uid, timeout=timeout, **kwargs)
+    assert served(op, args, control), \
+        f"control {op}{args} as uid {control_uid} did not reach the server: {control} {control.answer or ''}"
+    got = lab.probe(op, *args, uid=uid, timeout=timeout, **kwargs)
+    assert got.outcome in VERDICTS[verdict], f"{op}{args} as uid {uid}: {got} {got.answer or ''}, expected {verdict}"
+    if verdict == "refused":
+        assert got.elapsed < 0.5, f"{op}{args} as uid {uid}: refused only after {got.elapsed:.2f} s"
+    return got
 
 
 def apply_quick(lab: Lab, pol: dict[str, Any], name: str = "policy.yaml") -> None:

@@ -12,16 +12,20 @@ must not confuse with it, and a pod with a second interface that some world host
 
 from __future__ import annotations
 
+import os
 import random
+import select
+import socket
 import subprocess
 import tempfile
 import threading
-import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from wire import in_pod
 
 from egressguard.lab import (
     CONFINED,
@@ -81,6 +85,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.attempts = 0
+        self.outcomes: Counter[str] = Counter()  # how each stopped attempt was stopped
         self.through: list[str] = []
         self.by_design: set[str] = set()
         self.topologies: set[str] = set()
@@ -88,7 +93,15 @@ class Tally:
     def line(self) -> str:
         design = f"; {len(self.by_design)} paths open by design, documented" if self.by_design else ""
         shapes = f" on {len(self.topologies)} pod topologies ({', '.join(sorted(self.topologies))})"
-        return f"bypass: {len(self.through)} of {self.attempts} attempts got through{shapes}{design}"
+        how = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes.items()))
+        return f"bypass: {len(self.through)} of {self.attempts} attempts got through ({how}){shapes}{design}"
+
+    def count(self, what: str, got: Result) -> None:
+        self.attempts += 1
+        if got.blocked:
+            self.outcomes[got.outcome] += 1
+        else:
+            self.through.append(f"{what}: {got}")
 
 
 TALLY = Tally()
@@ -99,9 +112,7 @@ def stopped(what: str, confined: Result, control: Result | None = None) -> None:
     must get through, or the attempt proves nothing."""
     if control is not None:
         assert control.ok, f"{what}: control (exempt uid) did not get through: {control}"
-    TALLY.attempts += 1
-    if not confined.blocked:
-        TALLY.through.append(f"{what}: {confined}")
+    TALLY.count(what, confined)
     assert confined.blocked, f"{what}: confined uid got through: {confined} {confined.answer or ''}"
 
 
@@ -115,11 +126,27 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
         if not ctl.ok:
             failures.append(f"{label}: control failed: {ctl}")
             continue
-        TALLY.attempts += 1
+        TALLY.count(label, got)
         if not got.blocked:
-            TALLY.through.append(f"{label}: {got}")
             failures.append(f"{label}: got through: {got} {got.answer or ''}")
     assert not failures, "\n".join(failures)
+
+
+def refused_by_kernel(res: Result) -> Result:
+    """A command's result as a verdict: stopped (eperm) only if it failed saying the kernel refused;
+    a missing binary or a usage error is not a refusal and would count as getting through."""
+    said = str(res.answer or "")
+    if not res.ok and any(m in said for m in ("Permission denied", "Operation not permitted", "you must be root")):
+        return Result("eperm", res.detail, res.elapsed, res.answer)
+    return res
+
+
+def _open_lock() -> Path:
+    """An xtables lock file every uid may take, so the kernel (not the lock) is what refuses."""
+    lock = Path(tempfile.mkdtemp()) / "xtables.lock"
+    lock.touch(mode=0o666)
+    lock.parent.chmod(0o755)
+    return lock
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -325,8 +352,9 @@ def test_with_cap_net_raw_raw_ip_sockets_are_still_filtered(guarded: Lab) -> Non
     """If the confined uid were given CAP_NET_RAW, a hand-made packet on a raw IP socket still passes
     OUTPUT with the sender's uid: refused."""
     got = guarded.probe("crafted_udp", "raw", POD_V4, OTHER_V4, 9999, caps=CAP_NET_RAW_BIT)
-    stopped("raw IP socket with CAP_NET_RAW", got)
-    assert got.outcome == "eperm"
+    control = guarded.probe("crafted_udp", "raw", POD_V4, OTHER_V4, 9999, uid=EXEMPT, caps=CAP_NET_RAW_BIT)
+    stopped("raw IP socket with CAP_NET_RAW", got, control)
+    assert got.outcome == "eperm" and str(control.answer).startswith("world udp 9999 "), control
 
 
 def test_with_cap_net_raw_packet_sockets_bypass_the_guard(guarded: Lab) -> None:
@@ -343,10 +371,11 @@ def test_the_confined_uid_cannot_change_its_uid(guarded: Lab) -> None:
     """setuid to root or to the exempt uid fails (EPERM); so does setpriv."""
     for target in (ROOT, EXEMPT):
         got = guarded.probe("setuid", target)
-        stopped(f"setuid({target})", got)
+        stopped(f"setuid({target})", got, guarded.probe("setuid", target, uid=ROOT))  # control: root may
         assert got.outcome == "eperm"
-    got = guarded.exec_as(["setpriv", f"--reuid={EXEMPT}", "--regid", str(EXEMPT), "--clear-groups", "true"])
-    assert not got.ok, got
+    argv = ["setpriv", f"--reuid={EXEMPT}", "--regid", str(EXEMPT), "--clear-groups", "true"]
+    got = guarded.exec_as(argv)
+    stopped("setpriv", refused_by_kernel(got), guarded.exec_as(argv, uid=ROOT))  # root's same setpriv works
 
 
 def test_root_in_a_new_user_namespace_is_still_confined(guarded: Lab) -> None:
@@ -356,24 +385,19 @@ def test_root_in_a_new_user_namespace_is_still_confined(guarded: Lab) -> None:
     got = guarded.probe("userns", "tcp", [OTHER_V4, 443], {})
     if got.outcome == "eperm" and "user namespace" not in got.detail:
         pytest.skip("user namespaces are not available to unprivileged users here")
-    stopped("tcp from a user namespace", got)
-    stopped("packet socket from a user namespace", guarded.probe("userns", "socket", ["packet", "raw"], {}))
-    lock = Path(tempfile.mkdtemp()) / "xtables.lock"
-    lock.touch(mode=0o666)
-    lock.parent.chmod(0o755)
-    flush = guarded.probe("userns", "exec", [["env", f"XTABLES_LOCKFILE={lock}", "iptables-legacy", "-F"]], {})
-    assert not flush.ok, flush
+    stopped("tcp from a user namespace", got, guarded.probe("userns", "tcp", [OTHER_V4, 443], {}, uid=EXEMPT))
+    stopped("packet socket from a user namespace", guarded.probe("userns", "socket", ["packet", "raw"], {}),
+            guarded.probe("socket", "packet", "raw", uid=ROOT))
+    flush = guarded.probe("userns", "exec", [["env", f"XTABLES_LOCKFILE={_open_lock()}", "iptables-legacy", "-F"]], {})
+    stopped("iptables -F from a user namespace", refused_by_kernel(flush))
 
 
 def test_the_confined_uid_cannot_flush_or_add_rules(guarded: Lab) -> None:
     """iptables (legacy and nft), ip6tables and nft, run by the confined uid to flush, delete or add
     rules, all fail (no CAP_NET_ADMIN in the pod's namespace); the ruleset is unchanged and the
     guard still refuses. The xtables lock file is made writable, so the kernel is what says no."""
-    lock = Path(tempfile.mkdtemp()) / "xtables.lock"
-    lock.touch(mode=0o666)
-    lock.parent.chmod(0o755)
     before = guarded.ruleset_dump()
-    env = ["env", f"XTABLES_LOCKFILE={lock}"]
+    env = ["env", f"XTABLES_LOCKFILE={_open_lock()}"]
     commands = [
         ["iptables-legacy", "-F"], ["iptables-legacy", "-t", "nat", "-F"], ["ip6tables-legacy", "-F"],
         ["iptables-legacy", "-I", "OUTPUT", "1", "-j", "ACCEPT"], ["iptables-legacy", "-D", "OUTPUT", "1"],
@@ -381,13 +405,9 @@ def test_the_confined_uid_cannot_flush_or_add_rules(guarded: Lab) -> None:
         ["iptables-nft", "-F"], ["nft", "flush", "ruleset"], ["nft", "add", "table", "inet", "bypass"],
     ]
     for argv in commands:
-        got = guarded.exec_as(env + argv)
-        TALLY.attempts += 1
-        if got.ok:
-            TALLY.through.append(" ".join(argv))
-        assert not got.ok, f"{' '.join(argv)} succeeded as the confined uid: {got.answer}"
+        stopped(" ".join(argv), refused_by_kernel(guarded.exec_as(env + argv)))
     assert guarded.ruleset_dump() == before
-    stopped("after the flush attempts", guarded.tcp(OTHER_V4, 443))
+    stopped("after the flush attempts", guarded.tcp(OTHER_V4, 443), guarded.tcp(OTHER_V4, 443, uid=EXEMPT))
 
 
 def test_the_confined_uid_cannot_load_another_policy(guarded: Lab) -> None:
@@ -400,13 +420,11 @@ def test_the_confined_uid_cannot_load_another_policy(guarded: Lab) -> None:
     status = str(guarded.workdir / "confined-status.json")
     for argv in (["apply", "--policy", str(open_policy), "--status-file", status], ["reset", "--status-file", status]):
         got = guarded.probe("egressguard", argv, timeout=30)
-        TALLY.attempts += 1
-        if got.answer["exit"] != 3:
-            TALLY.through.append(f"egressguard {argv[0]}: exit {got.answer['exit']}")
+        TALLY.count(f"egressguard {argv[0]}", got if got.answer["exit"] != 3 else Result("eperm", "exit 3"))
         assert got.answer["exit"] == 3, got.answer["stderr"]
         assert "missing capability" in got.answer["stderr"]
     assert guarded.ruleset_dump() == before
-    stopped("after the apply attempt", guarded.tcp(OTHER_V4, 443))
+    stopped("after the apply attempt", guarded.tcp(OTHER_V4, 443), guarded.tcp(OTHER_V4, 443, uid=EXEMPT))
 
 
 # -- local relays ------------------------------------------------------------------------------
@@ -439,24 +457,39 @@ def test_flows_opened_from_outside_can_be_answered(guarded: Lab) -> None:
     That includes UDP: after a world host sends to pod:40000, the confined uid can send back from
     40000 to that host and port (a "hole punch" needs an outside party that sends first). A new flow
     from the same socket to another port of that host is refused."""
-    knock: dict[str, Result] = {}
     # A host on the primary link: the world knocks on POD_V4 through it, and only a reply that leaves
     # the same way (from POD_V4) is on that flow; one routed out of a second interface is a new flow.
     peer = "203.0.113.5"
     assert peer not in SECOND_LINK_ROUTED
-
-    def world_first() -> None:
-        knock["r"] = guarded.world_probe("send", POD_V4, 40000, src=peer, sport=7001, timeout=3)
-
-    t = threading.Thread(target=world_first)
+    # Ordered by events: the confined socket is bound before the world knocks (it says so on a pipe),
+    # and it answers only once the knock has arrived.
+    ready_r, ready_w = os.pipe()
+    pod: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: pod.update(
+        answer=in_pod(guarded, CONFINED, _answer_the_first_knock, ready_w, 40000, timeout=5.0)))
     t.start()
-    time.sleep(0.5)
-    answer = guarded.probe("send", peer, 7001, sport=40000, timeout=0.5)
+    try:
+        assert select.select([ready_r], [], [], 5.0)[0] and os.read(ready_r, 1) == b"r", "the pod never bound"
+        knock = guarded.world_probe("send", POD_V4, 40000, src=peer, sport=7001, timeout=3)
+    finally:
+        t.join()
+        os.close(ready_r)
+        os.close(ready_w)
+    assert pod["answer"] == {"knock_from": peer, "answer": "sent"} and knock.answer == "egressguard", (pod, knock)
     other = guarded.probe("send", peer, 7002, sport=40000, timeout=0.5)
-    t.join()
-    assert answer.ok and knock["r"].answer == "egressguard", (answer, knock["r"])
-    stopped("new flow from the answering socket", other)
+    stopped("new flow from the answering socket", other, guarded.probe("send", peer, 7002, sport=40000, uid=EXEMPT))
     TALLY.by_design.add("answers on flows opened from outside")
+
+
+def _answer_the_first_knock(ready_fd: int, port: int) -> dict[str, str]:
+    """In the pod: bind UDP `port`, say so on `ready_fd`, wait for one datagram, answer its sender."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", port))
+        s.settimeout(3.0)
+        os.write(ready_fd, b"r")
+        _data, (src, sport) = s.recvfrom(64)
+        s.sendto(b"egressguard", (src, sport))
+        return {"knock_from": src, "answer": "sent"}
 
 
 # -- volume and timing -------------------------------------------------------------------------
@@ -467,9 +500,11 @@ def test_two_hundred_parallel_connections_are_all_refused(guarded: Lab) -> None:
     for dest in (OTHER_V4, OTHER_V6):
         got = guarded.probe("parallel_tcp", dest, 443, count=200, timeout=5)
         TALLY.attempts += 200
-        through = got.answer.get("ok", 0)
-        if through:
-            TALLY.through.append(f"{through} of 200 parallel to {dest}")
+        for outcome, n in got.answer.items():
+            if outcome == "ok":
+                TALLY.through.append(f"{n} of 200 parallel to {dest}")
+            else:
+                TALLY.outcomes[outcome] += n
         assert got.answer == {"refused": 200}, got.answer
     control = guarded.probe("parallel_tcp", OTHER_V4, 443, count=50, uid=EXEMPT, timeout=5)
     assert control.answer == {"ok": 50}, control.answer

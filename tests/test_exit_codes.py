@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
+from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, stopped
 
 from egressguard import __version__
 from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
@@ -140,7 +140,7 @@ class TestHostThatDoesNotResolve:
         self, module_lab: Lab, failed: subprocess.CompletedProcess[str]
     ) -> None:
         for host in ("203.0.113.10", "203.0.113.12", "2001:db8:2::10"):
-            assert refused_fast(module_lab.tcp(host, 22, timeout=FAST)), host
+            stopped(module_lab, "tcp", host, 22)
 
     def test_exempt_uid_is_not_locked_down(self, module_lab: Lab, failed: subprocess.CompletedProcess[str]) -> None:
         assert reached(module_lab.tcp("203.0.113.12", 22, uid=EXEMPT, timeout=FAST), "203.0.113.12")
@@ -149,9 +149,16 @@ class TestHostThatDoesNotResolve:
         st = json.loads(module_lab.status_file.read_text())
         assert st["state"] == "lockdown" and st["exit_code"] == 4 and "nowhere.test" in st["error"]
 
-    def test_verify_of_the_policy_does_not_pass(self, module_lab: Lab, failed: subprocess.CompletedProcess[str]) -> None:
+    def test_verify_of_the_policy_exits_4_naming_the_unresolved_host(
+        self, module_lab: Lab, failed: subprocess.CompletedProcess[str]
+    ) -> None:
+        # Not 0 or 5: verify cannot rebuild the policy's rules without the host's addresses, which no
+        # apply recorded. Exactly 4 with the host named (a crash would be 1, also "not passing").
+        before = module_lab.ruleset_dump()
         done = module_lab.egressguard("verify", "--policy", str(module_lab.workdir / "policy.yaml"))
-        assert done.returncode != 0
+        assert done.returncode == 4, done.stderr[-800:]
+        assert "egressguard: host nowhere.test: no record of its resolved addresses" in done.stderr
+        assert module_lab.ruleset_dump() == before
 
 
 @pytest.mark.netns

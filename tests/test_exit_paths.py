@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, refused_fast
+from egtraffic import FAST, applied, dns_answered, normalized, policy, reached, stopped
 
-from egressguard.lab import EXEMPT, RESOLVER_V4, Lab
+from egressguard.lab import RESOLVER_V4, Lab
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.uname().machine != "x86_64", reason="seccomp filters: x86_64 syscall numbers")]
@@ -64,8 +64,7 @@ def assert_lockdown_only(lab: Lab) -> None:
     assert dns_answered(lab.dns("allowed.test", RESOLVER_V4, timeout=FAST))
     assert lab.tcp("127.0.0.1", 8443, timeout=FAST).ok and lab.tcp("::1", 8443, timeout=FAST).ok
     for host in ("203.0.113.10", "2001:db8:2::10"):
-        assert refused_fast(lab.tcp(host, 22, timeout=FAST)), host
-        assert reached(lab.tcp(host, 22, uid=EXEMPT, timeout=FAST), host)
+        stopped(lab, "tcp", host, 22)
 
 
 # -- exit 4: the kernel refuses the commit ----------------------------------------------------
@@ -105,8 +104,7 @@ def test_kernel_refusing_every_commit_on_a_first_apply_exits_3_with_the_fence_up
     assert lab.tcp("127.0.0.1", 8443, timeout=FAST).ok and lab.tcp("::1", 8443, timeout=FAST).ok
     assert not dns_answered(lab.dns("allowed.test", RESOLVER_V4, timeout=FAST))
     for host in ("203.0.113.10", "2001:db8:2::10"):
-        assert refused_fast(lab.tcp(host, 22, timeout=FAST)), host
-        assert reached(lab.tcp(host, 22, uid=EXEMPT, timeout=FAST), host)
+        stopped(lab, "tcp", host, 22)
     st = status(lab)
     assert st["exit_code"] == 3 and st["state"] == "fence"  # not "lockdown": the kernel refused that too
     # The next apply on a kernel that accepts the commit lowers the fence.
@@ -130,9 +128,8 @@ def test_image_without_the_owner_extension_exits_3_on_a_first_apply_with_the_fen
     assert "owner" in done.stderr and "xtables extension is missing" in done.stderr
     assert normalized(lab.ruleset_dump()) == normalized(before)
     assert len(fence_rules(lab)) == 2 and status(lab)["state"] == "fence"
-    assert refused_fast(lab.tcp("203.0.113.10", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.10", 22)
     assert lab.tcp("127.0.0.1", 8443, timeout=FAST).ok
-    assert reached(lab.tcp("203.0.113.10", 22, uid=EXEMPT, timeout=FAST), "203.0.113.10")
 
 
 # -- exit 3 before any change ------------------------------------------------------------------
@@ -215,8 +212,7 @@ def test_fence_refused_by_the_kernel_means_lockdown_first_then_the_policy(lab: L
     assert st["state"] == "policy" and st["lockdown_first"] is True and st["fence_first"] is False
     assert fence_rules(lab) == []
     assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
-    assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+    stopped(lab, "tcp", "203.0.113.11", 22)
 
 
 # -- exit 1 at other points --------------------------------------------------------------------------
@@ -226,13 +222,18 @@ def test_fence_refused_by_the_kernel_means_lockdown_first_then_the_policy(lab: L
 def test_kernel_refusing_routing_netlink_sockets_exits_1_with_the_lockdown(lab: Lab, installed: bool) -> None:
     """socket(AF_NETLINK, ..., NETLINK_ROUTE) refused (EACCES): on a first apply the fence cannot be
     raised (fence_unavailable, lockdown first); either way the fence cannot be listed to be lowered,
-    an OSError no code path maps: exit 1, the lockdown stays."""
+    an OSError no code path maps: exit 1, the lockdown stays.
+    This is exit 1's honest cause: an error no code path expects, raised after the lockdown went in
+    (as a bug would be), through the same `except BaseException` fall-back and the CLI's one line. It
+    replaces a test that patched egressguard's resolver to raise."""
     if installed:
         applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]}]))
     done = lab.egressguard("apply", "--policy", str(lab.write_policy(ALLOWED)),
                            prefix=seccomp("socket,0=16,2=0:EACCES"))
     assert done.returncode == 1, done.stderr[-1500:]
-    assert "egressguard: internal error: PermissionError" in done.stderr
+    human = [line for line in done.stderr.splitlines() if line.startswith("egressguard:")]
+    assert len(human) == 1 and human[0].startswith("egressguard: internal error: PermissionError: "), human
+    assert events(done.stderr)[-1]["event"] == "run_finished" and events(done.stderr)[-1]["exit_code"] == 1
     assert ("fence_unavailable" in [e["event"] for e in events(done.stderr)]) is not installed
     st = status(lab)
     assert st["state"] == "lockdown" and st["exit_code"] == 1

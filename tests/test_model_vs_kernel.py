@@ -4,15 +4,18 @@ the pod topology it runs in: every name in IFACE_NAMES, and a pod with a second 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from egtraffic import stopped
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressguard.explain import LOOPBACK_NETS, Facts, Probe, Verdict, evaluate
+from egressguard.explain import Facts, Probe, Verdict, evaluate
 from egressguard.lab import (
     IFACE_NAMES,
     METADATA_V4,
@@ -23,6 +26,7 @@ from egressguard.lab import (
     POD_V6,
     RESOLVER_V4,
     RESOLVER_V6,
+    ROOT,
     SECOND_POD_V4,
     SECOND_POD_V6,
     Lab,
@@ -47,6 +51,15 @@ HOSTS = ("allowed.test", "other.test", "alias.test")
 PROBE_TIMEOUT = 0.6
 MAX_EXAMPLES = 25
 PROBES_PER_POLICY = 12
+
+# The facts a verdict depends on, from sources independent of the code under test (which also writes
+# them to its status file): the README's loopback and metadata networks as literals, the addresses the
+# lab's DNS serves as literals (checked against live answers below), and the pod's resolv.conf as
+# the lab wrote it.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+README_METADATA = ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
+HOST_ADDRESSES = {"allowed.test": ("203.0.113.10", "2001:db8:2::10"), "other.test": ("203.0.113.11", "2001:db8:2::11"),
+                  "alias.test": ("203.0.113.10", "2001:db8:2::10")}  # alias.test: a CNAME of allowed.test
 
 _pairs = {"policies": 0, "pairs": 0, "disagreements": 0}
 _shapes: set[str] = set()
@@ -147,14 +160,50 @@ def agrees(p: Probe, want: Verdict, r: Result) -> bool:
     return True
 
 
-def facts_from_status(lab: Lab) -> Facts:
-    st_ = json.loads(lab.status_file.read_text())
+def pod_nameservers(lab: Lab) -> tuple[str, ...]:
+    """`resolvers: auto` means the pod's resolv.conf nameservers (README): read from the file the lab wrote."""
+    lines = Path(f"/etc/netns/{lab.pod}/resolv.conf").read_text().splitlines()
+    return tuple(line.split()[1] for line in lines if line.startswith("nameserver "))
+
+
+def independent_facts(lab: Lab, policy: dict[str, Any]) -> Facts:
+    resolvers = policy["dns"]["resolvers"]
+    hosts = {e["host"] for e in (*policy["allow"], *policy["deny"]) if "host" in e}
     own = [f"{POD_V4}/32", f"{POD_V6}/128"] + ([f"{SECOND_POD_V4}/32", f"{SECOND_POD_V6}/128"] if lab.second_iface else [])
     return Facts(
-        resolvers=tuple(st_["resolvers"]),
-        hosts={k: tuple(v) for k, v in st_["hosts"].items()},
-        local=(*LOOPBACK_NETS, *own),
+        resolvers=pod_nameservers(lab) if resolvers == "auto" else tuple(resolvers),
+        hosts={h: HOST_ADDRESSES[h] for h in hosts},
+        local=(*LOOPBACK, *own),
     )
+
+
+def metadata_refused(policy: dict[str, Any], p: Probe) -> bool:
+    """README: with `deny_metadata`, a confined uid's connection to a metadata endpoint is refused on
+    every port, whatever the allows say (checked beside the model, from the README's own list)."""
+    confine = policy.get("confine", {}).get("uids", "all")  # README: `confine` omitted = all
+    confined = (confine == "all" or p.uid in confine) and p.uid not in policy.get("exempt", {}).get("uids", [])
+    metadata = ipaddress.ip_address(p.destination) in {ipaddress.ip_address(m) for m in README_METADATA}
+    return policy["deny_metadata"] and confined and metadata
+
+
+def test_the_labs_dns_serves_the_host_addresses_the_model_is_given(lab: Lab) -> None:
+    """HOST_ADDRESSES are literals: check them against the lab's DNS answers, through every resolver drawn."""
+    for server in (RESOLVER_V4, OTHER_RESOLVER_V4, RESOLVER_V6):
+        for name, addresses in HOST_ADDRESSES.items():
+            got = [a for rdtype in ("A", "AAAA") for a in lab.dns(name, server, uid=ROOT, rdtype=rdtype).answer or ()]
+            assert set(addresses) <= set(got) and set(got) <= set(addresses) | {"allowed.test."}, (server, name, got)
+
+
+def test_the_model_refuses_the_readmes_metadata_endpoints_and_their_nat64_forms() -> None:
+    """The model's metadata list is the README's (not only egressguard's own constant): each endpoint,
+    and the NAT64 form of each IPv4 one, is refused under an allow of everything; a neighbour is not."""
+    policy = validate({"version": 1, "confine": {"uids": [1000]}, "deny_metadata": True,
+                       "allow": [{"cidr": "0.0.0.0/0", "protocol": "any"}, {"cidr": "::/0", "protocol": "any"}]})
+    nat64 = ("64:ff9b::a9fe:a9fe", "64:ff9b::a9fe:aa02", "64:ff9b::6464:64c8")
+    for dest in (*README_METADATA, *nat64):
+        assert evaluate(policy, Facts(), Probe(1000, dest, 80)).line == "deny_metadata", dest
+    for dest in ("169.254.169.253", "100.100.100.201", "fd00:ec2::253"):
+        assert evaluate(policy, Facts(), Probe(1000, dest, 80)).verdict == "allow", dest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -193,12 +242,15 @@ def test_kernel_verdict_equals_the_model(labs: dict[str, Lab], topology: dict[st
     validated = validate(policy)
     done = lab.apply(policy)
     assert done.returncode == 0, done.stderr[-1500:]
-    facts = facts_from_status(lab)
+    facts = independent_facts(lab, policy)
+    reported = json.loads(lab.status_file.read_text())
+    assert tuple(reported["resolvers"]) == facts.resolvers, reported["resolvers"]
+    assert {k: set(v) for k, v in reported["hosts"].items()} == {k: set(v) for k, v in facts.hosts.items()}, reported["hosts"]
     disagreements = []
     for p in batch:
         want = evaluate(validated, facts, p)
         r = send(lab, p)
-        if not agrees(p, want, r):
+        if not agrees(p, want, r) or metadata_refused(policy, p) and observed(p, r) != "refuse":
             disagreements.append(f"uid {p.uid} {p.destination}:{p.port}/{p.protocol}: model {want}, kernel {r} {r.answer!r}")
     _shapes.add(lab.topology)
     _pairs["policies"] += 1
@@ -210,10 +262,11 @@ def test_kernel_verdict_equals_the_model(labs: dict[str, Lab], topology: dict[st
 def test_reapply_with_new_resolvers_when_root_is_confined(lab: Lab) -> None:
     """Found by the property above: the policy in force refused apply's own DNS queries to the new
     resolvers (confine: all), so a legitimate change failed with exit 4."""
-    first = {"version": 1, "dns": {"resolvers": [RESOLVER_V4]}, "allow": [{"host": "allowed.test"}]}
-    second = {"version": 1, "dns": {"resolvers": [OTHER_RESOLVER_V4]}, "allow": [{"host": "other.test"}]}
+    exempt = {"uids": [1001]}  # the control below: everyone else, root included, is confined
+    first = {"version": 1, "exempt": exempt, "dns": {"resolvers": [RESOLVER_V4]}, "allow": [{"host": "allowed.test"}]}
+    second = {"version": 1, "exempt": exempt, "dns": {"resolvers": [OTHER_RESOLVER_V4]}, "allow": [{"host": "other.test"}]}
     assert lab.apply(first).returncode == 0
     done = lab.apply(second)
     assert done.returncode == 0, done.stderr[-800:]
     assert lab.tcp("203.0.113.11", 22, uid=0).ok
-    assert lab.tcp("203.0.113.10", 22, uid=0).blocked
+    stopped(lab, "tcp", "203.0.113.10", 22, uid=ROOT)

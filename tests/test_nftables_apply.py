@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, policy, reached, refused_fast
+from egtraffic import FAST, policy, reached, stopped
 from nftbed import legacy_tables, nft_tables
 
 from egressguard.lab import EXEMPT, Lab
@@ -81,7 +81,7 @@ def test_verify_exits_0_and_changes_nothing(guarded: tuple[Lab, Path]) -> None:
 
 def test_a_foreign_rule_in_our_chain_is_exit_5_and_apply_removes_it(guarded: tuple[Lab, Path]) -> None:
     lab, path = guarded
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     nft(lab, "insert", "rule", "inet", "egressguard", "confined4", "accept")
     assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")  # the tampering works
     code, out = eg(lab, "verify", "--policy", str(path))
@@ -89,7 +89,7 @@ def test_a_foreign_rule_in_our_chain_is_exit_5_and_apply_removes_it(guarded: tup
     assert "chain EGRESSGUARD-CONFINED" in out
     code, out = eg(lab, "apply", "--policy", str(path))
     assert code == 0, out
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     assert eg(lab, "verify", "--policy", str(path))[0] == 0
 
 
@@ -103,7 +103,7 @@ def test_a_set_element_removed_is_exit_5_and_apply_puts_it_back(guarded: tuple[L
     lab, path = guarded
     assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
     nft(lab, "delete", "element", "inet", "egressguard", _set_name(lab), "{ 203.0.113.12 }")
-    assert refused_fast(lab.tcp("203.0.113.12", 5000, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.12", 5000)
     code, out = eg(lab, "verify", "--policy", str(path))
     assert code == 5, out
     assert "members, expected" in out, out
@@ -118,7 +118,7 @@ def test_a_changed_base_chain_policy_is_exit_5_and_apply_restores_it(guarded: tu
     (here: the exempt uid's traffic); verify names it and apply re-creates the chain."""
     lab, path = guarded
     nft(lab, "add", "chain", "inet", "egressguard", "filter", "{ type filter hook output priority 0; policy drop; }")
-    assert not lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST).ok
+    assert lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST).outcome == "timeout"  # dropped: silence
     code, out = eg(lab, "verify", "--policy", str(path))
     assert code == 5 and "policy drop" in out, out
     code, out = eg(lab, "apply", "--policy", str(path))
@@ -175,10 +175,10 @@ def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wi
         code, out = eg(lab, "apply", "--policy", str(lab.write_policy(pol)))
         assert code == 0, out
         assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")  # ours allows; nobody drops
-        assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # iptables-nft's drop wins over our allow
-        assert not lab.tcp("203.0.113.10", 5000, timeout=FAST).ok  # the other table's reject wins too
-        assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok  # and for everyone
-        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))  # ours still refuses
+        assert lab.tcp("203.0.113.12", 5000, timeout=FAST).outcome == "timeout"  # iptables-nft's drop wins over our allow
+        assert lab.tcp("203.0.113.10", 5000, timeout=FAST).outcome == "refused"  # the other table's reject wins too
+        assert lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).outcome == "timeout"  # and for everyone
+        stopped(lab, "tcp", "203.0.113.11", 22)  # ours still refuses
         tables = nft_tables(lab)
         assert {"ip filter", "inet other", TABLE} <= set(tables), tables
         code, out = eg(lab, "reset")
@@ -186,9 +186,19 @@ def test_iptables_nft_rules_and_another_nft_table_keep_working_and_their_drop_wi
         assert TABLE not in nft_tables(lab)
         assert "203.0.113.12" in lab.in_pod("iptables-nft", "-S", "OUTPUT").stdout
         assert "203.0.113.10" in nft(lab, "list", "table", "inet", "other")
+        # Their effect outlives our table, and it was theirs: without them, the same probes get through.
+        assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok and not lab.tcp("203.0.113.10", 5000, timeout=FAST).ok
+        code, out = eg(lab, "apply", "--policy", str(lab.write_policy(pol)))
+        assert code == 0, out
     finally:
         lab.in_pod("iptables-nft", "-F", "OUTPUT")
         lab.in_pod("nft", "delete", "table", "inet", "other")
+    # Control: without the other firewalls the same probes reach the same servers.
+    assert reached(lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.12")
+    assert reached(lab.tcp("203.0.113.10", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.10")
+    for host in ("203.0.113.12", "203.0.113.10"):  # control: our policy alone lets them through
+        assert reached(lab.tcp(host, 5000, timeout=FAST), host)
+    assert eg(lab, "reset")[0] == 0
 
 
 # -- auto-detection ---------------------------------------------------------------------------------
@@ -226,8 +236,7 @@ def test_auto_falls_back_to_iptables_where_nf_tables_is_refused(module_lab: Lab)
         chosen = events(out, "backend_selected")
         assert chosen and chosen[0]["backend"].startswith("iptables"), out
         assert "nftables unavailable" in str(chosen[0]["reason"])
-        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
-        assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+        stopped(lab, "tcp", "203.0.113.11", 22)
     finally:
         lab.egressguard("reset", "--backend", "iptables")
         lab.in_pod("nft", "delete", "table", "inet", "egressguard")
@@ -257,7 +266,7 @@ def test_applying_with_nftables_over_an_iptables_guard_leaves_only_the_nft_objec
         assert "EGRESSGUARD" not in lab.in_pod(tool).stdout
     assert lab.in_pod("ipset", "list", "-n").stdout.split() == []
     assert TABLE in nft_tables(lab)
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
     assert eg(lab, "verify", "--policy", str(path))[0] == 0
 
@@ -292,7 +301,7 @@ def test_the_iptables_back_end_over_an_nftables_guard_removes_the_nft_table(lab:
     assert TABLE not in nft_tables(lab)
     if command == "apply":
         assert "EGRESSGUARD" in lab.in_pod("iptables-legacy-save").stdout
-        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+        stopped(lab, "tcp", "203.0.113.11", 22)
         assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
     else:
         assert reached(lab.tcp("203.0.113.11", 22, timeout=FAST), "203.0.113.11")
@@ -308,8 +317,11 @@ def test_iptables_legacy_rules_keep_working_and_are_left_alone(lab: Lab) -> None
     code, out = eg(lab, "apply", "--policy", str(lab.write_policy(policy(allow=[{"cidr": "203.0.113.0/24", "ports": [5000]}]))))
     assert code == 0, out
     assert reached(lab.tcp("203.0.113.11", 5000, timeout=FAST), "203.0.113.11")
-    assert not lab.tcp("203.0.113.12", 5000, timeout=FAST).ok  # their drop wins over our allow
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    assert lab.tcp("203.0.113.12", 5000, timeout=FAST).outcome == "timeout"  # their drop wins over our allow
+    stopped(lab, "tcp", "203.0.113.11", 22)
     assert eg(lab, "reset")[0] == 0
     assert lab.in_pod("iptables-legacy", "-S").stdout == before
-    assert not lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).ok
+    assert lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST).outcome == "timeout"
+    lab.in_pod("iptables-legacy", "-D", "OUTPUT", "-d", "203.0.113.12", "-p", "tcp", "--dport", "5000", "-j", "DROP",
+               check=True)
+    assert reached(lab.tcp("203.0.113.12", 5000, uid=EXEMPT, timeout=FAST), "203.0.113.12")  # control: their drop did it

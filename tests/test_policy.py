@@ -327,7 +327,7 @@ def test_digest_changes_with_any_meaningful_change() -> None:
 
 def test_policy_is_immutable() -> None:
     p = validate({"version": 1})
-    with pytest.raises(Exception):  # noqa: B017,PT011 - pydantic's frozen error
+    with pytest.raises(Exception):  # noqa: B017,PT011 - a frozen record's error
         p.action = "drop"  # type: ignore[misc]
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, applied, policy, reached, refused_fast
+from egtraffic import FAST, applied, policy, reached, stopped
 
 from egressguard.lab import CONFINED, EXEMPT, Lab
 
@@ -131,6 +131,25 @@ def test_entrypoint_as_root_runs_the_command_as_egressguard_user(
     _assert_dropped_and_guarded(_report(done.stdout), uid)
 
 
+@pytest.mark.parametrize("user", ["router", "root", "nobody-listed"], ids=["exempt", "root", "not-confined"])
+def test_run_refuses_a_user_the_policy_does_not_confine_with_exit_2_before_any_change(
+    lab: Lab, image_users: tuple[str, ...], user: str
+) -> None:
+    """README: run refuses (exit 2) a uid the policy exempts or does not confine, or root; the
+    command never starts and the kernel is unchanged."""
+    marker = lab.workdir / "started"
+    pol = {**POLICY, "exempt": {"uids": [1001]}, "confine": {"uids": [1000]}}
+    argv_user = "agent" if user == "nobody-listed" else user  # agent (1002) is not in this policy's confine
+    before = lab.ruleset_dump()
+    done = lab.egressguard("run", "--user", argv_user, "--policy", str(lab.write_policy(pol)), "--",
+                           "touch", str(marker), prefix=image_users, timeout=60)
+    assert done.returncode == 2, done.stderr[-1500:]
+    human = [line for line in done.stderr.splitlines() if line.startswith("egressguard:")]
+    assert len(human) == 1 and ("root" in human[0] if user == "root" else "unguarded" in human[0]), human
+    assert not marker.exists()
+    assert lab.ruleset_dump() == before
+
+
 @pytest.mark.parametrize("cap", ["cap_setuid", "cap_setgid"])
 def test_run_without_setuid_or_setgid_exits_3_with_the_guard_in_place(
     lab: Lab, image_users: tuple[str, ...], cap: str
@@ -144,7 +163,7 @@ def test_run_without_setuid_or_setgid_exits_3_with_the_guard_in_place(
     assert f"(needs CAP_SET{cap[-3:].upper()})" in done.stderr
     assert not marker.exists()  # the command never ran
     assert lab.egressguard("verify", "--policy", str(path)).returncode == 0
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
     _exempt_control(lab)
 
@@ -163,7 +182,7 @@ def test_run_of_a_command_that_cannot_be_executed_exits_126_or_127_with_the_guar
     assert done.returncode == code, done.stderr[-1500:]
     assert "started" not in done.stdout
     assert lab.egressguard("verify", "--policy", str(path)).returncode == 0
-    assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
+    stopped(lab, "tcp", "203.0.113.11", 22)
     _exempt_control(lab)
 
 

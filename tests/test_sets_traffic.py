@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, applied, policy, reached, refused_fast
+from egtraffic import FAST, applied, policy, reached, stopped
 
 from egressguard.lab import CONFINED, Lab
 
@@ -68,9 +68,9 @@ def test_ten_thousand_entries_per_family_first_middle_last_reachable_neighbours_
     assert len([s for s in ipsets(lab) if s.startswith("egressguard-")]) == 2
     for host in hosts4 + hosts6:
         assert reached(lab.tcp(host, PORT, timeout=FAST), host), host
-        assert refused_fast(lab.tcp(host, 22, timeout=FAST)), f"{host}:22 is not in the list's ports"
+        stopped(lab, "tcp", host, 22)  # 22 is not in the list's ports
     for host in [neighbour4(h) for h in hosts4] + [neighbour6(h) for h in hosts6]:
-        assert refused_fast(lab.tcp(host, PORT, timeout=FAST)), f"{host} is not listed"
+        stopped(lab, "tcp", host, PORT)  # the host is not listed
     assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
 
 
@@ -138,7 +138,9 @@ def reapply_under_traffic(lab: Lab, rounds: int) -> tuple[dict[str, int], list[s
     """Switch between a list with and a list without one destination, `rounds` times each way,
     while two threads keep connecting as the confined uid: (attempts, kept destinations refused,
     the removed destination reached after the apply that removed it had returned). Attempts:
-    `kept`, `removed`, and `removed_after_apply` (the removed one tried only after that apply)."""
+    `kept`, `removed`, and `removed_after_apply` (the removed one tried only after that apply).
+    Each window is closed by events, not by time: at least five attempts on the removed destination
+    after the apply that removed it, and one that reaches it after the apply that put it back."""
     kept4, kept6, removed = v4(1), v6(1), v4(2)
     add_world_hosts(lab, kept4, kept6, removed)
     base = [v4(i) for i in range(3, 2000)] + [v6(i) for i in range(3, 2000)]
@@ -150,7 +152,9 @@ def reapply_under_traffic(lab: Lab, rounds: int) -> tuple[dict[str, int], list[s
     leaks: list[str] = []
     stop = threading.Event()
     removed_since: list[float] = []  # when the current "without" apply returned (empty: removed is allowed)
-    attempts = {"kept": 0, "removed": 0, "removed_after_apply": 0}
+    back_since: list[float] = [0.0]  # when the last "with" apply returned
+    attempts = {"kept": 0, "removed": 0, "removed_after_apply": 0, "reached_after_readd": 0}
+    progress = threading.Condition()
 
     def keep_trying() -> None:
         while not stop.is_set() and attempts["kept"] < 100_000:
@@ -164,12 +168,21 @@ def reapply_under_traffic(lab: Lab, rounds: int) -> tuple[dict[str, int], list[s
         while not stop.is_set() and attempts["removed"] < 100_000:
             started = time.monotonic()
             window = list(removed_since)
+            back = back_since[0]
             res = lab.tcp(removed, PORT, uid=CONFINED, timeout=FAST)
-            attempts["removed"] += 1
-            if window and started > window[0] and removed_since == window:
-                attempts["removed_after_apply"] += 1
-                if reached(res, removed):
-                    leaks.append(str(res))
+            with progress:
+                attempts["removed"] += 1
+                if window and started > window[0] and removed_since == window:
+                    attempts["removed_after_apply"] += 1
+                    if reached(res, removed):
+                        leaks.append(str(res))
+                elif not window and not removed_since and started > back and reached(res, removed):
+                    attempts["reached_after_readd"] += 1
+                progress.notify_all()
+
+    def wait_for(key: str, at_least: int) -> None:
+        with progress:
+            assert progress.wait_for(lambda: attempts[key] >= at_least or stop.is_set(), timeout=30), (key, attempts)
 
     threads = [threading.Thread(target=keep_trying), threading.Thread(target=try_removed)]
     for t in threads:
@@ -178,10 +191,11 @@ def reapply_under_traffic(lab: Lab, rounds: int) -> tuple[dict[str, int], list[s
         for _ in range(rounds):
             applied(lab, without)
             removed_since[:] = [time.monotonic()]
-            time.sleep(0.5)
+            wait_for("removed_after_apply", attempts["removed_after_apply"] + 5)
             removed_since.clear()
             applied(lab, with_removed)
-            time.sleep(0.3)
+            back_since[0] = time.monotonic()
+            wait_for("reached_after_readd", attempts["reached_after_readd"] + 1)
     finally:
         stop.set()
         for t in threads:
@@ -216,7 +230,7 @@ def test_a_tampered_set_is_repaired_in_place_by_apply(lab: Lab) -> None:
     assert reached(lab.tcp(addrs[7], PORT, timeout=FAST), addrs[7])
     (name,) = [s for s in ipsets(lab) if s.startswith("egressguard-")]
     lab.in_pod("ipset", "del", name, f"{addrs[7]}/32", check=True)
-    assert refused_fast(lab.tcp(addrs[7], PORT, timeout=FAST))
+    stopped(lab, "tcp", addrs[7], PORT)
     applied(lab, pol)
     assert [s for s in ipsets(lab) if s.startswith("egressguard-")] == [name]
     assert reached(lab.tcp(addrs[7], PORT, timeout=FAST), addrs[7])

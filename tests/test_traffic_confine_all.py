@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from egtraffic import FAST, applied, dns_answered, reached, refused_fast
+from egtraffic import FAST, applied, dns_answered, reached, stopped
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, Lab
 
@@ -57,7 +57,7 @@ def _pod_knows_next_hop(lab: Lab, dest: str) -> bool:
 @FAMILIES
 @UNLISTED_UIDS
 def test_every_unlisted_uid_is_confined(lab: Lab, family: int, uid: int) -> None:
-    assert refused_fast(lab.tcp(UNLISTED[family], 22, uid=uid, timeout=FAST))
+    stopped(lab, "tcp", UNLISTED[family], 22, uid=uid)
     assert reached(lab.tcp(ALLOWED[family], 22, uid=uid, timeout=FAST), ALLOWED[family])
 
 
@@ -107,4 +107,4 @@ def test_inbound_health_probe_gets_its_replies(lab: Lab, family: int) -> None:
 @FAMILIES
 def test_confined_listener_cannot_open_connections_of_its_own(lab: Lab, family: int) -> None:
     # Replies are allowed only in the reply direction: the same uid opening a connection is refused.
-    assert refused_fast(lab.tcp(UNLISTED[family], 5000, uid=ROOT, timeout=FAST))
+    stopped(lab, "tcp", UNLISTED[family], 5000, uid=ROOT)

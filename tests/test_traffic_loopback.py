@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from egtraffic import FAST, dns_answered, lab_with, policy, refused_fast
+from egtraffic import FAST, dns_answered, lab_with, policy, stopped
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, Lab
 
@@ -42,7 +42,7 @@ class TestLoopbackDeny:
     @FAMILIES
     def test_confined_local_traffic_is_refused(self, lab: Lab, family: int) -> None:
         for host, port in ((LOCAL[family], 7000), (LOCAL[family], 8443), (POD[family], 7000)):
-            assert refused_fast(lab.tcp(host, port, timeout=FAST)), (host, port)
+            stopped(lab, "tcp", host, port)
 
     @FAMILIES
     def test_exempt_uids_keep_loopback(self, lab: Lab, family: int) -> None:
@@ -62,4 +62,4 @@ class TestLoopbackPorts:
     @FAMILIES
     def test_other_local_ports_are_refused(self, lab: Lab, family: int) -> None:
         for port in (7000, 8444):
-            assert refused_fast(lab.tcp(LOCAL[family], port, timeout=FAST)), port
+            stopped(lab, "tcp", LOCAL[family], port)

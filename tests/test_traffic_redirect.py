@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from egtraffic import FAST, lab_with, policy, reached, refused_fast
+from egtraffic import FAST, lab_with, policy, reached, stopped
 
 from egressguard.lab import EXEMPT, ROOT, Lab, Result
 from egressguard.policy import DEFAULT_POLICY
@@ -62,7 +62,7 @@ class TestBuiltinDefaultRedirect:
     @FAMILIES
     def test_other_ports_are_neither_redirected_nor_allowed(self, lab: Lab, family: int) -> None:
         for port in (22, 8444, 5000):
-            assert refused_fast(lab.tcp(HOSTS[family][0], port, timeout=FAST)), port
+            stopped(lab, "tcp", HOSTS[family][0], port)
 
 
 class TestRedirectWithLoopbackDenied:
@@ -77,5 +77,5 @@ class TestRedirectWithLoopbackDenied:
     @FAMILIES
     def test_loopback_stays_closed_and_unlisted_ports_are_not_redirected(self, lab: Lab, family: int) -> None:
         # Loopback is denied: other local ports stay closed, and 443 is not redirected in this policy.
-        assert refused_fast(lab.tcp("::1" if family == 6 else "127.0.0.1", 7000, timeout=FAST))
-        assert refused_fast(lab.tcp(HOSTS[family][1], 443, timeout=FAST))
+        stopped(lab, "tcp", "::1" if family == 6 else "127.0.0.1", 7000)
+        stopped(lab, "tcp", HOSTS[family][1], 443)

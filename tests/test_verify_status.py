@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,23 @@ def test_status_file_describes_the_apply(guarded: tuple[Lab, Path]) -> None:
     assert isinstance(st["lockdown_first"], bool)
     assert {"preflight", "commit", "verify"} <= set(st["timings_ms"])
     assert st["applied_at"]
+
+
+def test_without_status_file_option_the_environment_then_run_egressguard_says_where(module_lab: Lab) -> None:
+    """README: the status file is /run/egressguard/status.json unless --status-file or
+    $EGRESSGUARD_STATUS says otherwise. The default is checked in a private mount namespace with a
+    fresh /run, so the machine's /run is not touched."""
+    lab = module_lab
+    path = lab.write_policy(POLICY)
+    lab.status_file.unlink(missing_ok=True)
+    assert lab.apply(path).returncode == 0  # no --status-file: Lab.egressguard sets $EGRESSGUARD_STATUS
+    assert json.loads(lab.status_file.read_text())["state"] == "policy"
+    script = (f"mount -t tmpfs tmpfs /run && env -u EGRESSGUARD_STATUS {sys.executable} -m egressguard apply "
+              f"--policy {path} 2>/dev/null; echo exit=$?; cat /run/egressguard/status.json")
+    done = lab.in_pod("unshare", "--mount", "--propagation", "private", "sh", "-c", script)
+    said, _, status = done.stdout.partition("\n")
+    assert said == "exit=0", done.stdout + done.stderr
+    assert json.loads(status)["state"] == "policy"
 
 
 def test_status_file_is_world_readable_and_replaced_atomically(guarded: tuple[Lab, Path]) -> None:

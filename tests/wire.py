@@ -138,8 +138,16 @@ def holds_address(addr: str) -> Callable[[Frame], bool]:
     return lambda f: packed in f.l4
 
 
+def is_mld_report(frame: Frame) -> bool:
+    """An MLDv1 report or done (ICMPv6 131, 132) or an MLDv2 report (143)."""
+    return frame.proto == 58 and frame.icmp_type in (131, 132, 143)
+
+
 def mld_groups(frame: Frame) -> list[str]:
-    """The multicast addresses an MLDv2 report (ICMPv6 type 143) names, one per group record."""
+    """The multicast addresses an MLD report names: one per group record (MLDv2, ICMPv6 type 143),
+    or its one multicast address (MLDv1 report or done, 131 or 132)."""
+    if frame.proto == 58 and frame.icmp_type in (131, 132) and len(frame.l4) >= 24:
+        return [socket.inet_ntop(socket.AF_INET6, frame.l4[8:24])]
     if frame.proto != 58 or frame.icmp_type != 143 or len(frame.l4) < 8:
         return []
     (count,) = struct.unpack_from("!H", frame.l4, 6)

@@ -26,25 +26,26 @@ def run(bed: Bed, markers: Path, *opts: str, policy: str = "policy.yaml", cmd: l
                   "-v", f"{HERE}:/checks:ro", "-v", f"{markers}:/markers", *opts, IMAGE, *cmd, check=False)
 
 
-@pytest.fixture(scope="module")
-def guarded(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One guarded command's view of itself (default seccomp profile, only NET_ADMIN/NET_RAW added)."""
-    markers = tmp_path_factory.mktemp("docker-mode")
+BACKENDS = ("nftables", "iptables")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> list[str]:
+    """`docker run` options that pin the image's back end (each test using this runs on both)."""
+    return ["-e", f"EGRESSGUARD_BACKEND={request.param}"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def guarded(bed: Bed, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One guarded command's view of itself (default seccomp profile, only NET_ADMIN/NET_RAW added),
+    on each back end: the same expectations hold for both."""
+    markers = tmp_path_factory.mktemp(f"docker-mode-{request.param}")
     markers.chmod(0o777)
-    p = run(bed, markers, *DOCKER_MODE)
+    p = run(bed, markers, *DOCKER_MODE, "-e", f"EGRESSGUARD_BACKEND={request.param}")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert _backend_used(p.stderr).startswith(request.param)
     assert (markers / "ran").exists()
     return report_of(p)
-
-
-@pytest.fixture(scope="module")
-def guarded_by_iptables(bed: Bed, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """The same command, the image told to use the iptables back end (the fall-back)."""
-    markers = tmp_path_factory.mktemp("docker-mode-iptables")
-    markers.chmod(0o777)
-    p = run(bed, markers, *DOCKER_MODE, "-e", "EGRESSGUARD_BACKEND=iptables")
-    assert p.returncode == 0, p.stderr[-2000:]
-    return report_of(p), p.stderr
 
 
 def _backend_used(stderr: str) -> str:
@@ -58,14 +59,6 @@ def test_the_image_uses_nftables_by_default_where_the_kernel_has_it(bed: Bed, ma
     p = run(bed, markers, *DOCKER_MODE)
     assert p.returncode == 0, p.stderr[-2000:]
     assert _backend_used(p.stderr).startswith("nftables")
-
-
-def test_on_the_iptables_back_end_the_command_gets_the_same_verdicts(guarded_by_iptables: tuple[dict[str, Any], str]) -> None:
-    report, stderr = guarded_by_iptables
-    assert _backend_used(stderr).startswith("iptables")
-    assert report["tcp"][ALLOWED4] == "connected" and report["tcp"][ALLOWED6] == "connected"
-    assert report["tcp"][DENIED4] == "ECONNREFUSED" and report["tcp"][DENIED6] == "ECONNREFUSED"
-    assert report["caps"]["CapBnd"] == ZERO and report["pid1"]["name"] == "tini"
 
 
 def test_command_reaches_the_allowed_server(guarded: dict[str, Any]) -> None:
@@ -135,8 +128,8 @@ def test_command_cannot_get_back_to_root(guarded: dict[str, Any]) -> None:
     assert guarded["su_root"]["rc"] != 0 and guarded["su_root"]["out"] != "0"
 
 
-def test_minimal_capability_set_is_enough(bed: Bed, markers: Path) -> None:
-    p = run(bed, markers, "--cap-drop", "ALL", *[f"--cap-add={c}" for c in
+def test_minimal_capability_set_is_enough(bed: Bed, markers: Path, backend: list[str]) -> None:
+    p = run(bed, markers, *backend, "--cap-drop", "ALL", *[f"--cap-add={c}" for c in
                                                   ("NET_ADMIN", "NET_RAW", "SETUID", "SETGID", "SETPCAP")])
     assert p.returncode == 0, p.stderr[-2000:]
     assert report_of(p)["tcp"][DENIED4] == "ECONNREFUSED"
@@ -172,20 +165,20 @@ def test_without_net_admin_exits_3_and_the_command_never_runs(bed: Bed, markers:
     assert not (markers / "ran").exists()
 
 
-def test_privileges_that_cannot_be_dropped_stop_the_command(bed: Bed, markers: Path) -> None:
-    p = run(bed, markers, *DOCKER_MODE, "--cap-drop", "SETPCAP")  # cannot empty the bounding set
+def test_privileges_that_cannot_be_dropped_stop_the_command(bed: Bed, markers: Path, backend: list[str]) -> None:
+    p = run(bed, markers, *DOCKER_MODE, *backend, "--cap-drop", "SETPCAP")  # cannot empty the bounding set
     assert p.returncode == 3, p.stderr[-2000:]
     assert "bounding set" in p.stderr
     assert not (markers / "ran").exists()
 
 
-def test_a_missing_command_exits_127_after_the_guard_is_up(bed: Bed, markers: Path) -> None:
-    p = run(bed, markers, *DOCKER_MODE, cmd=["no-such-command"])
+def test_a_missing_command_exits_127_after_the_guard_is_up(bed: Bed, markers: Path, backend: list[str]) -> None:
+    p = run(bed, markers, *DOCKER_MODE, *backend, cmd=["no-such-command"])
     assert p.returncode == 127 and "command not found" in p.stderr, p.stderr[-2000:]
 
 
-def test_read_only_root_filesystem_with_tmpfs_run(bed: Bed, markers: Path) -> None:
-    p = run(bed, markers, *DOCKER_MODE, "--read-only", "--tmpfs", "/run", "--tmpfs", "/tmp")
+def test_read_only_root_filesystem_with_tmpfs_run(bed: Bed, markers: Path, backend: list[str]) -> None:
+    p = run(bed, markers, *DOCKER_MODE, *backend, "--read-only", "--tmpfs", "/run", "--tmpfs", "/tmp")
     assert p.returncode == 0, p.stderr[-2000:]
     report = report_of(p)
     assert report["tcp"][ALLOWED4] == "connected" and report["tcp"][DENIED4] == "ECONNREFUSED"

@@ -4,6 +4,7 @@ the agent (no capabilities) starts only afterwards and checks the guard itself b
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -18,30 +19,45 @@ ZERO = "0000000000000000"
 AGENT = ["--user", "1000:1000", "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--read-only"]
 
 
+# The compose file runs the pod twice: services NAME (the back end `auto` picks: nftables on this
+# kernel) and NAME-iptables (init told EGRESSGUARD_BACKEND=iptables). Same policy, same expectations.
+POD_BACKENDS = {"": "nftables", "-iptables": "iptables"}
+
+
+@pytest.fixture(scope="module", params=list(POD_BACKENDS), ids=list(POD_BACKENDS.values()))
+def pod(request: pytest.FixtureRequest) -> str:
+    """The service-name suffix of one pod."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def agent(bed: Bed) -> dict[str, Any]:
+def agent(bed: Bed, pod: str) -> dict[str, Any]:
     """The agent container's exit code, its command's report, and its stderr (the probe's verdict)."""
-    cid = bed.container("agent")
+    cid = bed.container(f"agent{pod}")
     code = int(docker("wait", cid, timeout=60).stdout.strip())
     logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True, timeout=30)
     return {"exit": code, "report": report_of(logs) if code == 0 else None, "stderr": logs.stderr,
             "state": inspect(cid)["State"]}
 
 
-def test_init_container_applies_the_policy_and_exits_0(bed: Bed) -> None:
-    state = inspect(bed.container("init"))["State"]
+def test_init_container_applies_the_policy_on_its_back_end_and_exits_0(bed: Bed, pod: str) -> None:
+    init = bed.container(f"init{pod}")
+    state = inspect(init)["State"]
     assert (state["Status"], state["ExitCode"]) == ("exited", 0)
+    logs = subprocess.run(["docker", "logs", init], capture_output=True, text=True, timeout=30).stderr
+    chosen = [json.loads(ln)["backend"] for ln in logs.splitlines() if '"backend_selected"' in ln]
+    assert len(chosen) == 1 and chosen[0].startswith(POD_BACKENDS[pod]), logs[-2000:]
 
 
-def test_agent_starts_only_after_init_exited(bed: Bed, agent: dict[str, Any]) -> None:
-    init_done = _time(inspect(bed.container("init"))["State"]["FinishedAt"])
+def test_agent_starts_only_after_init_exited(bed: Bed, pod: str, agent: dict[str, Any]) -> None:
+    init_done = _time(inspect(bed.container(f"init{pod}"))["State"]["FinishedAt"])
     assert _time(agent["state"]["StartedAt"]) >= init_done
 
 
-def test_probe_passes_in_the_agent_and_the_command_runs(bed: Bed, agent: dict[str, Any]) -> None:
+def test_probe_passes_in_the_agent_and_the_command_runs(bed: Bed, pod: str, agent: dict[str, Any]) -> None:
     assert agent["exit"] == 0, agent["stderr"][-2000:]
     assert '"guarded": true' in agent["stderr"]
-    assert (bed.markers / "agent").exists()
+    assert (bed.markers / f"agent{pod}").exists()
 
 
 def test_agent_egress_is_enforced(agent: dict[str, Any]) -> None:
@@ -64,12 +80,12 @@ def test_agents_pid_1_is_an_init_that_reaps_orphans(agent: dict[str, Any]) -> No
     assert agent["report"]["orphan_reaped"] is True
 
 
-def test_pod_start_up_times(bed: Bed, agent: dict[str, Any], figures: list[str]) -> None:
-    init = inspect(bed.container("init"))["State"]
+def test_pod_start_up_times(bed: Bed, pod: str, agent: dict[str, Any], figures: list[str]) -> None:
+    init = inspect(bed.container(f"init{pod}"))["State"]
     init_ms = (_time(init["FinishedAt"]) - _time(init["StartedAt"])) * 1000
     agent_ms = (agent["report"]["started"] - _time(agent["state"]["StartedAt"])) * 1000
     assert agent_ms < 10_000 and init_ms < 30_000
-    figures.append(f"kubernetes mode: init container (egressguard apply) {init_ms:.0f} ms; agent container "
+    figures.append(f"kubernetes mode ({POD_BACKENDS[pod]}): init container (egressguard apply) {init_ms:.0f} ms; agent container "
                    f"start -> command start {agent_ms:.0f} ms (probe, then exec)")
 
 

@@ -9,12 +9,14 @@ import structlog
 
 from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
-from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable
+from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable, generation
 from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
 log = structlog.get_logger("egressguard")
 
 CAP_NET_ADMIN = 12
+# A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
+COMMIT_ATTEMPTS = 10
 _LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 
@@ -62,19 +64,40 @@ class NftablesBackend(Backend):
         self._checked = True
 
     def commit(self, ruleset: Ruleset) -> None:
-        with Nft() as nft:
-            before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
-            new_sets = render.new_sets_script(ruleset, before)
-            rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
-            try:
-                if new_sets:
-                    nft.run(new_sets)
-                if rules:
-                    nft.run(rules)
-            except NftablesError as exc:
-                raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            with Nft() as nft:
+                raced = self._attempt(nft, ruleset)
+            if raced is None:
+                break
+            if attempt == COMMIT_ATTEMPTS:
+                raise NftablesError(f"nftables: the transaction kept racing other writers ({attempt} attempts): {raced}")
+            log.info("commit_retried", backend="nftables", attempt=attempt, error=str(raced))
         if legacy_tables_in_use():
             self._remove_iptables_objects(removing_everything=not any(t.chains for t in ruleset.tables))
+
+    @staticmethod
+    def _attempt(nft: Nft, ruleset: Ruleset) -> NftablesError | None:
+        """Read our table, render against it, commit. libnftables 1.0.6 sends no generation id with
+        its batch (strace: NFNL_MSG_BATCH_BEGIN without NFNL_BATCH_GENID), so the kernel never
+        answers ERESTART: a writer that commits between our read and our commit shows up as a
+        transaction the kernel (or libnftables' own cache check) refuses, say a chain that was read
+        and is gone. Returned (retry: read again, render again) when the generation id moved by
+        more than our own commits; a refusal with no other commit in between is raised."""
+        start = generation()
+        before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
+        new_sets = render.new_sets_script(ruleset, before)
+        rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
+        ours = 0
+        try:
+            for script in (new_sets, rules):
+                if script:
+                    nft.run(script)
+                    ours += 1
+        except NftablesError as exc:
+            if (generation() - start) % 2**32 == ours:  # nobody else committed: this transaction is refused
+                raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
+            return exc
+        return None
 
     def _remove_iptables_objects(self, removing_everything: bool) -> None:
         """An upgrade from the iptables back end: its chains, jumps and ipsets go once ours are in
