@@ -462,3 +462,25 @@ def test_static_policy_digest_is_unchanged_by_the_new_dns_fields() -> None:
     explicit = policy_mod.validate({**_BASE, "dns": {"resolvers": "auto", "mode": "static"}})
     assert policy_mod.digest(pol) == policy_mod.digest(explicit)
     assert policy_mod.digest(pol) != policy_mod.digest(policy_mod.validate({**_BASE, "dns": _PROXY}))
+
+
+def test_repeated_questions_are_answered_from_cache_while_the_kernel_holds_the_addresses() -> None:
+    now = [100.0]
+    calls: list[str] = []
+    up = upstream_answering({"api.test": [("A", "203.0.113.7", 60)]})
+
+    async def counting(q: dns.message.Message, server: str, tcp: bool) -> dns.message.Message:
+        calls.append(str(q.question[0].name))
+        return await up(q, server, tcp)  # type: ignore[no-any-return]
+
+    fwd, rec = forwarder(counting, clock=lambda: now[0])
+    first = dns.message.from_wire(ask(fwd, query("api.test")) or b"")
+    now[0] += 20
+    second = dns.message.from_wire(ask(fwd, query("API.test")) or b"")
+    assert len(calls) == 1 and len(rec.added) == 1  # answered from the cache, nothing committed again
+    # 60 - 20 s, less the second the cache keeps short of the kernel's expiry
+    assert [r.ttl for r in first.answer] == [60] and [r.ttl for r in second.answer] == [39]
+    assert [str(r[0]) for r in second.answer] == ["203.0.113.7"]
+    now[0] += 39  # within a second of the kernel's expiry: asked and committed again
+    ask(fwd, query("api.test"))
+    assert len(calls) == 2 and len(rec.added) == 2

@@ -438,3 +438,19 @@ def _forwarders(marker: str) -> list[int]:
         if b"egressguard\0dns\0" in cmdline and marker.encode() in cmdline:
             found.append(int(p))
     return found
+
+
+def test_a_restarted_forwarder_keeps_what_the_kernel_learned(module_lab: Lab, world: World) -> None:
+    lab = module_lab
+    world.set({**RECORDS, "rotate.test": {"A": [A], "ttl": 60}})  # clamped to TTL_S: the kernel keeps it TTL_S s
+    first = Forwarder(lab, lab.write_policy(PROXY))
+    try:
+        assert resolve(lab, "rotate.test") == ("NOERROR", [A])
+    finally:
+        first.stop()
+    second = Forwarder(lab, lab.write_policy(PROXY))
+    try:
+        assert A in learned(lab, "rotate.test")
+        assert reached(lab.tcp(A, 22), A), "the address learned before the restart was refused"
+    finally:
+        second.stop()
