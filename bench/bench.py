@@ -364,7 +364,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
-    ap.add_argument("--sections", default="12345", help="which sections to run, e.g. 13 (5: the DNS forwarder)")
+    ap.add_argument("--sections", default="123456", help="which sections to run, e.g. 13 (6: the DNS forwarder)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
         print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
@@ -382,6 +382,8 @@ def main() -> int:
     if "3" in args.sections:
         section_per_packet(runs, args.quick)
     if "5" in args.sections:
+        section_log_cost(runs, args.quick)
+    if "6" in args.sections:
         section_dns_forwarder(args.quick)
     if "4" in args.sections:
         print("\n## 4. Peak RSS of apply (largest process)\n")
@@ -500,7 +502,7 @@ def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]]
                                        stderr=err, env={**os.environ, "EGRESSGUARD_DNS_TIMINGS": "1"})
             os.close(w)
             with os.fdopen(r, "rb") as fh:
-                assert fh.read(6) == b"ready\n", log.read_text()[-2000:]
+                assert fh.read(1) == b"1", log.read_text()[-2000:]  # sidecar.report_ready
             paths = (("direct (exempt uid)", 1001), ("through the forwarder (confined uid)", 1000))
             for qps in (100, 1000):
                 count = qps * (2 if quick else 5)
@@ -527,12 +529,84 @@ def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]]
 
 def section_dns_forwarder(quick: bool) -> None:
     rows, stopped = dns_forwarder(quick)
-    print("\n## 5. DNS forwarder (dns.mode proxy): latency per query, open loop, one name\n")
+    print("\n## 6. DNS forwarder (dns.mode proxy): latency per query, open loop\n")
     print("| path | qps | median | p99 | lost |\n|---|---:|---:|---:|---:|")
     for path, qps, med, p99, lost in rows:
         print(f"| {path} | {qps:,} | {med:.2f} ms | {p99:.2f} ms | {lost} |")
     print(f"\nanswer received -> kernel set holds the address (one nft transaction per answer): median "
           f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms over {stopped.get('commits')} answers")
+# 5. The log of refusals (issue 14): kept apart from the sections above
+
+
+REFUSED_CLIENT = r"""
+import socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t = time.perf_counter()
+for _ in range(count):
+    try:
+        s.sendto(b"x", (host, port))
+    except OSError:  # refused: EPERM from the reject
+        pass
+print(count / (time.perf_counter() - t))
+"""
+
+
+def refused_rate(pod: str, dest: str, count: int) -> float:
+    out = sh(*PIN[0], "setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
+             sys.executable, "-c", REFUSED_CLIENT, dest, "5001", str(count), ns=pod, timeout=120)
+    return float(out.stdout)
+
+
+def log_cost(runs: int, count: int) -> list[tuple[str, str, float, float]]:
+    """Per back end: refused UDP datagrams/s and allowed new TCP connections/s of uid 1000, with the
+    log off (`log: {refused: false}`), on with nobody reading the group, and on with `watch` reading.
+    Same policy otherwise (16 allowed /32s in a kernel set, no redirect); one pod/world pair per row,
+    rows measured in interleaved rounds as in section 3."""
+    dest = list_addresses(2)[-1]
+    rows = [(backend, how) for backend in ("nftables", "iptables") for how in ("log off", "log on", "log on, watch reading")]
+    rates: dict[tuple[str, str], tuple[list[float], list[float]]] = {r: ([], []) for r in rows}
+    with contextlib.ExitStack() as stack:
+        pods = []
+        for backend, how in rows:
+            pod, world = stack.enter_context(pod_and_world())
+            sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
+            sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
+            server = subprocess.Popen(["ip", "netns", "exec", world, *PIN[1], sys.executable, "-c", SERVER, dest, "5000"],
+                                      stdout=subprocess.PIPE, text=True)
+            stack.callback(server.wait)
+            stack.callback(server.kill)
+            assert server.stdout and server.stdout.readline().startswith("ready")
+            policy = TMP / f"policy-log-{how == 'log off'}.yaml"
+            policy.write_text(write_policy(16, False).read_text() + ("log: {refused: false}\n" if how == "log off" else ""))
+            os.environ["EGRESSGUARD_BACKEND"] = backend
+            eg_apply(pod, policy)
+            if "watch" in how:
+                reader = subprocess.Popen(["ip", "netns", "exec", pod, *EG, "watch"], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True)
+                stack.callback(reader.wait)
+                stack.callback(reader.terminate)
+                assert reader.stderr and "watch_started" in reader.stderr.readline()
+            conn_rate(pod, dest, 200)  # warm up
+            refused_rate(pod, dest, 200)
+            pods.append(((backend, how), pod))
+        os.environ.pop("EGRESSGUARD_BACKEND", None)
+        for _ in range(runs):
+            for row, pod in pods:
+                rates[row][0].append(refused_rate(pod, dest, count))
+                rates[row][1].append(conn_rate(pod, dest, count // 10))
+    return [(b, h, statistics.median(rates[(b, h)][0]), statistics.median(rates[(b, h)][1])) for b, h in rows]
+
+
+def section_log_cost(runs: int, quick: bool) -> None:
+    count = 5000 if quick else 30000
+    rows = log_cost(runs, count)
+    print(f"\n## 5. The log of refusals (uid 1000; {count} refused UDP datagrams, {count // 10} allowed TCP "
+          "connections per run)\n")
+    print("| back end | log | refused datagrams/s | vs log off | allowed conns/s | vs log off |\n|---|---|---:|---:|---:|---:|")
+    off = {b: (r, c) for b, h, r, c in rows if h == "log off"}
+    for b, h, r, c in rows:
+        print(f"| {b} | {h} | {r:,.0f} | {r / off[b][0]:.2f}x | {c:,.0f} | {c / off[b][1]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def apply(
         out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
         if policy.dns.resolvers == "auto" and not out.resolvers:
             log.warning("no_resolvers_found", resolv_conf=str(resolv_conf), effect="confined processes get no DNS")
-        lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True)
+        lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True,
+                         orig_sets=backend.sets_by_original_destination)
     with namespace_lock():
         with clock("read_before"):
             first = not guarded(backend.read())
@@ -190,7 +191,8 @@ def apply(
                         hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
                     )
             _report_resolution(out.resolution)
-            ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses))
+            ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses),
+                            orig_sets=backend.sets_by_original_destination)
             out.ruleset = ruleset
             with clock("commit"):
                 backend.commit(ruleset)
@@ -294,7 +296,7 @@ def verify(
     backend.preflight()
     refuse_proxy_without_learned_sets(policy, backend)
     resolvers = facts_mod.resolvers_for(policy, resolv_conf)
-    want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}))
+    want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}), orig_sets=backend.sets_by_original_destination)
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy_args(sp)
     status_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
+                    "policy logs refusals (default: nobody)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
 
     sp = sub.add_parser("dns", help="dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)")
@@ -105,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
     sp.add_argument("--check", action="store_true", help="only ask the running forwarder on loopback: exit 0 if it "
                     "answers, 6 if not (a Kubernetes startup probe)")
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
+
+    sp = sub.add_parser("watch", help="print one event per refused flow (reads the NFLOG group; runs until stopped)")
+    sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
+                    "(default: stay who it is; as root: nobody)")
+    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="fold repeats of a flow over this long (default: 10)")
+    sp.add_argument("--max-flows", type=int, default=None, metavar="N",
+                    help="flows itemised per window; packets of further flows are counted (default: 4096)")
+    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
 
     sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
     policy_args(sp)
@@ -155,7 +168,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hosts = facts.resolve_hosts(
             hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
         ).addresses
-    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
     backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
     from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
 
@@ -166,7 +178,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
 
         refuse_proxy_without_learned_sets(loaded.policy, IptablesBackend())
-    if backend in ("nftables", "auto") and not args.json:
+    nft_plan = backend in ("nftables", "auto") and not args.json
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nft_plan)
+    if nft_plan:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",
@@ -248,6 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         {"set": h.name, "host": hosts.get(h.name, "?"), "address": addr, "ttl": ttl, "expires_s": left}
         for h in installed.learned_sets for addr, ttl, left in h.elements
     ]
+    report["refused"] = refused_by_line(installed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -263,6 +278,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last apply: no status file at {args.status_file}")
     for other in report["other_firewalls"]:
         print(f"note: {other}")
+    if report["refused"]:
+        print("refused packets, by policy line: " + ", ".join(f"{k} {v}" for k, v in report["refused"].items()))
     for t in report["tables"]:
         if not t["chains"]:
             continue
@@ -272,6 +289,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             for r in rules:
                 print(f"    {r['packets']:>8} pkts {r['bytes']:>10} B  {r['rule']}")
     return 0
+
+
+def refused_by_line(installed: Any) -> dict[str, int]:
+    """Packets refused so far per policy line (both families): the counters of the refusing rules,
+    which count every packet (the log rules before them count only what their limit lets through)."""
+    from egressguard.ruleset import CONFINED, policy_line  # noqa: PLC0415
+
+    out: dict[str, int] = {}
+    for t in installed.tables:
+        for c in t.chains:
+            if c.name != CONFINED:
+                continue
+            for i, r in enumerate(c.rules):
+                if r.target in ("REJECT", "DROP"):
+                    line = policy_line(r.comment)
+                    out[line] = out.get(line, 0) + t.counters[c.name][i][0]
+    return out
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from egressguard import watch  # noqa: PLC0415
+
+    return watch.main(args)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -332,6 +372,7 @@ COMMANDS = {
     "run": cmd_run,
     "explain": cmd_explain,
     "dns": cmd_dns,
+    "watch": cmd_watch,
     "demo": cmd_demo,
 }
 

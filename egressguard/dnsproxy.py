@@ -490,21 +490,25 @@ def main(args: Any) -> int:
                                      f"becomes it), not as uid {os.getuid()}: its own queries would be confined")
     if not _has_net_admin():
         raise EnvironmentUnsupported("`egressguard dns` needs CAP_NET_ADMIN (ambient) to add learned addresses")
+    from egressguard import sidecar  # noqa: PLC0415
+
+    # Beside a command (`egressguard run`): end with it (a pidfd, opened before anything slow).
+    parent_fd = sidecar.parent_exit_fd(args.parent) if args.parent is not None else None
     sets = KernelSets()
     config = Config.from_policy(policy, upstreams)
     ready_fd = args.ready_fd
 
     def ready() -> None:
         if ready_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, b"ready\n")
-                os.close(ready_fd)
+            sidecar.report_ready(ready_fd)
 
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if parent_fd is not None:
+            loop.add_reader(parent_fd, stop.set)
         fwd = await serve(config, sets, ready, stop)
         timings = {}
         if fwd.stats.commit_ms:  # EGRESSGUARD_DNS_TIMINGS=1 (bench/bench.py)

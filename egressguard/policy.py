@@ -305,6 +305,29 @@ class Redirect(Record):
     to_port: int = field(PORT, description="local port the proxy listens on (loopback, both families)")
 
 
+# `log.rate`: packets per unit, as nft and iptables both spell it (iptables prints "10/sec").
+_RATE = re.compile(r"^([1-9][0-9]{0,5})/(second|minute|hour|day)$")
+MAX_LOG_RATE_PER_SECOND = 10_000  # the kernel's limit counts in jiffies: beyond this it cannot limit
+
+
+def _log_rate(v: Any) -> Any:
+    m = _RATE.match(v)
+    if m is None:
+        raise ValueError(f"{v!r} is not a rate such as 10/second (N/second, /minute, /hour or /day, N from 1)")
+    if m.group(2) == "second" and int(m.group(1)) > MAX_LOG_RATE_PER_SECOND:
+        raise ValueError(f"{v!r}: more than {MAX_LOG_RATE_PER_SECOND}/second")
+    return v
+
+
+class Log(Record):
+    """Refused packets handed to `egressguard watch` (NFLOG), rate-limited in the kernel."""
+
+    refused: bool = field(Bool(), default=True, description="log refused packets; false installs no log rule at all")
+    rate: str = field(Str(), default="10/second", after=_log_rate,
+                      description="at most this many log messages per refusal rule: N/second|minute|hour|day")
+    burst: int = field(Int(ge=1, le=10_000), default=50, description="messages allowed at once before `rate` applies")
+
+
 def _the_number_1(v: Any) -> Any:
     if isinstance(v, (bool, float)):  # YAML `true` or `1.0` would otherwise pass as 1
         raise ValueError("must be the number 1")
@@ -337,6 +360,7 @@ class Policy(Record):
     allow: list[AllowEntry] = field(ListOf(Nested(AllowEntry), max_length=MAX_ENTRIES), default_factory=list)
     deny: list[DenyEntry] = field(ListOf(Nested(DenyEntry), max_length=MAX_ENTRIES), default_factory=list)
     redirect: list[Redirect] = field(ListOf(Nested(Redirect), max_length=64), default_factory=list)
+    log: Log = field(Nested(Log), default_factory=Log, description="what `egressguard watch` is told about refused packets")
 
     def check(self, ctx: Mapping[str, Any]) -> None:
         if isinstance(self.confine.uids, list):
@@ -619,13 +643,23 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
     return LoadedPolicy(policy=validate(DEFAULT_POLICY, "built-in default"), source="built-in default")
 
 
+# Keys added after 0.1 (dotted paths). While one holds its default it is left out of the digest, so
+# the digest a deployment pinned (EGRESSGUARD_EXPECT_DIGEST) survives an upgrade of the image; a
+# policy that sets one to anything else gets a new digest, as any change of meaning does.
+ADDED_KEYS: tuple[str, ...] = ("log", "dns.mode", "dns.ttl", "dns.forwarder_uid", "dns.forwarder_port")
+
+
 def digest(policy: Policy) -> str:
     """A stable digest of the validated policy (defaults filled in, key order irrelevant)."""
     data = policy.to_json()
-    if policy.dns == Dns(resolvers=policy.dns.resolvers, max_addresses_per_host=policy.dns.max_addresses_per_host):
-        # A policy that says nothing of dns.mode keeps the digest it had before dns.mode existed.
-        for key in ("mode", "ttl", "forwarder_uid", "forwarder_port"):
-            data["dns"].pop(key)
+    default = Policy(version=1).to_json()
+    for path in ADDED_KEYS:
+        *parents, key = path.split(".")
+        here, there = data, default
+        for part in parents:
+            here, there = here[part], there[part]
+        if here[key] == there[key]:
+            del here[key]
     # A list file is part of the policy: its networks count, not just its path.
     files = {
         f"{kind}[{i}]": list(e.networks)

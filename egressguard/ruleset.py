@@ -7,7 +7,7 @@ import ipaddress
 import json
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Literal, cast
 
 from egressguard.canonical import json_sha256
@@ -31,6 +31,12 @@ SET_THRESHOLD = 16
 SET_PREFIX = "egressguard-"
 SET_STAGING_SUFFIX = "-new"  # a set is filled under this suffix, then renamed or swapped into place
 _SET_NAME_MAX = 31  # ipset names hold at most 31 bytes
+
+# The NFLOG group refused packets are sent to (`log group` in nftables), read by `egressguard watch`.
+# Groups are per network namespace: one pod's guard never sees another's.
+LOG_GROUP = 14
+LOG_PREFIX_MAX = 63  # NFLOG's prefix holds 64 bytes with its NUL (xt_nflog_info)
+_LIMIT_UNIT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 
 # A multiport match takes at most 15 ports.
 _MULTIPORT_MAX = 15
@@ -105,7 +111,8 @@ class Rule:
     ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
     ctdir: str | None = None  # ORIGINAL or REPLY
     ctorigdst: str | None = None  # conntrack original destination (before any DNAT)
-    ctorigdstport: int | None = None
+    ctorigdstport: int | None = None  # conntrack original destination port (before any DNAT/REDIRECT)
+    ctorigdst_set: str | None = None  # set name, matched on the conntrack original destination (nftables only)
     hoplimit: int | None = None  # hl --hl-eq
     icmp6_type: str | None = None
     routing_header: bool = False  # -m rt: the IPv6 packet carries a routing header (any type)
@@ -118,6 +125,8 @@ class Rule:
     to_ports: int | None = None  # REDIRECT --to-ports
     ctmark: int | None = None  # matches connections whose conntrack mark has these bits (connmark --mark N/N)
     ctmark_set: int | None = None  # ORs these bits into the connection's conntrack mark, then the verdict
+    nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
+    nflog_group: int | None = None  # NFLOG --nflog-group
 
     def args(self) -> list[str]:
         """The rule as iptables arguments, in iptables-save's order."""
@@ -131,12 +140,11 @@ class Rule:
         if self.uid:
             neg = self.uid.startswith("!")
             a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", self.uid.lstrip("!")]
-        if self.src_type or self.dst_type:
-            a += ["-m", "addrtype"]
-            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
-                if value:
-                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
-        if self.ctstate or self.ctdir or self.ctorigdst:
+        if self.ctorigdst_set:
+            raise ValueError(f"iptables cannot look a set up by the original destination (rule {self.comment!r})")
+        # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,
+        # and skips the address-type lookup for every packet that was not DNATed.
+        if self.ctstate or self.ctdir or self.ctorigdst or self.ctorigdstport is not None:
             a += ["-m", "conntrack"]
             if self.ctstate:
                 a += ["--ctstate", self.ctstate]
@@ -146,6 +154,11 @@ class Rule:
                 a += ["--ctorigdstport", str(self.ctorigdstport)]
             if self.ctdir:
                 a += ["--ctdir", self.ctdir]
+        if self.src_type or self.dst_type:
+            a += ["-m", "addrtype"]
+            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
+                if value:
+                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
         if self.hoplimit is not None:
             a += ["-m", "hl", "--hl-eq", str(self.hoplimit)]
         if self.icmp6_type:
@@ -174,6 +187,10 @@ class Rule:
             a += ["--reject-with", self.reject_with]
         if self.to_ports is not None:
             a += ["--to-ports", str(self.to_ports)]
+        if self.nflog_prefix is not None:
+            a += ["--nflog-prefix", self.nflog_prefix]
+        if self.nflog_group is not None:
+            a += ["--nflog-group", str(self.nflog_group)]
         return a
 
 
@@ -433,12 +450,26 @@ def _span(kind: str, indices: Sequence[int]) -> str:
     return f"{kind}[{text if len(text) <= 200 else text[:200] + '...'}]"
 
 
+def _destination(orig: bool, net: str | None, ports: tuple[int, ...]) -> list[dict[str, object]]:
+    """Matches for a destination network (None: everywhere) and ports: the packet's own (`dst`,
+    `dports`), or with `orig` the connection's original ones (conntrack's original tuple, which a
+    NAT leaves alone): one rule per port, as --ctorigdstport takes one."""
+    if not orig:
+        return [{"dst": net, "dports": ports}]
+    return [{"ctorigdst": net, "ctorigdstport": p} for p in ports] or [{"ctorigdst": net}]
+
+
 def _list_rules(
-    entries: Sequence[AllowEntry | DenyEntry], kind: str, family: Family, facts: Facts, target: str | None, action: str
+    entries: Sequence[AllowEntry | DenyEntry], kind: str, family: Family, facts: Facts, target: str | None, action: str,
+    *, orig: bool = False, orig_sets: bool = False,
 ) -> tuple[list[Rule], list[AddressSet]]:
     """Rules for an allow or deny list. Networks sharing (protocol, ports) go into one kernel set
     once there are SET_THRESHOLD of them; the set's rule takes the place of the first such entry.
-    Within a list every rule has the same verdict, so grouping does not change the meaning."""
+    Within a list every rule has the same verdict, so grouping does not change the meaning.
+
+    `orig`: judge the connection's original destination (the filter table, which a mesh's redirect
+    reaches with the relay's address); sets too if `orig_sets` (nftables), else by the packet's
+    destination (ipset cannot read conntrack: see `_dnat_unjudged`)."""
     per_entry = []
     groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
     counts: dict[tuple[str | None, tuple[int, ...]], int] = {}
@@ -461,14 +492,21 @@ def _list_rules(
     for i, entry, key, nets, everywhere in per_entry:
         if key in big:
             if groups[key][0] == i:
-                for group in _port_groups(list(key[1]) or None):
-                    match = {"match_set": sets[key].name, "protocol": key[0], "dports": group}
-                    rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
+                name = sets[key].name
+                if orig and orig_sets:
+                    for port in key[1] or (None,):
+                        match: dict[str, object] = {"ctorigdst_set": name, "protocol": key[0], "ctorigdstport": port}
+                        rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
+                else:
+                    for group in _port_groups(list(key[1]) or None):
+                        match = {"match_set": name, "protocol": key[0], "dports": group}
+                        rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
             nets = everywhere
         for net in nets:
+            dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"
             for group in _port_groups(entry.ports):
-                dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"
-                rules += _match_rules(action, family, f"{kind}[{i}]", target, dst=dst, protocol=key[0], dports=group)
+                for match in _destination(orig, dst, group):
+                    rules += _match_rules(action, family, f"{kind}[{i}]", target, protocol=key[0], **match)
     return rules, list(sets.values())
 
 
@@ -579,7 +617,7 @@ def _metadata(policy: Policy, family: Family) -> list[Rule]:
         return []
     rules: list[Rule] = []
     for net in metadata_nets(family):
-        rules += _refuse(policy.action, family, "metadata", dst=net)
+        rules += _refuse(policy.action, family, "metadata", ctorigdst=net)
     return rules
 
 
@@ -598,29 +636,82 @@ def metadata_nets(family: Family) -> list[str]:
 
 
 def _confined(
-    policy: Policy, family: Family, facts: Facts, lockdown: bool
+    policy: Policy, family: Family, facts: Facts, lockdown: bool, orig_sets: bool
 ) -> tuple[tuple[Rule, ...], list[AddressSet]]:
     """EGRESSGUARD-CONFINED, in this order: kernel-ndp (confine: all, IPv6) -> kernel-local
     (confine: all) -> forged-source (drop) -> routing-header / ip-options -> replies -> metadata
-    -> deny -> loopback -> redirect target -> dns -> allow -> default. Nothing that lets a packet
-    through, and no REJECT (which answers the source), comes before the source check."""
+    -> deny -> loopback -> redirect target -> dns -> nat-elsewhere -> dnat-set (sets on iptables)
+    -> allow -> default. Nothing that lets a packet through, and no REJECT (which answers the
+    source), comes before the source check.
+
+    Destinations are judged as the connection was addressed (conntrack's original tuple): a
+    mesh sidecar's nat redirect (Istio, Linkerd) reaches this chain with the relay's address,
+    127.0.0.1:15001, and its original destination is what the confined process asked for."""
     rules = _confined_head(policy, family, facts)
     rules += _metadata(policy, family)
     sets: list[AddressSet] = []
     if not lockdown:
-        deny, deny_sets = _list_rules(policy.deny, "deny", family, facts, None, policy.action)
+        deny, deny_sets = _list_rules(policy.deny, "deny", family, facts, None, policy.action, orig=True,
+                                      orig_sets=orig_sets)
         rules += deny
         sets += deny_sets
     rules += _loopback(policy, family)
     if not lockdown or not policy.proxy_dns:  # proxy mode's lockdown: no DNS at all (no forwarder rules)
         rules += _dns(policy, family, facts)
+    # Judged by where it was addressed, an allowed connection must also go there: a NAT may hand it
+    # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
+    # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
+    # resolver (kube-dns style), as before.
+    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_type="!LOCAL")
     if not lockdown:
-        allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action)
+        allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
+                                        orig_sets=orig_sets)
+        if (deny_sets or allow_sets) and not orig_sets:
+            rules += _dnat_unjudged(policy, family)
         rules += allow
         sets += allow_sets
-        rules += _learned_allow(policy, family)
+        rules += _learned_allow(policy, family, orig_sets)
     rules += _refuse(policy.action, family, "lockdown" if lockdown else "default")
-    return tuple(rules), sets
+    return tuple(_log_refusals(rules, policy)), sets
+
+
+def policy_line(comment: str) -> str:
+    """The policy line a rule's comment stands for, named as `egressguard explain` names it."""
+    return "deny_metadata" if comment == "metadata" else comment
+
+
+def _log_refusals(rules: list[Rule], policy: Policy) -> list[Rule]:
+    """A log rule before each refusal: the kernel hands the refused packet (rate-limited per rule)
+    to the NFLOG group with the refusing line as its prefix. A reject's TCP-reset rule and its
+    twin for every other protocol share one log rule, placed before both, that matches them both."""
+    if not policy.log.refused:
+        return rules
+    rate, _, unit = policy.log.rate.partition("/")
+    limit = f"{rate}/{_LIMIT_UNIT[unit]}"
+    out: list[Rule] = []
+    covered = False
+    for i, r in enumerate(rules):
+        if r.target not in ("REJECT", "DROP") or covered:
+            covered = False
+            out.append(r)
+            continue
+        twin = rules[i + 1] if i + 1 < len(rules) else None
+        widest = r
+        if r.reject_with == "tcp-reset" and twin is not None and twin.target == "REJECT" and twin.protocol is None \
+                and replace(twin, protocol="tcp", reject_with="tcp-reset") == r:
+            widest, covered = twin, True
+        out.append(replace(widest, target="NFLOG", reject_with=None, limit=limit, limit_burst=policy.log.burst,
+                           nflog_prefix=policy_line(r.comment)[:LOG_PREFIX_MAX], nflog_group=LOG_GROUP))
+        out.append(r)
+    return out
+
+
+def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
+    """ipset's set match reads the packet's destination, and a DNATed packet's is the relay's, so
+    where sets judge (iptables), a DNATed connection the allow list would judge is refused: a set
+    could neither allow it nor, for a deny set, refuse it. Fail-closed; nftables looks sets up by
+    the original destination (`ct original ip daddr @set`) and needs none of this."""
+    return _refuse(policy.action, family, "dnat-set", ctstate="DNAT")
 
 
 # dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
@@ -628,7 +719,7 @@ def _confined(
 LEARNED_CTMARK = 0x40000000
 
 
-def _learned_allow(policy: Policy, family: Family) -> list[Rule]:
+def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule]:
     """dns.mode proxy: each host entry allows what its learned set holds, on its ports, and marks
     the connection; a marked connection outlives its address's expiry (the kernel forgets the
     address, the connection that was allowed goes on)."""
@@ -638,9 +729,15 @@ def _learned_allow(policy: Policy, family: Family) -> list[Rule]:
         rules.append(Rule(target="RETURN", comment="dns-learned-open", ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
     for entry in entries:
         e = policy.allow[entry.index]
-        for group in _port_groups(e.ports):
-            rules.append(Rule(target="RETURN", comment=f"allow[{entry.index}]", match_set=entry.sets[family],
-                              protocol=_protocol(e.protocol, family), dports=group, ctmark_set=LEARNED_CTMARK))
+        proto = _protocol(e.protocol, family)
+        # Judged by the original destination where the back end can (as the other allow entries)
+        ports: list[int | None] = [*sorted(set(e.ports or []))] or [None]
+        matches: list[dict[str, object]] = (
+            [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
+            if orig_sets else [{"match_set": entry.sets[family], "dports": g} for g in _port_groups(e.ports)])
+        for match in matches:
+            rules.append(Rule(target="RETURN", comment=f"allow[{entry.index}]", protocol=proto,
+                              ctmark_set=LEARNED_CTMARK, **match))  # type: ignore[arg-type]
     return rules
 
 
@@ -677,8 +774,10 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
     return (*_dns_redirects(policy), *rules)
 
 
-def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
+def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bool = False) -> Ruleset:
     """The complete ruleset for `policy` (or its lockdown: loopback, replies and DNS only).
+    `orig_sets`: the back end looks kernel sets up by the connection's original destination
+    (nftables); else sets match the packet's destination and DNATed connections get `dnat-set`.
 
     Allowed traffic RETURNs, so egressguard only ever restricts: rules after our jump (and other
     firewalls) still apply. Outbound packets are checked every time, not only when NEW, so an
@@ -687,7 +786,7 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
     tables: list[Table] = []
     sets: dict[str, AddressSet] = {}
     for family in FAMILIES:
-        confined, family_sets = _confined(policy, family, facts, lockdown)
+        confined, family_sets = _confined(policy, family, facts, lockdown, orig_sets)
         sets.update((s.name, s) for s in family_sets)
         tables.append(
             Table(

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import select
 import shutil
-import signal
 import sys
 
 import structlog
@@ -44,7 +41,9 @@ def main(args: argparse.Namespace) -> int:
     if not cmd:
         cmd = [who.shell]
     if loaded.policy.proxy_dns:
-        start_forwarder(args, loaded.policy)
+        start_forwarder(args)
+    if loaded.policy.log.refused:
+        start_watch(who, getattr(args, "watch_user", None))
     drop_privileges(who)
     cmd = with_init(cmd)
     log.info("command_exec", user=who.name, uid=who.uid, argv0=cmd[0], policy_digest=out.policy_digest)
@@ -61,48 +60,35 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_NOT_EXECUTABLE
 
 
-FORWARDER_START_S = 20.0
+def start_forwarder(args: argparse.Namespace) -> int:
+    """dns.mode proxy: `egressguard dns` as a process of its own (sidecar.start: its own session, ends
+    with the command), before the command gets anything. Started as root, it becomes
+    dns.forwarder_uid holding CAP_NET_ADMIN only: the command, another uid with no capability, can
+    neither signal nor trace it, and cannot take its port while it runs. Exit 4 if it does not
+    start (the policy stays in force: confined DNS is refused, fail-closed)."""
+    from egressguard import sidecar  # noqa: PLC0415
 
-
-def start_forwarder(args: argparse.Namespace, policy: Policy) -> int:
-    """dns.mode proxy: `egressguard dns` as a process of its own, before the command gets anything.
-    It becomes dns.forwarder_uid holding CAP_NET_ADMIN only, in a session of its own: the command,
-    another uid with no capability, can neither signal nor trace it, and cannot take its port while
-    it runs. Returns its pid once it listens; exit 4 if it does not start (the policy stays: DNS is
-    refused, fail-closed)."""
-    uid = policy.dns.forwarder_uid
-    assert uid is not None  # proxy mode requires it
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child execs
-        try:
-            os.close(r)
-            os.setsid()
-            argv = [sys.executable, "-m", "egressguard", "dns", "--resolv-conf", str(args.resolv_conf),
-                    "--ready-fd", str(w), *(["--policy", args.policy] if args.policy else [])]
-            # Started as root, it becomes dns.forwarder_uid with CAP_NET_ADMIN only (dnsproxy.main) once
-            # the interpreter is loaded (which another uid may not be able to read).
-            os.set_inheritable(w, True)
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.execv(sys.executable, argv)
-        except BaseException as exc:  # noqa: BLE001
-            print(f"egressguard: the DNS forwarder could not start: {exc}", file=sys.stderr)
-        finally:
-            os._exit(EXIT_NOT_EXECUTABLE)
-    os.close(w)
-    try:
-        ready, _, _ = select.select([r], [], [], FORWARDER_START_S)
-        said = os.read(r, 16) if ready else b""
-    finally:
-        os.close(r)
-    if said != b"ready\n":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        raise ApplyFailed(f"the DNS forwarder (dns.mode proxy) did not start within {FORWARDER_START_S:g} s: "
+    pid = sidecar.start(["dns", "--resolv-conf", str(args.resolv_conf), *(["--policy", args.policy] if args.policy else [])])
+    if pid is None:
+        raise ApplyFailed(f"the DNS forwarder (dns.mode proxy) did not start within {sidecar.READY_TIMEOUT_S:g} s: "
                           "confined DNS stays refused")
-    log.info("dns_forwarder_started", pid=pid, uid=uid)
+    log.info("dns_forwarder_started", pid=pid)
     return pid
+
+
+def start_watch(who: Identity, user: str | None) -> None:
+    """`egressguard watch` beside the command, as a user the command cannot signal; its events go
+    to the container's log. The guard does not depend on it: if it does not start, a warning."""
+    from egressguard import sidecar  # noqa: PLC0415
+
+    argv = ["watch"] + (["--user", user] if user else [])
+    if user and resolve_user(user).uid == who.uid:
+        raise PolicyError(f"usage error: --watch-user {user}: the command's own user could signal it")
+    pid = sidecar.start(argv)
+    if pid is None:
+        log.warning("watch_not_started", detail="refusals are still refused; they are not logged")
+    else:
+        log.info("watch_started_beside_command", pid=pid)
 
 
 def with_init(cmd: list[str]) -> list[str]:

@@ -219,3 +219,33 @@ def test_dns_containers_hold_only_what_they_need(dns_docs: dict[str, dict[str, A
     assert dns_c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SETUID", "SETGID", "SETPCAP"]}
     assert dns_c["securityContext"]["allowPrivilegeEscalation"] is False
     assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"]} and agent["securityContext"]["runAsUser"] == 1000
+
+# -- the native sidecar example (issue 14) -------------------------------------------------------
+
+WATCH_MANIFEST = MANIFEST.parent / "pod-with-watch.yaml"
+
+
+@pytest.fixture(scope="module")
+def watch_pod() -> dict[str, Any]:
+    with WATCH_MANIFEST.open() as fh:
+        (doc,) = [d for d in yaml.safe_load_all(fh) if d]
+    assert doc["kind"] == "Pod"
+    return dict(doc["spec"])
+
+
+def test_the_watch_example_is_pod_yaml_plus_one_native_sidecar(pod: dict[str, Any], watch_pod: dict[str, Any]) -> None:
+    apply_init, watch = watch_pod["initContainers"]
+    assert apply_init == pod["initContainers"][0]  # applies first: the sidecar starts after the rules
+    rest = {k: v for k, v in watch_pod.items() if k != "initContainers"}
+    assert rest == {k: v for k, v in pod.items() if k != "initContainers"}
+    assert watch["restartPolicy"] == "Always" and watch["command"] == ["egressguard", "watch"]
+    assert "Kubernetes >= 1.29" in WATCH_MANIFEST.read_text()  # native sidecars; the validation gate reads it
+
+
+def test_the_watch_sidecar_runs_as_nobody_with_only_net_admin(watch_pod: dict[str, Any]) -> None:
+    sc = watch_pod["initContainers"][1]["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (65534, 65534, True)
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert _pss_failures(watch_pod, watch_pod["initContainers"][1], "baseline") == ["capabilities ['NET_ADMIN']"]

@@ -122,7 +122,7 @@ class Forwarder:
             said = os.read(r, 16) if ready else b""
         finally:
             os.close(r)
-        if said != b"ready\n":
+        if said != b"1":  # sidecar.report_ready
             self.stop()
             raise RuntimeError(f"forwarder did not start: {self.log.read_text()[-2000:]}")
 
@@ -396,6 +396,8 @@ s.sendto(q, ("198.51.100.53", 53))
 r = s.recv(512)
 out["dns_rcode"], out["dns_answers"] = r[3] & 0xF, struct.unpack("!H", r[6:8])[0]
 out["alive"] = os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "T"
+out["status"] = {k: v.strip() for k, v in (line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+                 if k in ("Uid", "CapEff", "NoNewPrivs")}
 print(json.dumps(out))
 """
 
@@ -409,18 +411,25 @@ def test_run_starts_the_forwarder_and_the_command_cannot_signal_trace_or_replace
         code = subprocess.run(["ip", "netns", "exec", lab.pod, sys.executable, "-m", "egressguard", "run", "--policy",
                                str(path), "--user", str(CONFINED), "--", "/usr/bin/python3", "-c", _ATTACK, path.name],
                               stdout=out_fh, stderr=err_fh, env=env, timeout=60).returncode
-    pids: list[int] = [p for p in _forwarders(path.name)]
+    pids: list[int] = []
     try:
         assert code == 0, stderr.read_text()[-2000:]
         out = json.loads(stdout.read_text().strip().splitlines()[-1])
-        assert out["pids"] == pids and len(pids) == 1 and out["uid"] == CONFINED
-        status = Path(f"/proc/{pids[0]}/status").read_text()
-        assert f"Uid:\t{FORWARDER_UID}\t" in status and "CapEff:\t0000000000001000" in status
+        pids = out["pids"]
+        assert len(pids) == 1 and out["uid"] == CONFINED
+        st = out["status"]
+        assert st["Uid"].split() == [str(FORWARDER_UID)] * 4 and st["CapEff"] == "0000000000001000", st
+        assert st["NoNewPrivs"] == "1", st
         for attack in ("kill", "stop", "killpg", "ptrace", "ptrace_seize"):
             assert out[attack] == "EPERM", (attack, out)
         assert out["mem"] == "EACCES", out
         assert out["bind_udp"] == "EADDRINUSE" and out["bind_tcp"] == "EADDRINUSE", out
         assert out["alive"] and (out["dns_rcode"], out["dns_answers"]) == (0, 1), out
+        for _ in range(100):  # it ends with the command (a pidfd of it): a bounded wait for that
+            if not _forwarders(path.name):
+                break
+            time.sleep(0.05)
+        assert not _forwarders(path.name), "the forwarder outlived the command"
     finally:
         for pid in pids:  # the forwarder this test's `run` started
             with contextlib.suppress(ProcessLookupError):

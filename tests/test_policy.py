@@ -354,3 +354,46 @@ def test_version_1_point_0_is_not_taken_for_1(text: str) -> None:
 def test_yaml_types_that_no_policy_field_has_are_refused_with_their_line(text: str, kind: str) -> None:
     with pytest.raises(PolicyError, match=rf"invalid YAML at line 2 column \d+: YAML type {kind} is not allowed"):
         policy_mod.parse_text(text, "p")
+
+
+# -- log (issue 14) ------------------------------------------------------------------------------
+
+
+def test_log_of_refusals_is_on_by_default_with_the_documented_rate() -> None:
+    log = validate({"version": 1}).log
+    assert (log.refused, log.rate, log.burst) == (True, "10/second", 50)
+
+
+@pytest.mark.parametrize(("log", "where"), [
+    ({"refused": "maybe"}, "log.refused: "),
+    ({"rate": "10/sec"}, "log.rate: '10/sec' is not a rate such as 10/second"),
+    ({"rate": "0/second"}, "log.rate: '0/second' is not a rate"),
+    ({"rate": 10}, "log.rate: Input should be a valid string"),
+    ({"rate": "20000/second"}, "log.rate: '20000/second': more than 10000/second"),
+    ({"burst": 0}, "log.burst: "),
+    ({"burst": 10001}, "log.burst: "),
+    ({"burst": "50"}, "log.burst: "),
+    ({"group": 3}, "log.group: unknown key"),
+])
+def test_bad_log_settings_are_one_line_naming_the_field(log: dict[str, Any], where: str) -> None:
+    assert _error({"version": 1, "log": log}).startswith(where)
+
+
+def test_keys_added_since_0_1_leave_the_digest_of_a_policy_that_does_not_set_them_unchanged() -> None:
+    # An upgraded image must not refuse the digest a deployment pinned for the same policy file:
+    # this is the digest 0.1.1 gave the policy of examples/kubernetes/pod.yaml.
+    import yaml  # noqa: PLC0415
+
+    manifest = Path(__file__).parent.parent / "examples" / "kubernetes" / "pod.yaml"
+    config = next(d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "ConfigMap")
+    assert policy_mod.digest(validate(yaml.safe_load(config["data"]["policy.yaml"]))) == (
+        "sha256:764254f9cbafe6f48eb4f39553a9d7fe7db86bfa72526b107cd16a4bfd0374b0")
+    for key in policy_mod.ADDED_KEYS:
+        assert key.split(".")[0] in validate({"version": 1}).to_json()  # every path names a real key
+
+
+def test_setting_an_added_key_away_from_its_default_changes_the_digest() -> None:
+    base = policy_mod.digest(validate({"version": 1}))
+    assert policy_mod.digest(validate({"version": 1, "log": {"refused": True}})) == base  # the default, spelled out
+    assert policy_mod.digest(validate({"version": 1, "log": {"refused": False}})) != base
+    assert policy_mod.digest(validate({"version": 1, "log": {"burst": 7}})) != base

@@ -14,6 +14,8 @@ from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
     FAMILIES,
+    LOG_GROUP,
+    LOG_PREFIX_MAX,
     REDIRECT,
     Facts,
     Rule,
@@ -41,7 +43,8 @@ def _chain(rs: Ruleset, family: int, table: str, name: str) -> tuple[Rule, ...]:
 
 
 def _confined(rs: Ruleset, family: int) -> tuple[Rule, ...]:
-    return _chain(rs, family, "filter", CONFINED)
+    """The confined chain's deciding rules: log rules (NFLOG, which decide nothing) have tests of their own."""
+    return tuple(r for r in _chain(rs, family, "filter", CONFINED) if r.target != "NFLOG")
 
 
 def _comments(rules: tuple[Rule, ...]) -> list[str]:
@@ -88,7 +91,7 @@ def test_deny_and_metadata_come_before_every_allow(family: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deny_is_written_per_family(family: int) -> None:
     rules = _confined(_build(BROAD), family)
-    denied = list(dict.fromkeys(r.dst for r in rules if r.comment.startswith("deny[")))
+    denied = list(dict.fromkeys(r.ctorigdst for r in rules if r.comment.startswith("deny[")))
     # IPv6 also refuses the IPv4 entry behind the well-known NAT64 prefix (64:ff9b::203.0.113.11).
     assert denied == (["203.0.113.11/32"] if family == 4 else ["64:ff9b::cb00:710b/128", "2001:db8:2::11/128"])
 
@@ -112,7 +115,7 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
     rs = _build({**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]})
     targets = {r.target for t in rs.tables for c in t.chains for r in c.rules}
     assert "ACCEPT" not in targets
-    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", CONFINED, REDIRECT}
+    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", CONFINED, REDIRECT}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -181,15 +184,16 @@ def test_nat64_forms_of_metadata_and_ipv4_deny_entries_are_refused_over_ipv6() -
     assert nat64("169.254.169.254/32") == "64:ff9b::a9fe:a9fe/128"
     assert nat64("10.0.0.0/8") == "64:ff9b::a00:0/104"
     rs = _build({"deny": [{"cidr": "10.0.0.0/8"}, {"cidr": "0.0.0.0/0", "protocol": "tcp", "ports": [25]}]})
-    denied = [r.dst for r in _confined(rs, 6) if r.comment.startswith("deny[")]
+    denied = [r.ctorigdst for r in _confined(rs, 6) if r.comment.startswith("deny[")]
     assert "64:ff9b::a00:0/104" in denied and "64:ff9b::/96" in denied
-    assert "64:ff9b::a9fe:a9fe/128" in [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
+    assert "64:ff9b::a9fe:a9fe/128" in [r.ctorigdst for r in _confined(rs, 6) if r.comment == "metadata"]
 
 
 def test_outbound_rules_do_not_depend_on_connection_state() -> None:
     # Every outbound packet is checked, so an existing connection is cut when the policy changes.
+    # (nat-elsewhere tests conntrack's DNAT bit, a property of the connection, not its state.)
     rules = _confined(_build(BROAD), 4)
-    assert [r.comment for r in rules if r.ctstate] == ["replies"]
+    assert [r.comment for r in rules if r.ctstate and r.ctstate != "DNAT"] == ["replies"]
 
 
 # -- who is confined ---------------------------------------------------------------------------
@@ -260,8 +264,8 @@ def test_drop_never_rejects() -> None:
 
 def test_metadata_endpoints_are_refused_in_both_families() -> None:
     rs = _build(BROAD)
-    v4 = [r.dst for r in _confined(rs, 4) if r.comment == "metadata"]
-    v6 = [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
+    v4 = [r.ctorigdst for r in _confined(rs, 4) if r.comment == "metadata"]
+    v6 = [r.ctorigdst for r in _confined(rs, 6) if r.comment == "metadata"]
     assert list(dict.fromkeys(v4)) == ["169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32"]
     assert list(dict.fromkeys(v6)) == ["fd00:ec2::254/128", "64:ff9b::a9fe:a9fe/128", "64:ff9b::a9fe:aa02/128",
                                        "64:ff9b::6464:64c8/128"]  # the IPv4 ones behind NAT64
@@ -287,12 +291,18 @@ def test_protocol_any_matches_no_protocol() -> None:
     assert rule.protocol is None and rule.dports == ()
 
 
-def test_ports_are_sorted_deduplicated_and_split_in_groups_of_fifteen() -> None:
+def test_ports_are_sorted_deduplicated_and_judged_one_original_port_per_rule() -> None:
+    # --ctorigdstport takes one port: the filter table gets a rule per port, in order.
     ports = list(range(1000, 1020)) + [1000, 22]
     rs = _build({"allow": [{"cidr": "192.0.2.0/24", "ports": ports}]})
-    groups = [r.dports for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    judged = [(r.ctorigdst, r.ctorigdstport, r.dports) for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    assert judged == [("192.0.2.0/24", p, ()) for p in (22, *range(1000, 1020))]
+
+
+def test_nat_table_ports_are_split_in_multiport_groups_of_fifteen() -> None:
+    rs = _build({"redirect": [{"ports": [*range(1019, 999, -1), 22], "to_port": 8444}]})
+    groups = [r.dports for r in _chain(rs, 4, "nat", "EGRESSGUARD-REDIRECT") if r.comment == "redirect[0]"]
     assert groups == [(22, *range(1000, 1014)), tuple(range(1014, 1020))]
-    assert all(len(g) <= 15 for g in groups)
 
 
 def test_single_port_and_multiport_render_differently() -> None:
@@ -305,8 +315,8 @@ def test_single_port_and_multiport_render_differently() -> None:
 def test_host_entries_use_the_resolved_addresses_of_each_family() -> None:
     facts = Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.10", "2001:db8:2::10")})
     rs = _build({"allow": [{"host": "api.test", "ports": [443]}]}, facts=facts)
-    assert [r.dst for r in _confined(rs, 4) if r.comment == "allow[0]"] == ["203.0.113.10/32"]
-    assert [r.dst for r in _confined(rs, 6) if r.comment == "allow[0]"] == ["2001:db8:2::10/128"]
+    assert [r.ctorigdst for r in _confined(rs, 4) if r.comment == "allow[0]"] == ["203.0.113.10/32"]
+    assert [r.ctorigdst for r in _confined(rs, 6) if r.comment == "allow[0]"] == ["2001:db8:2::10/128"]
     assert rs.unresolved_hosts == ()
 
 
@@ -469,4 +479,102 @@ def test_json_form_has_one_entry_per_family_and_table() -> None:
 def test_default_policy_refuses_everything_but_loopback_dns_and_redirect() -> None:
     rs = build(validate(DEFAULT_POLICY), Facts(resolvers=RESOLVERS))
     assert set(_comments(_confined(rs, 4))) == {"forged-source", "ip-options", "replies", "metadata", "loopback",
-                                                 "redirect", "dns", "default"}
+                                                 "nat-elsewhere", "redirect", "dns", "default"}
+
+
+# -- original destinations (service meshes) -----------------------------------------------------
+
+
+def test_destinations_are_judged_by_the_original_destination_and_port() -> None:
+    # A mesh's nat redirect makes the packet's destination 127.0.0.1:15001 before the filter table
+    # sees it; conntrack's original tuple still names what the process asked for.
+    rs = _build({"allow": [{"cidr": "203.0.113.0/24", "ports": [443, 80]}], "deny": [{"cidr": "203.0.113.7/32"}]})
+    judged = [r for r in _confined(rs, 4) if r.comment.startswith(("allow[", "deny[", "metadata"))]
+    assert judged and all(r.dst is None and not r.dports and r.ctorigdst for r in judged)
+    assert [(r.ctorigdst, r.ctorigdstport) for r in judged if r.comment == "allow[0]"] == [
+        ("203.0.113.0/24", 80), ("203.0.113.0/24", 443)]
+    # The nat table acts before any NAT of ours, on the packet as sent: its matches stay on the packet.
+    nat = _build({"deny": [{"cidr": "203.0.113.7/32"}], "redirect": [{"ports": [80], "to_port": 8444}]})
+    assert all(r.ctorigdst is None for r in _chain(nat, 4, "nat", "EGRESSGUARD-REDIRECT"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_connection_natted_to_another_host_is_refused_before_the_allow_list(family: int) -> None:
+    rules = _confined(_build(BROAD), family)
+    at = _first(rules, "nat-elsewhere")
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert all(r.ctstate == "DNAT" and r.dst_type == "!LOCAL" and r.target == "REJECT"
+               for r in rules if r.comment == "nat-elsewhere")
+
+
+def _listed(n: int, base: str, **extra: Any) -> list[dict[str, Any]]:
+    return [{"cidr": f"{base}.{i}/32", **extra} for i in range(1, n + 1)]
+
+
+def test_iptables_sets_refuse_dnatted_connections_before_the_allow_list() -> None:
+    data = {"allow": _listed(20, "198.19.0", ports=[443]) + [{"cidr": "203.0.113.0/24", "ports": [80]}],
+            "deny": _listed(20, "198.18.0")}
+    rules = _confined(_build(data), 4)
+    (at,) = {i for i, r in enumerate(rules) if r.comment == "dnat-set" and r.protocol == "tcp"}
+    assert rules[at].ctstate == "DNAT" and rules[at].target == "REJECT"
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert {r.match_set for r in rules if r.match_set} and not any(r.ctorigdst_set for r in rules)
+    # Without sets, or where sets are looked up by the original destination, nothing is refused so.
+    assert "dnat-set" not in _comments(_confined(_build({"allow": _listed(3, "198.19.0")}), 4))
+    nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
+    assert "dnat-set" not in _comments(nft)
+    assert {r.ctorigdst_set for r in nft if r.ctorigdst_set} and not any(r.match_set for r in nft)
+
+
+# -- the log of refusals (issue 14) --------------------------------------------------------------
+
+LOGGED = {"deny": [{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128", "protocol": "udp", "ports": [53]}],
+          "allow": [{"cidr": "203.0.113.10/32", "ports": [443]}]}
+
+
+@pytest.mark.parametrize("action", ["reject", "drop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_refusal_is_preceded_by_a_log_rule_naming_its_policy_line(family: int, action: str) -> None:
+    rules = _chain(_build({**LOGGED, "action": action}), family, "filter", CONFINED)
+    refusals = [i for i, r in enumerate(rules) if r.target in ("REJECT", "DROP")]
+    assert {rules[i].comment for i in refusals} >= {"deny[0]" if family == 4 else "deny[1]", "metadata", "default"}
+    for i in refusals:
+        log = next(rules[j] for j in range(i - 1, -1, -1) if rules[j].target not in ("REJECT", "DROP"))
+        r = rules[i]
+        assert log.target == "NFLOG" and log.nflog_group == LOG_GROUP
+        assert log.nflog_prefix == ("deny_metadata" if r.comment == "metadata" else r.comment)
+        assert (log.limit, log.limit_burst) == ("10/sec", 50)
+        # it matches every packet the refusal matches: the same rule, the protocol left open for a reject's pair
+        assert dataclasses.replace(log, target=r.target, reject_with=r.reject_with, limit=r.limit,
+                                   limit_burst=r.limit_burst, nflog_prefix=None, nflog_group=None,
+                                   protocol=log.protocol or r.protocol) == r
+
+
+def test_log_rules_decide_nothing_and_sit_only_in_the_confined_chain() -> None:
+    rs = _build({**LOGGED, "redirect": [{"ports": [80], "to_port": 8444}]})
+    for t in rs.tables:
+        for c in t.chains:
+            logs = [r for r in c.rules if r.target == "NFLOG"]
+            assert not logs or (t.name, c.name) == ("filter", CONFINED)
+            assert all(r.reject_with is None and r.to_ports is None for r in logs)
+    assert dataclasses.replace(_build({**LOGGED, "log": {"refused": False}}), tables=()) == \
+        dataclasses.replace(rs, tables=())  # same sets, same kind
+
+
+def test_log_refused_false_installs_no_log_rule_at_all() -> None:
+    rs = _build({**LOGGED, "log": {"refused": False}})
+    assert not [r for t in rs.tables for c in t.chains for r in c.rules if r.target == "NFLOG" or r.nflog_prefix]
+    on = _build(LOGGED)
+    assert [r for f in FAMILIES for r in _confined(on, f)] == [r for f in FAMILIES for r in _confined(rs, f)]
+
+
+def test_log_rate_and_burst_are_the_policys() -> None:
+    rules = _chain(_build({**LOGGED, "log": {"rate": "5/minute", "burst": 3}}), 4, "filter", CONFINED)
+    assert {(r.limit, r.limit_burst) for r in rules if r.target == "NFLOG"} == {("5/min", 3)}
+
+
+def test_a_long_policy_line_is_cut_to_what_nflog_carries() -> None:
+    deny = [{"cidr": f"192.0.2.{n}/32", "protocol": "udp"} for n in range(0, 40, 2)]  # a set rule: deny[0-19]
+    deny += [{"cidr": "198.18.0.1/32", "protocol": "tcp"}]
+    rules = _chain(_build({"deny": deny}), 4, "filter", CONFINED)
+    assert all(len(r.nflog_prefix.encode()) <= LOG_PREFIX_MAX for r in rules if r.nflog_prefix)

@@ -61,6 +61,9 @@ class Backend(abc.ABC):
     atomic_families: bool = False
     # True if the back end keeps learned-address sets with per-element timeouts (dns.mode proxy).
     learned_sets: bool = False
+    # True if a rule can look a kernel set up by the connection's original destination (nftables);
+    # see ruleset.build's `orig_sets`.
+    sets_by_original_destination: bool = False
 
     @abc.abstractmethod
     def preflight(self) -> None:

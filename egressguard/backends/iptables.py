@@ -12,6 +12,7 @@ import ipaddress
 import os
 import pickle
 import signal
+import struct
 import sys
 import sysconfig
 import time
@@ -285,6 +286,12 @@ class IptablesBackend(Backend):
                     return referenced_sets
                 except iptc.IPTCError as exc:
                     last = exc
+                    if "Invalid argument" in str(exc) and self._holds(want):
+                        # libiptc replaces the table, then adds the old counters to it; a writer that
+                        # commits in between makes the second call fail (EINVAL: the entry count
+                        # changed) after the replace landed. What the kernel holds decides.
+                        log.info("commit_landed_counters_lost", table=f"ipv{want.family}/{want.name}")
+                        return referenced_sets
                     if not ("temporarily unavailable" in str(exc) or "Resource" in str(exc)):
                         raise _commit_error(want, exc) from None
                 except Exception as exc:  # noqa: BLE001 - XTablesError, ValueError from a bad rule
@@ -292,6 +299,17 @@ class IptablesBackend(Backend):
             log.info("commit_retried", table=f"ipv{want.family}/{want.name}", attempt=attempt + 1, error=str(last))
             time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
+
+    def _holds(self, want: Table) -> bool:
+        """The kernel's table holds `want`'s chains entry for entry and our jump first in OUTPUT."""
+        try:
+            chains = xtables_raw.read_chains(want.family, want.name)
+        except (OSError, ValueError):
+            return False
+        encoded = self._encoded_entries(want.family, want)
+        output = chains.get("OUTPUT", [])
+        return all(tuple(chains.get(c.name, ())) == encoded[c.name] for c in want.chains) and \
+            tuple(output[:len(encoded["OUTPUT"])]) == encoded["OUTPUT"]
 
     def _stage(self, tbl: Any, want: Table, encoded: list[list[Any]]) -> bool:
         """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one);
@@ -339,13 +357,7 @@ class IptablesBackend(Backend):
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
             x.create_match("owner").set_parameter("uid-owner", r.uid)
-        if r.src_type or r.dst_type:
-            m = x.create_match("addrtype")
-            if r.src_type:
-                m.set_parameter("src-type", r.src_type)
-            if r.dst_type:
-                m.set_parameter("dst-type", r.dst_type)
-        if r.ctstate or r.ctdir or r.ctorigdst:
+        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as Rule.args()
             m = x.create_match("conntrack")
             if r.ctstate:
                 m.set_parameter("ctstate", r.ctstate)
@@ -355,6 +367,12 @@ class IptablesBackend(Backend):
                 m.set_parameter("ctorigdstport", str(r.ctorigdstport))
             if r.ctdir:
                 m.set_parameter("ctdir", r.ctdir)
+        if r.src_type or r.dst_type:
+            m = x.create_match("addrtype")
+            if r.src_type:
+                m.set_parameter("src-type", r.src_type)
+            if r.dst_type:
+                m.set_parameter("dst-type", r.dst_type)
         if r.hoplimit is not None:
             x.create_match("hl").set_parameter("hl-eq", str(r.hoplimit))
         if r.icmp6_type:
@@ -380,11 +398,22 @@ class IptablesBackend(Backend):
             t.set_parameter("reject-with", r.reject_with)
         if r.to_ports is not None:
             t.set_parameter("to-ports", str(r.to_ports))
+        if r.nflog_group is not None:
+            t.set_parameter("nflog-group", str(r.nflog_group))
+        if r.nflog_prefix is not None:
+            _write_nflog_prefix(t, r.nflog_prefix)
         # final_check() re-parses every match and target from its own save() text (python-iptables'
         # _update_parameters): run it here, once, and write the exact bytes after it; _stage then
         # hands x.rule to libiptc directly (append_rule would run final_check again and undo them).
-        x.final_check()
-        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir):
+        if r.target == "NFLOG":
+            # libxt_NFLOG's save() crashes python-iptables (segfault, iptables 1.8.9): check the
+            # matches as usual and the target as iptables-restore does, parsed once, not re-read.
+            for m in x.matches:
+                m.final_check()
+            t._final_check()
+        else:
+            x.final_check()
+        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir or r.ctorigdstport is not None):
             _fix_ipv4_conntrack_addrs(next(m for m in x.matches if m.name == "conntrack"))
         return x
 
@@ -647,6 +676,32 @@ def _net(value: str | None) -> str | None:
     return None if net.prefixlen == 0 and int(net.network_address) == 0 else str(net)
 
 
+# xt_nflog_info: u32 len, u16 group, u16 threshold, u16 flags, u16 pad, char prefix[64]
+_NFLOG_INFO = struct.Struct("=IHHHH64s")
+_NFLOG_PREFIX_AT, _NFLOG_PREFIX_SIZE = 12, 64
+
+
+def _nflog_fields(target: Any) -> dict[str, Any]:
+    """An NFLOG target's group and prefix, from its bytes: python-iptables reads a target through
+    its save(), which crashes on NFLOG. Options egressguard never sets make the rule differ."""
+    data = ctypes.string_at(target._target_buf, target.size)[_EXT_HEADER:]
+    length, group, threshold, flags, _pad, prefix = _NFLOG_INFO.unpack_from(data)
+    fields: dict[str, Any] = {"nflog_group": group, "nflog_prefix": xtables_raw._cstr(prefix) if prefix[0] else None}
+    if length or threshold or flags:
+        fields["reject_with"] = f"<unexpected NFLOG size {length} threshold {threshold} flags {flags}>"
+    return fields
+
+
+def _write_nflog_prefix(target: Any, prefix: str) -> None:
+    """Put the prefix into xt_nflog_info as iptables-restore does (NUL-terminated, zero after):
+    parsing `nflog-prefix` through python-iptables corrupts its memory (a later rule segfaults)."""
+    raw = prefix.encode()
+    if not raw or b"\n" in raw or len(raw) >= _NFLOG_PREFIX_SIZE:
+        raise ValueError(f"NFLOG prefix {prefix!r}: 1 to {_NFLOG_PREFIX_SIZE - 1} bytes, no newline")
+    at = ctypes.addressof(target._target_buf.contents if hasattr(target._target_buf, "contents") else target._target_buf)
+    ctypes.memmove(at + _EXT_HEADER + _NFLOG_PREFIX_AT, raw, len(raw))
+
+
 def _decode(x: Any) -> Rule:
     """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
     fields: dict[str, Any] = {"target": x.target.name, "comment": ""}
@@ -692,7 +747,11 @@ def _decode(x: Any) -> Rule:
             fields["comment"] = one.get("comment", "")
         else:
             unknown.append(f"{'!' if neg else ''}{m.name}{p}")
-    tparams = {k: v[0] if v else "" for k, v in x.target.get_all_parameters().items()}
+    if x.target.name == "NFLOG":
+        fields.update(_nflog_fields(x.target))
+        tparams: dict[str, str] = {}
+    else:
+        tparams = {k: v[0] if v else "" for k, v in x.target.get_all_parameters().items()}
     if "reject-with" in tparams:
         fields["reject_with"] = tparams.pop("reject-with")
     if "to-ports" in tparams:

@@ -260,3 +260,56 @@ def test_dns_proxy_forwarder_serves_the_command_which_cannot_touch_it(bed: Bed, 
     assert got["dns_denied"][0] == "REFUSED", got
     assert got["connect_denied"] != "connected", got
     assert '"dns_learned"' in p.stderr and '"dns_refused"' in p.stderr
+
+# -- the log of refusals (issue 14) --------------------------------------------------------------
+
+LOG_COMMAND = r"""
+import json, os, signal, socket, sys
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect((sys.argv[1], 8080)); refused = "no"
+except OSError as exc:
+    refused = type(exc).__name__
+readers, kill = [], {}
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if b"\0watch\0" in open(f"/proc/{p}/cmdline", "rb").read():
+            readers.append(int(p))
+    except OSError:
+        pass
+for pid in readers:
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        try:
+            os.kill(pid, sig); kill[sig.name] = "sent"
+        except OSError as exc:
+            kill[sig.name] = exc.strerror
+print(json.dumps({"refused": refused, "readers": readers, "kill": kill}), flush=True)
+os.execvp("sleep", ["sleep", "300"])
+"""
+
+
+def test_the_reader_runs_beside_the_command_and_logs_to_the_container_log(bed: Bed) -> None:
+    """`run` starts `egressguard watch` beside the command (the policy logs refusals by default): the
+    refused connection appears in `docker logs` with its policy line; the command cannot kill it."""
+    name = f"eg-watch-{os.getpid()}"
+    docker("run", "-d", "--name", name, "--network", bed.network, *DOCKER_MODE,
+           "-v", f"{HERE / 'policy.yaml'}:/etc/egressguard/policy.yaml:ro", IMAGE,
+           "python3", "-c", LOG_COMMAND, DENIED4)
+    try:
+        events: list[dict[str, Any]] = []
+        report: dict[str, Any] = {}
+        for _ in range(150):  # until the reader's window (10 s) has ended and its event is in the log
+            logs = docker("logs", name, check=False)
+            events = [json.loads(x) for x in logs.stderr.splitlines() if x.startswith("{")]
+            report = next((json.loads(x) for x in logs.stdout.splitlines() if x.startswith("{")), {})
+            if any(e["event"] == "connection_refused" for e in events):
+                break
+            time.sleep(0.2)
+        assert report["refused"] == "ConnectionRefusedError" and len(report["readers"]) == 1, report
+        assert set(report["kill"].values()) == {"Operation not permitted"}, report
+        refused = [(e["uid"], e["destination"], e["port"], e["protocol"], e["line"])
+                   for e in events if e["event"] == "connection_refused"]
+        assert refused == [(1000, DENIED4, 8080, "tcp", "default")], events
+    finally:
+        docker("rm", "-f", name, check=False)

@@ -44,6 +44,7 @@ class NftablesBackend(Backend):
     name = "nftables (libnftables)"
     atomic_families = True
     learned_sets = True
+    sets_by_original_destination = True  # `ct original ip daddr @set`
 
     def __init__(self) -> None:
         self._checked = False

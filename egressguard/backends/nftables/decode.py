@@ -204,7 +204,7 @@ def decode_rule(r: dict[str, Any], family: Family, table: str,
 
 
 def _is_verdict(e: dict[str, Any]) -> bool:
-    return bool({"return", "drop", "reject", "accept", "jump", "goto", "redirect", "queue"} & set(e))
+    return bool({"return", "drop", "reject", "accept", "jump", "goto", "redirect", "queue", "log"} & set(e))
 
 
 def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: str, ip: str, unknown: list[str]) -> bool:
@@ -278,6 +278,8 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             if ck == "direction" and op == "==" and cdir is None:
                 return _put(f, "ctdir", str(right).upper())
             if ck == f"{ip} daddr" and cdir == "original" and op == "==":
+                if isinstance(right, str) and right.startswith("@"):
+                    return _put(f, "ctorigdst_set", right[1:])
                 return _put(f, "ctorigdst", _addr(right))
             if ck == "proto-dst" and cdir == "original" and op == "==":
                 return _put(f, "ctorigdstport", int(right))
@@ -307,6 +309,12 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         f["target"], f["reject_with"] = "REJECT", name
         if name == "tcp-reset":
             f["_implied"] = "tcp"
+        return True
+    if "log" in e:
+        lg = e["log"] or {}
+        if set(lg) != {"prefix", "group"}:
+            return False
+        f["target"], f["nflog_prefix"], f["nflog_group"] = "NFLOG", str(lg["prefix"]), int(lg["group"])
         return True
     if "redirect" in e and table == "nat":
         rd = e["redirect"] or {}

@@ -24,10 +24,13 @@ from egressguard.ruleset import (
 )
 
 TABLE = "inet egressguard"
-# Base chains: name -> spec. Priority 0 is iptables' filter, -100 its nat (dstnat) on output.
+# Base chains: name -> spec. Priority 0 is iptables' filter. nat runs at -101, just before dstnat
+# (-100), where iptables' nat table and meshes' nat chains (Istio's `inet istio-proxy-nat`) hook:
+# the kernel asks nat chains in priority order until one maps the connection, so our `redirect`
+# wins on its ports whoever registered first (at equal priority the later-registered chain runs first).
 BASE = {
     "filter": ("filter", "output", 0),
-    "nat": ("nat", "output", -100),
+    "nat": ("nat", "output", -101),
 }
 # A rule for packets without a user socket (iptables: ! --uid-owner 0-4294967294, the kernel's
 # own packets). nft's `meta skuid` matches nothing at all without a socket owner (checked: neither
@@ -61,8 +64,9 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
-    "ctorigdstport", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
-    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "ctmark", "ctmark_set",
+    "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
+    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "nflog_prefix", "nflog_group",
+    "ctmark", "ctmark_set",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
@@ -147,11 +151,6 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
                 raise UnsupportedRule(f"uid {r.uid} needs a chain of its own (rule {r.comment!r})")
         else:
             a.append(f"meta skuid {r.uid}")
-    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
-        if value:
-            if value.lstrip("!") != "LOCAL":
-                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
-            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
     if r.ctstate:
         words = r.ctstate.split(",")
         status = [w for w in words if w in _CT_STATUS]
@@ -169,6 +168,14 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         if r.protocol not in ("tcp", "udp"):
             raise UnsupportedRule(f"ct original proto-dst needs protocol tcp or udp (rule {r.comment!r})")
         a.append(f"ct original proto-dst {r.ctorigdstport}")
+    if r.ctorigdst_set:
+        a.append(f"ct original {ip} daddr @{r.ctorigdst_set}")
+    # After conntrack (as with iptables): a rule with both looks the route up only for DNATed packets.
+    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
+        if value:
+            if value.lstrip("!") != "LOCAL":
+                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
+            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
     if r.hoplimit is not None:
         a.append(f"ip6 hoplimit {r.hoplimit}")
     if r.icmp6_type:
@@ -219,6 +226,10 @@ def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
 def _verdict(family: Family, table: str, r: Rule) -> str:
     if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
         raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
+    if (r.nflog_prefix is not None or r.nflog_group is not None) != (r.target == "NFLOG"):
+        raise UnsupportedRule(f"{r.target} with nflog_prefix/nflog_group, or NFLOG without (rule {r.comment!r})")
+    if r.target == "NFLOG":  # not a verdict: the packet goes on to the next rule, as with iptables' NFLOG
+        return f"log prefix {quote(r.nflog_prefix or '')} group {r.nflog_group}"
     if r.target == "RETURN":
         return "return"
     if r.target == "DROP":

@@ -1,0 +1,21 @@
+"""tests/test_log_traffic.py on the nftables back end: same probes, same expectations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from egtraffic import applied
+from nftbed import legacy_tables, nft_tables, nftables_backend  # noqa: F401 - the autouse fixture
+from test_log_traffic import *  # noqa: F403 - the suite's tests, collected again here
+from test_log_traffic import POLICY
+
+from egressguard.lab import Lab
+
+
+@pytest.fixture
+def lab(module_lab: Lab, nftables_backend: None) -> Iterator[Lab]:  # noqa: F811
+    applied(module_lab, POLICY)
+    assert "inet egressguard" in nft_tables(module_lab)
+    assert legacy_tables(module_lab) == []
+    yield module_lab
