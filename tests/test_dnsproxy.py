@@ -484,3 +484,12 @@ def test_repeated_questions_are_answered_from_cache_while_the_kernel_holds_the_a
     now[0] += 39  # within a second of the kernel's expiry: asked and committed again
     ask(fwd, query("api.test"))
     assert len(calls) == 2 and len(rec.added) == 2
+
+
+def test_explain_says_proxy_hosts_are_learned_at_run_time(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["explain", "--policy", "tests/golden/proxy/dns-proxy.yaml", "--uid", "1000", "198.18.0.1:443"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("refuse (reject): default")
+    assert "host pypi.org: dns.mode proxy learns its addresses at run time" in out
