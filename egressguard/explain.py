@@ -211,7 +211,10 @@ def _cli_facts(policy: Policy, args: argparse.Namespace) -> tuple[Facts, list[st
         if st.get("policy_digest") == policy_mod.digest(policy):
             hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items() if isinstance(v, list)}
         for name in dict.fromkeys(names):
-            if name not in hosts:
+            if policy.proxy_dns:
+                notes.append(f"host {name}: dns.mode proxy learns its addresses at run time (`egressguard status` "
+                             "lists them); its entries were not considered")
+            elif name not in hosts:
                 notes.append(f"host {name}: addresses unknown (no status file from an apply of this policy); "
                              "its entries were not considered")
     return Facts(resolvers=resolvers, hosts=hosts), notes

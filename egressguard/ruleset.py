@@ -123,6 +123,8 @@ class Rule:
     limit_burst: int | None = None
     reject_with: str | None = None
     to_ports: int | None = None  # REDIRECT --to-ports
+    ctmark: int | None = None  # matches connections whose conntrack mark has these bits (connmark --mark N/N)
+    ctmark_set: int | None = None  # ORs these bits into the connection's conntrack mark, then the verdict
     nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
     nflog_group: int | None = None  # NFLOG --nflog-group
 
@@ -171,11 +173,15 @@ class Rule:
             a += ["-m", "set", "--match-set", self.match_set, "dst"]
         for tests in self.u32:
             a += ["-m", "u32", "--u32", tests]
+        if self.ctmark is not None:
+            a += ["-m", "connmark", "--mark", f"{self.ctmark:#x}/{self.ctmark:#x}"]
         if self.limit:
             a += ["-m", "limit", "--limit", self.limit]
             if self.limit_burst is not None:
                 a += ["--limit-burst", str(self.limit_burst)]
         a += ["-m", "comment", "--comment", self.comment]
+        if self.ctmark_set is not None:  # no iptables rule does both: shown, never committed (dns.mode proxy)
+            a += ["--ctmark-or", f"{self.ctmark_set:#x}"]
         a += ["-j", self.target]
         if self.reject_with:
             a += ["--reject-with", self.reject_with]
@@ -261,6 +267,47 @@ def address_set(family: Family, members: Iterable[str]) -> AddressSet:
 
 
 @dataclass(frozen=True)
+class LearnedSet:
+    """dns.mode proxy: a kernel set of one allow entry's addresses, each added by the DNS forwarder
+    with a timeout (the answer's clamped TTL). Its members are never part of the plan: a re-apply
+    keeps them, and the read-back checks the set is there, not what it holds."""
+
+    name: str  # egressguard-d<family>-<hash of host, protocol, ports>: unchanged entry, same set
+    family: Family
+    host: str  # the entry's name or wildcard, e.g. "*.example.com"
+
+
+@dataclass(frozen=True)
+class LearnedEntry:
+    """An allow entry whose addresses the forwarder learns: what it matches and where they go."""
+
+    index: int  # position in `allow`
+    host: str
+    sets: Mapping[Family, str]  # family -> LearnedSet name
+
+    def matches(self, name: str) -> bool:
+        """`name` (lower case, no trailing dot) is this entry's: equal, or below a wildcard's
+        domain at any depth (`*.example.com` admits a.example.com and a.b.example.com, not example.com)."""
+        if self.host.startswith("*."):
+            return name.endswith(self.host[1:]) and len(name) > len(self.host) - 1
+        return name == self.host
+
+
+def learned_entries(policy: Policy) -> list[LearnedEntry]:
+    """The allow entries the forwarder fills (dns.mode proxy: every `host` entry), in policy order."""
+    if not policy.proxy_dns:
+        return []
+    out = []
+    for i, e in enumerate(policy.allow):
+        if e.host is None:
+            continue
+        key = f"{e.host}|{e.protocol}|{','.join(map(str, sorted(set(e.ports or ()))))}"
+        h = hashlib.sha256(key.encode()).hexdigest()[:12]
+        out.append(LearnedEntry(index=i, host=e.host, sets={f: f"{SET_PREFIX}d{f}-{h}" for f in FAMILIES}))
+    return out
+
+
+@dataclass(frozen=True)
 class Chain:
     name: str
     rules: tuple[Rule, ...]
@@ -288,6 +335,7 @@ class Ruleset:
     kind: Literal["policy", "lockdown"] = "policy"
     unresolved_hosts: tuple[str, ...] = ()  # host entries shown, not resolved (plan only)
     sets: tuple[AddressSet, ...] = ()  # kernel sets the rules match on (must exist, full, before them)
+    learned_sets: tuple[LearnedSet, ...] = ()  # dns.mode proxy: sets the DNS forwarder fills (exist before rules)
 
     def table(self, family: Family, name: str) -> Table:
         for t in self.tables:
@@ -303,6 +351,8 @@ class Ruleset:
         data: list[object] = [_plain(t) for t in self.tables]
         if self.sets:  # set names hash their members; the members are hashed here all the same
             data.append([_plain(s) for s in self.sets])
+        if self.learned_sets:
+            data.append({"learned": [_plain(s) for s in self.learned_sets]})
         return json_sha256(data)
 
 
@@ -542,7 +592,13 @@ def _loopback(policy: Policy, family: Family) -> list[Rule]:
     return rules
 
 
-def _dns(family: Family, facts: Facts) -> list[Rule]:
+def _dns(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
+    if policy.proxy_dns:
+        # Confined queries reach only the forwarder, where the nat table's redirect sent them (a
+        # direct query to a resolver is refused like any other destination).
+        local = "::1/128" if family == 6 else "127.0.0.1/32"
+        return [Rule(target="RETURN", comment="dns-proxy", dst=local, protocol=proto, ctstate="DNAT",
+                     dports=(policy.dns.forwarder_port,)) for proto in ("udp", "tcp")]
     # Matched on the original destination, so a resolver reached through DNAT (Docker's 127.0.0.11)
     # is still recognised, and a DNAT to elsewhere does not make a non-resolver look like one.
     rules = []
@@ -600,7 +656,8 @@ def _confined(
         rules += deny
         sets += deny_sets
     rules += _loopback(policy, family)
-    rules += _dns(family, facts)
+    if not lockdown or not policy.proxy_dns:  # proxy mode's lockdown: no DNS at all (no forwarder rules)
+        rules += _dns(policy, family, facts)
     # Judged by where it was addressed, an allowed connection must also go there: a NAT may hand it
     # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
     # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
@@ -613,6 +670,7 @@ def _confined(
             rules += _dnat_unjudged(policy, family)
         rules += allow
         sets += allow_sets
+        rules += _learned_allow(policy, family, orig_sets)
     rules += _refuse(policy.action, family, "lockdown" if lockdown else "default")
     return tuple(_log_refusals(rules, policy)), sets
 
@@ -656,6 +714,47 @@ def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
     return _refuse(policy.action, family, "dnat-set", ctstate="DNAT")
 
 
+# dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
+# ORed in, so other users of the mark (CNIs, service meshes) keep theirs.
+LEARNED_CTMARK = 0x40000000
+
+
+def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule]:
+    """dns.mode proxy: each host entry allows what its learned set holds, on its ports, and marks
+    the connection; a marked connection outlives its address's expiry (the kernel forgets the
+    address, the connection that was allowed goes on)."""
+    rules: list[Rule] = []
+    entries = learned_entries(policy)
+    if entries:
+        rules.append(Rule(target="RETURN", comment="dns-learned-open", ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
+    for entry in entries:
+        e = policy.allow[entry.index]
+        proto = _protocol(e.protocol, family)
+        # Judged by the original destination where the back end can (as the other allow entries)
+        ports: list[int | None] = [*sorted(set(e.ports or []))] or [None]
+        matches: list[dict[str, object]] = (
+            [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
+            if orig_sets else [{"match_set": entry.sets[family], "dports": g} for g in _port_groups(e.ports)])
+        for match in matches:
+            rules.append(Rule(target="RETURN", comment=f"allow[{entry.index}]", protocol=proto,
+                              ctmark_set=LEARNED_CTMARK, **match))  # type: ignore[arg-type]
+    return rules
+
+
+def _learned_sets(policy: Policy) -> tuple[LearnedSet, ...]:
+    found = {s: LearnedSet(s, f, e.host) for e in learned_entries(policy) for f, s in e.sets.items()}
+    return tuple(found[name] for name in sorted(found))
+
+
+def _dns_redirects(policy: Policy) -> list[Rule]:
+    """dns.mode proxy: every confined query, UDP and TCP 53 to any address, goes to the forwarder.
+    First in the chain: a query to a denied address never leaves either, so it need not be refused."""
+    if not policy.proxy_dns:
+        return []
+    return [Rule(target="REDIRECT", comment="dns-proxy", protocol=proto, dports=(53,), to_ports=policy.dns.forwarder_port)
+            for proto in ("udp", "tcp")]
+
+
 def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     for i, r in enumerate(policy.redirect):
@@ -672,7 +771,7 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
         rules[:0] = deny
         if policy.deny_metadata:
             rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in metadata_nets(family)]
-    return tuple(rules)
+    return (*_dns_redirects(policy), *rules)
 
 
 def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bool = False) -> Ruleset:
@@ -702,17 +801,22 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
         nat_rules = () if lockdown else _redirects(policy, family, facts)
         nat_chains = (Chain(DISPATCH, _dispatch(policy, REDIRECT)), Chain(REDIRECT, nat_rules)) if nat_rules else ()
         tables.append(Table(family=family, name="nat", chains=nat_chains))
-    unresolved = tuple(e.host for e in policy.allow + policy.deny if e.host and e.host not in facts.hosts)  # type: ignore[operator]
+    unresolved = () if policy.proxy_dns else tuple(
+        e.host for e in policy.allow + policy.deny if e.host and e.host not in facts.hosts)  # type: ignore[operator]
     return Ruleset(
         tables=tuple(tables),
         kind="lockdown" if lockdown else "policy",
         unresolved_hosts=unresolved,
         sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
+        learned_sets=() if lockdown else _learned_sets(policy),
     )
 
 
 def hosts_of(policy: Policy) -> list[tuple[str, bool]]:
-    """(name, optional) for every host entry, in policy order, each name once."""
+    """(name, optional) for every host entry apply resolves, in policy order, each name once
+    (none in dns.mode proxy: the forwarder learns them)."""
+    if policy.proxy_dns:
+        return []
     seen: dict[str, bool] = {}
     for e in list(policy.allow) + list(policy.deny):
         if e.host:

@@ -10,7 +10,18 @@ from dataclasses import dataclass, fields
 
 from egressguard.backends.nftables import u32
 from egressguard.errors import ApplyFailed
-from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, AddressSet, Family, Rule, Ruleset, Table
+from egressguard.ruleset import (
+    CONFINED,
+    DISPATCH,
+    FAMILIES,
+    REDIRECT,
+    AddressSet,
+    Family,
+    LearnedSet,
+    Rule,
+    Ruleset,
+    Table,
+)
 
 TABLE = "inet egressguard"
 # Base chains: name -> spec. Priority 0 is iptables' filter. nat runs at -101, just before dstnat
@@ -55,6 +66,7 @@ HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
     "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "nflog_prefix", "nflog_group",
+    "ctmark", "ctmark_set",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
@@ -179,11 +191,15 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         a.append(f"{r.protocol} dport {ports}")
     for text in r.u32:
         a += u32.nft_text(u32.parse(text))
+    if r.ctmark is not None:
+        a.append(f"ct mark and {r.ctmark:#x} == {r.ctmark:#x}")
     if kernel is not None:
         a += ["counter", f"jump {kernel}", f"comment {quote(r.comment)}"]
         return " ".join(a)
     a += limit_text(r)
     a.append("counter")
+    if r.ctmark_set is not None:
+        a.append(f"ct mark set ct mark or {r.ctmark_set:#x}")
     a.append(_verdict(family, table, r))
     a.append(f"comment {quote(r.comment)}")
     return " ".join(a)
@@ -333,6 +349,12 @@ def _set_decl(st: AddressSet) -> str:
     return f"add set {TABLE} {st.name} {{ type {typ}; flags interval; }}"
 
 
+def learned_set_decl(st: LearnedSet) -> str:
+    """A set the DNS forwarder fills: every element carries its own timeout (no default)."""
+    typ = "ipv6_addr" if st.family == 6 else "ipv4_addr"
+    return f"add set {TABLE} {st.name} {{ type {typ}; flags timeout; }}"
+
+
 def fill_set(st: AddressSet, chunk: int = 4096) -> list[str]:
     """`add element` commands for `st` (in chunks: one line per 4096 members keeps lines sane)."""
     elems = elements(st)
@@ -358,12 +380,15 @@ def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
     """Transaction 1: sets that do not exist yet, created and filled before any rule refers to
     them (a new interval set is published after rules committed with it: measured, TESTBED.md)."""
     new = [st for st in ruleset.sets if st.name not in existing.sets]
-    if not new:
+    learned = [st for st in ruleset.learned_sets if st.name not in existing.sets]
+    if not new and not learned:
         return None
     lines = [f"add table {TABLE}"]
     for st in new:
         lines.append(_set_decl(st))
         lines += fill_set(st)
+    # Learned sets start empty and are never refilled by an apply: what the forwarder learned stays.
+    lines += [learned_set_decl(st) for st in learned]
     return "\n".join(lines) + "\n"
 
 
@@ -402,7 +427,8 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
     gone = [c for c in existing.chains if c not in wanted and c not in existing.stale_base_chains]
     # Regular chains before base chains: a base chain's jumps are gone already (flushed above).
     lines += [f"delete chain {TABLE} {c}" for c in gone]
-    lines += [f"delete set {TABLE} {s}" for s in existing.sets if s not in {st.name for st in ruleset.sets}]
+    keep = {st.name for st in ruleset.sets} | {st.name for st in ruleset.learned_sets}
+    lines += [f"delete set {TABLE} {s}" for s in existing.sets if s not in keep]
     return "\n".join(lines) + "\n"
 
 
@@ -424,7 +450,10 @@ def render(ruleset: Ruleset, *, header: Sequence[str] = ()) -> str:
         return "\n".join([*lines, f"delete table {TABLE}"]) + "\n"
     sets = new_sets_script(ruleset, Existing())
     if sets:
-        lines.append(f"# transaction 1: {len(ruleset.sets)} set(s), created and filled before any rule uses them")
+        lines.append(f"# transaction 1: {len(ruleset.sets) + len(ruleset.learned_sets)} set(s), created and filled "
+                     "before any rule uses them")
+        lines += [f"# learned set {st.name}: addresses of {st.host}, added by `egressguard dns`"
+                  for st in ruleset.learned_sets]
         lines.append(sets.rstrip("\n"))
     lines.append("# transaction 2: both families at once")
     lines.append(rules_script(ruleset, Existing(table=True)).rstrip("\n"))
