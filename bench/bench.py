@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -450,7 +451,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
-    ap.add_argument("--sections", default="123456", help="which sections to run, e.g. 13")
+    ap.add_argument("--sections", default="1234567", help="which sections to run, e.g. 13 (6: the DNS forwarder, "
+                    "7: import time)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
         print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
@@ -474,12 +476,14 @@ def main() -> int:
         section_per_packet(runs, args.quick)
     if "5" in args.sections:
         section_log_cost(runs, args.quick)
+    if "6" in args.sections:
+        section_dns_forwarder(args.quick)
     if "4" in args.sections:
         print("\n## 4. Peak RSS of apply (largest process)\n")
         print("| what | peak RSS |\n|---|---:|")
         for name, mib in peak_rss([0, sizes[-1]]):
             print(f"| {name} | {mib:.1f} MiB |")
-    if "6" in args.sections:
+    if "7" in args.sections:
         section_import_time(runs)
     print(f"\n# load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     return 0
@@ -541,7 +545,7 @@ def section_import_time(runs: int) -> None:
     """`python -X importtime` of a whole apply per back end: the sum of every module's own import time
     (median per module over the runs) and the largest packages."""
     policy = write_policy(0)
-    print("\n## 6. Import time of apply (`python -X importtime`, default policy, medians per module)\n")
+    print("\n## 7. Import time of apply (`python -X importtime`, default policy, medians per module)\n")
     print("| back end | all imports | egressguard | structlog | PyYAML | python-iptables | ctypes | argparse | rest (stdlib) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for backend in ("nftables", "iptables"):
@@ -567,6 +571,119 @@ def section_import_time(runs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. The DNS forwarder (dns.mode proxy): latency it adds per query, time to commit a learned address
+
+# A UDP DNS server for the world namespace: answers every A query with one address (TTL 300) from a
+# prepared template, so the upstream costs the same for both paths.
+_DNS_UPSTREAM = r"""
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    end = 12
+    while q[end]:
+        end += q[end] + 1
+    question = q[12:end + 5]
+    answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + socket.inet_aton("203.0.113.10")
+    s.sendto(q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, 1, 0, 0) + question + answer, peer)
+"""
+
+# The client: `count` A queries for `name` at `rate` per second (open loop, paced), each timed from
+# send to answer; prints the latencies in ms (lost queries are left out and counted).
+_DNS_CLIENT = r"""
+import json, socket, struct, sys, threading, time
+server, name, rate, count = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+def wire_name(text):
+    return b"".join(bytes([len(p)]) + p.encode() for p in text.split(".")) + bytes(1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((server, 53))
+sent, got = {}, {}
+def receive():
+    s.settimeout(2)
+    while len(got) < count:
+        try:
+            r = s.recv(512)
+        except OSError:
+            return
+        got[struct.unpack("!H", r[:2])[0]] = time.perf_counter()
+t = threading.Thread(target=receive)
+t.start()
+start = time.perf_counter()
+for i in range(count):
+    while time.perf_counter() < start + i / rate:
+        time.sleep(0.0002)
+    qname = wire_name(name.replace("N", f"q{i}-{int(start * 1e6)}"))  # "N": a name never asked before
+    sent[i] = time.perf_counter()
+    s.send(struct.pack("!HHHHHH", i, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1))
+t.join()
+print(json.dumps({"ms": [(got[i] - sent[i]) * 1000 for i in sent if i in got], "lost": count - len(got)}))
+"""
+
+
+def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]], dict[str, object]]:
+    """Per rate: (path, qps, median ms, p99 ms, lost) for the confined uid through the forwarder
+    (its queries redirected; every answer commits its address to the kernel set before release)
+    and for the exempt uid straight to the same upstream; and the forwarder's commit times.
+    Forwarder on CPU 0, client and upstream on CPU 1."""
+    rows: list[tuple[str, int, float, float, int]] = []
+    stopped: dict[str, object] = {}
+    with pod_and_world() as (pod, world):
+        upstream = subprocess.Popen(["ip", "netns", "exec", world, "taskset", "-c", "1", sys.executable, "-c",
+                                     _DNS_UPSTREAM, WORLD_V4], stdout=subprocess.PIPE, text=True)
+        fwd = None
+        try:
+            assert upstream.stdout is not None and upstream.stdout.readline().strip() == "ready"
+            policy = TMP / "dns-proxy.json"
+            policy.write_text(json.dumps({
+                "version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001, 1002]},
+                "dns": {"mode": "proxy", "forwarder_uid": 1002, "resolvers": [WORLD_V4]},
+                "allow": [{"host": "bench.test", "ports": [443]}, {"host": "*.bench.test", "ports": [443]}]}))
+            os.chmod(TMP, 0o755)
+            os.chmod(policy, 0o644)
+            sh(*EG, "apply", "--backend", "nftables", "--policy", str(policy), "--no-status", ns=pod)
+            r, w = os.pipe()
+            log = TMP / "forwarder.log"
+            with open(log, "w") as err:
+                fwd = subprocess.Popen(["ip", "netns", "exec", pod, "taskset", "-c", "0", *EG, "--log-format", "json",
+                                        "dns", "--policy", str(policy), "--ready-fd", str(w)], pass_fds=(w,),
+                                       stderr=err, env={**os.environ, "EGRESSGUARD_DNS_TIMINGS": "1"})
+            os.close(w)
+            with os.fdopen(r, "rb") as fh:
+                assert fh.read(1) == b"1", log.read_text()[-2000:]  # sidecar.report_ready
+            paths = (("direct (exempt uid)", 1001), ("through the forwarder (confined uid)", 1000))
+            for qps in (100, 1000):
+                count = qps * (2 if quick else 5)
+                for names, name in (("one name (answered from the cache)", "bench.test"),
+                                    ("a new name each query (forwarded, committed)", "N.bench.test")):
+                    for path, uid in paths:
+                        out = sh("taskset", "-c", "1", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                                 sys.executable, "-c", _DNS_CLIENT, WORLD_V4, name, str(qps), str(count), ns=pod)
+                        res = json.loads(out.stdout)
+                        ms = sorted(res["ms"]) or [float("nan")]
+                        rows.append((f"{names}: {path}", qps, statistics.median(ms),
+                                     ms[min(len(ms) - 1, int(len(ms) * 0.99))], res["lost"]))
+        finally:
+            if fwd is not None:
+                fwd.terminate()
+                fwd.wait(10)
+                for line in (TMP / "forwarder.log").read_text().splitlines():
+                    if '"dns_forwarder_stopped"' in line:
+                        stopped = json.loads(line)
+            upstream.kill()
+            upstream.wait()
+    return rows, stopped
+
+
+def section_dns_forwarder(quick: bool) -> None:
+    rows, stopped = dns_forwarder(quick)
+    print("\n## 6. DNS forwarder (dns.mode proxy): latency per query, open loop\n")
+    print("| path | qps | median | p99 | lost |\n|---|---:|---:|---:|---:|")
+    for path, qps, med, p99, lost in rows:
+        print(f"| {path} | {qps:,} | {med:.2f} ms | {p99:.2f} ms | {lost} |")
+    print(f"\nanswer received -> kernel set holds the address (one nft transaction per answer): median "
+          f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms over {stopped.get('commits')} answers")
 # 5. The log of refusals (issue 14): kept apart from the sections above
 
 

@@ -20,7 +20,7 @@ from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
 from egressguard.backends import Backend, Installed
-from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
+from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported, VerifyFailed
 from egressguard.policy import Policy
 from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
@@ -74,6 +74,7 @@ class Outcome:
     lockdown_first: bool = False  # a lockdown was committed before the policy
     fence_first: bool = False  # the routing fence held the confined uids while the policy went in
     timings_ms: dict[str, float] = field(default_factory=dict)
+    dns_mode: str = "static"
 
     def status(self, state: str, exit_code: int, error: str | None = None) -> dict[str, Any]:
         rs = self.ruleset
@@ -97,6 +98,9 @@ class Outcome:
             "fence_first": self.fence_first,
             "netns": _netns_id(),  # lets `probe` in another container tell it shares this namespace
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+            # dns.mode proxy: which set holds which entry's learned addresses (read by `status`)
+            **({"dns_mode": "proxy", "learned_sets": {s.name: s.host for s in rs.learned_sets} if rs else {}}
+               if self.dns_mode == "proxy" else {}),
         }
 
 
@@ -128,14 +132,17 @@ def apply(
     resolv_conf: Path = facts_mod.RESOLV_CONF,
 ) -> Outcome:
     """Install `policy` in the current network namespace, or raise with lockdown in place."""
-    out = Outcome(policy_digest=policy_mod.digest(policy), source=source, backend=backend.name)
+    out = Outcome(policy_digest=policy_mod.digest(policy), source=source, backend=backend.name,
+                  dns_mode=policy.dns.mode)
     clock = _Clock(out.timings_ms)
     with clock("preflight"):
         backend.preflight()  # exit 3 before any change
+        refuse_proxy_without_learned_sets(policy, backend)
         out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
         if policy.dns.resolvers == "auto" and not out.resolvers:
             log.warning("no_resolvers_found", resolv_conf=str(resolv_conf), effect="confined processes get no DNS")
-        lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True)
+        lockdown = build(policy, Facts(resolvers=out.resolvers), lockdown=True,
+                         orig_sets=backend.sets_by_original_destination)
     with namespace_lock():
         with clock("read_before"):
             first = not guarded(backend.read())
@@ -182,7 +189,8 @@ def apply(
                         hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
                     )
             _report_resolution(out.resolution)
-            ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses))
+            ruleset = build(policy, Facts(resolvers=out.resolvers, hosts=out.resolution.addresses),
+                            orig_sets=backend.sets_by_original_destination)
             out.ruleset = ruleset
             with clock("commit"):
                 backend.commit(ruleset)
@@ -204,6 +212,13 @@ def apply(
         except BaseException as exc:
             _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding_fence)
             raise
+
+
+def refuse_proxy_without_learned_sets(policy: Policy, backend: Backend) -> None:
+    """dns.mode proxy needs sets with per-element timeouts: exit 3 before any change elsewhere."""
+    if policy.proxy_dns and not backend.learned_sets:
+        raise EnvironmentUnsupported(f"dns.mode proxy needs the nftables back end; {backend.name} has no "
+                                     "learned-address sets (use --backend nftables, or dns.mode static)")
 
 
 def _raise_fence(policy: Policy) -> bool:
@@ -277,8 +292,9 @@ def verify(
 ) -> list[str]:
     """Differences between the kernel and `policy` (hosts as resolved by the last apply)."""
     backend.preflight()
+    refuse_proxy_without_learned_sets(policy, backend)
     resolvers = facts_mod.resolvers_for(policy, resolv_conf)
-    want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}))
+    want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}), orig_sets=backend.sets_by_original_destination)
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")

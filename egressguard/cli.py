@@ -97,6 +97,14 @@ def _run_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
 
 
+def _dns_args(sp: argparse.ArgumentParser) -> None:
+    _policy_args(sp)
+    sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
+    sp.add_argument("--check", action="store_true", help="only ask the running forwarder on loopback: exit 0 if it "
+                    "answers, 6 if not (a Kubernetes startup probe)")
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
+
+
 def _watch_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
                     "(default: stay who it is; as root: nobody)")
@@ -130,6 +138,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "schema": ("print the policy's JSON Schema", lambda sp: None),
     "probe": ("unprivileged self-check: is egress from this identity guarded?", _probe_args),
     "run": ("apply, drop every privilege, exec CMD as --user (Docker entrypoint)", _run_args),
+    "dns": ("dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)", _dns_args),
     "watch": ("print one event per refused flow (reads the NFLOG group; runs until stopped)", _watch_args),
     "explain": ("which policy line decides for a destination (no kernel)", _explain_args),
     "demo": ("throwaway pod + world namespaces: apply the policy, probe, print a table", _demo_args),
@@ -193,13 +202,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hosts = facts.resolve_hosts(
             hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
         ).addresses
-    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown)
     backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
     from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
-    if backend in ("nftables", "auto") and not args.json:
+    if backend == "iptables" and loaded.policy.proxy_dns:
+        from egressguard.apply import refuse_proxy_without_learned_sets  # noqa: PLC0415
+        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+
+        refuse_proxy_without_learned_sets(loaded.policy, IptablesBackend())
+    nft_plan = backend in ("nftables", "auto") and not args.json
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nft_plan)
+    if nft_plan:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",
@@ -276,11 +291,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             for t in installed.tables
         ],
     }
+    hosts = (st or {}).get("learned_sets") or {}
+    report["learned"] = [
+        {"set": h.name, "host": hosts.get(h.name, "?"), "address": addr, "ttl": ttl, "expires_s": left}
+        for h in installed.learned_sets for addr, ttl, left in h.elements
+    ]
     report["refused"] = refused_by_line(installed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"guarded: {'yes' if report['guarded'] else 'NO'}")
+    if installed.learned_sets:
+        print(f"learned addresses (dns.mode proxy): {len(report['learned'])}")
+        for item in report["learned"]:
+            print(f"  {item['host']:<30} {item['address']:<40} {item['expires_s']:>6} s left (of {item['ttl']} s)")
     if st:
         print(f"last apply: {st.get('state')} at {st.get('applied_at')} from {st.get('policy_source')} "
               f"({st.get('policy_digest')}), exit {st.get('exit_code')}")
@@ -353,6 +377,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run.main(args)
 
 
+def cmd_dns(args: argparse.Namespace) -> int:
+    from egressguard import dnsproxy  # noqa: PLC0415
+
+    return dnsproxy.main(args)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from egressguard import explain  # noqa: PLC0415
 
@@ -375,6 +405,7 @@ COMMANDS = {
     "probe": cmd_probe,
     "run": cmd_run,
     "explain": cmd_explain,
+    "dns": cmd_dns,
     "watch": cmd_watch,
     "demo": cmd_demo,
 }

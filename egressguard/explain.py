@@ -6,8 +6,8 @@ against (tests/test_model_vs_kernel.py), and what `egressguard explain` prints.
 Order of decision, for a new connection from `uid` to `destination:port/protocol`:
   exempt uid -> allowed; uid not in `confine` -> allowed (`not confined`);
   confined TCP to a `redirect` port, not to a local address, nor to a `deny` entry, nor (with
-  `deny_metadata`) to a metadata endpoint -> sent to the local proxy port (then judged as a
-  connection to that loopback port: only `deny` can still refuse it);
+  `deny_metadata`) to a metadata endpoint -> sent to the local proxy port (and let through: every
+  destination is judged as the connection was addressed, before any NAT);
   `deny_metadata` -> `deny[i]` -> `loopback` -> the redirect targets on loopback (only for a
   connection that was redirected: a direct one to the proxy port is loopback traffic) -> `dns`
   -> `allow[i]` -> `default` (refused). `deny` wins over everything, the redirect included.
@@ -32,8 +32,6 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Destinations a namespace reaches over `lo` even without its own interface addresses.
 LOOPBACK_NETS: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-# Where the kernel's REDIRECT sends a locally generated connection.
-REDIRECT_TARGETS = {4: "127.0.0.1", 6: "::1"}
 # RFC 6052's well-known prefix: a NAT64 gateway carries 64:ff9b::a.b.c.d to IPv4 a.b.c.d.
 NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")
 
@@ -126,9 +124,9 @@ def _confined(policy: Policy, uid: int) -> str | None:
     return None
 
 
-def _filter(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, proto: str,
-            redirected: bool = False) -> Verdict:
-    """What confined traffic to addr:port/proto meets once routed (after any redirect)."""
+def _filter(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, proto: str) -> Verdict:
+    """What confined traffic to addr:port/proto meets when not redirected (a direct connection to the
+    proxy port is loopback traffic like any other)."""
     refuse = policy.action
     denied = _is_denied(policy, facts, addr, port, proto)
     if denied:
@@ -138,10 +136,6 @@ def _filter(policy: Policy, facts: Facts, addr: IpAddress, port: int | None, pro
             return Verdict("allow", "loopback")
         if isinstance(policy.loopback, list) and proto in ("tcp", "udp") and port in policy.loopback:
             return Verdict("allow", "loopback")
-    if redirected and proto == "tcp" and str(addr) == REDIRECT_TARGETS[addr.version]:
-        for i, r in enumerate(policy.redirect):
-            if port == r.to_port:
-                return Verdict("allow", f"redirect[{i}]")
     if proto in ("tcp", "udp") and port == 53 and any(addr == ipaddress.ip_address(r) for r in facts.resolvers):
         return Verdict("allow", "dns")
     for i, entry in enumerate(policy.allow):
@@ -163,10 +157,6 @@ def evaluate(policy: Policy, facts: Facts, probe: Probe) -> Verdict:
     if probe.protocol == "tcp" and not _in_any(addr, facts.local) and not denied:
         for i, r in enumerate(policy.redirect):
             if probe.port in r.ports:
-                target = ipaddress.ip_address(REDIRECT_TARGETS[addr.version])
-                then = _filter(policy, facts, target, r.to_port, "tcp", redirected=True)
-                if then.verdict == "refuse":
-                    return Verdict("refuse", then.line, then.action, notes=(f"redirected by redirect[{i}] first",))
                 return Verdict("redirect", f"redirect[{i}]", to_port=r.to_port)
     v = _filter(policy, facts, addr, probe.port, probe.protocol)
     return Verdict(v.verdict, v.line, v.action, v.to_port, notes)
@@ -221,7 +211,10 @@ def _cli_facts(policy: Policy, args: argparse.Namespace) -> tuple[Facts, list[st
         if st.get("policy_digest") == policy_mod.digest(policy):
             hosts = {k: tuple(v) for k, v in (st.get("hosts") or {}).items() if isinstance(v, list)}
         for name in dict.fromkeys(names):
-            if name not in hosts:
+            if policy.proxy_dns:
+                notes.append(f"host {name}: dns.mode proxy learns its addresses at run time (`egressguard status` "
+                             "lists them); its entries were not considered")
+            elif name not in hosts:
                 notes.append(f"host {name}: addresses unknown (no status file from an apply of this policy); "
                              "its entries were not considered")
     return Facts(resolvers=resolvers, hosts=hosts), notes

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import itertools
 import json
 import os
@@ -939,6 +940,18 @@ class Lab:
         self._fork_server(self.world, "echo server", _serve_echo, port, log_path)
         return log_path
 
+    def start_relay(self, uid: int, port: int, divert: tuple[str, int] | None = None) -> Path:
+        """A service-mesh relay in the pod (Envoy, linkerd2-proxy) running as `uid`: it listens on
+        127.0.0.1 and ::1 at `port`, reads each connection's SO_ORIGINAL_DST, connects there as `uid`
+        (or to `divert`, as a relay that routes by what the client says, e.g. an HTTP Host header,
+        would), and answers `relay <uid> <where it connected> <upstream's first line>` (or `... failed
+        <errno>`). Returns its log: one line per accepted connection, the original destination."""
+        log_path = self.workdir / f"relay-{uid}-{port}.log"
+        log_path.touch()
+        os.chmod(log_path, 0o666)
+        self._fork_server(self.pod, f"relay {uid}:{port}", _serve_relay, uid, port, divert, log_path)
+        return log_path
+
     def world_answer_every_port(self) -> None:
         """Make every world address answer on every TCP and UDP port (REDIRECT in the world namespace
         to its TCP 5000 / UDP 9999 listeners), so a sweep of ports has a positive control everywhere."""
@@ -1095,3 +1108,45 @@ if __name__ == "__main__":  # pragma: no cover - manual use: python -m egressgua
         print(f"pod={_lab.pod} world={_lab.world}")
         for who in (CONFINED, EXEMPT, ROOT):
             print(who, _lab.tcp("203.0.113.10", 22, uid=who), _lab.dns("allowed.test", RESOLVER_V4, uid=who))
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _serve_relay(uid: int, port: int, divert: tuple[str, int] | None, log_path: Path, ready_fd: int) -> None:
+    """See Lab.start_relay. One connection at a time: probes are sequential, each bounded by timeouts."""
+    _become(uid)
+    sel = selectors.DefaultSelector()
+    for addr in ("127.0.0.1", "::1"):
+        sel.register(_listen(socket.SOCK_STREAM, port, addr), selectors.EVENT_READ)
+    os.write(ready_fd, b"ready")
+    os.close(ready_fd)
+    while True:
+        for key, _ in sel.select():
+            lst: socket.socket = key.fileobj  # type: ignore[assignment]
+            try:
+                conn, _peer = lst.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2.0)
+                orig = _original_dst(conn)
+                with open(log_path, "a") as log:
+                    log.write(orig + "\n")
+                target = divert or (_split_hostport(orig) if orig != "-" else None)
+                answer = f"relay {uid} -"
+                if target and target[1] == port and ipaddress.ip_address(target[0]).is_loopback:
+                    answer = f"relay {uid} loop"  # connected to directly: no original destination to go to
+                elif target:
+                    where = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
+                    try:
+                        with socket.create_connection(target, timeout=1.5) as up:
+                            answer = f"relay {uid} {where} " + up.recv(256).decode(errors="replace").strip()
+                    except OSError as exc:
+                        answer = f"relay {uid} {where} failed {_classify(exc)[1] or _classify(exc)[0]}"
+                try:
+                    conn.sendall((answer + "\n").encode())
+                except OSError:
+                    continue

@@ -43,6 +43,10 @@ _PROTOCOLS = OneOf("tcp", "udp", "icmp", "any")
 MAX_UIDS = 1024
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# dns.mode proxy: the forwarder's port on loopback (unprivileged: the forwarder holds no
+# CAP_NET_BIND_SERVICE) and how long a learned address may stay allowed at most (one day).
+DEFAULT_FORWARDER_PORT = 1053
+MAX_LEARNED_TTL = 86_400
 
 
 def _unusable(value: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
@@ -88,6 +92,13 @@ def _hostname(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a DNS name")
     name = value.strip().rstrip(".").lower()
+    if name.startswith("*."):
+        # A wildcard (dns.mode proxy only, checked with the whole policy): `*` is the whole first
+        # label, and what follows it must be a name of two labels or more (not a top-level domain).
+        rest = _hostname(name[2:])
+        if "." not in rest:
+            raise ValueError(f"{value!r}: a wildcard over a top-level domain; name at least two labels after `*.`")
+        return "*." + rest
     if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
         raise ValueError(f"{value!r} is not a valid DNS name (ASCII letters, digits, '-' and '.')")
     try:
@@ -248,14 +259,37 @@ class Exempt(Record):
                             description="uids never restricted; root only if listed")
 
 
-class Dns(Record):
-    """Which resolvers confined processes may query (UDP and TCP 53)."""
+class Ttl(Record):
+    """dns.mode proxy: how long a learned address stays allowed, the answer's TTL clamped to [min, max]."""
 
+    min: int = field(Int(ge=1, le=MAX_LEARNED_TTL), default=30, description="seconds, at least")
+    max: int = field(Int(ge=1, le=MAX_LEARNED_TTL), default=3600, description="seconds, at most")
+
+    def check(self, ctx: Mapping[str, Any]) -> None:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is larger than max ({self.max})")
+
+
+class Dns(Record):
+    """Which resolvers confined processes may query (UDP and TCP 53), or the forwarder in proxy mode."""
+
+    mode: Literal["static", "proxy"] = field(
+        OneOf("static", "proxy"), default="static",
+        description="static: host entries resolved at apply time, DNS to `resolvers` allowed; proxy: every "
+        "confined DNS query goes to `egressguard dns`, which answers only allowed names and lets the kernel "
+        "learn their addresses",
+    )
     resolvers: Literal["auto"] | list[str] = field(
         Either(OneOf("auto"), ListOf(Str())), default="auto",
         before=lambda v: [_address(x) for x in v] if isinstance(v, list) else v,
-        description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS",
+        description="'auto' = nameservers in /etc/resolv.conf; a list of IPs; [] = no DNS "
+        "(proxy mode: the forwarder's upstream resolvers)",
     )
+    ttl: Ttl = field(Nested(Ttl), default_factory=Ttl, description="proxy mode: clamp of a learned address's lifetime")
+    forwarder_uid: int | None = field(Nullable(UID), default=None,
+                                      description="proxy mode: the uid `egressguard dns` runs as; must be in exempt.uids")
+    forwarder_port: int = field(PORT, default=DEFAULT_FORWARDER_PORT,
+                                description="proxy mode: the forwarder's port on loopback")
     max_addresses_per_host: int = field(
         Int(ge=1, le=4096), default=DEFAULT_MAX_ADDRESSES_PER_HOST,
         description="a host resolving to more addresses fails the apply (or is skipped if optional)",
@@ -338,10 +372,42 @@ class Policy(Record):
                 if port in seen:
                     raise Located(f"redirect[{i}].ports", f"port {port} is already redirected by redirect[{seen[port]}]")
                 seen[port] = i
+        self._check_dns_mode()
         for kind in ("allow", "deny"):
             total = sum(len(e.networks) or 1 for e in getattr(self, kind))
             if total > MAX_ENTRIES:
                 raise Located(kind, f"{total} entries after reading the list files, more than {MAX_ENTRIES}")
+
+    def _check_dns_mode(self) -> None:
+        proxy = self.dns.mode == "proxy"
+        for kind in ("allow", "deny"):
+            for i, e in enumerate(getattr(self, kind)):
+                if e.host is None:
+                    continue
+                if e.host.startswith("*.") and not proxy:
+                    raise Located(f"{kind}[{i}].host", f"{e.host!r}: wildcards need dns.mode: proxy")
+                if proxy and kind == "deny":
+                    raise Located(f"deny[{i}].host", "dns.mode proxy learns allowed names only: deny by `cidr`")
+                if proxy and e.optional:
+                    raise Located(f"allow[{i}].optional", "has no meaning in dns.mode proxy (names are learned, not resolved)")
+        if not proxy:
+            return
+        uid = self.dns.forwarder_uid
+        if uid is None:
+            raise Located("dns.forwarder_uid", "dns.mode proxy needs the uid `egressguard dns` runs as")
+        if uid == 0 or uid not in self.exempt.uids:
+            raise Located("dns.forwarder_uid", f"uid {uid} must be a non-root uid listed in exempt.uids "
+                          "(its queries to the upstream resolvers must not be confined)")
+        for i, r in enumerate(self.redirect):
+            if 53 in r.ports:
+                raise Located(f"redirect[{i}].ports", "port 53: dns.mode proxy sends DNS to the forwarder")
+            if r.to_port == self.dns.forwarder_port:
+                raise Located(f"redirect[{i}].to_port", f"port {r.to_port} is dns.forwarder_port")
+
+    @property
+    def proxy_dns(self) -> bool:
+        """dns.mode proxy: confined DNS goes to the forwarder, host entries are learned from answers."""
+        return self.dns.mode == "proxy"
 
     @property
     def confines_everyone(self) -> bool:
@@ -504,7 +570,7 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> LoadedPo
 # Keys added after 0.1 (dotted paths). While one holds its default it is left out of the digest, so
 # the digest a deployment pinned (EGRESSGUARD_EXPECT_DIGEST) survives an upgrade of the image; a
 # policy that sets one to anything else gets a new digest, as any change of meaning does.
-ADDED_KEYS: tuple[str, ...] = ("log",)
+ADDED_KEYS: tuple[str, ...] = ("log", "dns.mode", "dns.ttl", "dns.forwarder_uid", "dns.forwarder_port")
 
 
 def digest(policy: Policy) -> str:

@@ -146,6 +146,12 @@ def status_problems(path: Path, expect_digest: str | None) -> list[str]:
         problems.append(f"the status file was written in network namespace {st['netns']}, this is {here}")
     if expect_digest and st.get("policy_digest") != expect_digest:
         problems.append(f"policy digest {st.get('policy_digest')} is not the expected {expect_digest}")
+    if st.get("dns_mode") == "proxy":
+        from egressguard.dnsproxy import probe_forwarder  # noqa: PLC0415 - dnspython only in proxy mode
+
+        why = probe_forwarder()
+        if why:
+            problems.append(f"dns.mode proxy: {why}")
     return problems
 
 

@@ -111,7 +111,8 @@ class Rule:
     ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
     ctdir: str | None = None  # ORIGINAL or REPLY
     ctorigdst: str | None = None  # conntrack original destination (before any DNAT)
-    ctorigdstport: int | None = None
+    ctorigdstport: int | None = None  # conntrack original destination port (before any DNAT/REDIRECT)
+    ctorigdst_set: str | None = None  # set name, matched on the conntrack original destination (nftables only)
     hoplimit: int | None = None  # hl --hl-eq
     icmp6_type: str | None = None
     routing_header: bool = False  # -m rt: the IPv6 packet carries a routing header (any type)
@@ -122,6 +123,8 @@ class Rule:
     limit_burst: int | None = None
     reject_with: str | None = None
     to_ports: int | None = None  # REDIRECT --to-ports
+    ctmark: int | None = None  # matches connections whose conntrack mark has these bits (connmark --mark N/N)
+    ctmark_set: int | None = None  # ORs these bits into the connection's conntrack mark, then the verdict
     nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
     nflog_group: int | None = None  # NFLOG --nflog-group
 
@@ -137,12 +140,11 @@ class Rule:
         if self.uid:
             neg = self.uid.startswith("!")
             a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", self.uid.lstrip("!")]
-        if self.src_type or self.dst_type:
-            a += ["-m", "addrtype"]
-            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
-                if value:
-                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
-        if self.ctstate or self.ctdir or self.ctorigdst:
+        if self.ctorigdst_set:
+            raise ValueError(f"iptables cannot look a set up by the original destination (rule {self.comment!r})")
+        # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,
+        # and skips the address-type lookup for every packet that was not DNATed.
+        if self.ctstate or self.ctdir or self.ctorigdst or self.ctorigdstport is not None:
             a += ["-m", "conntrack"]
             if self.ctstate:
                 a += ["--ctstate", self.ctstate]
@@ -152,6 +154,11 @@ class Rule:
                 a += ["--ctorigdstport", str(self.ctorigdstport)]
             if self.ctdir:
                 a += ["--ctdir", self.ctdir]
+        if self.src_type or self.dst_type:
+            a += ["-m", "addrtype"]
+            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
+                if value:
+                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
         if self.hoplimit is not None:
             a += ["-m", "hl", "--hl-eq", str(self.hoplimit)]
         if self.icmp6_type:
@@ -166,11 +173,15 @@ class Rule:
             a += ["-m", "set", "--match-set", self.match_set, "dst"]
         for tests in self.u32:
             a += ["-m", "u32", "--u32", tests]
+        if self.ctmark is not None:
+            a += ["-m", "connmark", "--mark", f"{self.ctmark:#x}/{self.ctmark:#x}"]
         if self.limit:
             a += ["-m", "limit", "--limit", self.limit]
             if self.limit_burst is not None:
                 a += ["--limit-burst", str(self.limit_burst)]
         a += ["-m", "comment", "--comment", self.comment]
+        if self.ctmark_set is not None:  # no iptables rule does both: shown, never committed (dns.mode proxy)
+            a += ["--ctmark-or", f"{self.ctmark_set:#x}"]
         a += ["-j", self.target]
         if self.reject_with:
             a += ["--reject-with", self.reject_with]
@@ -256,6 +267,47 @@ def address_set(family: Family, members: Iterable[str]) -> AddressSet:
 
 
 @dataclass(frozen=True)
+class LearnedSet:
+    """dns.mode proxy: a kernel set of one allow entry's addresses, each added by the DNS forwarder
+    with a timeout (the answer's clamped TTL). Its members are never part of the plan: a re-apply
+    keeps them, and the read-back checks the set is there, not what it holds."""
+
+    name: str  # egressguard-d<family>-<hash of host, protocol, ports>: unchanged entry, same set
+    family: Family
+    host: str  # the entry's name or wildcard, e.g. "*.example.com"
+
+
+@dataclass(frozen=True)
+class LearnedEntry:
+    """An allow entry whose addresses the forwarder learns: what it matches and where they go."""
+
+    index: int  # position in `allow`
+    host: str
+    sets: Mapping[Family, str]  # family -> LearnedSet name
+
+    def matches(self, name: str) -> bool:
+        """`name` (lower case, no trailing dot) is this entry's: equal, or below a wildcard's
+        domain at any depth (`*.example.com` admits a.example.com and a.b.example.com, not example.com)."""
+        if self.host.startswith("*."):
+            return name.endswith(self.host[1:]) and len(name) > len(self.host) - 1
+        return name == self.host
+
+
+def learned_entries(policy: Policy) -> list[LearnedEntry]:
+    """The allow entries the forwarder fills (dns.mode proxy: every `host` entry), in policy order."""
+    if not policy.proxy_dns:
+        return []
+    out = []
+    for i, e in enumerate(policy.allow):
+        if e.host is None:
+            continue
+        key = f"{e.host}|{e.protocol}|{','.join(map(str, sorted(set(e.ports or ()))))}"
+        h = hashlib.sha256(key.encode()).hexdigest()[:12]
+        out.append(LearnedEntry(index=i, host=e.host, sets={f: f"{SET_PREFIX}d{f}-{h}" for f in FAMILIES}))
+    return out
+
+
+@dataclass(frozen=True)
 class Chain:
     name: str
     rules: tuple[Rule, ...]
@@ -283,6 +335,7 @@ class Ruleset:
     kind: Literal["policy", "lockdown"] = "policy"
     unresolved_hosts: tuple[str, ...] = ()  # host entries shown, not resolved (plan only)
     sets: tuple[AddressSet, ...] = ()  # kernel sets the rules match on (must exist, full, before them)
+    learned_sets: tuple[LearnedSet, ...] = ()  # dns.mode proxy: sets the DNS forwarder fills (exist before rules)
 
     def table(self, family: Family, name: str) -> Table:
         for t in self.tables:
@@ -298,6 +351,8 @@ class Ruleset:
         data: list[object] = [_plain(t) for t in self.tables]
         if self.sets:  # set names hash their members; the members are hashed here all the same
             data.append([_plain(s) for s in self.sets])
+        if self.learned_sets:
+            data.append({"learned": [_plain(s) for s in self.learned_sets]})
         return json_sha256(data)
 
 
@@ -395,12 +450,26 @@ def _span(kind: str, indices: Sequence[int]) -> str:
     return f"{kind}[{text if len(text) <= 200 else text[:200] + '...'}]"
 
 
+def _destination(orig: bool, net: str | None, ports: tuple[int, ...]) -> list[dict[str, object]]:
+    """Matches for a destination network (None: everywhere) and ports: the packet's own (`dst`,
+    `dports`), or with `orig` the connection's original ones (conntrack's original tuple, which a
+    NAT leaves alone): one rule per port, as --ctorigdstport takes one."""
+    if not orig:
+        return [{"dst": net, "dports": ports}]
+    return [{"ctorigdst": net, "ctorigdstport": p} for p in ports] or [{"ctorigdst": net}]
+
+
 def _list_rules(
-    entries: Sequence[AllowEntry | DenyEntry], kind: str, family: Family, facts: Facts, target: str | None, action: str
+    entries: Sequence[AllowEntry | DenyEntry], kind: str, family: Family, facts: Facts, target: str | None, action: str,
+    *, orig: bool = False, orig_sets: bool = False,
 ) -> tuple[list[Rule], list[AddressSet]]:
     """Rules for an allow or deny list. Networks sharing (protocol, ports) go into one kernel set
     once there are SET_THRESHOLD of them; the set's rule takes the place of the first such entry.
-    Within a list every rule has the same verdict, so grouping does not change the meaning."""
+    Within a list every rule has the same verdict, so grouping does not change the meaning.
+
+    `orig`: judge the connection's original destination (the filter table, which a mesh's redirect
+    reaches with the relay's address); sets too if `orig_sets` (nftables), else by the packet's
+    destination (ipset cannot read conntrack: see `_dnat_unjudged`)."""
     per_entry = []
     groups: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
     counts: dict[tuple[str | None, tuple[int, ...]], int] = {}
@@ -423,14 +492,21 @@ def _list_rules(
     for i, entry, key, nets, everywhere in per_entry:
         if key in big:
             if groups[key][0] == i:
-                for group in _port_groups(list(key[1]) or None):
-                    match = {"match_set": sets[key].name, "protocol": key[0], "dports": group}
-                    rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
+                name = sets[key].name
+                if orig and orig_sets:
+                    for port in key[1] or (None,):
+                        match: dict[str, object] = {"ctorigdst_set": name, "protocol": key[0], "ctorigdstport": port}
+                        rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
+                else:
+                    for group in _port_groups(list(key[1]) or None):
+                        match = {"match_set": name, "protocol": key[0], "dports": group}
+                        rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
             nets = everywhere
         for net in nets:
+            dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"
             for group in _port_groups(entry.ports):
-                dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"
-                rules += _match_rules(action, family, f"{kind}[{i}]", target, dst=dst, protocol=key[0], dports=group)
+                for match in _destination(orig, dst, group):
+                    rules += _match_rules(action, family, f"{kind}[{i}]", target, protocol=key[0], **match)
     return rules, list(sets.values())
 
 
@@ -516,7 +592,13 @@ def _loopback(policy: Policy, family: Family) -> list[Rule]:
     return rules
 
 
-def _dns(family: Family, facts: Facts) -> list[Rule]:
+def _dns(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
+    if policy.proxy_dns:
+        # Confined queries reach only the forwarder, where the nat table's redirect sent them (a
+        # direct query to a resolver is refused like any other destination).
+        local = "::1/128" if family == 6 else "127.0.0.1/32"
+        return [Rule(target="RETURN", comment="dns-proxy", dst=local, protocol=proto, ctstate="DNAT",
+                     dports=(policy.dns.forwarder_port,)) for proto in ("udp", "tcp")]
     # Matched on the original destination, so a resolver reached through DNAT (Docker's 127.0.0.11)
     # is still recognised, and a DNAT to elsewhere does not make a non-resolver look like one.
     rules = []
@@ -535,7 +617,7 @@ def _metadata(policy: Policy, family: Family) -> list[Rule]:
         return []
     rules: list[Rule] = []
     for net in metadata_nets(family):
-        rules += _refuse(policy.action, family, "metadata", dst=net)
+        rules += _refuse(policy.action, family, "metadata", ctorigdst=net)
     return rules
 
 
@@ -554,25 +636,41 @@ def metadata_nets(family: Family) -> list[str]:
 
 
 def _confined(
-    policy: Policy, family: Family, facts: Facts, lockdown: bool
+    policy: Policy, family: Family, facts: Facts, lockdown: bool, orig_sets: bool
 ) -> tuple[tuple[Rule, ...], list[AddressSet]]:
     """EGRESSGUARD-CONFINED, in this order: kernel-ndp (confine: all, IPv6) -> kernel-local
     (confine: all) -> forged-source (drop) -> routing-header / ip-options -> replies -> metadata
-    -> deny -> loopback -> redirect target -> dns -> allow -> default. Nothing that lets a packet
-    through, and no REJECT (which answers the source), comes before the source check."""
+    -> deny -> loopback -> redirect target -> dns -> nat-elsewhere -> dnat-set (sets on iptables)
+    -> allow -> default. Nothing that lets a packet through, and no REJECT (which answers the
+    source), comes before the source check.
+
+    Destinations are judged as the connection was addressed (conntrack's original tuple): a
+    mesh sidecar's nat redirect (Istio, Linkerd) reaches this chain with the relay's address,
+    127.0.0.1:15001, and its original destination is what the confined process asked for."""
     rules = _confined_head(policy, family, facts)
     rules += _metadata(policy, family)
     sets: list[AddressSet] = []
     if not lockdown:
-        deny, deny_sets = _list_rules(policy.deny, "deny", family, facts, None, policy.action)
+        deny, deny_sets = _list_rules(policy.deny, "deny", family, facts, None, policy.action, orig=True,
+                                      orig_sets=orig_sets)
         rules += deny
         sets += deny_sets
     rules += _loopback(policy, family)
-    rules += _dns(family, facts)
+    if not lockdown or not policy.proxy_dns:  # proxy mode's lockdown: no DNS at all (no forwarder rules)
+        rules += _dns(policy, family, facts)
+    # Judged by where it was addressed, an allowed connection must also go there: a NAT may hand it
+    # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
+    # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
+    # resolver (kube-dns style), as before.
+    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_type="!LOCAL")
     if not lockdown:
-        allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action)
+        allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
+                                        orig_sets=orig_sets)
+        if (deny_sets or allow_sets) and not orig_sets:
+            rules += _dnat_unjudged(policy, family)
         rules += allow
         sets += allow_sets
+        rules += _learned_allow(policy, family, orig_sets)
     rules += _refuse(policy.action, family, "lockdown" if lockdown else "default")
     return tuple(_log_refusals(rules, policy)), sets
 
@@ -608,6 +706,55 @@ def _log_refusals(rules: list[Rule], policy: Policy) -> list[Rule]:
     return out
 
 
+def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
+    """ipset's set match reads the packet's destination, and a DNATed packet's is the relay's, so
+    where sets judge (iptables), a DNATed connection the allow list would judge is refused: a set
+    could neither allow it nor, for a deny set, refuse it. Fail-closed; nftables looks sets up by
+    the original destination (`ct original ip daddr @set`) and needs none of this."""
+    return _refuse(policy.action, family, "dnat-set", ctstate="DNAT")
+
+
+# dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
+# ORed in, so other users of the mark (CNIs, service meshes) keep theirs.
+LEARNED_CTMARK = 0x40000000
+
+
+def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule]:
+    """dns.mode proxy: each host entry allows what its learned set holds, on its ports, and marks
+    the connection; a marked connection outlives its address's expiry (the kernel forgets the
+    address, the connection that was allowed goes on)."""
+    rules: list[Rule] = []
+    entries = learned_entries(policy)
+    if entries:
+        rules.append(Rule(target="RETURN", comment="dns-learned-open", ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
+    for entry in entries:
+        e = policy.allow[entry.index]
+        proto = _protocol(e.protocol, family)
+        # Judged by the original destination where the back end can (as the other allow entries)
+        ports: list[int | None] = [*sorted(set(e.ports or []))] or [None]
+        matches: list[dict[str, object]] = (
+            [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
+            if orig_sets else [{"match_set": entry.sets[family], "dports": g} for g in _port_groups(e.ports)])
+        for match in matches:
+            rules.append(Rule(target="RETURN", comment=f"allow[{entry.index}]", protocol=proto,
+                              ctmark_set=LEARNED_CTMARK, **match))  # type: ignore[arg-type]
+    return rules
+
+
+def _learned_sets(policy: Policy) -> tuple[LearnedSet, ...]:
+    found = {s: LearnedSet(s, f, e.host) for e in learned_entries(policy) for f, s in e.sets.items()}
+    return tuple(found[name] for name in sorted(found))
+
+
+def _dns_redirects(policy: Policy) -> list[Rule]:
+    """dns.mode proxy: every confined query, UDP and TCP 53 to any address, goes to the forwarder.
+    First in the chain: a query to a denied address never leaves either, so it need not be refused."""
+    if not policy.proxy_dns:
+        return []
+    return [Rule(target="REDIRECT", comment="dns-proxy", protocol=proto, dports=(53,), to_ports=policy.dns.forwarder_port)
+            for proto in ("udp", "tcp")]
+
+
 def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     for i, r in enumerate(policy.redirect):
@@ -624,11 +771,13 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
         rules[:0] = deny
         if policy.deny_metadata:
             rules[:0] = [Rule(target="RETURN", comment="metadata", dst=n) for n in metadata_nets(family)]
-    return tuple(rules)
+    return (*_dns_redirects(policy), *rules)
 
 
-def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
+def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bool = False) -> Ruleset:
     """The complete ruleset for `policy` (or its lockdown: loopback, replies and DNS only).
+    `orig_sets`: the back end looks kernel sets up by the connection's original destination
+    (nftables); else sets match the packet's destination and DNATed connections get `dnat-set`.
 
     Allowed traffic RETURNs, so egressguard only ever restricts: rules after our jump (and other
     firewalls) still apply. Outbound packets are checked every time, not only when NEW, so an
@@ -637,7 +786,7 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
     tables: list[Table] = []
     sets: dict[str, AddressSet] = {}
     for family in FAMILIES:
-        confined, family_sets = _confined(policy, family, facts, lockdown)
+        confined, family_sets = _confined(policy, family, facts, lockdown, orig_sets)
         sets.update((s.name, s) for s in family_sets)
         tables.append(
             Table(
@@ -652,17 +801,22 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False) -> Ruleset:
         nat_rules = () if lockdown else _redirects(policy, family, facts)
         nat_chains = (Chain(DISPATCH, _dispatch(policy, REDIRECT)), Chain(REDIRECT, nat_rules)) if nat_rules else ()
         tables.append(Table(family=family, name="nat", chains=nat_chains))
-    unresolved = tuple(e.host for e in policy.allow + policy.deny if e.host and e.host not in facts.hosts)  # type: ignore[operator]
+    unresolved = () if policy.proxy_dns else tuple(
+        e.host for e in policy.allow + policy.deny if e.host and e.host not in facts.hosts)  # type: ignore[operator]
     return Ruleset(
         tables=tuple(tables),
         kind="lockdown" if lockdown else "policy",
         unresolved_hosts=unresolved,
         sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
+        learned_sets=() if lockdown else _learned_sets(policy),
     )
 
 
 def hosts_of(policy: Policy) -> list[tuple[str, bool]]:
-    """(name, optional) for every host entry, in policy order, each name once."""
+    """(name, optional) for every host entry apply resolves, in policy order, each name once
+    (none in dns.mode proxy: the forwarder learns them)."""
+    if policy.proxy_dns:
+        return []
     seen: dict[str, bool] = {}
     for e in list(policy.allow) + list(policy.deny):
         if e.host:

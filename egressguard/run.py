@@ -9,7 +9,7 @@ import sys
 
 from egressguard import logs
 from egressguard import policy as policy_mod
-from egressguard.errors import EnvironmentUnsupported, PolicyError
+from egressguard.errors import ApplyFailed, EnvironmentUnsupported, PolicyError
 from egressguard.policy import Policy
 from egressguard.privileges import Identity, drop_privileges, resolve_user
 
@@ -39,6 +39,8 @@ def main(args: argparse.Namespace) -> int:
              timings_ms={k: round(v, 1) for k, v in out.timings_ms.items()})
     if not cmd:
         cmd = [who.shell]
+    if loaded.policy.proxy_dns:
+        start_forwarder(args)
     if loaded.policy.log.refused:
         start_watch(who, getattr(args, "watch_user", None))
     drop_privileges(who)
@@ -55,6 +57,22 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"egressguard: {cmd[0]}: cannot execute: {exc.strerror}", file=sys.stderr)
         return EXIT_NOT_EXECUTABLE
+
+
+def start_forwarder(args: argparse.Namespace) -> int:
+    """dns.mode proxy: `egressguard dns` as a process of its own (sidecar.start: its own session, ends
+    with the command), before the command gets anything. Started as root, it becomes
+    dns.forwarder_uid holding CAP_NET_ADMIN only: the command, another uid with no capability, can
+    neither signal nor trace it, and cannot take its port while it runs. Exit 4 if it does not
+    start (the policy stays in force: confined DNS is refused, fail-closed)."""
+    from egressguard import sidecar  # noqa: PLC0415
+
+    pid = sidecar.start(["dns", "--resolv-conf", str(args.resolv_conf), *(["--policy", args.policy] if args.policy else [])])
+    if pid is None:
+        raise ApplyFailed(f"the DNS forwarder (dns.mode proxy) did not start within {sidecar.READY_TIMEOUT_S:g} s: "
+                          "confined DNS stays refused")
+    log.info("dns_forwarder_started", pid=pid)
+    return pid
 
 
 def start_watch(who: Identity, user: str | None) -> None:

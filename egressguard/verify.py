@@ -19,6 +19,14 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
             extra = len(set(found.members) - set(st.members))
             out.append(f"set {st.name}: {len(found.members)} members, expected {len(st.members)} "
                        f"({lost} missing, {extra} unexpected)")
+    held = {s.name: s for s in have.learned_sets}
+    for ls in want.learned_sets:
+        h = held.get(ls.name)
+        want_type = "ipv6_addr" if ls.family == 6 else "ipv4_addr"
+        if h is None:
+            out.append(f"learned set {ls.name} ({ls.host}): missing")
+        elif h.type != want_type:
+            out.append(f"learned set {ls.name} ({ls.host}): type {h.type}, expected {want_type}")
     for t in want.tables:
         where = f"ipv{t.family} {t.name}"
         try:

@@ -93,10 +93,12 @@ def test_deny_beats_dns_and_loopback() -> None:
     assert verdict(1000, "198.51.100.2", 7000, policy=p) == ("refuse", "deny[0]")
 
 
-def test_deny_of_loopback_refuses_the_redirected_connection() -> None:
+def test_deny_judges_where_a_redirected_connection_was_addressed_not_the_proxy() -> None:
+    # Destinations are judged by conntrack's original destination: a deny of loopback refuses
+    # direct loopback connections, not the ones the redirect hands to the proxy.
     p = validate({"version": 1, "deny": [{"cidr": "127.0.0.0/8"}], "redirect": [{"ports": [443], "to_port": 8444}]})
-    assert verdict(1000, "203.0.113.10", 443, policy=p) == ("refuse", "deny[0]")
-    assert verdict(1000, "2001:db8:2::10", 443, policy=p) == ("redirect", "redirect[0]")
+    assert verdict(1000, "203.0.113.10", 443, policy=p) == ("redirect", "redirect[0]")
+    assert verdict(1000, "127.0.0.1", 8444, policy=p) == ("refuse", "deny[0]")
 
 
 def test_loopback_deny_still_reaches_the_redirect_target_only() -> None:

@@ -75,6 +75,10 @@ _windows: dict[str, int] = {"before any change": 0, "fence only": 0, "fence + on
                             "fence + both families": 0, "guarded": 0}
 MIN_INSIDE_THE_FENCE = 18  # of 36 timed kills of a first apply, measured from the fence's raising (27-35 seen)
 MIN_PER_FENCE_WINDOW = 3  # and in each window the fence holds: no family in, one, both (6-18 seen)
+# Where a kill aimed at a fence window starts (the point that opens it), and at most how many per window.
+AIMED_AT = {"fence only": "fence:raise:after", "fence + one family": "policy:ipv4:committed",
+            "fence + both families": "policy:done"}
+AIMED_KILLS_MAX = 15
 MIN_REAPPLY_CHANGED = 6  # re-apply kills that must come after a kernel change
 
 
@@ -309,6 +313,21 @@ def test_sigkill_at_timed_instants_over_a_first_apply(bed: Bed, figures: list[st
     fence_windows = ("fence only", "fence + one family", "fence + both families")
     inside = sum(_windows[w] for w in fence_windows)
     assert inside >= MIN_INSIDE_THE_FENCE, f"only {inside} kills landed while the fence held: {_windows}"
+    # A window the spread left thin (under load one lasts as long as the gap between the two
+    # families' side-by-side commits) gets kills aimed at its opening point, each checked the same way.
+    aimed: dict[str, int] = {}
+    for window, anchor in AIMED_AT.items():
+        for _ in range(AIMED_KILLS_MAX):
+            if _windows[window] >= MIN_PER_FENCE_WINDOW:
+                break
+            bed.blank()
+            _kill_after(bed, "A", anchor, 0)
+            _tally["timed"] += 1
+            landed = bed.check_after_kill(fresh=True, what=f"first apply killed as it passed {anchor}")
+            _windows[landed] += 1
+            aimed[landed] = aimed.get(landed, 0) + 1
+    if aimed:
+        figures.append("faults: aimed kills for thin windows landed: " + ", ".join(f"{k} {v}" for k, v in aimed.items()))
     thin = [w for w in fence_windows if _windows[w] < MIN_PER_FENCE_WINDOW]
     assert not thin, f"fewer than {MIN_PER_FENCE_WINDOW} kills landed in {thin}: {_windows}"
 

@@ -186,6 +186,40 @@ def test_the_pss_check_fails_what_it_should() -> None:
     assert _pss_failures({"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}, ok, "baseline")
 
 
+# -- dns.mode proxy: the forwarder as a native sidecar (examples/kubernetes/pod-dns-proxy.yaml) --------
+
+DNS_MANIFEST = MANIFEST.parent / "pod-dns-proxy.yaml"
+
+
+@pytest.fixture(scope="module")
+def dns_docs() -> dict[str, dict[str, Any]]:
+    with DNS_MANIFEST.open() as fh:
+        return {d["kind"]: d for d in yaml.safe_load_all(fh) if d}
+
+
+def test_dns_sidecar_policy_is_proxy_mode_and_the_agent_expects_its_digest(dns_docs: dict[str, dict[str, Any]]) -> None:
+    policy = policy_mod.validate(yaml.safe_load(dns_docs["ConfigMap"]["data"]["policy.yaml"]))
+    assert policy.proxy_dns and policy.dns.forwarder_uid in policy.exempt.uids
+    (agent,) = dns_docs["Pod"]["spec"]["containers"]
+    assert _env(agent)["EGRESSGUARD_EXPECT_DIGEST"] == policy_mod.digest(policy)
+
+
+def test_dns_forwarder_is_a_native_sidecar_after_the_apply(dns_docs: dict[str, dict[str, Any]]) -> None:
+    apply_c, dns_c = dns_docs["Pod"]["spec"]["initContainers"]
+    assert apply_c["command"][:2] == ["egressguard", "apply"] and "restartPolicy" not in apply_c
+    assert dns_c["command"] == ["egressguard", "dns"] and dns_c["restartPolicy"] == "Always"
+    assert dns_c["startupProbe"]["exec"]["command"] == ["egressguard", "dns", "--check"]
+
+
+def test_dns_containers_hold_only_what_they_need(dns_docs: dict[str, dict[str, Any]]) -> None:
+    apply_c, dns_c = dns_docs["Pod"]["spec"]["initContainers"]
+    (agent,) = dns_docs["Pod"]["spec"]["containers"]
+    assert apply_c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # root only long enough to become uid 1002 with CAP_NET_ADMIN alone (egressguard dns drops the rest)
+    assert dns_c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SETUID", "SETGID", "SETPCAP"]}
+    assert dns_c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"]} and agent["securityContext"]["runAsUser"] == 1000
+
 # -- the native sidecar example (issue 14) -------------------------------------------------------
 
 WATCH_MANIFEST = MANIFEST.parent / "pod-with-watch.yaml"

@@ -156,7 +156,7 @@ def test_status_shows_counters_that_move_with_traffic(guarded: tuple[Lab, Path])
     assert report["guarded"] is True
     rules = {r["rule"]: r["packets"] for t in report["tables"] if t["family"] == "ipv4" and t["table"] == "filter"
              for r in t["chains"].get("EGRESSGUARD-CONFINED", [])}
-    allow = [n for rule, n in rules.items() if rule.startswith("ip daddr 203.0.113.10 ")]
+    allow = [n for rule, n in rules.items() if "ct original ip daddr 203.0.113.10 " in rule]
     assert allow and allow[0] > 0, rules
 
 

@@ -54,7 +54,7 @@ table = iptc.Table("filter", autocommit=False)
 table.refresh()
 chain = iptc.Chain(table, "EGRESSGUARD-CONFINED")
 for i, rule in enumerate(chain.rules):
-    if any(m.name == "conntrack" and m.ctorigdst for m in rule.matches):
+    if any(m.name == "conntrack" and m.ctorigdst and m.ctorigdstport for m in rule.matches):
         old = {m.name: m.get_all_parameters() for m in rule.matches}
         bad = iptc.Rule()
         bad.protocol = rule.protocol
@@ -69,7 +69,7 @@ for i, rule in enumerate(chain.rules):
         print(i)
         break
 else:
-    raise SystemExit("no conntrack --ctorigdst rule found")
+    raise SystemExit("no conntrack --ctorigdst --ctorigdstport rule found")
 """
 
 

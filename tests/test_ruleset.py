@@ -91,7 +91,7 @@ def test_deny_and_metadata_come_before_every_allow(family: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deny_is_written_per_family(family: int) -> None:
     rules = _confined(_build(BROAD), family)
-    denied = list(dict.fromkeys(r.dst for r in rules if r.comment.startswith("deny[")))
+    denied = list(dict.fromkeys(r.ctorigdst for r in rules if r.comment.startswith("deny[")))
     # IPv6 also refuses the IPv4 entry behind the well-known NAT64 prefix (64:ff9b::203.0.113.11).
     assert denied == (["203.0.113.11/32"] if family == 4 else ["64:ff9b::cb00:710b/128", "2001:db8:2::11/128"])
 
@@ -184,15 +184,16 @@ def test_nat64_forms_of_metadata_and_ipv4_deny_entries_are_refused_over_ipv6() -
     assert nat64("169.254.169.254/32") == "64:ff9b::a9fe:a9fe/128"
     assert nat64("10.0.0.0/8") == "64:ff9b::a00:0/104"
     rs = _build({"deny": [{"cidr": "10.0.0.0/8"}, {"cidr": "0.0.0.0/0", "protocol": "tcp", "ports": [25]}]})
-    denied = [r.dst for r in _confined(rs, 6) if r.comment.startswith("deny[")]
+    denied = [r.ctorigdst for r in _confined(rs, 6) if r.comment.startswith("deny[")]
     assert "64:ff9b::a00:0/104" in denied and "64:ff9b::/96" in denied
-    assert "64:ff9b::a9fe:a9fe/128" in [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
+    assert "64:ff9b::a9fe:a9fe/128" in [r.ctorigdst for r in _confined(rs, 6) if r.comment == "metadata"]
 
 
 def test_outbound_rules_do_not_depend_on_connection_state() -> None:
     # Every outbound packet is checked, so an existing connection is cut when the policy changes.
+    # (nat-elsewhere tests conntrack's DNAT bit, a property of the connection, not its state.)
     rules = _confined(_build(BROAD), 4)
-    assert [r.comment for r in rules if r.ctstate] == ["replies"]
+    assert [r.comment for r in rules if r.ctstate and r.ctstate != "DNAT"] == ["replies"]
 
 
 # -- who is confined ---------------------------------------------------------------------------
@@ -263,8 +264,8 @@ def test_drop_never_rejects() -> None:
 
 def test_metadata_endpoints_are_refused_in_both_families() -> None:
     rs = _build(BROAD)
-    v4 = [r.dst for r in _confined(rs, 4) if r.comment == "metadata"]
-    v6 = [r.dst for r in _confined(rs, 6) if r.comment == "metadata"]
+    v4 = [r.ctorigdst for r in _confined(rs, 4) if r.comment == "metadata"]
+    v6 = [r.ctorigdst for r in _confined(rs, 6) if r.comment == "metadata"]
     assert list(dict.fromkeys(v4)) == ["169.254.169.254/32", "169.254.170.2/32", "100.100.100.200/32"]
     assert list(dict.fromkeys(v6)) == ["fd00:ec2::254/128", "64:ff9b::a9fe:a9fe/128", "64:ff9b::a9fe:aa02/128",
                                        "64:ff9b::6464:64c8/128"]  # the IPv4 ones behind NAT64
@@ -290,12 +291,18 @@ def test_protocol_any_matches_no_protocol() -> None:
     assert rule.protocol is None and rule.dports == ()
 
 
-def test_ports_are_sorted_deduplicated_and_split_in_groups_of_fifteen() -> None:
+def test_ports_are_sorted_deduplicated_and_judged_one_original_port_per_rule() -> None:
+    # --ctorigdstport takes one port: the filter table gets a rule per port, in order.
     ports = list(range(1000, 1020)) + [1000, 22]
     rs = _build({"allow": [{"cidr": "192.0.2.0/24", "ports": ports}]})
-    groups = [r.dports for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    judged = [(r.ctorigdst, r.ctorigdstport, r.dports) for r in _confined(rs, 4) if r.comment == "allow[0]"]
+    assert judged == [("192.0.2.0/24", p, ()) for p in (22, *range(1000, 1020))]
+
+
+def test_nat_table_ports_are_split_in_multiport_groups_of_fifteen() -> None:
+    rs = _build({"redirect": [{"ports": [*range(1019, 999, -1), 22], "to_port": 8444}]})
+    groups = [r.dports for r in _chain(rs, 4, "nat", "EGRESSGUARD-REDIRECT") if r.comment == "redirect[0]"]
     assert groups == [(22, *range(1000, 1014)), tuple(range(1014, 1020))]
-    assert all(len(g) <= 15 for g in groups)
 
 
 def test_single_port_and_multiport_render_differently() -> None:
@@ -308,8 +315,8 @@ def test_single_port_and_multiport_render_differently() -> None:
 def test_host_entries_use_the_resolved_addresses_of_each_family() -> None:
     facts = Facts(resolvers=RESOLVERS, hosts={"api.test": ("203.0.113.10", "2001:db8:2::10")})
     rs = _build({"allow": [{"host": "api.test", "ports": [443]}]}, facts=facts)
-    assert [r.dst for r in _confined(rs, 4) if r.comment == "allow[0]"] == ["203.0.113.10/32"]
-    assert [r.dst for r in _confined(rs, 6) if r.comment == "allow[0]"] == ["2001:db8:2::10/128"]
+    assert [r.ctorigdst for r in _confined(rs, 4) if r.comment == "allow[0]"] == ["203.0.113.10/32"]
+    assert [r.ctorigdst for r in _confined(rs, 6) if r.comment == "allow[0]"] == ["2001:db8:2::10/128"]
     assert rs.unresolved_hosts == ()
 
 
@@ -472,7 +479,51 @@ def test_json_form_has_one_entry_per_family_and_table() -> None:
 def test_default_policy_refuses_everything_but_loopback_dns_and_redirect() -> None:
     rs = build(validate(DEFAULT_POLICY), Facts(resolvers=RESOLVERS))
     assert set(_comments(_confined(rs, 4))) == {"forged-source", "ip-options", "replies", "metadata", "loopback",
-                                                 "redirect", "dns", "default"}
+                                                 "nat-elsewhere", "redirect", "dns", "default"}
+
+
+# -- original destinations (service meshes) -----------------------------------------------------
+
+
+def test_destinations_are_judged_by_the_original_destination_and_port() -> None:
+    # A mesh's nat redirect makes the packet's destination 127.0.0.1:15001 before the filter table
+    # sees it; conntrack's original tuple still names what the process asked for.
+    rs = _build({"allow": [{"cidr": "203.0.113.0/24", "ports": [443, 80]}], "deny": [{"cidr": "203.0.113.7/32"}]})
+    judged = [r for r in _confined(rs, 4) if r.comment.startswith(("allow[", "deny[", "metadata"))]
+    assert judged and all(r.dst is None and not r.dports and r.ctorigdst for r in judged)
+    assert [(r.ctorigdst, r.ctorigdstport) for r in judged if r.comment == "allow[0]"] == [
+        ("203.0.113.0/24", 80), ("203.0.113.0/24", 443)]
+    # The nat table acts before any NAT of ours, on the packet as sent: its matches stay on the packet.
+    nat = _build({"deny": [{"cidr": "203.0.113.7/32"}], "redirect": [{"ports": [80], "to_port": 8444}]})
+    assert all(r.ctorigdst is None for r in _chain(nat, 4, "nat", "EGRESSGUARD-REDIRECT"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_connection_natted_to_another_host_is_refused_before_the_allow_list(family: int) -> None:
+    rules = _confined(_build(BROAD), family)
+    at = _first(rules, "nat-elsewhere")
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert all(r.ctstate == "DNAT" and r.dst_type == "!LOCAL" and r.target == "REJECT"
+               for r in rules if r.comment == "nat-elsewhere")
+
+
+def _listed(n: int, base: str, **extra: Any) -> list[dict[str, Any]]:
+    return [{"cidr": f"{base}.{i}/32", **extra} for i in range(1, n + 1)]
+
+
+def test_iptables_sets_refuse_dnatted_connections_before_the_allow_list() -> None:
+    data = {"allow": _listed(20, "198.19.0", ports=[443]) + [{"cidr": "203.0.113.0/24", "ports": [80]}],
+            "deny": _listed(20, "198.18.0")}
+    rules = _confined(_build(data), 4)
+    (at,) = {i for i, r in enumerate(rules) if r.comment == "dnat-set" and r.protocol == "tcp"}
+    assert rules[at].ctstate == "DNAT" and rules[at].target == "REJECT"
+    assert _last(rules, "dns") < at < _first(rules, "allow[")
+    assert {r.match_set for r in rules if r.match_set} and not any(r.ctorigdst_set for r in rules)
+    # Without sets, or where sets are looked up by the original destination, nothing is refused so.
+    assert "dnat-set" not in _comments(_confined(_build({"allow": _listed(3, "198.19.0")}), 4))
+    nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
+    assert "dnat-set" not in _comments(nft)
+    assert {r.ctorigdst_set for r in nft if r.ctorigdst_set} and not any(r.match_set for r in nft)
 
 
 # -- the log of refusals (issue 14) --------------------------------------------------------------

@@ -39,7 +39,7 @@ def _confined(rs: Any, family: int = 4) -> list[Any]:
 def test_short_list_stays_plain_rules() -> None:
     rs = build(_policy(allow=_nets(SET_THRESHOLD - 1)), Facts())
     assert rs.sets == ()
-    assert sum(1 for r in _confined(rs) if r.dst and r.dst.startswith("198.18.")) == SET_THRESHOLD - 1
+    assert sum(1 for r in _confined(rs) if r.ctorigdst and r.ctorigdst.startswith("198.18.")) == SET_THRESHOLD - 1
 
 
 def test_long_list_becomes_one_set_rule_in_place_of_its_entries() -> None:
@@ -51,7 +51,7 @@ def test_long_list_becomes_one_set_rule_in_place_of_its_entries() -> None:
     rule = set_rules[0]
     assert (rule.match_set, rule.protocol, rule.dports, rule.target) == (st.name, "tcp", (443,), "RETURN")
     assert rule.comment == "allow[0-999]"
-    assert not any(r.dst and r.dst.startswith("198.18.") for r in _confined(rs))
+    assert not any(r.ctorigdst and r.ctorigdst.startswith("198.18.") for r in _confined(rs))
 
 
 def test_entries_with_different_ports_or_protocols_keep_separate_sets() -> None:
@@ -73,7 +73,8 @@ def test_everywhere_cannot_go_into_a_set_and_stays_a_rule() -> None:
     rs = build(_policy(allow=_nets(SET_THRESHOLD) + [{"cidr": "0.0.0.0/0", "ports": [443]}]), Facts())
     (st,) = rs.sets
     assert "0.0.0.0/0" not in st.members
-    assert any(r.comment == f"allow[{SET_THRESHOLD}]" and r.dst is None and r.dports == (443,) for r in _confined(rs))
+    assert any(r.comment == f"allow[{SET_THRESHOLD}]" and r.ctorigdst is None and r.ctorigdstport == 443
+               for r in _confined(rs))
 
 
 def test_families_get_their_own_sets() -> None:

@@ -32,9 +32,20 @@ class InstalledTable:
 
 
 @dataclass(frozen=True)
+class LearnedHolding:
+    """A learned-address set (dns.mode proxy) as read back: its type and what it holds now."""
+
+    name: str
+    family: Family
+    type: str  # ipv4_addr / ipv6_addr (anything else: tampered)
+    elements: tuple[tuple[str, int, int], ...] = ()  # (address, timeout s, seconds left)
+
+
+@dataclass(frozen=True)
 class Installed:
     tables: tuple[InstalledTable, ...]
     sets: tuple[AddressSet, ...] = ()  # the kernel sets the installed rules match on, as read back
+    learned_sets: tuple[LearnedHolding, ...] = ()  # dns.mode proxy: sets with per-element timeouts
 
     def table(self, family: Family, name: str) -> InstalledTable:
         for t in self.tables:
@@ -50,6 +61,11 @@ class Backend(abc.ABC):
     # True if one commit changes both families at once (nftables): apply then needs no routing
     # fence, and a first apply with nothing to resolve needs no lockdown commit before the policy.
     atomic_families: bool = False
+    # True if the back end keeps learned-address sets with per-element timeouts (dns.mode proxy).
+    learned_sets: bool = False
+    # True if a rule can look a kernel set up by the connection's original destination (nftables);
+    # see ruleset.build's `orig_sets`.
+    sets_by_original_destination: bool = False
 
     @abc.abstractmethod
     def preflight(self) -> None:

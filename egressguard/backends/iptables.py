@@ -371,13 +371,7 @@ class IptablesBackend(Backend):
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
             x.create_match("owner").set_parameter("uid-owner", r.uid)
-        if r.src_type or r.dst_type:
-            m = x.create_match("addrtype")
-            if r.src_type:
-                m.set_parameter("src-type", r.src_type)
-            if r.dst_type:
-                m.set_parameter("dst-type", r.dst_type)
-        if r.ctstate or r.ctdir or r.ctorigdst:
+        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as Rule.args()
             m = x.create_match("conntrack")
             if r.ctstate:
                 m.set_parameter("ctstate", r.ctstate)
@@ -387,6 +381,12 @@ class IptablesBackend(Backend):
                 m.set_parameter("ctorigdstport", str(r.ctorigdstport))
             if r.ctdir:
                 m.set_parameter("ctdir", r.ctdir)
+        if r.src_type or r.dst_type:
+            m = x.create_match("addrtype")
+            if r.src_type:
+                m.set_parameter("src-type", r.src_type)
+            if r.dst_type:
+                m.set_parameter("dst-type", r.dst_type)
         if r.hoplimit is not None:
             x.create_match("hl").set_parameter("hl-eq", str(r.hoplimit))
         if r.icmp6_type:
@@ -427,7 +427,7 @@ class IptablesBackend(Backend):
             t._final_check()
         else:
             x.final_check()
-        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir):
+        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir or r.ctorigdstport is not None):
             _fix_ipv4_conntrack_addrs(next(m for m in x.matches if m.name == "conntrack"))
         return x
 

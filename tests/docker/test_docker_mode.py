@@ -234,6 +234,33 @@ def test_the_docker_compose_example_runs_guarded(bed: Bed) -> None:
         subprocess.run([*compose, "down", "-v", "--timeout", "2"], capture_output=True, env=env, timeout=120)
 
 
+DNS_PROXY_POLICY = json.dumps({
+    "version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1002]},
+    "dns": {"mode": "proxy", "forwarder_uid": 1002, "resolvers": "auto"},
+    "allow": [{"host": "allowed", "ports": [8080]}],
+})
+
+
+def test_dns_proxy_forwarder_serves_the_command_which_cannot_touch_it(bed: Bed, markers: Path) -> None:
+    """Docker mode with dns.mode proxy (nftables): `run` starts the forwarder before the command; the
+    command (uid 1000) resolves the allowed name and connects, gets REFUSED for the other, and can
+    neither signal, stop, trace nor replace the forwarder (uid 1002, CAP_NET_ADMIN only)."""
+    p = run(bed, markers, "--cap-add", "NET_ADMIN", "-e", "EGRESSGUARD_BACKEND=nftables",
+            "-e", f"EGRESSGUARD_POLICY_JSON={DNS_PROXY_POLICY}", "-e", "EGRESSGUARD_POLICY=",
+            cmd=["python3", "/checks/dns_inside.py"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = report_of(p)
+    assert got["uid"] == 1000 and len(got["pids"]) == 1, got
+    st = got["forwarder_status"]
+    assert st["Uid"].split() == ["1002"] * 4 and st["CapEff"] == "0000000000001000" and st["NoNewPrivs"] == "1", st
+    assert (got["kill"], got["stop"], got["ptrace"], got["mem"], got["bind"]) == \
+        ("EPERM", "EPERM", "EPERM", "EACCES", "EADDRINUSE"), got
+    assert got["dns_allowed"] == ["NOERROR", ["198.19.7.10"]], got
+    assert got["connect_allowed"] == "connected", got
+    assert got["dns_denied"][0] == "REFUSED", got
+    assert got["connect_denied"] != "connected", got
+    assert '"dns_learned"' in p.stderr and '"dns_refused"' in p.stderr
+
 # -- the log of refusals (issue 14) --------------------------------------------------------------
 
 LOG_COMMAND = r"""

@@ -9,7 +9,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from egressguard.backends import Installed, InstalledTable
+from egressguard.backends import Installed, InstalledTable, LearnedHolding
 from egressguard.backends.nftables import u32
 from egressguard.backends.nftables.render import (
     ANY_USER,
@@ -102,7 +102,23 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
                 foreign_output_rules=len(mine) - len(jumps),
                 problems=tuple(problems) if (family, table) == (4, "filter") else (),
             ))
-    return Installed(tables=tuple(tables), sets=tuple(_sets(k["set"], expect)))
+    learned = [s for s in k["set"] if s.get("flags") == ["timeout"]]
+    return Installed(tables=tuple(tables), sets=tuple(_sets([s for s in k["set"] if s not in learned], expect)),
+                     learned_sets=tuple(_learned(learned)))
+
+
+def _learned(found: list[dict[str, Any]]) -> list[LearnedHolding]:
+    """Sets with per-element timeouts (dns.mode proxy): each with what it holds and for how long."""
+    out = []
+    for s in found:
+        family: Family = 6 if s.get("type") == "ipv6_addr" else 4
+        elems = []
+        for e in s.get("elem", []):
+            body = e.get("elem", {}) if isinstance(e, dict) else {}
+            if isinstance(body.get("val"), str):
+                elems.append((body["val"], int(body.get("timeout", 0)), int(body.get("expires", 0))))
+        out.append(LearnedHolding(name=s["name"], family=family, type=str(s.get("type")), elements=tuple(elems)))
+    return out
 
 
 def _applies_to(r: dict[str, Any], family: Family) -> bool:
@@ -247,6 +263,9 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
                     return _put(f, "uid", f"{right['range'][0]}-{right['range'][1]}")
                 return _put(f, "uid", str(int(right)))
             return False
+        if "&" in left and op == "==" and left["&"][0] == {"ct": {"key": "mark"}}:
+            bits = left["&"][1]
+            return isinstance(bits, int) and bits == right and _put(f, "ctmark", bits)
         if "ct" in left:
             ck, cdir = left["ct"].get("key"), left["ct"].get("dir")
             if ck == "state" and op in ("==", "in") and cdir is None:
@@ -259,6 +278,8 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             if ck == "direction" and op == "==" and cdir is None:
                 return _put(f, "ctdir", str(right).upper())
             if ck == f"{ip} daddr" and cdir == "original" and op == "==":
+                if isinstance(right, str) and right.startswith("@"):
+                    return _put(f, "ctorigdst_set", right[1:])
                 return _put(f, "ctorigdst", _addr(right))
             if ck == "proto-dst" and cdir == "original" and op == "==":
                 return _put(f, "ctorigdstport", int(right))
@@ -266,6 +287,13 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         return False
     if f["target"]:
         return False  # anything after the verdict
+    if "mangle" in e:
+        mg = e["mangle"]
+        value = mg.get("value", {})
+        if mg.get("key") == {"ct": {"key": "mark"}} and isinstance(value, dict) and "|" in value \
+                and value["|"][0] == {"ct": {"key": "mark"}} and isinstance(value["|"][1], int):
+            return _put(f, "ctmark_set", value["|"][1])
+        return False
     if "return" in e:
         f["target"] = "RETURN"
         return True

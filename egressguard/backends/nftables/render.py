@@ -10,13 +10,27 @@ from dataclasses import dataclass, fields
 
 from egressguard.backends.nftables import u32
 from egressguard.errors import ApplyFailed
-from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, REDIRECT, AddressSet, Family, Rule, Ruleset, Table
+from egressguard.ruleset import (
+    CONFINED,
+    DISPATCH,
+    FAMILIES,
+    REDIRECT,
+    AddressSet,
+    Family,
+    LearnedSet,
+    Rule,
+    Ruleset,
+    Table,
+)
 
 TABLE = "inet egressguard"
-# Base chains: name -> spec. Priority 0 is iptables' filter, -100 its nat (dstnat) on output.
+# Base chains: name -> spec. Priority 0 is iptables' filter. nat runs at -101, just before dstnat
+# (-100), where iptables' nat table and meshes' nat chains (Istio's `inet istio-proxy-nat`) hook:
+# the kernel asks nat chains in priority order until one maps the connection, so our `redirect`
+# wins on its ports whoever registered first (at equal priority the later-registered chain runs first).
 BASE = {
     "filter": ("filter", "output", 0),
-    "nat": ("nat", "output", -100),
+    "nat": ("nat", "output", -101),
 }
 # A rule for packets without a user socket (iptables: ! --uid-owner 0-4294967294, the kernel's
 # own packets). nft's `meta skuid` matches nothing at all without a socket owner (checked: neither
@@ -50,8 +64,9 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
-    "ctorigdstport", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
+    "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
     "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "nflog_prefix", "nflog_group",
+    "ctmark", "ctmark_set",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
@@ -136,11 +151,6 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
                 raise UnsupportedRule(f"uid {r.uid} needs a chain of its own (rule {r.comment!r})")
         else:
             a.append(f"meta skuid {r.uid}")
-    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
-        if value:
-            if value.lstrip("!") != "LOCAL":
-                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
-            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
     if r.ctstate:
         words = r.ctstate.split(",")
         status = [w for w in words if w in _CT_STATUS]
@@ -158,6 +168,14 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         if r.protocol not in ("tcp", "udp"):
             raise UnsupportedRule(f"ct original proto-dst needs protocol tcp or udp (rule {r.comment!r})")
         a.append(f"ct original proto-dst {r.ctorigdstport}")
+    if r.ctorigdst_set:
+        a.append(f"ct original {ip} daddr @{r.ctorigdst_set}")
+    # After conntrack (as with iptables): a rule with both looks the route up only for DNATed packets.
+    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
+        if value:
+            if value.lstrip("!") != "LOCAL":
+                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
+            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
     if r.hoplimit is not None:
         a.append(f"ip6 hoplimit {r.hoplimit}")
     if r.icmp6_type:
@@ -173,11 +191,15 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         a.append(f"{r.protocol} dport {ports}")
     for text in r.u32:
         a += u32.nft_text(u32.parse(text))
+    if r.ctmark is not None:
+        a.append(f"ct mark and {r.ctmark:#x} == {r.ctmark:#x}")
     if kernel is not None:
         a += ["counter", f"jump {kernel}", f"comment {quote(r.comment)}"]
         return " ".join(a)
     a += limit_text(r)
     a.append("counter")
+    if r.ctmark_set is not None:
+        a.append(f"ct mark set ct mark or {r.ctmark_set:#x}")
     a.append(_verdict(family, table, r))
     a.append(f"comment {quote(r.comment)}")
     return " ".join(a)
@@ -327,6 +349,12 @@ def _set_decl(st: AddressSet) -> str:
     return f"add set {TABLE} {st.name} {{ type {typ}; flags interval; }}"
 
 
+def learned_set_decl(st: LearnedSet) -> str:
+    """A set the DNS forwarder fills: every element carries its own timeout (no default)."""
+    typ = "ipv6_addr" if st.family == 6 else "ipv4_addr"
+    return f"add set {TABLE} {st.name} {{ type {typ}; flags timeout; }}"
+
+
 def fill_set(st: AddressSet, chunk: int = 4096) -> list[str]:
     """`add element` commands for `st` (in chunks: one line per 4096 members keeps lines sane)."""
     elems = elements(st)
@@ -352,12 +380,15 @@ def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
     """Transaction 1: sets that do not exist yet, created and filled before any rule refers to
     them (a new interval set is published after rules committed with it: measured, TESTBED.md)."""
     new = [st for st in ruleset.sets if st.name not in existing.sets]
-    if not new:
+    learned = [st for st in ruleset.learned_sets if st.name not in existing.sets]
+    if not new and not learned:
         return None
     lines = [f"add table {TABLE}"]
     for st in new:
         lines.append(_set_decl(st))
         lines += fill_set(st)
+    # Learned sets start empty and are never refilled by an apply: what the forwarder learned stays.
+    lines += [learned_set_decl(st) for st in learned]
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +427,8 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
     gone = [c for c in existing.chains if c not in wanted and c not in existing.stale_base_chains]
     # Regular chains before base chains: a base chain's jumps are gone already (flushed above).
     lines += [f"delete chain {TABLE} {c}" for c in gone]
-    lines += [f"delete set {TABLE} {s}" for s in existing.sets if s not in {st.name for st in ruleset.sets}]
+    keep = {st.name for st in ruleset.sets} | {st.name for st in ruleset.learned_sets}
+    lines += [f"delete set {TABLE} {s}" for s in existing.sets if s not in keep]
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +450,10 @@ def render(ruleset: Ruleset, *, header: Sequence[str] = ()) -> str:
         return "\n".join([*lines, f"delete table {TABLE}"]) + "\n"
     sets = new_sets_script(ruleset, Existing())
     if sets:
-        lines.append(f"# transaction 1: {len(ruleset.sets)} set(s), created and filled before any rule uses them")
+        lines.append(f"# transaction 1: {len(ruleset.sets) + len(ruleset.learned_sets)} set(s), created and filled "
+                     "before any rule uses them")
+        lines += [f"# learned set {st.name}: addresses of {st.host}, added by `egressguard dns`"
+                  for st in ruleset.learned_sets]
         lines.append(sets.rstrip("\n"))
     lines.append("# transaction 2: both families at once")
     lines.append(rules_script(ruleset, Existing(table=True)).rstrip("\n"))
