@@ -51,7 +51,9 @@ _ANY_USER = "0-4294967294"
 # record announces one solicited-node group (ff02::1:ff00:0/104) with no sources, at a bounded rate.
 _MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE = "143", "131", "132"
 _SOLICITED_NODE = "ff02::1:ff00:0/104"
-_MLD_LIMIT, _MLD_BURST = "10/sec", 20
+# One bucket for every report the rules let out, whatever its record count (a limit per rule would
+# multiply the bound by the number of rules).
+_MLD_LIMIT, _MLD_BURST, _MLD_LIMIT_NAME = "10/sec", 20, SET_PREFIX + "mld"
 # Reports with up to this many records pass. The kernel merges pending joins into one report: a
 # pod with a link-local and a global address that adds a third sent 3 records (seen by capture);
 # each record is one more 24-bit choice for a process that joins groups itself.
@@ -121,6 +123,9 @@ class Rule:
     u32: tuple[str, ...] = ()  # one -m u32 --u32 per element, in ip6tables-save's hex spelling
     limit: str | None = None  # -m limit --limit, e.g. "10/sec"
     limit_burst: int | None = None
+    # One bucket shared by every rule that names it (iptables: -m hashlimit --hashlimit-name; nftables:
+    # the rules jump to one chain holding the limit). Those rules must agree on limit and burst.
+    limit_name: str | None = None
     reject_with: str | None = None
     to_ports: int | None = None  # REDIRECT --to-ports
     ctmark: int | None = None  # matches connections whose conntrack mark has these bits (connmark --mark N/N)
@@ -175,7 +180,11 @@ class Rule:
             a += ["-m", "u32", "--u32", tests]
         if self.ctmark is not None:
             a += ["-m", "connmark", "--mark", f"{self.ctmark:#x}/{self.ctmark:#x}"]
-        if self.limit:
+        if self.limit and self.limit_name:
+            expire = shared_limit_expire_ms(self.limit, self.limit_burst)
+            a += ["-m", "hashlimit", "--hashlimit-upto", self.limit, "--hashlimit-burst", str(self.limit_burst or 5),
+                  "--hashlimit-name", self.limit_name, "--hashlimit-htable-expire", str(expire)]
+        elif self.limit:
             a += ["-m", "limit", "--limit", self.limit]
             if self.limit_burst is not None:
                 a += ["--limit-burst", str(self.limit_burst)]
@@ -192,6 +201,17 @@ class Rule:
         if self.nflog_group is not None:
             a += ["--nflog-group", str(self.nflog_group)]
         return a
+
+
+_LIMIT_PERIOD_MS = {"sec": 1000, "second": 1000, "min": 60_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+def shared_limit_expire_ms(limit: str, burst: int | None) -> int:
+    """How long hashlimit keeps a shared bucket while no packet arrives: the time an empty bucket takes
+    to refill (burst / rate). iptables' default, one rate period, would start a fresh full burst
+    after an idle second: 20 reports a second from a 10/sec limit with burst 20."""
+    rate, _, unit = limit.partition("/")
+    return -(-(burst or 5) * _LIMIT_PERIOD_MS[unit] // int(rate))
 
 
 @dataclass(frozen=True)
@@ -530,11 +550,13 @@ def _membership_reports(family: Family) -> list[Rule]:
         return [Rule(target="DROP", comment="igmp", protocol="igmp", uid=kernel)]
     rules = [
         Rule(target="RETURN", comment="mld-solicited-node", protocol="ipv6-icmp", uid=kernel,
-             icmp6_type=_MLD_V2_REPORT, u32=_mld_report_u32(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST)
+             icmp6_type=_MLD_V2_REPORT, u32=_mld_report_u32(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
+             limit_name=_MLD_LIMIT_NAME)
         for n in range(1, _MLD_MAX_RECORDS + 1)
     ]
     rules.append(Rule(target="RETURN", comment="mld-solicited-node", dst=_SOLICITED_NODE, protocol="ipv6-icmp",
-                      uid=kernel, icmp6_type=_MLD_V1_REPORT, limit=_MLD_LIMIT, limit_burst=_MLD_BURST))
+                      uid=kernel, icmp6_type=_MLD_V1_REPORT, limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
+                      limit_name=_MLD_LIMIT_NAME))
     for t in (_MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE):
         rules.append(Rule(target="DROP", comment="mld", protocol="ipv6-icmp", uid=kernel, icmp6_type=t))
     return rules

@@ -18,7 +18,7 @@ from goldenfile import assert_matches_golden
 
 from egressguard import cli
 from egressguard.backends.nftables import render
-from egressguard.ruleset import Facts, Rule, address_set, build
+from egressguard.ruleset import DISPATCH, Chain, Facts, Rule, Ruleset, Table, address_set, build
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path("tests/golden")
@@ -76,6 +76,25 @@ def test_a_rule_field_this_back_end_does_not_know_is_refused_not_dropped() -> No
 def test_rules_nft_cannot_mean_the_same_are_refused(rule: Rule) -> None:
     with pytest.raises(render.UnsupportedRule):
         render.rule_text(4, "filter", rule)
+
+
+def test_rules_sharing_a_limit_jump_to_one_chain_and_must_agree_on_it() -> None:
+    kernel = {"target": "RETURN", "comment": "x", "uid": "!0-4294967294", "limit": "10/sec", "limit_burst": 20,
+              "limit_name": "egressguard-x"}
+    rs = build_one(Rule(**kernel, icmp6_type="143"), Rule(**kernel, icmp6_type="131"))
+    script = render.rules_script(rs, render.Existing())
+    assert script.count("jump kernel6-egressguard-x") == 2
+    assert script.count("add rule inet egressguard kernel6-egressguard-x limit rate 10/second burst 20 packets") == 1
+    other = build_one(Rule(**kernel, icmp6_type="143"), Rule(**{**kernel, "limit_burst": 5}, icmp6_type="131"))
+    with pytest.raises(render.UnsupportedRule, match="sharing limit"):
+        render.rules_script(other, render.Existing())
+    with pytest.raises(render.UnsupportedRule, match="shared limit"):  # outside a socketless rule's chain
+        render.rule_text(6, "filter", Rule(target="RETURN", comment="x", limit="1/sec", limit_name="egressguard-x"))
+
+
+def build_one(*rules: Rule) -> Ruleset:
+    """A ruleset holding just `rules` in the IPv6 filter dispatch chain."""
+    return Ruleset(tables=(Table(6, "filter", (Chain(DISPATCH, rules),)),), kind="policy")
 
 
 def test_overlapping_set_members_become_one_interval() -> None:

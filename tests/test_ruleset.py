@@ -165,6 +165,7 @@ def test_membership_reports_are_judged_before_any_uid(confine: dict[str, Any]) -
     assert v6[: len(mld)] == tuple(mld)
     passed = [r for r in mld if r.target == "RETURN"]
     assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.uid == "!0-4294967294" for r in passed)
+    assert {r.limit_name for r in passed} == {"egressguard-mld"}  # one bucket for all five, not one each
     assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
     assert [(r.icmp6_type, r.target) for r in mld[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
 

@@ -36,6 +36,7 @@ from egressguard.ruleset import (
     Rule,
     Ruleset,
     Table,
+    shared_limit_expire_ms,
 )
 
 T = TypeVar("T")
@@ -401,7 +402,15 @@ class IptablesBackend(Backend):
             x.create_match("set").set_parameter("match-set", [r.match_set, "dst"])
         for tests in r.u32:
             x.create_match("u32").set_parameter("u32", tests)
-        if r.limit:
+        if r.limit and r.limit_name:
+            # The entry lifetime is always given: python-iptables leaves it 0 (EINVAL) where
+            # iptables-restore fills in its default (bytes compared in tests/test_xtables_encoding.py).
+            m = x.create_match("hashlimit")
+            for key, value in (("hashlimit-upto", r.limit), ("hashlimit-burst", str(r.limit_burst or 5)),
+                               ("hashlimit-name", r.limit_name),
+                               ("hashlimit-htable-expire", str(shared_limit_expire_ms(r.limit, r.limit_burst)))):
+                m.set_parameter(key, value)
+        elif r.limit:
             m = x.create_match("limit")
             m.set_parameter("limit", r.limit)
             if r.limit_burst is not None:
@@ -716,6 +725,9 @@ def _write_nflog_prefix(target: Any, prefix: str) -> None:
     ctypes.memmove(at + _EXT_HEADER + _NFLOG_PREFIX_AT, raw, len(raw))
 
 
+_HASHLIMIT_KEYS = {"hashlimit-upto", "hashlimit-burst", "hashlimit-name", "hashlimit-htable-expire"}
+
+
 def _decode(x: Any) -> Rule:
     """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
     fields: dict[str, Any] = {"target": x.target.name, "comment": ""}
@@ -742,6 +754,11 @@ def _decode(x: Any) -> Rule:
         elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"}:
             fields["limit"] = one["limit"]
             fields["limit_burst"] = int(one["limit-burst"]) if "limit-burst" in one else None
+        elif m.name == "hashlimit" and not neg and set(one) == _HASHLIMIT_KEYS:
+            fields.update(limit=one["hashlimit-upto"], limit_burst=int(one["hashlimit-burst"]),
+                          limit_name=one["hashlimit-name"])
+            if int(one["hashlimit-htable-expire"]) != shared_limit_expire_ms(fields["limit"], fields["limit_burst"]):
+                unknown.append(f"hashlimit-htable-expire {one['hashlimit-htable-expire']}")
         elif m.name == "conntrack" and not neg and set(one) <= {"ctstate", "ctdir", "ctorigdst", "ctorigdstport"}:
             fields["ctstate"] = one.get("ctstate")
             fields["ctdir"] = one.get("ctdir")

@@ -25,12 +25,23 @@ from egressguard.backends.nftables.render import (
     merge,
     networks,
 )
-from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, OWNED_CHAINS, REDIRECT, AddressSet, Chain, Family, Rule
+from egressguard.ruleset import (
+    CONFINED,
+    DISPATCH,
+    FAMILIES,
+    OWNED_CHAINS,
+    REDIRECT,
+    SET_PREFIX,
+    AddressSet,
+    Chain,
+    Family,
+    Rule,
+)
 
 _WORD_FAMILY = {"ipv4": 4, "ipv6": 6}
 _ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
 _REJECT_BACK = {text: name for name, text in REJECT.items()}
-_KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-\d+$")
+_KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-(\d+|(?P<shared>{SET_PREFIX}[a-z0-9-]+))$")
 _USER_RETURN = [{"match": {"op": "==", "left": {"meta": {"key": "skuid"}},
                            "right": {"range": [0, int(ANY_USER.split("-")[1])]}}}, {"return": None}]
 
@@ -166,13 +177,16 @@ def decode_rule(r: dict[str, Any], family: Family, table: str,
     proto_implied: str | None = None
     exprs = list(r.get("expr", []))
     last = exprs[-1] if exprs else {}
-    if "jump" in last and _KERNEL_CHAIN.match(str(last["jump"].get("target"))):
+    kernel_chain = _KERNEL_CHAIN.match(str(last["jump"].get("target"))) if "jump" in last else None
+    if kernel_chain:
         body = (chains or {}).get(last["jump"]["target"])
         exprs.pop()
         if body is None or len(body) != 2 or body[0].get("expr") != _USER_RETURN:
             unknown.append(f"jump {last['jump']['target']} (not a socketless rule's chain)")
         else:
             f["uid"] = "!" + ANY_USER
+            if kernel_chain["shared"]:
+                f["limit_name"] = kernel_chain["shared"]
             exprs += [{"kernel": True}, *body[1].get("expr", [])]
     kernel = False
     for e in exprs:

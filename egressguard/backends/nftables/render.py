@@ -65,7 +65,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
-    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "nflog_prefix", "nflog_group",
+    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
@@ -95,25 +95,39 @@ def chain_names(ruleset: Ruleset) -> list[str]:
     names = [b for b in BASE if any(t.chains and t.name == b for t in ruleset.tables)]
     for t in ruleset.tables:
         names += [chain_name(t.family, t.name, c.name) for c in t.chains]
-    names += [k for _t, _r, k in kernel_rules(ruleset)]
+    names += kernel_chain_bodies(ruleset)
     return names
 
 
-def kernel_chain(family: Family, table: str, n: int) -> str:
+def kernel_chain(family: Family, table: str, n: int | str) -> str:
     return f"{'nat' if table == 'nat' else ''}{KERNEL_PREFIX}{family}-{n}"
 
 
 def kernel_rules(ruleset: Ruleset) -> list[tuple[Table, Rule, str]]:
-    """Rules for socketless packets, each with the chain of its own (numbered in rule order)."""
+    """Rules for socketless packets, each with the chain of its own (numbered in rule order); rules
+    with a shared limit (limit_name) all jump to one chain named after it, whose one limit they share."""
     out = []
     for t in ruleset.tables:
         n = 0
         for c in t.chains:
             for r in c.rules:
                 if r.uid and r.uid.startswith("!"):
+                    if r.limit_name:
+                        out.append((t, r, kernel_chain(t.family, t.name, r.limit_name)))
+                        continue
                     out.append((t, r, kernel_chain(t.family, t.name, n)))
                     n += 1
     return out
+
+
+def kernel_chain_bodies(ruleset: Ruleset) -> dict[str, list[str]]:
+    """Every socketless rule's chain and its rules; rules sharing a chain must agree on its body."""
+    bodies: dict[str, list[str]] = {}
+    for t, r, k in kernel_rules(ruleset):
+        body = kernel_chain_rules(t.family, t.name, r)
+        if bodies.setdefault(k, body) != body:
+            raise UnsupportedRule(f"rules sharing limit {r.limit_name} differ in limit or verdict (rule {r.comment!r})")
+    return bodies
 
 
 def quote(text: str) -> str:
@@ -196,6 +210,8 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
     if kernel is not None:
         a += ["counter", f"jump {kernel}", f"comment {quote(r.comment)}"]
         return " ".join(a)
+    if r.limit_name:
+        raise UnsupportedRule(f"a shared limit outside a socketless rule's chain (rule {r.comment!r})")
     a += limit_text(r)
     a.append("counter")
     if r.ctmark_set is not None:
@@ -422,8 +438,8 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
         for c in t.chains:
             name = chain_name(t.family, t.name, c.name)
             lines += [f"add rule {TABLE} {name} {rule_text(t.family, t.name, r, kernel.get(id(r)))}" for r in c.rules]
-    for t, r, k in kernel_rules(ruleset):
-        lines += [f"add rule {TABLE} {k} {body}" for body in kernel_chain_rules(t.family, t.name, r)]
+    for k, bodies in kernel_chain_bodies(ruleset).items():
+        lines += [f"add rule {TABLE} {k} {body}" for body in bodies]
     gone = [c for c in existing.chains if c not in wanted and c not in existing.stale_base_chains]
     # Regular chains before base chains: a base chain's jumps are gone already (flushed above).
     lines += [f"delete chain {TABLE} {c}" for c in gone]
