@@ -33,6 +33,7 @@ import dns.rdatatype
 import structlog
 
 from egressguard.backends.nftables.render import TABLE
+from egressguard.errors import EgressGuardError
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
 
@@ -70,6 +71,41 @@ class Config:
     def from_policy(cls, policy: Policy, upstreams: Sequence[str]) -> Config:
         return cls(entries=learned_entries(policy), upstreams=tuple(upstreams), ttl_min=policy.dns.ttl.min,
                    ttl_max=policy.dns.ttl.max, port=policy.dns.forwarder_port)
+
+
+def kernel_sets(config: Config) -> KernelSets | IpsetSets:
+    """The learned sets where `apply` made them: ipsets (iptables back end) if the kernel has one of
+    this policy's, else the nftables table's sets."""
+    names = {name for e in config.entries for name in e.sets.values()}
+    try:
+        from egressguard.sets import Ipsets  # noqa: PLC0415
+
+        with Ipsets() as ipsets:
+            if names & set(ipsets.owned()):
+                return IpsetSets()
+    except EgressGuardError:  # no ipset in this kernel: the nftables back end
+        pass
+    return KernelSets()
+
+
+class IpsetSets:
+    """Adds learned addresses to the entries' ipsets (iptables back end), one message per set; a
+    member already there takes the new timeout."""
+
+    def __init__(self) -> None:
+        from egressguard.sets import Ipsets  # noqa: PLC0415
+
+        self.ipsets = Ipsets()
+
+    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        by_set: dict[str, list[tuple[str, int]]] = {}
+        for name, addr, ttl in items:
+            by_set.setdefault(name, []).append((addr, ttl))
+        for name, elems in by_set.items():
+            self.ipsets.add_timed(name, elems)
+
+    def close(self) -> None:
+        self.ipsets.close()
 
 
 class KernelSets:
@@ -494,8 +530,8 @@ def main(args: Any) -> int:
 
     # Beside a command (`egressguard run`): end with it (a pidfd, opened before anything slow).
     parent_fd = sidecar.parent_exit_fd(args.parent) if args.parent is not None else None
-    sets = KernelSets()
     config = Config.from_policy(policy, upstreams)
+    sets = kernel_sets(config)
     ready_fd = args.ready_fd
 
     def ready() -> None:

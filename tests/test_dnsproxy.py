@@ -413,10 +413,12 @@ def test_proxy_plan_matches_golden_file(capsys: pytest.CaptureFixture[str], monk
     assert_matches_golden(ROOT / "tests/golden/proxy/dns-proxy.nft", capsys.readouterr().out, "nft plan differs from")
 
 
-def test_proxy_plan_on_iptables_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proxy_plan_on_iptables_matches_golden_file(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """iptables: learned sets are ipsets with timeouts; each entry marks (CONNMARK) and allows."""
     monkeypatch.chdir(ROOT)
-    assert cli.main(["plan", "--backend", "iptables", "--policy", "tests/golden/proxy/dns-proxy.yaml"]) == 3
-    assert "dns.mode proxy needs the nftables back end" in capsys.readouterr().err
+    assert cli.main(["plan", "--backend", "iptables", "--policy", "tests/golden/proxy/dns-proxy.yaml"]) == 0
+    assert_matches_golden(ROOT / "tests/golden/proxy/dns-proxy.rules", capsys.readouterr().out, "iptables plan differs from")
 
 
 @pytest.fixture(scope="module", autouse=True)
