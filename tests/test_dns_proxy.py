@@ -457,3 +457,27 @@ def test_a_restarted_forwarder_keeps_what_the_kernel_learned(module_lab: Lab, wo
         assert reached(lab.tcp(A, 22), A), "the address learned before the restart was refused"
     finally:
         second.stop()
+
+
+def test_verify_notices_a_tampered_learned_set_apply_repairs_it_and_reset_removes_them(module_lab: Lab,
+                                                                                         world: World) -> None:
+    """iptables: a learned ipset swapped for one without timeouts is a difference (exit 5); apply
+    swaps a sound one back in; reset leaves no learned set. (nftables cannot change a set's type
+    while a rule names it.) Last in the module: it resets the pod."""
+    if os.environ["EGRESSGUARD_BACKEND"] == "nftables":
+        pytest.skip("nftables: a set's type cannot change while a rule names it")
+    lab = module_lab
+    path = str(lab.write_policy(PROXY))
+    name = learned_entries(_policy())[0].sets[4]
+    assert lab.egressguard("verify", "--policy", path).returncode == 0, "control: sound before tampering"
+    for argv in (("create", f"{name}-x", "hash:net", "family", "inet"), ("swap", f"{name}-x", name),
+                 ("destroy", f"{name}-x")):
+        lab.in_pod("ipset", *argv, check=True)
+    done = lab.egressguard("verify", "--policy", path)
+    assert done.returncode == 5 and f"learned set {name}" in done.stderr + done.stdout, done.stderr
+    applied(lab, PROXY)
+    assert "timeout" in lab.in_pod("ipset", "list", "-t", name, check=True).stdout
+    assert lab.egressguard("verify", "--policy", path).returncode == 0
+    assert lab.egressguard("reset").returncode == 0
+    left = lab.in_pod("ipset", "list", "-n", check=True).stdout.split()
+    assert not [n for n in left if n.startswith("egressguard-")], left
