@@ -73,19 +73,43 @@ class Config:
                    ttl_max=policy.dns.ttl.max, port=policy.dns.forwarder_port)
 
 
-def kernel_sets(config: Config) -> KernelSets | IpsetSets:
-    """The learned sets where `apply` made them: ipsets (iptables back end) if the kernel has one of
-    this policy's, else the nftables table's sets."""
-    names = {name for e in config.entries for name in e.sets.values()}
-    try:
-        from egressguard.sets import Ipsets  # noqa: PLC0415
+class LearnedSets:
+    """The learned sets wherever `apply` made them: ipsets (iptables back end) if the kernel holds
+    one of this policy's, else the nftables table's. Looked for at the first answer (the forwarder
+    may start before apply), and again when the kernel refuses an add (a re-apply switched back ends)."""
 
-        with Ipsets() as ipsets:
-            if names & set(ipsets.owned()):
-                return IpsetSets()
-    except EgressGuardError:  # no ipset in this kernel: the nftables back end
-        pass
-    return KernelSets()
+    def __init__(self, config: Config) -> None:
+        self.names = {name for e in config.entries for name in e.sets.values()}
+        self.impl: KernelSets | IpsetSets | None = None
+
+    def _find(self) -> KernelSets | IpsetSets:
+        try:
+            from egressguard.sets import Ipsets  # noqa: PLC0415
+
+            with Ipsets() as ipsets:
+                if self.names & set(ipsets.owned()):
+                    return IpsetSets()
+        except EgressGuardError:  # no ipset in this kernel: the nftables back end
+            pass
+        return KernelSets()
+
+    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        if self.impl is None:
+            self.impl = self._find()
+        try:
+            self.impl.add(items)
+        except Exception:
+            found = self._find()
+            if type(found) is type(self.impl):
+                found.close()
+                raise
+            self.impl.close()
+            self.impl = found
+            self.impl.add(items)
+
+    def close(self) -> None:
+        if self.impl is not None:
+            self.impl.close()
 
 
 class IpsetSets:
@@ -531,7 +555,7 @@ def main(args: Any) -> int:
     # Beside a command (`egressguard run`): end with it (a pidfd, opened before anything slow).
     parent_fd = sidecar.parent_exit_fd(args.parent) if args.parent is not None else None
     config = Config.from_policy(policy, upstreams)
-    sets = kernel_sets(config)
+    sets = LearnedSets(config)
     ready_fd = args.ready_fd
 
     def ready() -> None:

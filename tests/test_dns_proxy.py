@@ -25,7 +25,9 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
-from egtraffic import FAST, applied, policy, reached
+from egtraffic import FAST, applied, policy, reached, refused_fast
+from mesh import ISTIO
+from test_traffic_mesh import through_relay
 from wire import WireCapture
 
 from egressguard.lab import CONFINED, EXEMPT, RESOLVER_V4, RESOLVER_V6, Lab, _sh
@@ -457,6 +459,41 @@ def test_a_restarted_forwarder_keeps_what_the_kernel_learned(module_lab: Lab, wo
         assert reached(lab.tcp(A, 22), A), "the address learned before the restart was refused"
     finally:
         second.stop()
+
+
+def test_through_a_mesh_a_learned_address_is_judged_by_where_the_connection_was_addressed(
+        module_lab: Lab, forwarder: Forwarder) -> None:
+    """An Istio-shaped nat redirect sends the agent's TCP to a relay on loopback. nftables looks
+    the learned set up by the original destination: the learned address passes through the relay.
+    ipset reads the packet's destination (the relay's): on iptables the redirected connection is
+    refused before the learned sets (`dnat-set`) and reaches neither relay nor world."""
+    lab = module_lab
+    assert resolve(lab, "rotate.test") == ("NOERROR", [A])
+    assert reached(lab.tcp(A, 22), A), "control: without the mesh the learned address passes"
+    relay_log = lab.start_relay(ISTIO.uid, ISTIO.port)
+    ISTIO.install(lab)
+    try:
+        assert resolve(lab, "rotate.test") == ("NOERROR", [A]), "DNS still goes to the forwarder"
+        before = _refused_by(lab, "dnat-set")
+        with WireCapture(lab) as cap:
+            res = lab.tcp(A, 22, timeout=FAST)
+            cap.barrier(lab)
+            reached_world = cap.frames_with(lambda f: f.proto == 6 and f.dst == A and f.dport == 22)
+        if os.environ["EGRESSGUARD_BACKEND"] == "nftables":
+            assert through_relay(res, ISTIO.uid, A, 22), res.answer
+        else:
+            assert refused_fast(res), res
+            assert not reached_world and relay_log.read_text() == "", "a redirected connection got out"
+            assert _refused_by(lab, "dnat-set") > before, "refused, but not by dnat-set"
+    finally:
+        ISTIO.remove(lab)
+
+
+def _refused_by(lab: Lab, line: str) -> int:
+    """Packets `status` counts as refused by policy line `line` (both families)."""
+    done = lab.egressguard("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return int(json.loads(done.stdout)["refused"].get(line, 0))
 
 
 def test_verify_notices_a_tampered_learned_set_apply_repairs_it_and_reset_removes_them(module_lab: Lab,
