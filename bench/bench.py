@@ -535,7 +535,8 @@ def section_dns_forwarder(quick: bool) -> None:
         for path, qps, med, p99, lost in rows:
             print(f"| {path} | {qps:,} | {med:.2f} ms | {p99:.2f} ms | {lost} |")
         print(f"\nanswer received -> kernel set holds the address ({commit} per answer): median "
-              f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms over {stopped.get('commits')} answers")
+              f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms "
+              f"over {stopped.get('commits')} answers")
 # 5. The log of refusals (issue 14): kept apart from the sections above
 
 
