@@ -879,6 +879,7 @@ def to_json(ruleset: Ruleset) -> dict[str, object]:
         "digest": ruleset.digest(),
         "unresolved_hosts": list(ruleset.unresolved_hosts),
         "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
+        "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
         "tables": [
             {
                 "family": f"ipv{t.family}",

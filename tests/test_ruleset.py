@@ -598,6 +598,8 @@ def test_learned_sets_on_iptables_sit_behind_dnat_set_and_mark_before_they_allow
     assert learned[0].match_set == learned[1].match_set and learned[0].match_set.startswith("egressguard-d4-")
     assert learned[0].dports == learned[1].dports == (443, 8443)
     assert learned[0].args()[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
+    assert {(s["family"], s["host"]) for s in to_json(_build(data))["learned_sets"]} == {
+        ("ipv4", "pypi.org"), ("ipv6", "pypi.org")}
     nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
     assert "dnat-set" not in _comments(nft)
     assert [(r.target, r.ctmark_set, r.ctorigdstport) for r in nft if r.comment == "allow[0]"] == [
