@@ -30,14 +30,15 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-import structlog
 
+from egressguard import logs
 from egressguard.backends.nftables.render import TABLE
 from egressguard.errors import EgressGuardError
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
+from egressguard.sets import Ipsets
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 # Bounds on what a hostile client can make the forwarder hold (each one checked by tests/test_dnsproxy.py).
 MAX_UDP_QUERY = 4096  # bytes; a query is a name and a few options: larger datagrams are dropped
@@ -84,8 +85,6 @@ class LearnedSets:
 
     def _find(self) -> KernelSets | IpsetSets:
         try:
-            from egressguard.sets import Ipsets  # noqa: PLC0415
-
             with Ipsets() as ipsets:
                 if self.names & set(ipsets.owned()):
                     return IpsetSets()
@@ -117,8 +116,6 @@ class IpsetSets:
     member already there takes the new timeout."""
 
     def __init__(self) -> None:
-        from egressguard.sets import Ipsets  # noqa: PLC0415
-
         self.ipsets = Ipsets()
 
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:
@@ -544,6 +541,7 @@ def main(args: Any) -> int:
     uid = policy.dns.forwarder_uid
     assert uid is not None  # proxy mode requires it
     if os.geteuid() == 0:
+        logs.load()  # its events are logged as the user it becomes
         drop_privileges(Identity(name=str(uid), uid=uid, gid=uid, home="/", shell="/bin/sh"), keep=(CAP_NET_ADMIN,))
     elif os.getuid() != uid:
         raise EnvironmentUnsupported(f"`egressguard dns` runs as dns.forwarder_uid {uid} (or starts as root and "
