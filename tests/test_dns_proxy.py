@@ -355,8 +355,12 @@ def test_reapply_keeps_what_was_learned_and_verify_passes(module_lab: Lab, forwa
 _ATTACK = r"""
 import ctypes, errno, json, os, signal, socket, struct, sys
 marker = sys.argv[1].encode()
-pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"dns\0" in open(f"/proc/{p}/cmdline", "rb").read()
-        and marker in open(f"/proc/{p}/cmdline", "rb").read()]
+def cmdline(p):
+    try:
+        return open(f"/proc/{p}/cmdline", "rb").read()
+    except OSError:  # a process of the machine that ended since the listing
+        return b""
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"dns\0" in cmdline(p) and marker in cmdline(p)]
 out = {"pids": pids, "uid": os.getuid()}
 pid = pids[0]
 def attempt(name, fn):
