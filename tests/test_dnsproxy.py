@@ -1,6 +1,6 @@
 """The forwarder (`egressguard dns`) against hostile input: what an agent can send it. The protocol
 part runs in-process with a stand-in upstream and a recorder for the kernel sets (the kernel side is
-proven with real packets in tests/test_nftables_dns_proxy.py); the TCP transport runs for real on
+proven with real packets in tests/test_dns_proxy.py and its nftables twin); the TCP transport runs for real on
 loopback in a network namespace of its own. Answer or drop, never crash, never grow without bound."""
 
 from __future__ import annotations
