@@ -5,7 +5,8 @@ answer is released, so the connection that follows is never refused.
 asyncio, one thread: a query spends nearly all its time waiting for the upstream, and a hostile
 client may hold TCP connections open byte by byte; coroutines make each of those a small object
 with a deadline, where threads would cost a stack each and need locks around the shared limits.
-The kernel update (one libnftables transaction, tens of microseconds) runs on the loop itself.
+The kernel update (one libnftables transaction, or on the iptables back end one ipset netlink
+message per set: tens of microseconds) runs on the loop itself.
 """
 
 from __future__ import annotations
