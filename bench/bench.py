@@ -622,7 +622,7 @@ print(json.dumps({"ms": [(got[i] - sent[i]) * 1000 for i in sent if i in got], "
 """
 
 
-def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]], dict[str, object]]:
+def dns_forwarder(quick: bool, backend: str = "nftables") -> tuple[list[tuple[str, int, float, float, int]], dict[str, object]]:
     """Per rate: (path, qps, median ms, p99 ms, lost) for the confined uid through the forwarder
     (its queries redirected; every answer commits its address to the kernel set before release)
     and for the exempt uid straight to the same upstream; and the forwarder's commit times.
@@ -642,7 +642,7 @@ def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]]
                 "allow": [{"host": "bench.test", "ports": [443]}, {"host": "*.bench.test", "ports": [443]}]}))
             os.chmod(TMP, 0o755)
             os.chmod(policy, 0o644)
-            sh(*EG, "apply", "--backend", "nftables", "--policy", str(policy), "--no-status", ns=pod)
+            sh(*EG, "apply", "--backend", backend, "--policy", str(policy), "--no-status", ns=pod)
             r, w = os.pipe()
             log = TMP / "forwarder.log"
             with open(log, "w") as err:
@@ -677,13 +677,15 @@ def dns_forwarder(quick: bool) -> tuple[list[tuple[str, int, float, float, int]]
 
 
 def section_dns_forwarder(quick: bool) -> None:
-    rows, stopped = dns_forwarder(quick)
     print("\n## 6. DNS forwarder (dns.mode proxy): latency per query, open loop\n")
-    print("| path | qps | median | p99 | lost |\n|---|---:|---:|---:|---:|")
-    for path, qps, med, p99, lost in rows:
-        print(f"| {path} | {qps:,} | {med:.2f} ms | {p99:.2f} ms | {lost} |")
-    print(f"\nanswer received -> kernel set holds the address (one nft transaction per answer): median "
-          f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms over {stopped.get('commits')} answers")
+    for backend, commit in (("nftables", "one nft transaction"), ("iptables", "one ipset netlink message")):
+        rows, stopped = dns_forwarder(quick, backend)
+        print(f"\n{backend} back end\n\n| path | qps | median | p99 | lost |\n|---|---:|---:|---:|---:|")
+        for path, qps, med, p99, lost in rows:
+            print(f"| {path} | {qps:,} | {med:.2f} ms | {p99:.2f} ms | {lost} |")
+        print(f"\nanswer received -> kernel set holds the address ({commit} per answer): median "
+              f"{stopped.get('commit_ms_median')} ms, p99 {stopped.get('commit_ms_p99')} ms "
+              f"over {stopped.get('commits')} answers")
 # 5. The log of refusals (issue 14): kept apart from the sections above
 
 

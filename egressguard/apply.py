@@ -20,7 +20,7 @@ from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
 from egressguard.backends import Backend, Installed
-from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported, VerifyFailed
+from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
 from egressguard.policy import Policy
 from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
@@ -137,7 +137,6 @@ def apply(
     clock = _Clock(out.timings_ms)
     with clock("preflight"):
         backend.preflight()  # exit 3 before any change
-        refuse_proxy_without_learned_sets(policy, backend)
         out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
         if policy.dns.resolvers == "auto" and not out.resolvers:
             log.warning("no_resolvers_found", resolv_conf=str(resolv_conf), effect="confined processes get no DNS")
@@ -214,13 +213,6 @@ def apply(
             raise
 
 
-def refuse_proxy_without_learned_sets(policy: Policy, backend: Backend) -> None:
-    """dns.mode proxy needs sets with per-element timeouts: exit 3 before any change elsewhere."""
-    if policy.proxy_dns and not backend.learned_sets:
-        raise EnvironmentUnsupported(f"dns.mode proxy needs the nftables back end; {backend.name} has no "
-                                     "learned-address sets (use --backend nftables, or dns.mode static)")
-
-
 def _raise_fence(policy: Policy) -> bool:
     """True if the fence is up for every confined uid in both families."""
     try:
@@ -292,7 +284,6 @@ def verify(
 ) -> list[str]:
     """Differences between the kernel and `policy` (hosts as resolved by the last apply)."""
     backend.preflight()
-    refuse_proxy_without_learned_sets(policy, backend)
     resolvers = facts_mod.resolvers_for(policy, resolv_conf)
     want = build(policy, Facts(resolvers=resolvers, hosts=hosts or {}), orig_sets=backend.sets_by_original_destination)
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]

@@ -207,11 +207,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
-    if backend == "iptables" and loaded.policy.proxy_dns:
-        from egressguard.apply import refuse_proxy_without_learned_sets  # noqa: PLC0415
-        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
-
-        refuse_proxy_without_learned_sets(loaded.policy, IptablesBackend())
     nft_plan = backend in ("nftables", "auto") and not args.json
     rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nft_plan)
     if nft_plan:

@@ -5,7 +5,8 @@ answer is released, so the connection that follows is never refused.
 asyncio, one thread: a query spends nearly all its time waiting for the upstream, and a hostile
 client may hold TCP connections open byte by byte; coroutines make each of those a small object
 with a deadline, where threads would cost a stack each and need locks around the shared limits.
-The kernel update (one libnftables transaction, tens of microseconds) runs on the loop itself.
+The kernel update (one libnftables transaction, or on the iptables back end one ipset netlink
+message per set: tens of microseconds) runs on the loop itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import dns.rdatatype
 
 from egressguard import logs
 from egressguard.backends.nftables.render import TABLE
+from egressguard.errors import EgressGuardError
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
+from egressguard.sets import Ipsets
 
 log = logs.get_logger("egressguard")
 
@@ -70,6 +73,61 @@ class Config:
     def from_policy(cls, policy: Policy, upstreams: Sequence[str]) -> Config:
         return cls(entries=learned_entries(policy), upstreams=tuple(upstreams), ttl_min=policy.dns.ttl.min,
                    ttl_max=policy.dns.ttl.max, port=policy.dns.forwarder_port)
+
+
+class LearnedSets:
+    """The learned sets wherever `apply` made them: ipsets (iptables back end) if the kernel holds
+    one of this policy's, else the nftables table's. Looked for at the first answer (the forwarder
+    may start before apply), and again when the kernel refuses an add (a re-apply switched back ends)."""
+
+    def __init__(self, config: Config) -> None:
+        self.names = {name for e in config.entries for name in e.sets.values()}
+        self.impl: KernelSets | IpsetSets | None = None
+
+    def _find(self) -> KernelSets | IpsetSets:
+        try:
+            with Ipsets() as ipsets:
+                if self.names & set(ipsets.owned()):
+                    return IpsetSets()
+        except EgressGuardError:  # no ipset in this kernel: the nftables back end
+            pass
+        return KernelSets()
+
+    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        if self.impl is None:
+            self.impl = self._find()
+        try:
+            self.impl.add(items)
+        except Exception:
+            found = self._find()
+            if type(found) is type(self.impl):
+                found.close()
+                raise
+            self.impl.close()
+            self.impl = found
+            self.impl.add(items)
+
+    def close(self) -> None:
+        if self.impl is not None:
+            self.impl.close()
+
+
+class IpsetSets:
+    """Adds learned addresses to the entries' ipsets (iptables back end), one message per set; a
+    member already there takes the new timeout."""
+
+    def __init__(self) -> None:
+        self.ipsets = Ipsets()
+
+    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        by_set: dict[str, list[tuple[str, int]]] = {}
+        for name, addr, ttl in items:
+            by_set.setdefault(name, []).append((addr, ttl))
+        for name, elems in by_set.items():
+            self.ipsets.add_timed(name, elems)
+
+    def close(self) -> None:
+        self.ipsets.close()
 
 
 class KernelSets:
@@ -495,8 +553,8 @@ def main(args: Any) -> int:
 
     # Beside a command (`egressguard run`): end with it (a pidfd, opened before anything slow).
     parent_fd = sidecar.parent_exit_fd(args.parent) if args.parent is not None else None
-    sets = KernelSets()
     config = Config.from_policy(policy, upstreams)
+    sets = LearnedSets(config)
     ready_fd = args.ready_fd
 
     def ready() -> None:

@@ -189,9 +189,11 @@ class Rule:
             if self.limit_burst is not None:
                 a += ["--limit-burst", str(self.limit_burst)]
         a += ["-m", "comment", "--comment", self.comment]
-        if self.ctmark_set is not None:  # no iptables rule does both: shown, never committed (dns.mode proxy)
+        if self.ctmark_set is not None and self.target != "CONNMARK":  # nftables only: mark and verdict in one
             a += ["--ctmark-or", f"{self.ctmark_set:#x}"]
         a += ["-j", self.target]
+        if self.target == "CONNMARK" and self.ctmark_set is not None:  # --or-mark, as iptables-save prints it
+            a += ["--set-xmark", f"{self.ctmark_set:#x}/{self.ctmark_set:#x}"]
         if self.reject_with:
             a += ["--reject-with", self.reject_with]
         if self.to_ports is not None:
@@ -688,7 +690,7 @@ def _confined(
     if not lockdown:
         allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
                                         orig_sets=orig_sets)
-        if (deny_sets or allow_sets) and not orig_sets:
+        if (deny_sets or allow_sets or learned_entries(policy)) and not orig_sets:
             rules += _dnat_unjudged(policy, family)
         rules += allow
         sets += allow_sets
@@ -739,6 +741,9 @@ def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
 # dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
 # ORed in, so other users of the mark (CNIs, service meshes) keep theirs.
 LEARNED_CTMARK = 0x40000000
+# An iptables learned set's default timeout (ipset needs one to take per-member timeouts); never
+# used: the forwarder adds every member with its own.
+LEARNED_SET_TIMEOUT_S = 300
 
 
 def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule]:
@@ -758,8 +763,11 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
             [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
             if orig_sets else [{"match_set": entry.sets[family], "dports": g} for g in _port_groups(e.ports)])
         for match in matches:
+            if not orig_sets:  # iptables: CONNMARK marks and goes on, the RETURN after it allows
+                rules.append(Rule(target="CONNMARK", comment=f"allow[{entry.index}]", protocol=proto,
+                                  ctmark_set=LEARNED_CTMARK, **match))  # type: ignore[arg-type]
             rules.append(Rule(target="RETURN", comment=f"allow[{entry.index}]", protocol=proto,
-                              ctmark_set=LEARNED_CTMARK, **match))  # type: ignore[arg-type]
+                              ctmark_set=LEARNED_CTMARK if orig_sets else None, **match))  # type: ignore[arg-type]
     return rules
 
 
@@ -860,6 +868,13 @@ def render(ruleset: Ruleset, *, header: Iterable[str] = ()) -> str:
         lines.append(f"# ipset ({len(ruleset.sets)} sets, created and filled before the rules)")
         for st in ruleset.sets:
             lines += st.render()
+    if ruleset.learned_sets:
+        # dns.mode proxy: created empty if missing (kept with what they hold), filled by `egressguard dns`.
+        lines.append(f"# ipset ({len(ruleset.learned_sets)} learned-address sets, filled by the DNS forwarder)")
+        for ls in ruleset.learned_sets:
+            lines.append(f"# {ls.name}: {ls.host}")
+            lines.append(f"create {ls.name} hash:net family {'inet6' if ls.family == 6 else 'inet'} "
+                         f"timeout {LEARNED_SET_TIMEOUT_S}")
     for t in ruleset.tables:
         lines.append(f"# {'ip6tables' if t.family == 6 else 'iptables'} {t.name}")
         lines.append(f"*{t.name}")
@@ -886,6 +901,7 @@ def to_json(ruleset: Ruleset) -> dict[str, object]:
         "digest": ruleset.digest(),
         "unresolved_hosts": list(ruleset.unresolved_hosts),
         "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
+        "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
         "tables": [
             {
                 "family": f"ipv{t.family}",

@@ -22,7 +22,7 @@ CMD_CREATE, CMD_DESTROY, CMD_RENAME, CMD_SWAP, CMD_LIST, CMD_ADD, CMD_TYPE = 2, 
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY = 1, 2, 3, 4, 5
 ATTR_FLAGS, ATTR_DATA, ATTR_ADT, ATTR_LINENO, ATTR_PROTOCOL_MIN = 6, 7, 8, 9, 10
 ATTR_SETNAME2 = ATTR_TYPENAME
-DATA_IP, DATA_CIDR, DATA_HASHSIZE, DATA_MAXELEM, DATA_ELEMENTS = 1, 3, 18, 19, 24
+DATA_IP, DATA_CIDR, DATA_TIMEOUT, DATA_HASHSIZE, DATA_MAXELEM, DATA_ELEMENTS = 1, 3, 6, 18, 19, 24
 IPADDR_V4, IPADDR_V6 = 1, 2
 FLAG_LIST_SETNAME, FLAG_LIST_HEADER = 1 << 1, 1 << 2
 NLA_F_NESTED, NLA_F_NET_BYTEORDER = 0x8000, 0x4000
@@ -256,11 +256,13 @@ class Ipsets:
             self._revision[family] = rev
         return self._revision[family]
 
-    def create(self, name: str, family: int, size: int) -> None:
+    def create(self, name: str, family: int, size: int, timeout: int | None = None) -> None:
+        """A hash:net set; with `timeout` (seconds, its default), one whose members each expire."""
         hashsize = 64
         while hashsize < size // 2 and hashsize < 1 << 20:
             hashsize *= 2
-        data = _nest(ATTR_DATA, _be32(DATA_HASHSIZE, hashsize), _be32(DATA_MAXELEM, max(65536, size)))
+        data = _nest(ATTR_DATA, _be32(DATA_HASHSIZE, hashsize), _be32(DATA_MAXELEM, max(65536, size)),
+                     *([_be32(DATA_TIMEOUT, timeout)] if timeout is not None else []))
         body = (
             _str(ATTR_SETNAME, name)
             + _str(ATTR_TYPENAME, "hash:net")
@@ -283,6 +285,46 @@ class Ipsets:
                 batch, size = [], 0
         if batch:
             self._request(f"add to {name}", CMD_ADD, head + _nest(ATTR_ADT, *batch))
+
+    def add_timed(self, name: str, members: Iterable[tuple[str, int]]) -> None:
+        """Add (address, seconds) members to a set created with a timeout, in one message; a member
+        already there takes the new timeout (no NLM_F_EXCL: ipset's `-exist`)."""
+        elements = []
+        for addr, ttl in members:
+            v6 = ":" in addr
+            packed = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, addr)
+            ip = _nest(DATA_IP, _attr((IPADDR_V6 if v6 else IPADDR_V4) | NLA_F_NET_BYTEORDER, packed))
+            elements.append(_nest(ATTR_DATA, ip, _be32(DATA_TIMEOUT, ttl)))  # no CIDR: the address alone
+        if elements:
+            self._request(f"add to {name}", CMD_ADD,
+                          _str(ATTR_SETNAME, name) + _be32(ATTR_LINENO, 0) + _nest(ATTR_ADT, *elements))
+
+    def timed(self, name: str) -> tuple[int, str, bool, list[tuple[str, int]]] | None:
+        """(family, type name, has a default timeout, [(member, seconds left)]) of set `name`, or
+        None if there is none: what a learned-address set (dns.mode proxy) holds now."""
+        family, typename, timeout, found = 0, "", False, []
+        try:
+            for block in self._dump(f"list {name}", CMD_LIST, _str(ATTR_SETNAME, name)):
+                for kind, value in _attrs(block):
+                    if kind == ATTR_FAMILY:
+                        family = {2: 4, 10: 6}.get(value[0], 0)
+                    elif kind == ATTR_TYPENAME:
+                        typename = value.rstrip(b"\0").decode()
+                    elif kind == ATTR_DATA:
+                        timeout = timeout or any(k == DATA_TIMEOUT for k, _v in _attrs(value))
+                    elif kind == ATTR_ADT:
+                        for k, data in _attrs(value):
+                            if k == ATTR_DATA:
+                                addr, plen = _decode_element(data)
+                                left = next((int(struct.unpack(">I", v[:4])[0]) for kk, v in _attrs(data)
+                                             if kk == DATA_TIMEOUT), 0)
+                                member = canonical_members([member_key(addr, plen)])[0]
+                                found.append((member.removesuffix("/128" if ":" in member else "/32"), left))
+        except IpsetError as exc:
+            if exc.code == errno.ENOENT:
+                return None
+            raise
+        return family, typename, timeout, found
 
     def swap(self, a: str, b: str) -> None:
         self._request(f"swap {a} {b}", CMD_SWAP, _str(ATTR_SETNAME, a) + _str(ATTR_SETNAME2, b))

@@ -1,6 +1,6 @@
 """The forwarder (`egressguard dns`) against hostile input: what an agent can send it. The protocol
 part runs in-process with a stand-in upstream and a recorder for the kernel sets (the kernel side is
-proven with real packets in tests/test_nftables_dns_proxy.py); the TCP transport runs for real on
+proven with real packets in tests/test_dns_proxy.py and its nftables twin); the TCP transport runs for real on
 loopback in a network namespace of its own. Answer or drop, never crash, never grow without bound."""
 
 from __future__ import annotations
@@ -413,10 +413,12 @@ def test_proxy_plan_matches_golden_file(capsys: pytest.CaptureFixture[str], monk
     assert_matches_golden(ROOT / "tests/golden/proxy/dns-proxy.nft", capsys.readouterr().out, "nft plan differs from")
 
 
-def test_proxy_plan_on_iptables_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proxy_plan_on_iptables_matches_golden_file(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """iptables: learned sets are ipsets with timeouts; each entry marks (CONNMARK) and allows."""
     monkeypatch.chdir(ROOT)
-    assert cli.main(["plan", "--backend", "iptables", "--policy", "tests/golden/proxy/dns-proxy.yaml"]) == 3
-    assert "dns.mode proxy needs the nftables back end" in capsys.readouterr().err
+    assert cli.main(["plan", "--backend", "iptables", "--policy", "tests/golden/proxy/dns-proxy.yaml"]) == 0
+    assert_matches_golden(ROOT / "tests/golden/proxy/dns-proxy.rules", capsys.readouterr().out, "iptables plan differs from")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,6 +14,7 @@ from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
     FAMILIES,
+    LEARNED_CTMARK,
     LOG_GROUP,
     LOG_PREFIX_MAX,
     REDIRECT,
@@ -579,3 +580,28 @@ def test_a_long_policy_line_is_cut_to_what_nflog_carries() -> None:
     deny += [{"cidr": "198.18.0.1/32", "protocol": "tcp"}]
     rules = _chain(_build({"deny": deny}), 4, "filter", CONFINED)
     assert all(len(r.nflog_prefix.encode()) <= LOG_PREFIX_MAX for r in rules if r.nflog_prefix)
+
+
+def test_learned_sets_on_iptables_sit_behind_dnat_set_and_mark_before_they_allow() -> None:
+    """dns.mode proxy on iptables: ipset reads the packet's destination, so a DNATed connection is
+    refused before the learned sets (`dnat-set`, as for every set there); each match is a CONNMARK
+    (mark, go on) then the same match's RETURN; marked connections pass first (`dns-learned-open`).
+    nftables looks the sets up by the original destination and marks in the allowing rule."""
+    data = {"confine": {"uids": [1000]}, "exempt": {"uids": [1001, 1002]},
+            "dns": {"mode": "proxy", "forwarder_uid": 1002, "resolvers": []},
+            "allow": [{"host": "pypi.org", "ports": [443, 8443]}]}
+    rules = _confined(_build(data), 4)
+    at = _first(rules, "dnat-set")
+    assert rules[at].ctstate == "DNAT" and _last(rules, "dns-proxy") < at < _first(rules, "dns-learned-open")
+    learned = [r for r in rules if r.comment == "allow[0]"]
+    assert [r.target for r in learned] == ["CONNMARK", "RETURN"]
+    assert learned[0].ctmark_set == LEARNED_CTMARK and learned[1].ctmark_set is None
+    assert learned[0].match_set == learned[1].match_set and learned[0].match_set.startswith("egressguard-d4-")
+    assert learned[0].dports == learned[1].dports == (443, 8443)
+    assert learned[0].args()[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
+    assert {(s["family"], s["host"]) for s in to_json(_build(data))["learned_sets"]} == {
+        ("ipv4", "pypi.org"), ("ipv6", "pypi.org")}
+    nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)
+    assert "dnat-set" not in _comments(nft)
+    assert [(r.target, r.ctmark_set, r.ctorigdstport) for r in nft if r.comment == "allow[0]"] == [
+        ("RETURN", LEARNED_CTMARK, 443), ("RETURN", LEARNED_CTMARK, 8443)]

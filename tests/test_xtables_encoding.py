@@ -88,8 +88,9 @@ def _blocks(text: str) -> tuple[str, dict[str, str]]:
 
 def _reference_commits(ns: str, ruleset: Ruleset) -> Any:
     sets, blocks = _blocks(render(ruleset))
-    steps = ([("ipset", "restore")] if ruleset.sets else []) + [(f"{t}-legacy-restore", "-n") for t in blocks]
-    for argv, stdin in zip(steps, ([sets] if ruleset.sets else []) + list(blocks.values()), strict=True):
+    with_sets = bool(ruleset.sets or ruleset.learned_sets)
+    steps = ([("ipset", "restore")] if with_sets else []) + [(f"{t}-legacy-restore", "-n") for t in blocks]
+    for argv, stdin in zip(steps, ([sets] if with_sets else []) + list(blocks.values()), strict=True):
         done = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, text=True, timeout=20)
         assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr}\n{stdin}"
     return _in_netns(ns, _read_all)
@@ -154,6 +155,17 @@ def test_golden_policy_and_its_lockdown_commit_the_bytes_iptables_restore_commit
 def test_policy_with_kernel_sets_commits_the_bytes_iptables_restore_commits() -> None:
     ruleset = _ruleset(validate(SETS_POLICY))
     assert len(ruleset.sets) >= 3  # the set match is really covered
+    _compare(ruleset)
+
+
+@pytest.mark.netns
+def test_dns_proxy_policy_commits_the_bytes_iptables_restore_commits() -> None:
+    """dns.mode proxy: the learned sets' match, the CONNMARK that marks and the connmark match that
+    lets marked connections outlive their address."""
+    ruleset = _ruleset(load_file(GOLDEN / "proxy" / "dns-proxy.yaml"))
+    targets = {r.target for t in ruleset.tables for c in t.chains for r in c.rules}
+    assert ruleset.learned_sets and "CONNMARK" in targets
+    assert any(r.ctmark for t in ruleset.tables for c in t.chains for r in c.rules)
     _compare(ruleset)
 
 

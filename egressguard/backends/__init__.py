@@ -61,8 +61,6 @@ class Backend(abc.ABC):
     # True if one commit changes both families at once (nftables): apply then needs no routing
     # fence, and a first apply with nothing to resolve needs no lockdown commit before the policy.
     atomic_families: bool = False
-    # True if the back end keeps learned-address sets with per-element timeouts (dns.mode proxy).
-    learned_sets: bool = False
     # True if a rule can look a kernel set up by the connection's original destination (nftables);
     # see ruleset.build's `orig_sets`.
     sets_by_original_destination: bool = False

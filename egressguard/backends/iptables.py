@@ -22,17 +22,21 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from egressguard import logs
-from egressguard.backends import Backend, Installed, InstalledTable, xtables_raw
+from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, xtables_raw
 from egressguard.backends.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.ruleset import (
     DISPATCH,
     FAMILIES,
     JUMP_COMMENT,
+    LEARNED_SET_TIMEOUT_S,
     OWNED_CHAINS,
+    SET_PREFIX,
+    SET_STAGING_SUFFIX,
     AddressSet,
     Chain,
     Family,
+    LearnedSet,
     Rule,
     Ruleset,
     Table,
@@ -238,13 +242,21 @@ class IptablesBackend(Backend):
                 for st in ruleset.sets:  # cross-check: no rule may refer to a set that is not full yet
                     if ipsets.count(st.name) != len(st.members):
                         raise ApplyFailed(f"ipset {st.name}: not complete after filling; rules not committed")
+        if ruleset.learned_sets:
+            self._sets_touched = True
+            with Ipsets() as ipsets:
+                for ls in ruleset.learned_sets:
+                    ensure_learned(ipsets, ls)
         referenced_sets = any(
             _in_children(*((self._commit_family, (f, [t for t in ruleset.tables if t.family == f])) for f in FAMILIES))
         )
         removing_everything = not any(t.chains for t in ruleset.tables)
         if ruleset.sets or referenced_sets or self._sets_touched or removing_everything:
+            keep = [st.name for st in ruleset.sets] + [st.name for st in ruleset.learned_sets]
             with Ipsets() as ipsets:
-                busy = ipsets.prune(keep=[st.name for st in ruleset.sets])
+                if ruleset.kind == "lockdown" and not removing_everything:  # learned addresses outlive a lockdown
+                    keep += [n for n in ipsets.owned() if n.startswith(LEARNED_SET_PREFIX)]
+                busy = ipsets.prune(keep=keep)
             if busy:
                 raise ApplyFailed(f"ipset {busy[0]}: still referenced by a rule egressguard does not own")
         if not self._leave_nftables:
@@ -415,8 +427,12 @@ class IptablesBackend(Backend):
             m.set_parameter("limit", r.limit)
             if r.limit_burst is not None:
                 m.set_parameter("limit-burst", str(r.limit_burst))
+        if r.ctmark is not None:
+            x.create_match("connmark").set_parameter("mark", f"{r.ctmark:#x}/{r.ctmark:#x}")
         x.create_match("comment").set_parameter("comment", r.comment)
         t = x.create_target(r.target)
+        if r.target == "CONNMARK" and r.ctmark_set is not None:
+            t.set_parameter("set-xmark", f"{r.ctmark_set:#x}/{r.ctmark_set:#x}")
         if r.reject_with:
             t.set_parameter("reject-with", r.reject_with)
         if r.to_ports is not None:
@@ -447,13 +463,19 @@ class IptablesBackend(Backend):
         calls = ((self._read_family, (f, None if want is None else [t for t in want.tables if t.family == f])) for f in FAMILIES)
         for found in _in_children(*calls):
             tables += found
-        names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules if r.match_set})
+        names = sorted({r.match_set for t in tables for c in t.chains for r in c.rules
+                        if r.match_set and not r.match_set.startswith(LEARNED_SET_PREFIX)})
         sets: list[AddressSet] = []
-        if names:
+        learned: list[LearnedHolding] = []
+        learned_rules = any(r.match_set and r.match_set.startswith(LEARNED_SET_PREFIX)
+                            for t in tables for c in t.chains for r in c.rules)
+        if names or learned_rules or (want is not None and want.learned_sets):
             from egressguard.sets import Ipsets  # noqa: PLC0415
 
             expected = {st.name: st for st in expect}
             with Ipsets() as ipsets:
+                learned = [h for n in ipsets.owned() if n.startswith(LEARNED_SET_PREFIX)
+                           for h in [read_learned(ipsets, n)] if h is not None]
                 for name in names:
                     if name in expected and ipsets.holds(expected[name]):
                         sets.append(expected[name])
@@ -461,7 +483,7 @@ class IptablesBackend(Backend):
                     listed = ipsets.members(name)
                     if listed is not None:
                         sets.append(AddressSet(name=name, family=listed[0], members=listed[1]))  # type: ignore[arg-type]
-        return Installed(tables=tuple(tables), sets=tuple(sets))
+        return Installed(tables=tuple(tables), sets=tuple(sets), learned_sets=tuple(learned))
 
     def _read_family(self, family: Family, want: list[Table] | None = None) -> list[InstalledTable]:
         out = []
@@ -774,6 +796,8 @@ def _decode(x: Any) -> Rule:
             fields["dports"] = tuple(int(v) for v in one["dports"].split(","))
         elif m.name == "set" and not neg and "match-set" in p:
             fields["match_set"] = p["match-set"][0]
+        elif m.name == "connmark" and set(one) == {"mark"} and not neg and _bits(one["mark"]) is not None:
+            fields["ctmark"] = _bits(one["mark"])
         elif m.name == "comment":
             fields["comment"] = one.get("comment", "")
         else:
@@ -785,6 +809,8 @@ def _decode(x: Any) -> Rule:
         tparams = {k: v[0] if v else "" for k, v in x.target.get_all_parameters().items()}
     if "reject-with" in tparams:
         fields["reject_with"] = tparams.pop("reject-with")
+    if x.target.name == "CONNMARK" and set(tparams) == {"set-xmark"} and _bits(tparams["set-xmark"]) is not None:
+        fields["ctmark_set"] = _bits(tparams.pop("set-xmark"))
     if "to-ports" in tparams:
         fields["to_ports"] = int(tparams.pop("to-ports"))
     if tparams:
@@ -792,3 +818,53 @@ def _decode(x: Any) -> Rule:
     if unknown:
         fields["comment"] += " <unexpected: " + "; ".join(unknown) + ">"
     return Rule(**fields)
+
+
+def _bits(value: str) -> int | None:
+    """`0x40000000/0x40000000` (value and mask the same bits: a test or an OR of those bits) -> the
+    bits; anything else None (the rule then differs from every plan)."""
+    mark, _, mask = value.partition("/")
+    try:
+        return int(mark, 0) if mask and int(mark, 0) == int(mask, 0) else None
+    except ValueError:
+        return None
+
+
+# dns.mode proxy: learned-address sets are ipset hash:net sets with timeouts (each member is added
+# by the forwarder with its own).
+LEARNED_SET_PREFIX = f"{SET_PREFIX}d"
+
+
+def ensure_learned(ipsets: Any, want: LearnedSet) -> None:
+    """Create `want` as an ipset with timeouts unless it is there already (a re-apply keeps what the
+    forwarder learned). One of the wrong type or family (tampering) is replaced, empty, by a swap."""
+    held = read_learned(ipsets, want.name)
+    if held is not None and held.type == _learned_type(want.family):
+        return
+    if held is None:
+        ipsets.create(want.name, want.family, 0, timeout=LEARNED_SET_TIMEOUT_S)
+        return
+    staging = want.name + SET_STAGING_SUFFIX
+    if ipsets.count(staging) is not None:
+        ipsets.destroy(staging)
+    ipsets.create(staging, want.family, 0, timeout=LEARNED_SET_TIMEOUT_S)
+    ipsets.swap(staging, want.name)
+    ipsets.destroy(staging)
+
+
+def _learned_type(family: int) -> str:
+    """What a sound learned set reads back as: the nftables set type, so `verify` compares one word."""
+    return "ipv6_addr" if family == 6 else "ipv4_addr"
+
+
+def read_learned(ipsets: Any, name: str) -> LearnedHolding | None:
+    """A learned-address ipset as read back (None: no such set). Its type is ipv4_addr/ipv6_addr
+    only for a hash:net with timeouts; ipset keeps no member's first timeout: `left` stands for it."""
+    listed = ipsets.timed(name)
+    if listed is None:
+        return None
+    family, typename, timeout, members = listed
+    sound = typename == "hash:net" and timeout and family in (4, 6)
+    kind = _learned_type(family) if sound else f"{typename} family {family}{'' if timeout else ' without timeout'}"
+    return LearnedHolding(name=name, family=6 if family == 6 else 4, type=kind,
+                          elements=tuple((addr, left, left) for addr, left in members))

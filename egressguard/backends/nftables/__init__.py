@@ -42,7 +42,6 @@ def legacy_tables_in_use() -> list[str]:
 class NftablesBackend(Backend):
     name = "nftables (libnftables)"
     atomic_families = True
-    learned_sets = True
     sets_by_original_destination = True  # `ct original ip daddr @set`
 
     def __init__(self) -> None:
