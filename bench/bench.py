@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -106,13 +107,14 @@ def write_policy(n: int, redirect: bool = True) -> Path:
 
 
 def list_addresses(n: int) -> list[str]:
-    """n addresses in 198.18.0.0/15 (benchmark range); the last one is the world's 198.19.255.254."""
-    out = [f"198.18.{i // 256}.{i % 256}" for i in range(n - 1)]
+    """n addresses in 198.18.0.0/15 (benchmark range), every other one so that no two merge into one
+    interval (the kernel set then holds n elements); the last is the world's 198.19.255.254."""
+    out = [f"198.{18 + i // 32768}.{i // 128 % 256}.{i % 128 * 2}" for i in range(n - 1)]
     return out + ["198.19.255.254"]
 
 
-def plan(policy: Path) -> str:
-    return sh(*EG, "plan", "--policy", str(policy), "--resolv-conf", "/dev/null").stdout
+def plan(policy: Path, backend: str = "iptables") -> str:
+    return sh(*EG, "plan", "--policy", str(policy), "--resolv-conf", "/dev/null", "--backend", backend).stdout
 
 
 def split_plan(text: str) -> tuple[str, dict[int, str]]:
@@ -142,8 +144,8 @@ def shell_script(text: str) -> str:
                 table = line[1:]
             elif line.startswith(":"):
                 out.append(f"{tool} -w -t {table} -N {line[1:].split()[0]}")
-            elif line.startswith(("-A", "-I")):
-                out.append(f"{tool} -w -t {table} {line}")
+            elif line.startswith(("-A", "-I")):  # quoted again: u32 matches hold `>>` and `&`
+                out.append(f"{tool} -w -t {table} {shlex.join(shlex.split(line))}")
     return "\n".join(out) + "\n"
 
 
@@ -151,7 +153,8 @@ def per_entry_script(n: int) -> str:
     """One iptables call per allow entry, plus the default policy's rules."""
     base = shell_script(plan(write_policy(0))).splitlines()
     # the default's final refusals stay last: insert the entries before them
-    tail = [i for i, line in enumerate(base) if "EGRESSGUARD-CONFINED" in line and "comment default" in line and "iptables-legacy " in line]
+    tail = [i for i, line in enumerate(base)
+            if "EGRESSGUARD-CONFINED" in line and "comment default" in line and "iptables-legacy " in line]
     entries = [
         f"iptables-legacy -w -t filter -I EGRESSGUARD-CONFINED 1 -d {a}/32 -p tcp --dport 5000 -j RETURN"
         for a in list_addresses(n)
@@ -167,10 +170,29 @@ def restore(ns: str, text: str) -> None:
     sh("ip6tables-legacy-restore", "-n", ns=ns, input=tables[6])
 
 
-def eg_apply(ns: str, policy: Path) -> float:
+def eg_apply(ns: str, policy: Path, backend: str = "iptables", *extra: str) -> float:
     resolv = TMP / "resolv.conf"
     resolv.write_text(f"nameserver {RESOLVER}\n")
-    return timed(lambda: sh(*EG, "apply", "--policy", str(policy), "--no-status", "--resolv-conf", str(resolv), ns=ns))
+    status = ("--no-status",) if "--status-file" not in extra else ()
+    return timed(lambda: sh(*EG, "apply", "--backend", backend, "--policy", str(policy), *status, *extra,
+                            "--resolv-conf", str(resolv), ns=ns))
+
+
+def nft_f(ns: str, text: str) -> float:
+    path = TMP / f"plan-{abs(hash(text))}.nft"
+    if not path.exists():
+        path.write_text(text)
+    return timed(lambda: sh("nft", "-f", str(path), ns=ns))
+
+
+def interleaved(runs: int, rows: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Median of `runs` of each row, measured in rounds (one run of every row per round): drift in
+    the machine's load then spreads over all rows alike."""
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    for _ in range(runs):
+        for key, fn in rows.items():
+            times[key].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def fresh(fn: Callable[[str], float]) -> Callable[[], float]:
@@ -185,36 +207,76 @@ def fresh(fn: Callable[[str], float]) -> Callable[[], float]:
 # Sections
 
 
-def cold_start(runs: int) -> list[tuple[str, float]]:
+def cold_start(runs: int) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(what, back end, wall time, / that back end's per-rule script, / its restore tool)."""
     policy = write_policy(0)
-    text = plan(policy)
+    text = plan(policy, "iptables")
+    nft_text = plan(policy, "nftables")
     script = TMP / "default.sh"
     script.write_text(shell_script(text))
     calls = sum(1 for line in script.read_text().splitlines() if "tables-legacy" in line)
-    # The same script as the image's plain `iptables` runs it: on Debian and Ubuntu that is
-    # iptables-nft unless the alternative is switched (egressguard itself programs legacy x_tables).
+    # The same script as the image's plain `iptables` runs it: on Debian and Ubuntu that is iptables-nft.
     nft_script = TMP / "default-nft.sh"
-    nft_script.write_text(script.read_text().replace("ip6tables-legacy ", "ip6tables-nft ").replace("iptables-legacy ", "iptables-nft "))
-    eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
-    shell = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
-    shell_nft = median_of(runs, fresh(lambda ns: timed(lambda: sh("sh", str(nft_script), ns=ns)))) if shutil.which("iptables-nft") else None
-    rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
-    start = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", "pass")))
-    imp = median_of(runs, lambda: timed(lambda: sh(sys.executable, "-c", IMPORTS_FOR_APPLY)))
+    legacy_text = script.read_text()
+    nft_script.write_text(legacy_text.replace("ip6tables-legacy ", "ip6tables-nft ").replace("iptables-legacy ", "iptables-nft "))
+    rows: dict[str, Callable[[], float]] = {
+        "eg_nft": fresh(lambda ns: eg_apply(ns, policy, "nftables")),
+        "script_nft": fresh(lambda ns: timed(lambda: sh("sh", str(nft_script), ns=ns))),
+        "nft_f": fresh(lambda ns: nft_f(ns, nft_text)),
+        "eg_ipt": fresh(lambda ns: eg_apply(ns, policy, "iptables")),
+        "script_legacy": fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))),
+        "restore": fresh(lambda ns: timed(lambda: restore(ns, text))),
+        "pass": lambda: timed(lambda: sh(sys.executable, "-c", "pass")),
+        "floor_nft": lambda: timed(lambda: sh(sys.executable, "-c", IMPORTS_FOR_APPLY["nftables"])),
+        "floor_ipt": lambda: timed(lambda: sh(sys.executable, "-c", IMPORTS_FOR_APPLY["iptables"])),
+    }
+    t = interleaved(runs, rows)
+    nft = (t["script_nft"], t["nft_f"])
+    legacy = (t["script_legacy"], t["restore"])
+
+    def row(name: str, backend: str, key: str, base: tuple[float, float]) -> tuple[str, str, float, float | None, float | None]:
+        return (name, backend, t[key], t[key] / base[0], t[key] / base[1])
+
     return [
-        ("egressguard apply (default policy, incl. deny-first fence + read-back)", eg),
-        (f"shell script, one iptables call per rule ({calls} calls)", shell),
-        *([("the same script with iptables-nft (Debian's default `iptables`)", shell_nft)] if shell_nft else []),
-        ("iptables-restore (both families)", rest),
-        ("  of which: python start (`python -c pass`)", start),
-        ("  of which: python start + every import apply needs (structlog, pydantic models, python-iptables)", imp),
+        row("egressguard apply (default policy, incl. read-back)", "nftables", "eg_nft", nft),
+        row(f"shell script, one `iptables-nft` call per rule ({calls} calls)", "nftables", "script_nft", nft),
+        row("`nft -f` of the same ruleset (egressguard's nft plan)", "nftables", "nft_f", nft),
+        row("egressguard apply (default policy, incl. deny-first fence + read-back)", "iptables", "eg_ipt", legacy),
+        row(f"shell script, one `iptables-legacy` call per rule ({calls} calls)", "iptables", "script_legacy", legacy),
+        row("`iptables-legacy-restore` (both families)", "iptables", "restore", legacy),
+        row("python start (`python -c pass`)", "-", "pass", nft),
+        row("python start + every import apply needs (import floor)", "nftables", "floor_nft", nft),
+        row("python start + every import apply needs (import floor)", "iptables", "floor_ipt", legacy),
     ]
 
 
-# What `apply` imports before its first kernel call: the floor of any apply, whatever the policy.
-IMPORTS_FOR_APPLY = (
-    "import egressguard.cli, egressguard.apply, egressguard.policy, egressguard.backends.iptables as b; b.import_iptc()"
-)
+# What `apply` imports before its first kernel call, and its first event (structlog): the floor of
+# any apply on that back end, whatever the policy.
+_FLOOR = "import egressguard.cli, egressguard.apply, egressguard.policy, egressguard.logs as l; l._structlog(); "
+IMPORTS_FOR_APPLY = {
+    "nftables": _FLOOR + "import egressguard.backends.nftables as b; b.transport.load()",
+    "iptables": _FLOOR + "import egressguard.backends.iptables as b; b.import_iptc()",
+}
+
+
+def probe_time(runs: int) -> list[tuple[str, float]]:
+    """`egressguard probe` as the agent runs it in a guarded pod (nftables), beside python's own start.
+    The agent here is uid 0 without any capability (securebits noroot, empty bounding set, no_new_privs)
+    under `confine: all`: a uid other than 0 cannot read this machine's Python under /root, and a
+    start that searches an unreadable library path is not what a container's agent pays."""
+    policy = TMP / "policy-probe.yaml"
+    policy.write_text(f"version: 1\nexempt: {{uids: [1001]}}\ndns: {{resolvers: [{RESOLVER}]}}\n")
+    status = TMP / "status.json"
+    agent = ["setpriv", "--securebits=+noroot,+noroot_locked", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+    with pod_and_world() as (pod, _):
+        eg_apply(pod, policy, "nftables", "--status-file", str(status))
+        rows = {
+            "probe": lambda: timed(lambda: sh(*agent, *EG, "probe", "--status-file", str(status), ns=pod)),
+            "pass": lambda: timed(lambda: sh(*agent, sys.executable, "-c", "pass", ns=pod)),
+        }
+        t = interleaved(runs, rows)
+    return [("egressguard probe (an agent without capabilities, guarded pod, default targets)", t["probe"]),
+            ("python start (`python -c pass`, the same agent)", t["pass"])]
 
 
 def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float, float, str]]:
@@ -222,16 +284,28 @@ def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float,
     for n in sizes:
         policy = write_policy(n)
         text = plan(policy)
-        eg = median_of(runs, fresh(lambda ns: eg_apply(ns, policy)))
-        rest = median_of(runs, fresh(lambda ns: timed(lambda: restore(ns, text))))
+        eg = median_of(runs, fresh(lambda ns, p=policy: eg_apply(ns, p)))  # type: ignore[misc]
+        rest = median_of(runs, fresh(lambda ns, x=text: timed(lambda: restore(ns, x))))  # type: ignore[misc]
         script = TMP / f"entries-{n}.sh"
         script.write_text(per_entry_script(n))
         if n <= 1000:
-            per = median_of(max(1, runs // 2), fresh(lambda ns: timed(lambda: sh("sh", str(script), ns=ns))))
+            per = median_of(max(1, runs // 2), fresh(lambda ns, f=script: timed(lambda: sh("sh", str(f), ns=ns))))  # type: ignore[misc]
             note = ""
         else:
             per, note = estimate_per_entry(n), "est."
         rows.append((n, eg, rest, per, note))
+    return rows
+
+
+def nft_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float]]:
+    """(N, egressguard apply --backend nftables, `nft -f` of the same ruleset)."""
+    rows = []
+    for n in sizes:
+        policy = write_policy(n)
+        text = plan(policy, "nftables")
+        t = interleaved(runs, {"eg": fresh(lambda ns, p=policy: eg_apply(ns, p, "nftables")),
+                               "nft": fresh(lambda ns, x=text: nft_f(ns, x))})
+        rows.append((n, t["eg"], t["nft"]))
     return rows
 
 
@@ -264,12 +338,12 @@ CLIENT = r"""
 import socket, struct, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT, so ports never run out
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 for _ in range(count):
     s = socket.create_connection((host, port), timeout=2)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
     s.close()
-print(count / (time.perf_counter() - t))
+print(count / (time.perf_counter() - t), count / (time.process_time() - cpu))
 """
 
 SERVER = r"""
@@ -290,13 +364,20 @@ except OSError:
 PIN = (["taskset", "-c", "0"], ["taskset", "-c", "1"]) if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") else ([], [])
 
 
-def conn_rate(pod: str, dest: str, count: int) -> float:
+def conn_rate(pod: str, dest: str, count: int) -> tuple[float, float]:
+    """(new connections per second of wall time, per second of the client's CPU time). The output
+    path's netfilter hooks run in the client's system calls, so its CPU time carries the rules'
+    cost; unlike the wall rate, it does not count time the client waited for a busy CPU."""
     out = sh(*PIN[0], "setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
              sys.executable, "-c", CLIENT, dest, "5000", str(count), ns=pod, timeout=120)
-    return float(out.stdout)
+    wall, cpu = out.stdout.split()
+    return float(wall), float(cpu)
 
 
-def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float]]:
+NFT_TRACKED = "table inet egb { chain in { type filter hook input priority 0; ct state invalid drop; }; }\n"
+
+
+def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[float, float]]]:
     """Every configuration gets its own pod/world pair, set up once: a namespace never carries state
     from another row (a legacy nat table, once used, keeps its per-connection NAT set-up even after
     its rules are gone). The rows are measured in rounds, one run of each per round, so drift in
@@ -312,18 +393,21 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float
         ("no guard, connection tracking + an idle nat rule", lambda pod: (
             sh(*tracked.split(), ns=pod),
             sh("iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "1", "-j", "RETURN", ns=pod))),
+        # The same, switched on by an nftables rule: the baseline of the nftables rows.
+        ("no guard, connection tracking on (nft rule)", lambda pod: sh("nft", "-f", "-", ns=pod, input=NFT_TRACKED)),
     ]
     for n in sizes:
-        configs.append((f"egressguard, default (redirect: nat) + {n:,} entries (kernel set), dest last",
-                        lambda pod, n=n: eg_apply(pod, write_policy(n, True))))
-        configs.append((f"egressguard, no redirect (no nat) + {n:,} entries (kernel set), dest last",
-                        lambda pod, n=n: eg_apply(pod, write_policy(n, False))))
+        for backend in ("iptables", "nftables"):
+            configs.append((f"egressguard {backend}, default (redirect: nat) + {n:,} entries (kernel set), dest last",
+                            lambda pod, n=n, b=backend: eg_apply(pod, write_policy(n, True), b)))
+            configs.append((f"egressguard {backend}, no redirect (no nat) + {n:,} entries (kernel set), dest last",
+                            lambda pod, n=n, b=backend: eg_apply(pod, write_policy(n, False), b)))
         rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
         linear = ("*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
                   f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n")
         configs.append((f"linear chain, {n:,} rules, dest last",
                         lambda pod, text=linear: sh("iptables-legacy-restore", "-n", ns=pod, input=text)))
-    rates: dict[str, list[float]] = {name: [] for name, _ in configs}
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
     with contextlib.ExitStack() as stack:
         pods = []
         for name, setup in configs:
@@ -341,19 +425,22 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> list[tuple[str, float
         for _ in range(runs):
             for name, pod in pods:
                 rates[name].append(conn_rate(pod, dest, count))
-    return [(name, statistics.median(rates[name])) for name, _ in configs]
+    return rates
 
 
-def peak_rss(sizes: list[int]) -> list[tuple[str, float]]:
+def peak_rss(sizes: list[int], runs: int = 3) -> list[tuple[str, float]]:
+    """Largest peak RSS of `runs` applies per back end and size (the process tree's largest process)."""
     rows = []
-    for n in sizes:
-        policy = write_policy(n)
-        with netns("rss") as ns:
-            resolv = TMP / "resolv.conf"
-            out = sh("/usr/bin/time", "-f", "%M", *EG, "apply", "--policy", str(policy), "--no-status",
-                     "--resolv-conf", str(resolv), ns=ns)
-            rows.append((f"egressguard apply, {n:,} entries" if n else "egressguard apply, default policy",
-                         int(out.stderr.strip().splitlines()[-1]) / 1024))
+    for backend in ("nftables", "iptables"):
+        for n in sizes:
+            policy = write_policy(n)
+            peak = 0
+            for _ in range(runs):
+                with netns("rss") as ns:
+                    out = sh("/usr/bin/time", "-f", "%M", *EG, "apply", "--backend", backend, "--policy", str(policy),
+                             "--no-status", "--resolv-conf", "/dev/null", ns=ns)
+                    peak = max(peak, int(out.stderr.strip().splitlines()[-1]))
+            rows.append((f"egressguard apply --backend {backend}, " + (f"{n:,} entries" if n else "default policy"), peak / 1024))
     return rows
 
 
@@ -364,19 +451,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
-    ap.add_argument("--sections", default="123456", help="which sections to run, e.g. 13 (6: the DNS forwarder)")
+    ap.add_argument("--sections", default="1234567", help="which sections to run, e.g. 13 (6: the DNS forwarder, "
+                    "7: import time)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("iptables-legacy-restore"):
         print("bench: needs root, ipset and iptables-legacy", file=sys.stderr)
         return 2
     sizes = [10, 100, 1000] if args.quick else [10, 100, 1_000, 10_000]
     runs = args.runs
-    print(f"# egressguard bench, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+    print(f"# egressguard bench, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}")
-    print(f"# medians of {runs} runs; every run in a fresh network namespace\n")
+    print(f"# medians of {runs} runs; every run in a fresh network namespace; load average at start: "
+          f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}\n")
+    # Bytecode compiled as `pip install` leaves it: with PYTHONDONTWRITEBYTECODE set, a source
+    # checkout would otherwise recompile the package on every start.
+    sh(sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parent.parent / "egressguard"))
 
     if "1" in args.sections:
         section_cold_start(runs)
+        section_probe(runs)
     if "2" in args.sections:
         section_scale(runs, sizes)
     if "3" in args.sections:
@@ -390,16 +483,19 @@ def main() -> int:
         print("| what | peak RSS |\n|---|---:|")
         for name, mib in peak_rss([0, sizes[-1]]):
             print(f"| {name} | {mib:.1f} MiB |")
+    if "7" in args.sections:
+        section_import_time(runs)
+    print(f"\n# load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     return 0
 
 
 def section_cold_start(runs: int) -> None:
     rows = cold_start(runs)
-    shell = rows[1][1]
-    print("## 1. Cold start (whole processes)\n")
-    print("| what | wall time | vs shell script |\n|---|---:|---:|")
-    for name, t in rows:
-        print(f"| {name} | {t * 1000:.0f} ms | {t / shell:.2f}x |")
+    print("## 1. Cold start (whole processes, fresh namespace each run, rounds interleaved)\n")
+    print("| what | back end | wall time | / that back end's per-rule script | / its restore tool |\n"
+          "|---|---|---:|---:|---:|")
+    for name, backend, t, script, restore_ in rows:
+        print(f"| {name} | {backend} | {t * 1000:.0f} ms | {script:.2f}x | {restore_:.2f}x |")
 
 
 def section_scale(runs: int, sizes: list[int]) -> None:
@@ -409,16 +505,69 @@ def section_scale(runs: int, sizes: list[int]) -> None:
     for n, eg, rest, per, note in apply_at_scale(runs, sizes):
         print(f"| {n:,} | {eg * 1000:.0f} ms | {rest * 1000:.0f} ms | {per * 1000:,.0f} ms {note} "
               f"| {eg / rest:.2f}x | {per / eg:.1f}x |")
+    print("\n### nftables back end: egressguard apply vs `nft -f` of the same ruleset (its nft plan)\n")
+    print("| N | egressguard apply | nft -f | eg / nft -f |\n|---:|---:|---:|---:|")
+    for n, eg, nft in nft_at_scale(runs, sizes):
+        print(f"| {n:,} | {eg * 1000:.0f} ms | {nft * 1000:.0f} ms | {eg / nft:.2f}x |")
 
 
 def section_per_packet(runs: int, quick: bool) -> None:
     count = 1000 if quick else 3000
-    pp = per_packet(runs, count, [16, 1_000] if quick else [16, 1_000, 10_000])
-    base, tracked = pp[0][1], pp[1][1]
-    print(f"\n## 3. Per-packet cost (new TCP connections/s, uid 1000, {count} per run)\n")
-    print("| what | conns/s | vs no guard | vs no guard, conntrack on |\n|---|---:|---:|---:|")
-    for name, rate in pp:
-        print(f"| {name} | {rate:,.0f} | {rate / base:.2f}x | {rate / tracked:.2f}x |")
+    rates = per_packet(runs, count, [16, 1_000] if quick else [16, 1_000, 10_000])
+    baselines = ("no guard", "no guard, connection tracking on", "no guard, connection tracking on (nft rule)")
+
+    def ratio(name: str, base: str, i: int) -> float:
+        """Median of the per-round ratios: each round measures every row once, so a round's ratio
+        compares runs taken seconds apart (the machine's load drifts over minutes)."""
+        return statistics.median(r[i] / b[i] for r, b in zip(rates[name], rates[base], strict=True))
+
+    print(f"\n## 3. Per-packet cost (new TCP connections, uid 1000, {count} per run; ratios: median of per-round ratios)\n")
+    print("Per second of the client's CPU time (the output path's rules run in its system calls), "
+          "then per second of wall time.\n")
+    vs = "vs no guard | vs conntrack on (iptables rule) | vs conntrack on (nft rule)"
+    print(f"| what | conns per CPU-s | {vs} | conns/s (wall) | {vs} |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, found in rates.items():
+        cells = []
+        for i in (1, 0):
+            cells.append(f"{statistics.median(r[i] for r in found):,.0f}")
+            cells += [f"{ratio(name, b, i):.2f}x" for b in baselines]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def section_probe(runs: int) -> None:
+    print("\n## 1b. The agent's self-check\n")
+    print("| what | wall time |\n|---|---:|")
+    for name, t in probe_time(runs):
+        print(f"| {name} | {t * 1000:.0f} ms |")
+
+
+def section_import_time(runs: int) -> None:
+    """`python -X importtime` of a whole apply per back end: the sum of every module's own import time
+    (median per module over the runs) and the largest packages."""
+    policy = write_policy(0)
+    print("\n## 7. Import time of apply (`python -X importtime`, default policy, medians per module)\n")
+    print("| back end | all imports | egressguard | structlog | PyYAML | python-iptables | ctypes | argparse | rest (stdlib) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backend in ("nftables", "iptables"):
+        per: dict[str, list[int]] = {}
+        for _ in range(runs):
+            with netns("imp") as ns:
+                err = sh(sys.executable, "-X", "importtime", *EG[1:], "apply", "--backend", backend, "--policy", str(policy),
+                         "--no-status", "--resolv-conf", "/dev/null", ns=ns).stderr
+            for line in err.splitlines():
+                if line.startswith("import time:") and "|" in line and "self [us]" not in line:
+                    own, _, name = line.removeprefix("import time:").split("|")
+                    per.setdefault(name.strip(), []).append(int(own))
+        own_ms = {name: statistics.median(v) / 1000 for name, v in per.items()}
+
+        def total(*prefixes: str, own: dict[str, float] = own_ms) -> float:
+            return sum(v for k, v in own.items() if k.split(".")[0] in prefixes)
+
+        everything = sum(own_ms.values())
+        parts = [total("egressguard"), total("structlog"), total("yaml", "_yaml"), total("iptc"), total("ctypes", "_ctypes"),
+                 total("argparse", "gettext")]
+        print(f"| {backend} | {everything:.1f} ms | " + " | ".join(f"{p:.1f} ms" for p in parts)
+              + f" | {everything - sum(parts):.1f} ms |")
 
 
 # ---------------------------------------------------------------------------------------------

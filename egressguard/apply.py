@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from egressguard import facts as facts_mod
-from egressguard import fence
+from egressguard import fence, logs
 from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
@@ -27,7 +25,7 @@ from egressguard.policy import Policy
 from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 LOCK_NAME = b"\0egressguard-apply-lock"  # abstract socket: one per network namespace, no file needed
 LOCK_WAIT_S = 60.0

@@ -7,17 +7,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
-import structlog
 
 from egressguard import logs
 from egressguard import status as status_mod
 from egressguard._version import __version__
 from egressguard.errors import EXIT_CODES, EgressGuardError, PolicyError, VerifyFailed
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +28,126 @@ def _exit_code_table() -> str:
     return "exit codes:\n" + "\n".join(f"  {c}  {m}" for c, m in sorted(EXIT_CODES.items()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _policy_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON); default: $EGRESSGUARD_POLICY, "
+                    "$EGRESSGUARD_POLICY_JSON, /etc/egressguard/policy.yaml, built-in default")
+    sp.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), help=argparse.SUPPRESS)
+
+
+def _backend_arg(sp: argparse.ArgumentParser) -> None:
+    from egressguard.backends import BACKEND_CHOICES, DEFAULT_BACKEND  # noqa: PLC0415
+
+    sp.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                    help=f"firewall back end (default: $EGRESSGUARD_BACKEND, else {DEFAULT_BACKEND}); "
+                    "auto: nftables where the kernel accepts it, else iptables")
+
+
+def _status_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--status-file", type=Path, default=status_mod.DEFAULT_STATUS_PATH,
+                    help="default: %(default)s ($EGRESSGUARD_STATUS)")
+
+
+def _plan_args(sp: argparse.ArgumentParser) -> None:
+    _policy_args(sp)
+    sp.add_argument("--json", action="store_true", help="structured output")
+    sp.add_argument("--resolve", action="store_true", help="resolve host entries now (DNS queries, no kernel change)")
+    sp.add_argument("--lockdown", action="store_true", help="show the lockdown ruleset instead")
+    _backend_arg(sp)
+
+
+def _apply_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _policy_args(sp)
+    _status_arg(sp)
+    sp.add_argument("--no-status", action="store_true", help="do not write a status file")
+
+
+def _verify_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _policy_args(sp)
+    _status_arg(sp)
+
+
+def _status_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _status_arg(sp)
+    sp.add_argument("--json", action="store_true")
+
+
+def _reset_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _status_arg(sp)
+
+
+def _probe_args(sp: argparse.ArgumentParser) -> None:
+    _status_arg(sp)
+    sp.add_argument("--expect-digest", metavar="DIGEST", help="the status must show this policy digest "
+                    "($EGRESSGUARD_EXPECT_DIGEST)")
+    sp.add_argument("--target", action="append", metavar="ADDR:PORT",
+                    help="an address no sane policy allows, must be refused (repeatable)")
+
+
+def _run_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _policy_args(sp)
+    _status_arg(sp)
+    sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
+    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
+                    "policy logs refusals (default: nobody)")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
+
+
+def _dns_args(sp: argparse.ArgumentParser) -> None:
+    _policy_args(sp)
+    sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
+    sp.add_argument("--check", action="store_true", help="only ask the running forwarder on loopback: exit 0 if it "
+                    "answers, 6 if not (a Kubernetes startup probe)")
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
+
+
+def _watch_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
+                    "(default: stay who it is; as root: nobody)")
+    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                    help="fold repeats of a flow over this long (default: 10)")
+    sp.add_argument("--max-flows", type=int, default=None, metavar="N",
+                    help="flows itemised per window; packets of further flows are counted (default: 4096)")
+    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
+    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
+
+
+def _explain_args(sp: argparse.ArgumentParser) -> None:
+    _policy_args(sp)
+    sp.add_argument("--uid", type=int, required=True)
+    sp.add_argument("dest", metavar="DEST[:PORT][/PROTO]")
+
+
+def _demo_args(sp: argparse.ArgumentParser) -> None:
+    _backend_arg(sp)
+    _policy_args(sp)
+    sp.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+
+
+# command -> (one line of help, its arguments), in the order `--help` lists them
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "plan": ("print what apply would install (no privileges, no changes)", _plan_args),
+    "apply": ("install the policy in this network namespace, verify, write status", _apply_args),
+    "verify": ("read back and compare with the policy; exit 0 or 5", _verify_args),
+    "status": ("what is installed now (chains, counters, digest)", _status_args),
+    "reset": ("remove everything egressguard owns, nothing else", _reset_args),
+    "schema": ("print the policy's JSON Schema", lambda sp: None),
+    "probe": ("unprivileged self-check: is egress from this identity guarded?", _probe_args),
+    "run": ("apply, drop every privilege, exec CMD as --user (Docker entrypoint)", _run_args),
+    "dns": ("dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)", _dns_args),
+    "watch": ("print one event per refused flow (reads the NFLOG group; runs until stopped)", _watch_args),
+    "explain": ("which policy line decides for a destination (no kernel)", _explain_args),
+    "demo": ("throwaway pod + world namespaces: apply the policy, probe, print a table", _demo_args),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Given `argv` that names a command, only that command's parser is built:
+    the probe runs in every sandbox start, and ten parsers cost it ~10 ms."""
     p = _Parser(
         prog="egressguard",
         description="Fail-closed egress allowlist for containers and Kubernetes pods.",
@@ -40,94 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def policy_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--policy", metavar="FILE", help="policy file (YAML or JSON); default: $EGRESSGUARD_POLICY, "
-                        "$EGRESSGUARD_POLICY_JSON, /etc/egressguard/policy.yaml, built-in default")
-        sp.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"), help=argparse.SUPPRESS)
-
-    def backend_arg(sp: argparse.ArgumentParser) -> None:
-        from egressguard.backends import BACKEND_CHOICES, DEFAULT_BACKEND  # noqa: PLC0415
-
-        sp.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
-                        help=f"firewall back end (default: $EGRESSGUARD_BACKEND, else {DEFAULT_BACKEND}); "
-                        "auto: nftables where the kernel accepts it, else iptables")
-
-    def status_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--status-file", type=Path, default=status_mod.DEFAULT_STATUS_PATH,
-                        help="default: %(default)s ($EGRESSGUARD_STATUS)")
-
-    sp = sub.add_parser("plan", help="print what apply would install (no privileges, no changes)")
-    policy_args(sp)
-    sp.add_argument("--json", action="store_true", help="structured output")
-    sp.add_argument("--resolve", action="store_true", help="resolve host entries now (DNS queries, no kernel change)")
-    sp.add_argument("--lockdown", action="store_true", help="show the lockdown ruleset instead")
-    backend_arg(sp)
-
-    sp = sub.add_parser("apply", help="install the policy in this network namespace, verify, write status")
-    backend_arg(sp)
-    policy_args(sp)
-    status_arg(sp)
-    sp.add_argument("--no-status", action="store_true", help="do not write a status file")
-
-    sp = sub.add_parser("verify", help="read back and compare with the policy; exit 0 or 5")
-    backend_arg(sp)
-    policy_args(sp)
-    status_arg(sp)
-
-    sp = sub.add_parser("status", help="what is installed now (chains, counters, digest)")
-    backend_arg(sp)
-    status_arg(sp)
-    sp.add_argument("--json", action="store_true")
-
-    sp = sub.add_parser("reset", help="remove everything egressguard owns, nothing else")
-    backend_arg(sp)
-    status_arg(sp)
-
-    sp = sub.add_parser("schema", help="print the policy's JSON Schema")
-
-    sp = sub.add_parser("probe", help="unprivileged self-check: is egress from this identity guarded?")
-    status_arg(sp)
-    sp.add_argument("--expect-digest", metavar="DIGEST", help="the status must show this policy digest "
-                    "($EGRESSGUARD_EXPECT_DIGEST)")
-    sp.add_argument("--target", action="append", metavar="ADDR:PORT",
-                    help="an address no sane policy allows, must be refused (repeatable)")
-
-    sp = sub.add_parser("run", help="apply, drop every privilege, exec CMD as --user (Docker entrypoint)")
-    backend_arg(sp)
-    policy_args(sp)
-    status_arg(sp)
-    sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
-    sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
-                    "policy logs refusals (default: nobody)")
-    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
-
-    sp = sub.add_parser("dns", help="dns.mode proxy: the DNS forwarder (long-running; unprivileged but CAP_NET_ADMIN)")
-    policy_args(sp)
-    sp.add_argument("--ready-fd", type=int, default=None, help="write 'ready' to this fd once listening")
-    sp.add_argument("--check", action="store_true", help="only ask the running forwarder on loopback: exit 0 if it "
-                    "answers, 6 if not (a Kubernetes startup probe)")
-    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
-
-    sp = sub.add_parser("watch", help="print one event per refused flow (reads the NFLOG group; runs until stopped)")
-    sp.add_argument("--user", default=None, help="started as root: become this user, keeping only CAP_NET_ADMIN "
-                    "(default: stay who it is; as root: nobody)")
-    sp.add_argument("--window", type=float, default=None, metavar="SECONDS",
-                    help="fold repeats of a flow over this long (default: 10)")
-    sp.add_argument("--max-flows", type=int, default=None, metavar="N",
-                    help="flows itemised per window; packets of further flows are counted (default: 4096)")
-    sp.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # sidecar.start's pipe
-    sp.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # end when this process ends
-
-    sp = sub.add_parser("explain", help="which policy line decides for a destination (no kernel)")
-    policy_args(sp)
-    sp.add_argument("--uid", type=int, required=True)
-    sp.add_argument("dest", metavar="DEST[:PORT][/PROTO]")
-
-    sp = sub.add_parser("demo", help="throwaway pod + world namespaces: apply the policy, probe, print a table")
-    backend_arg(sp)
-    policy_args(sp)
-    sp.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    named = next((a for a in argv or () if a in SUBCOMMANDS), None)
+    for name, (help_, add_args) in SUBCOMMANDS.items():
+        if named in (None, name):
+            add_args(sub.add_parser(name, help=help_))
     return p
 
 
@@ -379,7 +413,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logs.configure(args.verbose, None if args.log_format == "auto" else args.log_format == "json")
     if not args.command:

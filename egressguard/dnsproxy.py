@@ -30,13 +30,13 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-import structlog
 
+from egressguard import logs
 from egressguard.backends.nftables.render import TABLE
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 # Bounds on what a hostile client can make the forwarder hold (each one checked by tests/test_dnsproxy.py).
 MAX_UDP_QUERY = 4096  # bytes; a query is a name and a few options: larger datagrams are dropped
@@ -484,6 +484,7 @@ def main(args: Any) -> int:
     uid = policy.dns.forwarder_uid
     assert uid is not None  # proxy mode requires it
     if os.geteuid() == 0:
+        logs.load()  # its events are logged as the user it becomes
         drop_privileges(Identity(name=str(uid), uid=uid, gid=uid, home="/", shell="/bin/sh"), keep=(CAP_NET_ADMIN,))
     elif os.getuid() != uid:
         raise EnvironmentUnsupported(f"`egressguard dns` runs as dns.forwarder_uid {uid} (or starts as root and "

@@ -47,9 +47,12 @@ import dns.rcode
 import dns.rrset
 
 # For probes that run the egressguard CLI itself as the probe's uid (_op_egressguard); the CLI
-# imports apply and the back end lazily, so they are loaded here too.
+# imports apply, the back end, PyYAML and structlog (at its first event) lazily, so they are loaded here too.
+import structlog  # noqa: F401
+
 from egressguard import apply as _eg_apply  # noqa: F401
 from egressguard import cli as _eg_cli
+from egressguard import strict_yaml as _eg_yaml  # noqa: F401
 from egressguard.backends import iptables as _eg_iptables  # noqa: F401
 
 POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"

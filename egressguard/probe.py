@@ -12,12 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
+from egressguard import logs
 from egressguard import status as status_mod
 from egressguard.errors import PolicyError, ProbeFailed
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 # Documentation addresses (RFC 5737, RFC 3849), discard port: no sane policy allows them.
 DEFAULT_TARGETS = ("192.0.2.1:9", "[2001:db8::1]:9")

@@ -7,14 +7,13 @@ import os
 import shutil
 import sys
 
-import structlog
-
+from egressguard import logs
 from egressguard import policy as policy_mod
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported, PolicyError
 from egressguard.policy import Policy
 from egressguard.privileges import Identity, drop_privileges, resolve_user
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 EXIT_NOT_FOUND = 127  # what a shell returns for a command it cannot find
 EXIT_NOT_EXECUTABLE = 126

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ DEFAULT_STATUS_PATH = Path(os.environ.get("EGRESSGUARD_STATUS", "/run/egressguar
 
 def write(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as JSON to `path` atomically (temp file + rename), readable by everyone."""
+    import tempfile  # noqa: PLC0415 - only apply writes; probe and status only read (tempfile imports random, shutil)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd, tmp = tempfile.mkstemp(prefix=".status.", dir=path.parent)

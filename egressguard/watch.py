@@ -18,14 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
-from egressguard import sidecar
+from egressguard import logs, sidecar
 from egressguard.errors import EnvironmentUnsupported, PolicyError
 from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges, resolve_user
 from egressguard.ruleset import LOG_GROUP
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -316,6 +314,7 @@ def main(args: Any) -> int:
     if not 1 <= max_flows <= 1_000_000:
         raise PolicyError(f"usage error: --max-flows {max_flows}: between 1 and 1000000")
     if os.geteuid() == 0:
+        logs.load()  # its events are logged as the user it becomes
         drop_privileges(_watch_user(args.user), keep=(CAP_NET_ADMIN,))
     until = None if args.parent is None else sidecar.parent_exit_fd(args.parent)
     sock, conntrack = open_group()

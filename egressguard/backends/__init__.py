@@ -5,9 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from egressguard.backends.xtables_raw import Entry
-from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
+if TYPE_CHECKING:  # annotations only: the CLI reads BACKEND_CHOICES for every command, probe included
+    from egressguard.backends.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
+    from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,10 @@ def select(requested: str | None = None) -> Backend:
     legacy x_tables works here, else exit 3 naming both reasons."""
     import os  # noqa: PLC0415
 
-    import structlog  # noqa: PLC0415
-
+    from egressguard import logs  # noqa: PLC0415
     from egressguard.errors import EnvironmentUnsupported, PolicyError  # noqa: PLC0415
 
-    log = structlog.get_logger("egressguard")
+    log = logs.get_logger("egressguard")
     source = "option" if requested else "environment" if os.environ.get("EGRESSGUARD_BACKEND") else "default"
     name = requested or os.environ.get("EGRESSGUARD_BACKEND") or DEFAULT_BACKEND
     if name not in BACKEND_CHOICES:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import structlog
-
+from egressguard import logs
 from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
 from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable, generation
 from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
-log = structlog.get_logger("egressguard")
+log = logs.get_logger("egressguard")
 
 CAP_NET_ADMIN = 12
 # A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
