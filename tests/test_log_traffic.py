@@ -55,7 +55,9 @@ class Watcher:
         ready, _, _ = select.select([self.proc.stderr], [], [], 30)  # readiness: its first line, once bound
         line = self.proc.stderr.readline() if ready else ""
         self.lines.append(line)
-        assert '"watch_started"' in line, f"watch did not start: {line!r}"
+        if '"watch_started"' not in line:
+            self.kill()  # not left running after the test
+            pytest.fail(f"watch did not start: {line!r}")
 
     @property
     def pid(self) -> int:
