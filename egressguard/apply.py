@@ -22,7 +22,7 @@ from egressguard._version import __version__
 from egressguard.backends import Backend, Installed
 from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
 from egressguard.policy import Policy
-from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
+from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
 
 log = logs.get_logger("egressguard")
@@ -56,7 +56,7 @@ def guarded(installed: Installed) -> bool:
     """Our filter chains and jump are in place in both families (a previous apply completed)."""
     for family in FAMILIES:
         t = installed.table(family, "filter")
-        if not t.present or t.jump_positions != (0,) or len(t.chains) != 2:
+        if not t.present or t.jump_positions != (0,) or [c.name for c in t.chains[:2]] != [DISPATCH, CONFINED]:
             return False
     return True
 

@@ -321,9 +321,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def refused_by_line(installed: Any) -> dict[str, int]:
-    """Packets refused so far per policy line (both families): the counters of the refusing rules,
-    which count every packet (the log rules before them count only what their limit lets through)."""
-    from egressguard.ruleset import CONFINED, policy_line  # noqa: PLC0415
+    """Packets refused so far per policy line (both families): the counters of the confined chain's
+    refusing rules, or of its jumps to its lines' refusal chains (the log rules there count only
+    what their limit lets through)."""
+    from egressguard.ruleset import CONFINED, policy_line, refuse_index  # noqa: PLC0415
 
     out: dict[str, int] = {}
     for t in installed.tables:
@@ -331,7 +332,7 @@ def refused_by_line(installed: Any) -> dict[str, int]:
             if c.name != CONFINED:
                 continue
             for i, r in enumerate(c.rules):
-                if r.target in ("REJECT", "DROP"):
+                if r.target in ("REJECT", "DROP") or refuse_index(r.target) is not None:
                     line = policy_line(r.comment)
                     out[line] = out.get(line, 0) + t.counters[c.name][i][0]
     return out

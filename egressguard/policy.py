@@ -322,7 +322,7 @@ class Log(Record):
 
     refused: bool = field(Bool(), default=True, description="log refused packets; false installs no log rule at all")
     rate: str = field(Str(), default="10/second", after=_log_rate,
-                      description="at most this many log messages per refusal rule: N/second|minute|hour|day")
+                      description="at most this many log messages per refusing policy line: N/second|minute|hour|day")
     burst: int = field(Int(ge=1, le=10_000), default=50, description="messages allowed at once before `rate` applies")
 
 

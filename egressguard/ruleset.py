@@ -22,6 +22,25 @@ CONFINED = "EGRESSGUARD-CONFINED"  # filter: what confined traffic may do
 REDIRECT = "EGRESSGUARD-REDIRECT"  # nat: transparent-proxy redirects for confined traffic
 JUMP_COMMENT = "egressguard"
 OWNED_CHAINS = {"filter": (DISPATCH, CONFINED), "nat": (DISPATCH, REDIRECT)}
+# filter, with `log.refused`: one chain per refusing policy line, holding its log rule and its
+# refusal. The confined chain's refusal rules jump there, so allowed traffic meets no log rule.
+REFUSE_PREFIX = "EGRESSGUARD-REFUSE-"  # then a number: at most 28 bytes, as x_tables allows
+
+
+def refuse_chain(n: int) -> str:
+    return f"{REFUSE_PREFIX}{n}"
+
+
+def refuse_index(name: str) -> int | None:
+    """n for one of our refusal chains (EGRESSGUARD-REFUSE-n), else None."""
+    n = name[len(REFUSE_PREFIX):] if name.startswith(REFUSE_PREFIX) else ""
+    return int(n) if n.isdigit() and str(int(n)) == n else None
+
+
+def owned_chains(table: str, present: Iterable[str]) -> list[str]:
+    """Our chains of `table` among `present` (the chains a kernel table holds), in Ruleset order."""
+    refusals = sorted((i, c) for c in present if table == "filter" and (i := refuse_index(c)) is not None)
+    return [c for c in OWNED_CHAINS[table] if c in present] + [c for _i, c in refusals]
 
 # From this many networks with the same (protocol, ports) on, a list goes into a kernel set
 # (ipset hash:net, one lookup per packet) instead of one rule per network (a linear walk).
@@ -661,7 +680,7 @@ def metadata_nets(family: Family) -> list[str]:
 
 def _confined(
     policy: Policy, family: Family, facts: Facts, lockdown: bool, orig_sets: bool
-) -> tuple[tuple[Rule, ...], list[AddressSet]]:
+) -> tuple[list[Rule], list[AddressSet]]:
     """EGRESSGUARD-CONFINED, in this order: kernel-ndp (confine: all, IPv6) -> kernel-local
     (confine: all) -> forged-source (drop) -> routing-header / ip-options -> replies -> metadata
     -> deny -> loopback -> redirect target -> dns -> nat-elsewhere -> dnat-set (sets on iptables)
@@ -696,7 +715,7 @@ def _confined(
         sets += allow_sets
         rules += _learned_allow(policy, family, orig_sets)
     rules += _refuse(policy.action, family, "lockdown" if lockdown else "default")
-    return tuple(_log_refusals(rules, policy)), sets
+    return rules, sets
 
 
 def policy_line(comment: str) -> str:
@@ -704,30 +723,36 @@ def policy_line(comment: str) -> str:
     return "deny_metadata" if comment == "metadata" else comment
 
 
-def _log_refusals(rules: list[Rule], policy: Policy) -> list[Rule]:
-    """A log rule before each refusal: the kernel hands the refused packet (rate-limited per rule)
-    to the NFLOG group with the refusing line as its prefix. A reject's TCP-reset rule and its
-    twin for every other protocol share one log rule, placed before both, that matches them both."""
+def _log_refusals(rules: list[Rule], policy: Policy) -> tuple[list[Rule], list[Chain]]:
+    """With `log.refused`, each refusal in the confined chain jumps instead to its line's chain:
+    a log rule (the kernel hands the packet, rate-limited per line, to the NFLOG group with the
+    line as its prefix), then the line's refusal. The confined chain keeps its rules, matches and
+    order: an allowed packet is tested against exactly what it is tested against with log off."""
     if not policy.log.refused:
-        return rules
+        return rules, []
     rate, _, unit = policy.log.rate.partition("/")
     limit = f"{rate}/{_LIMIT_UNIT[unit]}"
+    chains: dict[str, list[Rule]] = {}  # comment -> the chain's refusals, in first-seen order
     out: list[Rule] = []
-    covered = False
-    for i, r in enumerate(rules):
-        if r.target not in ("REJECT", "DROP") or covered:
-            covered = False
+    for r in rules:
+        if r.target not in ("REJECT", "DROP"):
             out.append(r)
             continue
-        twin = rules[i + 1] if i + 1 < len(rules) else None
-        widest = r
-        if r.reject_with == "tcp-reset" and twin is not None and twin.target == "REJECT" and twin.protocol is None \
-                and replace(twin, protocol="tcp", reject_with="tcp-reset") == r:
-            widest, covered = twin, True
-        out.append(replace(widest, target="NFLOG", reject_with=None, limit=limit, limit_burst=policy.log.burst,
-                           nflog_prefix=policy_line(r.comment)[:LOG_PREFIX_MAX], nflog_group=LOG_GROUP))
-        out.append(r)
-    return out
+        verdicts = chains.setdefault(r.comment, [])
+        name = refuse_chain(list(chains).index(r.comment))
+        refusal = Rule(target=r.target, comment=r.comment, reject_with=r.reject_with,
+                       protocol="tcp" if r.reject_with == "tcp-reset" else None)
+        if refusal not in verdicts:
+            verdicts.append(refusal)
+        out.append(replace(r, target=name, reject_with=None))
+    built = []
+    for i, (comment, verdicts) in enumerate(chains.items()):
+        log_rule = Rule(target="NFLOG", comment=comment, limit=limit, limit_burst=policy.log.burst,
+                        nflog_prefix=policy_line(comment)[:LOG_PREFIX_MAX], nflog_group=LOG_GROUP)
+        # A TCP reset before the ICMP error that answers everything else, as _refuse orders them.
+        verdicts.sort(key=lambda v: v.protocol != "tcp")
+        built.append(Chain(refuse_chain(i), (log_rule, *verdicts)))
+    return out, built
 
 
 def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
@@ -816,7 +841,8 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
     tables: list[Table] = []
     sets: dict[str, AddressSet] = {}
     for family in FAMILIES:
-        confined, family_sets = _confined(policy, family, facts, lockdown, orig_sets)
+        refusing, family_sets = _confined(policy, family, facts, lockdown, orig_sets)
+        confined, refusal_chains = _log_refusals(refusing, policy)
         sets.update((s.name, s) for s in family_sets)
         tables.append(
             Table(
@@ -824,7 +850,8 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
                 name="filter",
                 chains=(
                     Chain(DISPATCH, (*_membership_reports(family), *_dispatch(policy, CONFINED))),
-                    Chain(CONFINED, confined),
+                    Chain(CONFINED, tuple(confined)),
+                    *refusal_chains,
                 ),
             )
         )

@@ -28,10 +28,15 @@ log = logs.get_logger("egressguard")
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
-NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_NLBUFSIZ, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH = 1, 2, 3, 4, 5
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_NLBUFSIZ, NFULA_CFG_TIMEOUT, NFULA_CFG_QTHRESH, NFULA_CFG_FLAGS = 1, 2, 3, 4, 5, 6
 NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
 NFULNL_COPY_PACKET = 2
-NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_UID = 1, 9, 10, 11
+NFULNL_CFG_F_CONNTRACK = 0x0004  # (0x1, 0x2: sequence numbers)
+NFULA_PACKET_HDR, NFULA_PAYLOAD, NFULA_PREFIX, NFULA_UID, NFULA_CT = 1, 9, 10, 11, 18
+# Inside NFULA_CT (linux/netfilter/nfnetlink_conntrack.h): the original tuple's address and port.
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
+CTA_IP_V4_DST, CTA_IP_V6_DST = 2, 4
+CTA_PROTO_DST_PORT = 3
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
@@ -76,8 +81,10 @@ def _config(seq: int, family: int, group: int, attrs: bytes) -> bytes:
     return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
-def open_group(group: int = LOG_GROUP) -> socket.socket:
-    """A netlink socket bound to NFLOG `group` in this network namespace (needs CAP_NET_ADMIN)."""
+def open_group(group: int = LOG_GROUP) -> tuple[socket.socket, bool]:
+    """A netlink socket bound to NFLOG `group` in this network namespace (needs CAP_NET_ADMIN), and
+    whether the kernel attaches each packet's conntrack entry (not without CONFIG_NETFILTER_NETLINK_GLUE_CT)."""
+    conntrack = True
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
@@ -86,11 +93,17 @@ def open_group(group: int = LOG_GROUP) -> socket.socket:
             ("bind the group", _nla(NFULA_CFG_CMD, struct.pack("=B", NFULNL_CFG_CMD_BIND) + b"\0" * 3)),
             ("copy packet headers", _nla(NFULA_CFG_MODE, struct.pack(">IBB", COPY_RANGE, NFULNL_COPY_PACKET, 0))),
             ("deliver each packet at once", _nla(NFULA_CFG_QTHRESH, struct.pack(">I", 1))),
+            # A mesh's redirect leaves the packet addressed to its relay (127.0.0.1:15001): the
+            # connection's original destination is what was refused. Without ctnetlink in the
+            # kernel (EOPNOTSUPP) the packet's own header is reported.
+            ("attach conntrack", _nla(NFULA_CFG_FLAGS, struct.pack(">H", NFULNL_CFG_F_CONNTRACK))),
         )
         for seq, (what, attrs) in enumerate(steps, 1):
             sock.send(_config(seq, socket.AF_UNSPEC, group, attrs))
             err = _ack(sock, seq)
-            if err:
+            if err == errno.EOPNOTSUPP and what == "attach conntrack":
+                conntrack = False
+            elif err:
                 held = f" (another reader holds NFLOG group {group} in this namespace)"
                 # the kernel answers EPERM both without CAP_NET_ADMIN and for a group bound by another socket
                 hint = {errno.EPERM: held if _has_net_admin() else " (needs CAP_NET_ADMIN)", errno.EBUSY: held}.get(err, "")
@@ -98,7 +111,7 @@ def open_group(group: int = LOG_GROUP) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, conntrack
 
 
 def _has_net_admin() -> bool:
@@ -125,9 +138,8 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         at += (length + 3) & ~3
 
 
-def _attrs(body: bytes) -> dict[int, bytes]:
+def _attrs(body: bytes, at: int = _NFGEN.size) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
-    at = _NFGEN.size
     while at + _NLA.size <= len(body):
         length, kind = _NLA.unpack_from(body, at)
         if length < _NLA.size:
@@ -164,7 +176,26 @@ def decode(body: bytes) -> Refusal | None:
     port = None
     if proto in (6, 17, 132) and start + 4 <= len(payload):
         port = struct.unpack_from(">H", payload, start + 2)[0]
+    dst, port = _original_destination(a.get(NFULA_CT), dst, port)
     return Refusal(line=line, uid=uid, protocol=PROTOCOLS.get(proto, str(proto)), destination=dst, port=port)
+
+
+def _original_destination(ct: bytes | None, dst: str, port: int | None) -> tuple[str, int | None]:
+    """The connection's original destination (conntrack's original tuple) where the kernel attached
+    it, else the packet's (`dst`, `port`)."""
+    orig = _attrs(ct, 0).get(CTA_TUPLE_ORIG) if ct else None
+    if orig is None:
+        return dst, port
+    tup = _attrs(orig, 0)
+    ip = _attrs(tup.get(CTA_TUPLE_IP, b""), 0)
+    if len(ip.get(CTA_IP_V4_DST, b"")) == 4:
+        dst = socket.inet_ntop(socket.AF_INET, ip[CTA_IP_V4_DST])
+    elif len(ip.get(CTA_IP_V6_DST, b"")) == 16:
+        dst = socket.inet_ntop(socket.AF_INET6, ip[CTA_IP_V6_DST])
+    dport = _attrs(tup.get(CTA_TUPLE_PROTO, b""), 0).get(CTA_PROTO_DST_PORT, b"")
+    if port is not None and len(dport) == 2:
+        port = struct.unpack(">H", dport)[0]
+    return dst, port
 
 
 class Flows:
@@ -224,9 +255,10 @@ def _rss_kib() -> int:
 
 
 def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: int = MAX_FLOWS,
-          ready: Callable[[], None] | None = None, until: int | None = None) -> int:
+          ready: Callable[[], None] | None = None, until: int | None = None, conntrack: bool = True) -> int:
     """Read the group until SIGTERM or SIGINT (or `until` becomes readable: the parent's pidfd);
-    one event per flow per window, and at the end."""
+    one event per flow per window, and at the end. `conntrack`: the kernel attaches conntrack entries,
+    so destinations are the connections' original ones (else the packets', e.g. a mesh relay's)."""
     stop = False
 
     def _stop(_sig: int, _frm: Any) -> None:
@@ -243,7 +275,8 @@ def serve(sock: socket.socket, window_s: float = DEFAULT_WINDOW_S, max_flows: in
     buf = bytearray(RCVBUF // 4)
     lost = 0
     window_end = time.monotonic() + window_s
-    log.info("watch_started", group=LOG_GROUP, window_s=window_s, max_flows=max_flows, pid=os.getpid())
+    log.info("watch_started", group=LOG_GROUP, window_s=window_s, max_flows=max_flows, pid=os.getpid(),
+             destination="original" if conntrack else "packet")
     if ready:
         ready()
     while not stop:
@@ -284,9 +317,10 @@ def main(args: Any) -> int:
         logs.load()  # its events are logged as the user it becomes
         drop_privileges(_watch_user(args.user), keep=(CAP_NET_ADMIN,))
     until = None if args.parent is None else sidecar.parent_exit_fd(args.parent)
-    with open_group() as sock:
+    sock, conntrack = open_group()
+    with sock:
         ready = None if args.ready_fd is None else (lambda: sidecar.report_ready(args.ready_fd))
-        return serve(sock, window, max_flows, ready=ready, until=until)
+        return serve(sock, window, max_flows, ready=ready, until=until, conntrack=conntrack)
 
 
 def _watch_user(name: str | None) -> Identity:

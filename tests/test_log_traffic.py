@@ -8,6 +8,7 @@ the world in the same run. (tests/test_nftables_log_traffic.py runs these on the
 from __future__ import annotations
 
 import json
+import re
 import select
 import signal
 import subprocess
@@ -54,7 +55,9 @@ class Watcher:
         ready, _, _ = select.select([self.proc.stderr], [], [], 30)  # readiness: its first line, once bound
         line = self.proc.stderr.readline() if ready else ""
         self.lines.append(line)
-        assert '"watch_started"' in line, f"watch did not start: {line!r}"
+        if '"watch_started"' not in line:
+            self.kill()  # not left running after the test
+            pytest.fail(f"watch did not start: {line!r}")
 
     @property
     def pid(self) -> int:
@@ -254,6 +257,49 @@ def test_log_refused_false_installs_no_log_rule_and_refuses_the_same(lab: Lab) -
             assert _probe(lab, kind, dest, port, EXEMPT).ok
     finally:
         applied(lab, POLICY)
+
+
+# A refusal's verdict as status prints it on either back end: refuse there, or jump to its line's chain.
+_VERDICT = re.compile(r"-j (EGRESSGUARD-REFUSE-\d+|REJECT --reject-with \S+|DROP)|jump refuse[46]-\d+|"
+                      r"reject with (tcp reset|icmpv6 type port-unreachable|icmp type port-unreachable)|\bdrop\b")
+
+
+def _filter_chains(lab: Lab) -> dict[str, dict[str, list[str]]]:
+    """Per family, our filter chains as the kernel holds them (read back by `status --json`)."""
+    out = lab.egressguard("status", "--json")
+    assert out.returncode == 0, out.stderr
+    return {t["family"]: {name: [r["rule"] for r in rules] for name, rules in t["chains"].items()}
+            for t in json.loads(out.stdout)["tables"] if t["table"] == "filter"}
+
+
+def test_allowed_traffic_meets_no_log_rule_in_the_kernel(lab: Lab) -> None:
+    """Read back from the kernel: with log on, the chains an allowed packet passes (dispatch, then
+    confined up to its RETURN) hold the rules they hold with log off, matches and order alike; the
+    log rules sit in the refusal chains only, and allowed traffic moves none of their counters."""
+    on = _filter_chains(lab)
+    applied(lab, {**POLICY, "log": {"refused": False}})
+    try:
+        off = _filter_chains(lab)
+    finally:
+        applied(lab, POLICY)
+    for family in ("ipv4", "ipv6"):
+        assert list(off[family]) == ["EGRESSGUARD", "EGRESSGUARD-CONFINED"]
+        assert list(on[family])[:2] == ["EGRESSGUARD", "EGRESSGUARD-CONFINED"] and len(on[family]) > 2
+        assert on[family]["EGRESSGUARD"] == off[family]["EGRESSGUARD"]
+        got, was = on[family]["EGRESSGUARD-CONFINED"], off[family]["EGRESSGUARD-CONFINED"]
+        assert not [r for r in got if "NFLOG" in r or " log " in r]
+        assert [_VERDICT.sub("REFUSE", r) for r in got] == [_VERDICT.sub("REFUSE", r) for r in was]
+        assert sum(r != w for r, w in zip(got, was, strict=True)) == sum(bool(_VERDICT.search(r)) for r in was) > 0
+        for name, rules in on[family].items():
+            if name.startswith("EGRESSGUARD-REFUSE-"):
+                assert "NFLOG" in rules[0] or " log prefix " in rules[0]
+    before = _counts(lab)["logged"]
+    for host in ("203.0.113.10", "2001:db8:2::10"):
+        assert reached(lab.tcp(host, 22, timeout=FAST), host)  # allowed
+    assert _counts(lab)["logged"] == before
+    assert lab.tcp("203.0.113.11", 22, timeout=FAST).blocked  # the control: a refusal does move them
+    after = _counts(lab)["logged"]
+    assert after["deny[0]"] == before.get("deny[0]", 0) + 1
 
 
 def test_watch_runs_as_nobody_with_only_cap_net_admin(lab: Lab, watcher: Watcher) -> None:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+import refusals
 
 from egressguard.policy import DEFAULT_POLICY, validate
 from egressguard.ruleset import (
@@ -24,6 +25,7 @@ from egressguard.ruleset import (
     build,
     hosts_of,
     metadata_nets,
+    refuse_index,
     render,
     to_json,
 )
@@ -44,8 +46,9 @@ def _chain(rs: Ruleset, family: int, table: str, name: str) -> tuple[Rule, ...]:
 
 
 def _confined(rs: Ruleset, family: int) -> tuple[Rule, ...]:
-    """The confined chain's deciding rules: log rules (NFLOG, which decide nothing) have tests of their own."""
-    return tuple(r for r in _chain(rs, family, "filter", CONFINED) if r.target != "NFLOG")
+    """The confined chain's deciding rules, each refusal as the refusal its line's chain gives it
+    (log rules, which decide nothing, have tests of their own)."""
+    return refusals.confined(rs, family)
 
 
 def _comments(rules: tuple[Rule, ...]) -> list[str]:
@@ -79,7 +82,7 @@ def test_every_filter_table_jumps_to_dispatch_from_output() -> None:
     for family in FAMILIES:
         t = rs.table(family, "filter")
         assert t.jump is not None and t.jump.target == DISPATCH
-        assert [c.name for c in t.chains] == [DISPATCH, CONFINED]
+        assert [c.name for c in t.chains][:2] == [DISPATCH, CONFINED]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,7 +119,8 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
     rs = _build({**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]})
     targets = {r.target for t in rs.tables for c in t.chains for r in c.rules}
     assert "ACCEPT" not in targets
-    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", CONFINED, REDIRECT}
+    refusal_chains = {c.name for t in rs.tables for c in t.chains if refuse_index(c.name) is not None}
+    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", CONFINED, REDIRECT, *refusal_chains}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -534,51 +538,92 @@ LOGGED = {"deny": [{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128", "
           "allow": [{"cidr": "203.0.113.10/32", "ports": [443]}]}
 
 
+def _refusal_chains(rs: Ruleset, family: int) -> dict[str, tuple[Rule, ...]]:
+    return refusals.refusal_chains(rs.table(family, "filter"))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("action", ["reject", "drop"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_refusal_is_preceded_by_a_log_rule_naming_its_policy_line(family: int, action: str) -> None:
-    rules = _chain(_build({**LOGGED, "action": action}), family, "filter", CONFINED)
-    refusals = [i for i, r in enumerate(rules) if r.target in ("REJECT", "DROP")]
-    assert {rules[i].comment for i in refusals} >= {"deny[0]" if family == 4 else "deny[1]", "metadata", "default"}
-    for i in refusals:
-        log = next(rules[j] for j in range(i - 1, -1, -1) if rules[j].target not in ("REJECT", "DROP"))
-        r = rules[i]
-        assert log.target == "NFLOG" and log.nflog_group == LOG_GROUP
+def test_every_refusal_jumps_to_its_lines_chain_which_logs_then_refuses(family: int, action: str) -> None:
+    rs = _build({**LOGGED, "action": action})
+    rules = _chain(rs, family, "filter", CONFINED)
+    chains = _refusal_chains(rs, family)
+    jumps = [r for r in rules if r.target in chains]
+    assert {r.comment for r in jumps} >= {"deny[0]" if family == 4 else "deny[1]", "metadata", "default"}
+    assert not [r for r in rules if r.target in ("REJECT", "DROP", "NFLOG")]  # every refusal goes through its chain
+    for r in jumps:
+        log, *verdicts = chains[r.target]
+        assert log.target == "NFLOG" and log.nflog_group == LOG_GROUP and log.comment == r.comment
         assert log.nflog_prefix == ("deny_metadata" if r.comment == "metadata" else r.comment)
         assert (log.limit, log.limit_burst) == ("10/sec", 50)
-        # it matches every packet the refusal matches: the same rule, the protocol left open for a reject's pair
-        assert dataclasses.replace(log, target=r.target, reject_with=r.reject_with, limit=r.limit,
-                                   limit_burst=r.limit_burst, nflog_prefix=None, nflog_group=None,
-                                   protocol=log.protocol or r.protocol) == r
+        # it matches every packet that enters: no match but its limit
+        assert dataclasses.replace(log, limit=None, limit_burst=None, nflog_prefix=None, nflog_group=None) == \
+            Rule(target="NFLOG", comment=r.comment)
+        unreachable = "icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable"
+        want = [("DROP", None, None)] if action == "drop" or r.comment == "forged-source" else \
+            [("REJECT", "tcp-reset", "tcp"), ("REJECT", unreachable, None)]
+        got = [(v.target, v.reject_with, v.protocol) for v in verdicts]
+        assert got and got == [w for w in want if w in got]  # what the line needs, a reset first
+        if r.protocol == "tcp" and want[0][0] == "REJECT":
+            assert got[0] == ("REJECT", "tcp-reset", "tcp")  # TCP still gets its reset
+    # one chain per policy line, so one rate limit per line
+    assert len({r.comment for r in jumps}) == len(chains) == len({r.target for r in jumps})
 
 
-def test_log_rules_decide_nothing_and_sit_only_in_the_confined_chain() -> None:
-    rs = _build({**LOGGED, "redirect": [{"ports": [80], "to_port": 8444}]})
-    for t in rs.tables:
-        for c in t.chains:
-            logs = [r for r in c.rules if r.target == "NFLOG"]
-            assert not logs or (t.name, c.name) == ("filter", CONFINED)
-            assert all(r.reject_with is None and r.to_ports is None for r in logs)
-    assert dataclasses.replace(_build({**LOGGED, "log": {"refused": False}}), tables=()) == \
-        dataclasses.replace(rs, tables=())  # same sets, same kind
+LOG_SHAPES = [
+    {},
+    LOGGED,
+    {**LOGGED, "action": "drop"},
+    {**BROAD, "redirect": [{"ports": [80], "to_port": 8444}]},
+    {"deny": [{"cidr": f"192.0.2.{n}/32", "protocol": "udp"} for n in range(0, 40, 2)], "allow": [{"cidr": "203.0.113.0/24"}]},
+    {"confine": {"uids": "all"}, "exempt": {"uids": [1001, 0]}, "allow": [{"cidr": "203.0.113.10/32", "ports": [443]}]},
+]
 
 
-def test_log_refused_false_installs_no_log_rule_at_all() -> None:
+@pytest.mark.parametrize("shape", range(len(LOG_SHAPES)))
+@pytest.mark.parametrize("lockdown", [False, True], ids=["policy", "lockdown"])
+def test_allowed_traffic_meets_the_same_rules_with_log_on_and_off(shape: int, lockdown: bool) -> None:
+    """What an allowed packet is tested against: our dispatch chain and the confined chain, which it
+    leaves by a RETURN. With log on they hold the same rules in the same order with the same matches
+    as with log off, and no log rule; only a refusal's verdict becomes a jump to its line's chain."""
+    extra = LOG_SHAPES[shape]
+    on = _build(extra, lockdown=lockdown)
+    off = _build({**extra, "log": {"refused": False}}, lockdown=lockdown)
+    for family in FAMILIES:
+        t_on, t_off = on.table(family, "filter"), off.table(family, "filter")  # type: ignore[arg-type]
+        assert [c.name for c in t_off.chains] == [DISPATCH, CONFINED]
+        assert [c.name for c in t_on.chains][:2] == [DISPATCH, CONFINED]
+        assert t_on.chains[0] == t_off.chains[0]
+        got, was = t_on.chains[1].rules, t_off.chains[1].rules
+        assert len(got) == len(was) and not [r for r in got if r.target == "NFLOG"]
+        for r, w in zip(got, was, strict=True):
+            if r != w:  # a refusal: the same matches, and its verdict given by its line's chain
+                assert w.target in ("REJECT", "DROP") and refuse_index(r.target) is not None
+                assert dataclasses.replace(r, target=w.target, reject_with=w.reject_with) == w
+        assert refusals.resolved(t_on, got) == was
+        assert [t for t in on.tables if t.name == "nat"] == [t for t in off.tables if t.name == "nat"]
+    assert dataclasses.replace(on, tables=()) == dataclasses.replace(off, tables=())  # same sets, same kind
+
+
+def test_log_refused_false_installs_no_log_rule_and_no_refusal_chain() -> None:
     rs = _build({**LOGGED, "log": {"refused": False}})
     assert not [r for t in rs.tables for c in t.chains for r in c.rules if r.target == "NFLOG" or r.nflog_prefix]
+    assert not [c for t in rs.tables for c in t.chains if refuse_index(c.name) is not None]
     on = _build(LOGGED)
     assert [r for f in FAMILIES for r in _confined(on, f)] == [r for f in FAMILIES for r in _confined(rs, f)]
 
 
 def test_log_rate_and_burst_are_the_policys() -> None:
-    rules = _chain(_build({**LOGGED, "log": {"rate": "5/minute", "burst": 3}}), 4, "filter", CONFINED)
+    rs = _build({**LOGGED, "log": {"rate": "5/minute", "burst": 3}})
+    rules = [r for c in _refusal_chains(rs, 4).values() for r in c]
     assert {(r.limit, r.limit_burst) for r in rules if r.target == "NFLOG"} == {("5/min", 3)}
 
 
 def test_a_long_policy_line_is_cut_to_what_nflog_carries() -> None:
     deny = [{"cidr": f"192.0.2.{n}/32", "protocol": "udp"} for n in range(0, 40, 2)]  # a set rule: deny[0-19]
     deny += [{"cidr": "198.18.0.1/32", "protocol": "tcp"}]
-    rules = _chain(_build({"deny": deny}), 4, "filter", CONFINED)
+    rules = [r for c in _refusal_chains(_build({"deny": deny}), 4).values() for r in c]
+    assert any(r.nflog_prefix for r in rules)
     assert all(len(r.nflog_prefix.encode()) <= LOG_PREFIX_MAX for r in rules if r.nflog_prefix)
 
 

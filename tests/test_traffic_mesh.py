@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from egtraffic import FAST, applied, policy, reached, refused_fast
 from mesh import ISTIO, MESHES, Mesh, in_pod, iptables_tool
+from test_log_traffic import Watcher
 from wire import Frame, WireCapture
 
 from egressguard.lab import EXEMPT, Lab, Result
@@ -169,6 +170,34 @@ def test_ports_the_mesh_ignores_are_judged_as_they_go(meshed: tuple[Lab, Mesh], 
     control = lab.tcp(DENIED[family], 853, uid=EXEMPT, timeout=FAST)
     assert reached(control, DENIED[family]) if 853 in mesh.ignore_ports else \
         through_relay(control, mesh.uid, DENIED[family], 853), control.answer
+
+
+def test_watch_reports_the_original_destination_of_a_refusal_through_the_mesh(meshed: tuple[Lab, Mesh]) -> None:
+    """The mesh's redirect readdresses the refused packet to its relay on loopback: `watch` asks the
+    kernel for the connection's conntrack entry and reports where the agent was going (issue 14)."""
+    lab, mesh = meshed
+    watcher = Watcher(lab)
+    try:
+        for family in (4, 6):
+            assert refused_fast(lab.tcp(DENIED[family], 80, timeout=FAST))
+            assert refused_fast(lab.tcp(UNLISTED[family], 443, timeout=FAST))
+            # The control: the same connection of the exempt uid is redirected, and reaches its host.
+            assert through_relay(lab.tcp(DENIED[family], 80, uid=EXEMPT, timeout=FAST), mesh.uid, DENIED[family], 80)
+        events = watcher.stop()
+    finally:
+        watcher.kill()
+    got = sorted((e["destination"], e["port"], e["line"]) for e in events if e["event"] == "connection_refused")
+    started = next(e for e in events if e["event"] == "watch_started")
+    if started["destination"] == "packet":
+        # A kernel without CONFIG_NETFILTER_NETLINK_GLUE_CT attaches no conntrack to logged packets
+        # (EOPNOTSUPP): watch says so when it starts, and reports the packet's destination, the relay's.
+        relay = {4: "127.0.0.1", 6: "::1"}
+        want = [(relay[4], mesh.port, "deny[0]"), (relay[6], mesh.port, "deny[1]"),
+                (relay[4], mesh.port, "default"), (relay[6], mesh.port, "default")]
+    else:
+        want = [(DENIED[4], 80, "deny[0]"), (DENIED[6], 80, "deny[1]"),
+                (UNLISTED[4], 443, "default"), (UNLISTED[6], 443, "default")]
+    assert got == sorted(want), events
 
 
 # -- a NAT that sends a connection elsewhere ------------------------------------------------------

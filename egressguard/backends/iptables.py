@@ -40,6 +40,7 @@ from egressguard.ruleset import (
     Rule,
     Ruleset,
     Table,
+    owned_chains,
     shared_limit_expire_ms,
 )
 
@@ -292,7 +293,7 @@ class IptablesBackend(Backend):
         iptc = self.iptc
         # Encoded before taking the lock, which is then held only to stage and commit; jumps to our
         # own chains (python-iptables looks their names up in the staged table) only once they exist.
-        ours = {DISPATCH, *OWNED_CHAINS[want.name]}
+        ours = {DISPATCH, *OWNED_CHAINS[want.name], *(c.name for c in want.chains)}
         try:
             encoded = [[None if r.target in ours else self._encode(want.family, r) for r in c.rules] for c in want.chains]
         except Exception as exc:  # noqa: BLE001 - XTablesError (e.g. a missing extension), ValueError
@@ -348,7 +349,7 @@ class IptablesBackend(Backend):
         for rule in list(output.rules):
             if _is_our_jump(rule):
                 output.delete_rule(rule)
-        owned = OWNED_CHAINS[want.name]
+        owned = owned_chains(want.name, [c.name for c in tbl.chains])
         referenced_sets = False
         for name in owned:
             if tbl.is_chain(name):
@@ -508,7 +509,7 @@ class IptablesBackend(Backend):
             output_rules = self.iptc.Chain(tbl, "OUTPUT").rules
             jumps = tuple(i for i, rule in enumerate(output_rules) if _is_our_jump(rule))
             chains, counters = [], {}
-            for cname in OWNED_CHAINS[name]:
+            for cname in owned_chains(name, [c.name for c in tbl.chains]):
                 if tbl.is_chain(cname):
                     rules = self.iptc.Chain(tbl, cname).rules
                     chains.append(Chain(cname, tuple(_decode(rule) for rule in rules)))
@@ -538,7 +539,7 @@ class IptablesBackend(Backend):
             chains = xtables_raw.read_chains(family, name)
         except (OSError, ValueError) as exc:
             raise ApplyFailed(f"{_tool(family)} {name}: entries could not be read back from the kernel: {exc}") from None
-        out = {c: tuple(chains[c]) for c in OWNED_CHAINS[name] if c in chains}
+        out = {c: tuple(chains[c]) for c in owned_chains(name, chains)}
         output = chains.get("OUTPUT", [])
         out["OUTPUT"] = tuple(output[i] for i in jumps if i < len(output))
         return out
@@ -547,7 +548,7 @@ class IptablesBackend(Backend):
         """`want`'s chains and jump, entry by entry, normalised as xtables_raw decodes the kernel's."""
         if want is None or not want.chains:
             return {}
-        ours = {DISPATCH, *OWNED_CHAINS[want.name]}
+        ours = {DISPATCH, *OWNED_CHAINS[want.name], *(c.name for c in want.chains)}
         out: dict[str, tuple[Entry | str, ...]] = {
             c.name: tuple(self._encoded_entry(family, r, ours) for r in c.rules) for c in want.chains
         }

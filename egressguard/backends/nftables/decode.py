@@ -36,12 +36,22 @@ from egressguard.ruleset import (
     Chain,
     Family,
     Rule,
+    owned_chains,
+    refuse_chain,
 )
 
 _WORD_FAMILY = {"ipv4": 4, "ipv6": 6}
 _ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
 _REJECT_BACK = {text: name for name, text in REJECT.items()}
 _KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-(\d+|(?P<shared>{SET_PREFIX}[a-z0-9-]+))$")
+_REFUSE_CHAIN = re.compile(r"^refuse([46])-(0|[1-9]\d*)$")
+
+
+def _refuse_chains(names: Sequence[str], family: Family) -> list[str]:
+    """The Ruleset's names (EGRESSGUARD-REFUSE-n) of the family's refusal chains among nft `names`."""
+    return [refuse_chain(int(m[2])) for n in names if (m := _REFUSE_CHAIN.match(n)) and int(m[1]) == family]
+
+
 _USER_RETURN = [{"match": {"op": "==", "left": {"meta": {"key": "skuid"}},
                            "right": {"range": [0, int(ANY_USER.split("-")[1])]}}}, {"return": None}]
 
@@ -89,7 +99,8 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
     for f in FAMILIES:
         for table, owned in OWNED_CHAINS.items():
             known |= {chain_name(f, table, c) for c in owned}
-    problems += [f"unexpected chain {name}" for name in chains if name not in known and not _KERNEL_CHAIN.match(name)]
+    problems += [f"unexpected chain {name}" for name in chains
+                 if name not in known and not _KERNEL_CHAIN.match(name) and not _REFUSE_CHAIN.match(name)]
     for name in BASE:
         if name in chains and (p := _base_problem(chains[name])):
             problems.append(p)
@@ -103,7 +114,8 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
             first = chain_name(family, table, DISPATCH)
             jumps = tuple(i for i, r in enumerate(mine) if _is_our_jump(r, family, first))
             got_chains, counters = [], {}
-            for cname in owned:
+            ours = owned_chains(table, [*owned, *_refuse_chains(list(chains), family)])
+            for cname in ours:
                 nft_name = chain_name(family, table, cname)
                 if nft_name in chains:
                     got_chains.append(Chain(cname, tuple(decode_rule(r, family, table, rules) for r in rules[nft_name])))
@@ -338,7 +350,7 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         return True
     if "jump" in e:
         target = e["jump"]["target"]
-        for ours in (CONFINED, REDIRECT):
+        for ours in (CONFINED, REDIRECT, *(_refuse_chains([str(target)], family) if table == "filter" else [])):
             try:
                 if target == chain_name(family, table, ours):
                     f["target"] = ours

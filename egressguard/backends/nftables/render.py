@@ -21,6 +21,7 @@ from egressguard.ruleset import (
     Rule,
     Ruleset,
     Table,
+    refuse_index,
 )
 
 TABLE = "inet egressguard"
@@ -80,7 +81,10 @@ class UnsupportedRule(ApplyFailed):
 
 
 def chain_name(family: Family, table: str, chain: str) -> str:
-    """Our nft chain for the Ruleset's (family, table, chain): dispatch4, confined6, redirect4..."""
+    """Our nft chain for the Ruleset's (family, table, chain): dispatch4, confined6, redirect4,
+    refuse4-0 (EGRESSGUARD-REFUSE-0)..."""
+    if table == "filter" and (n := refuse_index(chain)) is not None:
+        return f"refuse{family}-{n}"
     if table == "filter":
         base = {DISPATCH: "dispatch", CONFINED: "confined"}.get(chain)
     else:
@@ -261,7 +265,7 @@ def _verdict(family: Family, table: str, r: Rule) -> str:
         if r.to_ports is None:
             raise UnsupportedRule(f"REDIRECT without a port (rule {r.comment!r})")
         return f"redirect to :{r.to_ports}"
-    if r.target in (CONFINED, REDIRECT):
+    if r.target in (CONFINED, REDIRECT) or refuse_index(r.target) is not None:
         return f"jump {chain_name(family, table, r.target)}"
     raise UnsupportedRule(f"target {r.target} (rule {r.comment!r})")
 
