@@ -1,4 +1,5 @@
-"""SIGKILL `apply --backend nftables` at timed instants (aimed at the commit by a timing run) and at
+"""SIGKILL `apply --backend nftables` at timed instants (measured from the moment apply starts its
+policy commit, announced on a pipe, and aimed at the commit by a timing run) and at
 every named point (tests/fault_apply.py): one transaction per ruleset, so the table holds one whole
 ruleset (the old or the new, both families, or the lockdown), or on a first apply nothing at all;
 never a mix. Confined traffic to a destination neither policy allows never gets out (the exempt uid
@@ -7,6 +8,7 @@ reaches it in the same run), and a re-apply restores exactly the policy."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -31,20 +33,26 @@ B = policy(allow=[{"cidr": "203.0.113.12/32", "ports": [22]}, {"cidr": "2001:db8
 OUTSIDE = ("203.0.113.11", "2001:db8:2::11")  # allowed by neither
 
 
-def _start(lab: Lab, path: str, trace: Path | None = None) -> subprocess.Popen[bytes]:
-    """apply through tests/fault_apply.py with nothing armed (with `trace`: a timing run), so the
-    timed kills and the timing run they are aimed by start up alike."""
+ANCHOR = "policy:start"  # the timed kills' clock starts here: Python's start-up varies far more than the commit
+
+
+def _start(lab: Lab, path: str, trace: Path | None = None, anchor_fd: int | None = None) -> subprocess.Popen[bytes]:
+    """apply through tests/fault_apply.py with nothing armed (with `trace`: a timing run; with
+    `anchor_fd`: one byte written there as apply passes ANCHOR)."""
     env = {**os.environ, "EGRESSGUARD_BACKEND": "nftables", "EGRESSGUARD_STATUS": str(lab.status_file)}
     if trace is not None:
         env["EG_FAULT_TRACE"] = str(trace)
+    if anchor_fd is not None:
+        env |= {"EG_FAULT_ANCHOR": ANCHOR, "EG_FAULT_ANCHOR_FD": str(anchor_fd)}
     # `ip netns exec` execs the command: the pid is the harness's own
     return subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, str(HARNESS), "none", "apply",
-                             "--policy", path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--policy", path], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=() if anchor_fd is None else (anchor_fd,))
 
 
 def _kill_delays(lab: Lab, path: str) -> list[float]:
-    """KILLS instants spread from just before the policy's commit starts to just after it is done,
-    seconds after the process is spawned (one timing run; most of a run is Python starting)."""
+    """KILLS instants spread from the policy's commit starting (ANCHOR) to just after it is done,
+    in seconds after ANCHOR (one timing run)."""
     trace = lab.workdir / "timing"
     trace.unlink(missing_ok=True)
     start = time.monotonic()
@@ -53,8 +61,8 @@ def _kill_delays(lab: Lab, path: str) -> list[float]:
     for line in trace.read_text().splitlines():
         point, when = line.rsplit(" ", 1)
         at.setdefault(point, float(when) - start)  # the child's CLOCK_MONOTONIC is this one
-    lo, hi = max(0.0, at["policy:start"] - 0.02), at["policy:done"] + 0.02
-    return [lo + (hi - lo) * i / (KILLS - 1) for i in range(KILLS)]
+    hi = at["policy:done"] - at[ANCHOR] + 0.02
+    return [hi * i / (KILLS - 1) for i in range(KILLS)]
 
 
 def _holds(lab: Lab, path: str) -> bool:
@@ -62,12 +70,22 @@ def _holds(lab: Lab, path: str) -> bool:
     return done.returncode == 0
 
 
-def _kill_after(proc: subprocess.Popen[bytes], delay: float) -> bool:
-    """True if the kill landed while apply was still running."""
-    time.sleep(delay)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+def _kill_after(lab: Lab, path: str, delay: float) -> bool:
+    """Start an apply of `path` and SIGKILL it `delay` s after it passes ANCHOR; True if the kill
+    landed while apply was still running."""
+    r, w = os.pipe()
+    proc = _start(lab, path, anchor_fd=w)
+    os.close(w)
+    try:
+        announced = bool(select.select([r], [], [], 30)[0]) and os.read(r, 1) == b"a"
+        if announced and delay > 0:
+            time.sleep(delay)  # where in the commit the kill lands (not an ordering)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)  # our own child, by its pid
+        proc.wait(timeout=10)
+    finally:
+        os.close(r)
+    assert announced, f"the apply never passed {ANCHOR}"
     return alive
 
 
@@ -83,7 +101,7 @@ def test_sigkill_during_a_first_apply_leaves_the_whole_ruleset_or_nothing(lab: L
     delays = _kill_delays(lab, path)
     for i in range(KILLS):
         assert lab.egressguard("reset", "--backend", "nftables").returncode == 0
-        landed = _kill_after(_start(lab, path), delays[i])
+        landed = _kill_after(lab, path, delays[i])
         if "inet egressguard" not in nft_tables(lab):
             assert landed
             tally["nothing"] += 1
@@ -106,7 +124,7 @@ def test_sigkill_during_a_reapply_leaves_the_old_or_the_new_ruleset(lab: Lab, fi
     assert lab.egressguard("apply", "--policy", a, env={"EGRESSGUARD_BACKEND": "nftables"}).returncode == 0
     current, other = a, b
     for i in range(KILLS):
-        _kill_after(_start(lab, other), delays[i])
+        _kill_after(lab, other, delays[i])
         if _holds(lab, other):
             tally["new"] += 1
             current, other = other, current
