@@ -73,6 +73,20 @@ def pod_and_world() -> Iterator[tuple[str, str]]:
         yield pod, world
 
 
+def _pod_serving(stack: contextlib.ExitStack, dest: str) -> str:
+    """A pod whose world answers TCP on `dest`:5000 (a server pinned to the second CPU), both
+    removed when `stack` closes; the pod's name."""
+    pod, world = stack.enter_context(pod_and_world())
+    sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
+    sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
+    server = subprocess.Popen(["ip", "netns", "exec", world, *PIN[1], sys.executable, "-c", SERVER, dest, "5000"],
+                              stdout=subprocess.PIPE, text=True)
+    stack.callback(server.wait)
+    stack.callback(server.kill)
+    assert server.stdout and server.stdout.readline().startswith("ready")
+    return pod
+
+
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
@@ -411,14 +425,7 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
     with contextlib.ExitStack() as stack:
         pods = []
         for name, setup in configs:
-            pod, world = stack.enter_context(pod_and_world())
-            sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
-            sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
-            server = subprocess.Popen(["ip", "netns", "exec", world, *PIN[1], sys.executable, "-c", SERVER, dest, "5000"],
-                                      stdout=subprocess.PIPE, text=True)
-            stack.callback(server.wait)
-            stack.callback(server.kill)
-            assert server.stdout and server.stdout.readline().startswith("ready")
+            pod = _pod_serving(stack, dest)
             setup(pod)
             conn_rate(pod, dest, 200)  # warm up
             pods.append((name, pod))
@@ -729,14 +736,7 @@ def log_cost(runs: int, count: int) -> list[tuple[str, str, list[float]]]:
     with contextlib.ExitStack() as stack:
         pods = []
         for backend, how in rows:
-            pod, world = stack.enter_context(pod_and_world())
-            sh("ip", "addr", "add", f"{dest}/32", "dev", "lo", ns=world)
-            sh("ip", "route", "add", "198.18.0.0/15", "via", WORLD_V4, ns=pod)
-            server = subprocess.Popen(["ip", "netns", "exec", world, *PIN[1], sys.executable, "-c", SERVER, dest, "5000"],
-                                      stdout=subprocess.PIPE, text=True)
-            stack.callback(server.wait)
-            stack.callback(server.kill)
-            assert server.stdout and server.stdout.readline().startswith("ready")
+            pod = _pod_serving(stack, dest)
             policy = TMP / f"policy-log-{how == 'log off'}.yaml"
             policy.write_text(write_policy(16, False).read_text()
                               + f"  - {{cidr: {dest}/32, protocol: udp, ports: [{ALLOWED_UDP_PORT}]}}\n"
