@@ -301,7 +301,11 @@ def address_set(family: Family, members: Iterable[str]) -> AddressSet:
         addr, _, plen = m.partition("/")
         keyed[pton(af, addr) + (byte[int(plen)] if plen else whole)] = m
     ordered = canonical_members(keyed, keyed)
-    digest = hashlib.sha256(f"{family}\n".encode())
+    # A set of single addresses is a different kind of kernel set on nftables (a hash, not an
+    # interval tree): its own name, so a kept set never changes kind under the same name.
+    whole_text = _SLASH[32 if family == 4 else 128]
+    kind = " hosts" if all(m.endswith(whole_text) for m in ordered) else ""
+    digest = hashlib.sha256(f"{family}{kind}\n".encode())
     digest.update("\n".join(ordered).encode())
     keep = _SET_NAME_MAX - len(SET_PREFIX) - len(f"{family}-") - len(SET_STAGING_SUFFIX)
     return AddressSet(name=f"{SET_PREFIX}{family}-{digest.hexdigest()[:keep]}", family=family, members=ordered)
@@ -552,9 +556,12 @@ def _list_rules(
 
 
 def _dispatch(policy: Policy, into: str) -> tuple[Rule, ...]:
-    """Exempt uids leave first; then the confined uids (or everyone) go to `into`."""
-    rules = [Rule(target="RETURN", comment="exempt", uid=str(u)) for u in sorted(set(policy.exempt.uids))]
+    """Under `confine: all`, exempt uids leave first, then everyone goes to `into`; under a uid
+    list, only those uids go (a uid cannot be in both lists, so an exempt rule would only cost
+    every confined packet one more owner lookup)."""
+    rules: list[Rule] = []
     if policy.confines_everyone:
+        rules += [Rule(target="RETURN", comment="exempt", uid=str(u)) for u in sorted(set(policy.exempt.uids))]
         rules.append(Rule(target=into, comment="confine"))
     else:
         uids = cast(list[int], policy.confine.uids)  # a list, unless confines_everyone

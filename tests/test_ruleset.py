@@ -205,13 +205,26 @@ def test_outbound_rules_do_not_depend_on_connection_state() -> None:
 # -- who is confined ---------------------------------------------------------------------------
 
 
-def test_exempt_uids_leave_dispatch_before_anyone_is_confined() -> None:
-    rules = _chain(_build({"exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
+def test_exempt_uids_leave_dispatch_before_everyone_is_confined() -> None:
+    rules = _chain(_build({"confine": {"uids": "all"}, "exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
     assert [(r.comment, r.uid, r.target) for r in rules if r.comment != "igmp"] == [
         ("exempt", "1001", "RETURN"),
         ("exempt", "1003", "RETURN"),
-        ("confine", "1000", CONFINED),
+        ("confine", None, CONFINED),
     ]
+
+
+def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() -> None:
+    """A uid is never in both lists (the policy refuses it), so under a uid list an exempt rule
+    could only cost each confined packet one more owner lookup (bench/RESULTS.md, run H)."""
+    data = {"confine": {"uids": [1002, 1000]}, "exempt": {"uids": [1003, 1001]}}
+    for family in FAMILIES:
+        for table, into in (("filter", CONFINED), ("nat", REDIRECT)):
+            rules = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), family, table, DISPATCH)
+            assert [(r.comment, r.uid, r.target) for r in rules if r.uid is None or not r.uid.startswith("!")] == [
+                ("confine", "1000", into),
+                ("confine", "1002", into),
+            ]
 
 
 def test_root_is_not_confined_unless_listed() -> None:
@@ -374,7 +387,7 @@ def test_redirect_rewrites_non_loopback_tcp_of_confined_uids_only() -> None:
     for family in FAMILIES:
         nat = rs.table(family, "nat")
         assert nat.jump is not None
-        assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("exempt", "1001"), ("confine", "1000")]
+        assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("confine", "1000")]
         (rule,) = [r for r in _chain(rs, family, "nat", REDIRECT) if r.target == "REDIRECT"]
         assert (rule.target, rule.out_iface, rule.protocol, rule.dports, rule.to_ports) == (
             "REDIRECT", "!lo", "tcp", (80, 443), 8444
@@ -422,7 +435,7 @@ def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(fam
 
 def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
     rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
-    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.comment != "igmp"] == ["1001", "1000", "1002"]
+    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.comment != "igmp"] == ["1000", "1002"]
 
 
 # -- determinism, digest, rendering ------------------------------------------------------------

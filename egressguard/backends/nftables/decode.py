@@ -24,6 +24,7 @@ from egressguard.backends.nftables.render import (
     intervals,
     merge,
     networks,
+    set_flags,
 )
 from egressguard.ruleset import (
     CONFINED,
@@ -381,9 +382,10 @@ def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet]) -> list[Add
             members = None
         except (ValueError, KeyError, TypeError, OSError):
             held, members = [], (f"<unexpected element in {json.dumps(s.get('elem'))[:200]}>",)
-        if typ not in ("ipv4_addr", "ipv6_addr") or flags != ["interval"]:
-            members = (f"<unexpected set type {typ} flags {flags}>",)
         want = by_name.get(s["name"])
+        kinds = [set_flags(want)] if want else [[], ["interval"]]  # a hash of addresses, or an interval set
+        if typ not in ("ipv4_addr", "ipv6_addr") or flags not in kinds:
+            members = (f"<unexpected set type {typ} flags {flags}>",)
         if members is None and want is not None and want.family == family and intervals(want) == held:
             out.append(want)
         else:

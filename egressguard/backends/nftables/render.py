@@ -336,8 +336,24 @@ def _ntop(family: Family, n: int) -> str:
     return socket.inet_ntop(af, n.to_bytes(bits // 8, "big"))
 
 
+def hosts_only(st: AddressSet) -> bool:
+    """Every member is one address: the set is a hash (one lookup per packet, whatever its size),
+    not an interval tree, whose walk cost ~5% of the new-connection rate at 10,000 members
+    (bench/RESULTS.md, run H)."""
+    whole = "/32" if st.family == 4 else "/128"
+    return all(m.endswith(whole) for m in st.members)
+
+
+def set_flags(st: AddressSet) -> list[str]:
+    """The set's flags as nft lists them."""
+    return [] if hosts_only(st) else ["interval"]
+
+
 def elements(st: AddressSet) -> list[str]:
-    """A set's members as interval-set elements: a prefix where an interval is one, else a range."""
+    """A set's members as its elements: each address of a hash set; for an interval set, a prefix
+    where an interval is one, else a range."""
+    if hosts_only(st):
+        return [m.rpartition("/")[0] for m in st.members]
     bits = _AF[st.family][1]
     out = []
     for start, end in intervals(st):
@@ -366,7 +382,8 @@ def networks(family: Family, found: list[Interval]) -> tuple[str, ...]:
 
 def _set_decl(st: AddressSet) -> str:
     typ = "ipv6_addr" if st.family == 6 else "ipv4_addr"
-    return f"add set {TABLE} {st.name} {{ type {typ}; flags interval; }}"
+    flags = "".join(f" flags {f};" for f in set_flags(st))
+    return f"add set {TABLE} {st.name} {{ type {typ};{flags} }}"
 
 
 def learned_set_decl(st: LearnedSet) -> str:
