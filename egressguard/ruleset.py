@@ -734,7 +734,9 @@ def _log_refusals(rules: list[Rule], policy: Policy) -> tuple[list[Rule], list[C
     """With `log.refused`, each refusal in the confined chain jumps instead to its line's chain:
     a log rule (the kernel hands the packet, rate-limited per line, to the NFLOG group with the
     line as its prefix), then the line's refusal. The confined chain keeps its rules, matches and
-    order: an allowed packet is tested against exactly what it is tested against with log off."""
+    order, less one of each pair _refuse makes (a TCP reset, then the same match for any protocol):
+    both halves now jump to the same chain, whose verdicts tell TCP from the rest, so the first is
+    folded into the second. An allowed packet meets no rule it does not meet with log off."""
     if not policy.log.refused:
         return rules, []
     rate, _, unit = policy.log.rate.partition("/")
@@ -751,7 +753,10 @@ def _log_refusals(rules: list[Rule], policy: Policy) -> tuple[list[Rule], list[C
                        protocol="tcp" if r.reject_with == "tcp-reset" else None)
         if refusal not in verdicts:
             verdicts.append(refusal)
-        out.append(replace(r, target=name, reject_with=None))
+        jump = replace(r, target=name, reject_with=None)
+        if r.protocol is None and out and out[-1] == replace(jump, protocol="tcp"):
+            out.pop()  # its TCP twin: the same chain, reached by this rule's wider match
+        out.append(jump)
     built = []
     for i, (comment, verdicts) in enumerate(chains.items()):
         log_rule = Rule(target="NFLOG", comment=comment, limit=limit, limit_burst=policy.log.burst,

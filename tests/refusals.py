@@ -27,7 +27,34 @@ def resolved(table: Table, rules: Sequence[Rule]) -> tuple[Rule, ...]:
     return tuple(out)
 
 
+def folded(rules: Sequence[Rule]) -> tuple[Rule, ...]:
+    """Log-off rules as log on keeps them: of each refusal pair (a TCP reset, then the same match
+    for any protocol), the second only; both halves would jump to the same refusal chain."""
+    out: list[Rule] = []
+    for r in rules:
+        if (r.target == "REJECT" and r.protocol is None and out
+                and out[-1] == dataclasses.replace(r, protocol="tcp", reject_with="tcp-reset")):
+            out.pop()
+        out.append(r)
+    return tuple(out)
+
+
+def unfolded(table: Table, rules: Sequence[Rule]) -> tuple[Rule, ...]:
+    """Log-on rules as log off holds them: each refusal as its verdict, a jump for any protocol to
+    a chain that resets TCP and answers the rest otherwise as the pair it stands for."""
+    chains = refusal_chains(table)
+    out: list[Rule] = []
+    for r in rules:
+        verdicts = [v for v in chains.get(r.target, ()) if v.target != "NFLOG"]
+        if r.protocol is None and len(verdicts) == 2 and verdicts[0].protocol == "tcp":
+            out.append(dataclasses.replace(r, protocol="tcp", target=verdicts[0].target,
+                                           reject_with=verdicts[0].reject_with))
+        out += resolved(table, [r])
+    return tuple(out)
+
+
 def confined(rs: Ruleset, family: int) -> tuple[Rule, ...]:
-    """The confined chain's rules, each refusal as the refusal it leads to."""
+    """The confined chain's rules as log off holds them: each refusal as the refusal (or pair)
+    it leads to."""
     t = rs.table(family, "filter")  # type: ignore[arg-type]
-    return resolved(t, next(c.rules for c in t.chains if c.name == CONFINED))
+    return unfolded(t, next(c.rules for c in t.chains if c.name == CONFINED))

@@ -1,5 +1,5 @@
-"""Named interval sets on the nftables back end with real traffic: 10,000 entries per family, and
-re-apply under continuous attempts (a kept destination never refused, a removed one never reached
+"""Named sets on the nftables back end (a hash of addresses, or intervals where a list holds
+networks) with real traffic: 10,000 entries per family, and re-apply under continuous attempts (a kept destination never refused, a removed one never reached
 once the apply that removed it has returned; counts printed)."""
 
 from __future__ import annotations
@@ -17,19 +17,33 @@ pytestmark = pytest.mark.netns
 
 
 def nft_sets(lab: Lab) -> dict[str, int]:
+    return {name: n for name, (n, _flags) in nft_set_kinds(lab).items()}
+
+
+def nft_set_kinds(lab: Lab) -> dict[str, tuple[int, list[str]]]:
+    """Our sets as the kernel lists them: name -> (element count, flags)."""
     out = lab.in_pod("nft", "-j", "list", "table", "inet", "egressguard", check=True).stdout
-    return {o["set"]["name"]: len(o["set"].get("elem", [])) for o in json.loads(out)["nftables"] if "set" in o}
+    return {o["set"]["name"]: (len(o["set"].get("elem", [])), o["set"].get("flags", []))
+            for o in json.loads(out)["nftables"] if "set" in o}
 
 
-def test_ten_thousand_entries_per_family_in_two_interval_sets(lab: Lab) -> None:
+# Networks beside the 10,000 addresses: the list then needs an interval set (a hash holds addresses only).
+NETWORKS = {"198.19.0.0/24": "198.19.0.7", "2001:db8:4::/64": "2001:db8:4::7"}
+
+
+@pytest.mark.parametrize("networks", [False, True], ids=["addresses: hash sets", "with networks: interval sets"])
+def test_ten_thousand_entries_per_family_in_two_sets(lab: Lab, networks: bool) -> None:
     picks = [0, N // 2, N - 1]
     hosts4 = [v4(i) for i in picks]
     hosts6 = [v6(i) for i in picks]
-    add_world_hosts(lab, *hosts4, *map(neighbour4, hosts4), *hosts6, *map(neighbour6, hosts6))
-    applied(lab, list_policy(lab, [v4(i) for i in range(N)] + [v6(i) for i in range(N)]))
+    inside = list(NETWORKS.values()) if networks else []
+    add_world_hosts(lab, *hosts4, *map(neighbour4, hosts4), *hosts6, *map(neighbour6, hosts6), *inside)
+    listed = [v4(i) for i in range(N)] + [v6(i) for i in range(N)] + (list(NETWORKS) if networks else [])
+    applied(lab, list_policy(lab, listed))
 
-    assert sorted(nft_sets(lab).values()) == [N, N]
-    for host in hosts4 + hosts6:
+    kinds = sorted(nft_set_kinds(lab).values())
+    assert kinds == ([(N + 1, ["interval"])] * 2 if networks else [(N, [])] * 2), kinds
+    for host in hosts4 + hosts6 + inside:
         assert reached(lab.tcp(host, PORT, timeout=FAST), host), host
         stopped(lab, "tcp", host, 22)  # 22 is not in the list's ports
     for host in [neighbour4(h) for h in hosts4] + [neighbour6(h) for h in hosts6]:

@@ -598,7 +598,8 @@ LOG_SHAPES = [
 def test_allowed_traffic_meets_the_same_rules_with_log_on_and_off(shape: int, lockdown: bool) -> None:
     """What an allowed packet is tested against: our dispatch chain and the confined chain, which it
     leaves by a RETURN. With log on they hold the same rules in the same order with the same matches
-    as with log off, and no log rule; only a refusal's verdict becomes a jump to its line's chain."""
+    as with log off, and no log rule; only a refusal's verdict becomes a jump to its line's chain,
+    and a refusal pair (TCP reset, then the same match for any protocol) becomes one jump."""
     extra = LOG_SHAPES[shape]
     on = _build(extra, lockdown=lockdown)
     off = _build({**extra, "log": {"refused": False}}, lockdown=lockdown)
@@ -607,13 +608,14 @@ def test_allowed_traffic_meets_the_same_rules_with_log_on_and_off(shape: int, lo
         assert [c.name for c in t_off.chains] == [DISPATCH, CONFINED]
         assert [c.name for c in t_on.chains][:2] == [DISPATCH, CONFINED]
         assert t_on.chains[0] == t_off.chains[0]
-        got, was = t_on.chains[1].rules, t_off.chains[1].rules
+        got, was = t_on.chains[1].rules, refusals.folded(t_off.chains[1].rules)
         assert len(got) == len(was) and not [r for r in got if r.target == "NFLOG"]
         for r, w in zip(got, was, strict=True):
             if r != w:  # a refusal: the same matches, and its verdict given by its line's chain
                 assert w.target in ("REJECT", "DROP") and refuse_index(r.target) is not None
                 assert dataclasses.replace(r, target=w.target, reject_with=w.reject_with) == w
         assert refusals.resolved(t_on, got) == was
+        assert refusals.unfolded(t_on, got) == t_off.chains[1].rules
         assert [t for t in on.tables if t.name == "nat"] == [t for t in off.tables if t.name == "nat"]
     assert dataclasses.replace(on, tables=()) == dataclasses.replace(off, tables=())  # same sets, same kind
 
