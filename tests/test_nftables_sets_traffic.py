@@ -1,6 +1,7 @@
 """Named sets on the nftables back end (a hash of addresses, or intervals where a list holds
-networks) with real traffic: 10,000 entries per family, and re-apply under continuous attempts (a kept destination never refused, a removed one never reached
-once the apply that removed it has returned; counts printed)."""
+networks) with real traffic: 10,000 entries per family, and re-apply under continuous attempts
+(a kept destination never refused, a removed one never reached once the apply that removed it
+has returned; counts printed)."""
 
 from __future__ import annotations
 
