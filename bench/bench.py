@@ -101,10 +101,11 @@ def median_of(runs: int, fn: Callable[[], float]) -> float:
 # What is applied
 
 
-def write_policy(n: int, redirect: bool = True) -> Path:
+def write_policy(n: int, redirect: bool = True, networks: bool = False) -> Path:
     """The default policy plus an allow list of n /32s (TCP 5000) from a file; n=0: the default.
-    Without `redirect` no nat table is used (every new connection then skips NAT set-up)."""
-    policy = TMP / f"policy-{n}{'' if redirect else '-noredirect'}.yaml"
+    Without `redirect` no nat table is used (every new connection then skips NAT set-up).
+    `networks`: the list holds /31s instead (nftables then needs an interval set, not a hash)."""
+    policy = TMP / f"policy-{n}{'' if redirect else '-noredirect'}{'-nets' if networks else ''}.yaml"
     lines = [
         "version: 1",
         "confine: {uids: [1000]}",
@@ -114,8 +115,13 @@ def write_policy(n: int, redirect: bool = True) -> Path:
     if redirect:
         lines.append("redirect: [{ports: [80, 443], to_port: 8444}]")
     if n:
-        (TMP / f"list-{n}.txt").write_text("".join(f"{addr}/32\n" for addr in list_addresses(n)))
-        lines += ["allow:", f"  - allow_file: list-{n}.txt", "    ports: [5000]"]
+        if networks:  # every fourth pair of addresses: no two merge into one interval
+            nets = [f"198.{18 + i // 16384}.{i // 64 % 256}.{i % 64 * 4}/31" for i in range(n - 1)] + ["198.19.255.254/31"]
+        else:
+            nets = [f"{addr}/32" for addr in list_addresses(n)]
+        name = f"list-{n}{'-nets' if networks else ''}.txt"
+        (TMP / name).write_text("".join(f"{net}\n" for net in nets))
+        lines += ["allow:", f"  - allow_file: {name}", "    ports: [5000]"]
     policy.write_text("\n".join(lines) + "\n")
     return policy
 
@@ -389,6 +395,10 @@ def conn_rate(pod: str, dest: str, count: int) -> tuple[float, float]:
 
 
 NFT_TRACKED = "table inet egb { chain in { type filter hook input priority 0; ct state invalid drop; }; }\n"
+# What any nftables guard's output hook costs before its first rule, and what a `redirect` adds
+# before its first rule (NAT set-up of every new connection): the floors of the rows below.
+NFT_FILTER_HOOK = "table inet egbf { chain out { type filter hook output priority 0; policy accept; }; }\n"
+NFT_NAT_HOOK = "table inet egbn { chain out { type nat hook output priority -101; policy accept; }; }\n"
 
 
 def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[float, float]]]:
@@ -409,6 +419,10 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
             sh("iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "1", "-j", "RETURN", ns=pod))),
         # The same, switched on by an nftables rule: the baseline of the nftables rows.
         ("no guard, connection tracking on (nft rule)", lambda pod: sh("nft", "-f", "-", ns=pod, input=NFT_TRACKED)),
+        ("no guard, connection tracking + an empty nft output filter chain", lambda pod: sh(
+            "nft", "-f", "-", ns=pod, input=NFT_TRACKED + NFT_FILTER_HOOK)),
+        ("no guard, connection tracking + an empty nft output nat chain", lambda pod: sh(
+            "nft", "-f", "-", ns=pod, input=NFT_TRACKED + NFT_NAT_HOOK)),
     ]
     for n in sizes:
         for backend in ("iptables", "nftables"):
@@ -416,6 +430,9 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
                             lambda pod, n=n, b=backend: eg_apply(pod, write_policy(n, True), b)))
             configs.append((f"egressguard {backend}, no redirect (no nat) + {n:,} entries (kernel set), dest last",
                             lambda pod, n=n, b=backend: eg_apply(pod, write_policy(n, False), b)))
+        if n == sizes[-1]:  # networks, not addresses: an interval set on nftables
+            configs.append((f"egressguard nftables, no redirect (no nat) + {n:,} /31 networks (interval set), dest last",
+                            lambda pod, n=n: eg_apply(pod, write_policy(n, False, networks=True), "nftables")))
         rules = "".join(f"-A EGB-LINEAR -d {a}/32 -p tcp -m tcp --dport 5000 -j RETURN\n" for a in list_addresses(n))
         linear = ("*filter\n:EGB-LINEAR - [0:0]\n-I OUTPUT 1 -m owner --uid-owner 1000 -j EGB-LINEAR\n"
                   f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n")
@@ -427,6 +444,63 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
         for name, setup in configs:
             pod = _pod_serving(stack, dest)
             setup(pod)
+            conn_rate(pod, dest, 200)  # warm up
+            pods.append((name, pod))
+        for _ in range(runs):
+            for name, pod in pods:
+                rates[name].append(conn_rate(pod, dest, count))
+    return rates
+
+
+def _without(text: str, *comments: str, chain: str = "confined4") -> str:
+    """An nft plan less the rules of `chain` whose comment is one of `comments` (all if none given)."""
+    head = f"add rule inet egressguard {chain} "
+    return "".join(line + "\n" for line in text.splitlines()
+                   if not (line.startswith(head) and (not comments or any(f'comment "{c}"' in line for c in comments))))
+
+
+def _verdict_cache(text: str) -> str:
+    """NOT what egressguard installs: an upper bound of a per-connection verdict cache, i.e. an
+    established connection already allowed (a conntrack mark set by the allowing rule) skips the
+    destination checks. Sound only with a way to forget marks when the policy changes (see RESULTS)."""
+    head = "add rule inet egressguard confined4 "
+    out = []
+    for line in text.splitlines():
+        if line.startswith(head) and 'comment "replies"' in line:
+            out.append(head + "ct state established ct direction original ct mark and 0x20000000 == 0x20000000 return")
+        if line.startswith(head) and 'comment "allow[' in line:
+            line = line.replace(" counter return", " counter ct mark set ct mark or 0x20000000 return")
+        out.append(line)
+    return "".join(line + "\n" for line in out)
+
+
+def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float]]]:
+    """Where the nftables guard's per-packet cost is: its plan (no redirect, n addresses, the
+    destination last) loaded with `nft -f`, less one group of rules at a time, rows interleaved."""
+    dest = list_addresses(2)[-1]
+    text = plan(write_policy(n, False), "nftables")
+    configs = {
+        "no guard, connection tracking on (nft rule)": NFT_TRACKED,
+        "+ an empty output filter chain (no rule)": NFT_TRACKED + NFT_FILTER_HOOK,
+        "egressguard as installed": text,
+        "less its counters": text.replace(" counter ", " "),
+        "less the forged-source check (fib saddr type)": _without(text, "forged-source"),
+        "less the ip-options check": _without(text, "ip-options"),
+        "less the metadata refusals": _without(text, "metadata"),
+        "less loopback, dns, nat-elsewhere": _without(text, "loopback", "dns", "nat-elsewhere"),
+        "less everything but the allow rule": _without(text, "forged-source", "ip-options", "replies", "metadata",
+                                                       "loopback", "dns", "nat-elsewhere", "default"),
+        "less the whole confined chain (dispatch only)": _without(text),
+        "its set as an interval set (as before run H)": text.replace("{ type ipv4_addr; }",
+                                                                     "{ type ipv4_addr; flags interval; }"),
+        "not installed: a verdict cache for allowed connections": _verdict_cache(text),
+    }
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    with contextlib.ExitStack() as stack:
+        pods = []
+        for name, script in configs.items():
+            pod = _pod_serving(stack, dest)
+            sh("nft", "-f", "-", ns=pod, input=script)
             conn_rate(pod, dest, 200)  # warm up
             pods.append((name, pod))
         for _ in range(runs):
@@ -481,6 +555,7 @@ def main() -> int:
         section_scale(runs, sizes)
     if "3" in args.sections:
         section_per_packet(runs, args.quick)
+        section_ablation(runs, args.quick)
     if "5" in args.sections:
         section_log_cost(runs, args.quick)
     if "6" in args.sections:
@@ -522,6 +597,9 @@ def section_per_packet(runs: int, quick: bool) -> None:
     count = 1000 if quick else 3000
     rates = per_packet(runs, count, [16, 1_000] if quick else [16, 1_000, 10_000])
     baselines = ("no guard", "no guard, connection tracking on", "no guard, connection tracking on (nft rule)")
+    # The floor of a policy with a `redirect`: connection tracking with an idle nat hook, same back end's kind.
+    nat_floor = {"iptables": "no guard, connection tracking + an idle nat rule",
+                 "nftables": "no guard, connection tracking + an empty nft output nat chain"}
 
     def ratio(name: str, base: str, i: int) -> float:
         """Median of the per-round ratios: each round measures every row once, so a round's ratio
@@ -531,14 +609,30 @@ def section_per_packet(runs: int, quick: bool) -> None:
     print(f"\n## 3. Per-packet cost (new TCP connections, uid 1000, {count} per run; ratios: median of per-round ratios)\n")
     print("Per second of the client's CPU time (the output path's rules run in its system calls), "
           "then per second of wall time.\n")
-    vs = "vs no guard | vs conntrack on (iptables rule) | vs conntrack on (nft rule)"
-    print(f"| what | conns per CPU-s | {vs} | conns/s (wall) | {vs} |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    vs = "vs no guard | vs conntrack on (iptables rule) | vs conntrack on (nft rule) | vs conntrack + idle nat"
+    print(f"| what | conns per CPU-s | {vs} | conns/s (wall) | {vs} |\n|---|" + "---:|" * 10)
     for name, found in rates.items():
+        floor = next((f for b, f in nat_floor.items() if f"egressguard {b}, default" in name), None)
         cells = []
         for i in (1, 0):
             cells.append(f"{statistics.median(r[i] for r in found):,.0f}")
             cells += [f"{ratio(name, b, i):.2f}x" for b in baselines]
+            cells.append(f"{ratio(name, floor, i):.2f}x" if floor else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def section_ablation(runs: int, quick: bool) -> None:
+    count, n = (1000, 1_000) if quick else (3000, 10_000)
+    rates = ablation(runs, count, n)
+    base = "no guard, connection tracking on (nft rule)"
+    full = "egressguard as installed"
+    print(f"\n### 3b. Where the nftables guard's cost is (no redirect, {n:,} addresses, dest last; "
+          f"its nft plan less one group of rules at a time, {count} connections per run)\n")
+    print("| what | conns per CPU-s | vs conntrack on (nft rule) | vs egressguard as installed |\n|---|---:|---:|---:|")
+    for name, found in rates.items():
+        cpu = statistics.median(r[1] for r in found)
+        vs = [statistics.median(r[1] / b[1] for r, b in zip(found, rates[k], strict=True)) for k in (base, full)]
+        print(f"| {name} | {cpu:,.0f} | {vs[0]:.2f}x | {vs[1]:.2f}x |")
 
 
 def section_probe(runs: int) -> None:
