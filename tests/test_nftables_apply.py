@@ -113,6 +113,31 @@ def test_a_set_element_removed_is_exit_5_and_apply_puts_it_back(guarded: tuple[L
     assert eg(lab, "verify", "--policy", str(path))[0] == 0
 
 
+def test_a_set_of_addresses_is_a_hash_and_one_holding_a_network_an_interval_set(module_lab: Lab) -> None:
+    """Either kind is read back and compared: an element removed from an interval set is exit 5 and
+    apply puts it back, as for the hash of POLICY's set (above)."""
+    lab = module_lab
+    hosts_only = {"flags": [], "elem": 17}
+    assert eg(lab, "apply", "--policy", str(lab.write_policy(POLICY)))[0] == 0
+    (only,) = [o["set"] for o in json.loads(nft(lab, "-j", "list", "sets"))["nftables"] if "set" in o]
+    assert {"flags": only.get("flags", []), "elem": len(only["elem"])} == hosts_only
+    with_net = policy(allow=[*POLICY["allow"], {"cidr": "198.18.2.0/24", "ports": [5000]}])  # type: ignore[list-item]
+    path = lab.write_policy(with_net)
+    assert eg(lab, "apply", "--policy", str(path))[0] == 0
+    name = _set_name(lab)
+    (st,) = [o["set"] for o in json.loads(nft(lab, "-j", "list", "sets"))["nftables"] if "set" in o]
+    assert st["flags"] == ["interval"]
+    assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    nft(lab, "delete", "element", "inet", "egressguard", name, "{ 203.0.113.12 }")
+    stopped(lab, "tcp", "203.0.113.12", 5000)
+    code, out = eg(lab, "verify", "--policy", str(path))
+    assert code == 5 and "members, expected" in out, out
+    assert eg(lab, "apply", "--policy", str(path))[0] == 0
+    assert reached(lab.tcp("203.0.113.12", 5000, timeout=FAST), "203.0.113.12")
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+    assert eg(lab, "reset")[0] == 0
+
+
 def test_a_changed_base_chain_policy_is_exit_5_and_apply_restores_it(guarded: tuple[Lab, Path]) -> None:
     """`policy drop` on our base chain would make egressguard allow less than the policy says
     (here: the exempt uid's traffic); verify names it and apply re-creates the chain."""
