@@ -349,6 +349,153 @@ def test_reapply_keeps_what_was_learned_and_verify_passes(module_lab: Lab, forwa
     assert done.returncode == 0, done.stderr
 
 
+
+KEPT, GONE = "203.0.113.20", "203.0.113.21"  # (world addresses of the re-apply tests)
+ECHO_PORT = 7778
+# PROXY plus an entry a re-apply removes; learned addresses live 60 s here, so the kept entry's
+# address is still learned when the re-apply comes.
+WIDER = {**PROXY, "dns": {**PROXY["dns"], "ttl": {"min": TTL_S, "max": 60}},
+         "allow": [*PROXY["allow"], {"host": "gone.test"}]}
+
+
+@pytest.fixture(scope="module")
+def echo(module_lab: Lab, world: World) -> Path:
+    """A TCP echo server on KEPT and GONE (and every world address) at ECHO_PORT: its log is what arrived."""
+    for addr in (KEPT, GONE):
+        _sh("ip", "-n", module_lab.world, "addr", "add", f"{addr}/32", "dev", "lo")
+    return module_lab.world_echo(ECHO_PORT)
+
+
+def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_others(
+        module_lab: Lab, world: World, echo: Path) -> None:
+    """A connection a learned address let through carries the mark that keeps it open after the
+    address expires. A re-apply without its entry deletes it from conntrack (its next packet is
+    judged afresh and refused); a connection of an entry the new policy keeps goes on."""
+    lab = module_lab
+    world.set({**RECORDS, "rotate.test": {"A": [KEPT], "ttl": 60}, "gone.test": {"A": [GONE], "ttl": 60}})
+    applied(lab, WIDER)
+    fwd = Forwarder(lab, lab.write_policy(WIDER, "wider.yaml"))
+    kept = gone = None
+    try:
+        assert resolve(lab, "rotate.test") == ("NOERROR", [KEPT])
+        assert resolve(lab, "gone.test") == ("NOERROR", [GONE])
+        kept, gone = lab.hold_tcp(KEPT, ECHO_PORT), lab.hold_tcp(GONE, ECHO_PORT)
+        assert kept.exchange("kept-before").ok and gone.exchange("gone-before").ok
+        applied(lab, PROXY)  # gone.test's entry and its learned sets go away
+        assert kept.exchange("kept-after").ok, "the kept entry's connection was cut"
+        assert not gone.exchange("gone-after", timeout=FAST).ok, "the removed entry's connection is still open"
+        applied(lab, PROXY)  # the same policy again
+        assert kept.exchange("kept-again").ok, "re-applying the same policy cut a connection"
+        arrived = echo.read_text()
+        assert "kept-after" in arrived and "kept-again" in arrived, "control: the kept connection reached the server"
+        assert "gone-before" in arrived and "gone-after" not in arrived, arrived
+    finally:
+        for held in (kept, gone):
+            if held is not None:
+                held.close()
+        fwd.stop()
+        world.set(RECORDS)
+
+
+def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(module_lab: Lab, world: World,
+                                                                            forwarder: Forwarder, echo: Path) -> None:
+    """The mark alone keeps it open (its address is gone from the set): the same policy again cuts nothing."""
+    lab = module_lab
+    assert resolve(lab, "rotate.test") == ("NOERROR", [A])
+    held = lab.hold_tcp(A, ECHO_PORT)
+    try:
+        assert held.exchange("expiring-before").ok
+        wait_expired(lab, "rotate.test", A)
+        applied(lab, PROXY)
+        assert held.exchange("expired-after-reapply").ok, "a re-apply of the same policy cut the connection"
+        assert "expired-after-reapply" in echo.read_text()
+    finally:
+        held.close()
+
+
+# A process in the pod that binds the forwarder's port (UDP and TCP, 127.0.0.1 and ::1) while the
+# forwarder is down, and answers every query it is handed with SQUAT_ADDR. It prints one JSON line
+# when listening, then one per query: what it received and whether its answer could be sent.
+# System python3 (raw DNS bytes): uid 1000 may not read the test's virtualenv.
+SQUAT_ADDR = "203.0.113.66"
+_SQUATTER = r"""
+import json, select, socket, struct, sys
+port = int(sys.argv[1])
+answer_ip = socket.inet_aton(sys.argv[2])
+socks = []
+for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    u = socket.socket(fam, socket.SOCK_DGRAM); u.bind((host, port)); socks.append(u)
+    t = socket.socket(fam, socket.SOCK_STREAM); t.bind((host, port)); t.listen(8); socks.append(t)
+def answer(q):
+    qd = q[12:]
+    end = qd.index(b"\0") + 5
+    return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, 1, 0, 0) + qd[:end] + \
+        b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + answer_ip
+print(json.dumps({"listening": True}), flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        try:
+            if s.type == socket.SOCK_DGRAM:
+                q, peer = s.recvfrom(4096)
+                s.sendto(answer(q), peer)
+            else:
+                c, peer = s.accept()
+                c.settimeout(2)
+                n = struct.unpack("!H", c.recv(2))[0]
+                q = c.recv(n)
+                r = answer(q)
+                c.sendall(struct.pack("!H", len(r)) + r)
+            print(json.dumps({"received": len(q), "sent": "ok"}), flush=True)
+        except OSError as exc:
+            print(json.dumps({"received": len(q), "sent": type(exc).__name__}), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def squatter(lab: Lab, uid: int, port: int) -> Iterator[list[dict[str, Any]]]:
+    """The squatter running as `uid` in the pod; yields the list its report lines are read into on exit."""
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.pod, "setpriv", "--reuid", str(uid), "--regid", str(uid),
+                             "--clear-groups", "/usr/bin/python3", "-c", _SQUATTER, str(port), SQUAT_ADDR],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # blocks until it listens (or ends)
+        assert first.strip() == '{"listening": true}', (first, proc.stderr.read() if proc.poll() is not None else "")
+        yield report
+    finally:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        report += [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@TRANSPORTS
+def test_a_confined_process_on_the_forwarders_port_answers_no_one(module_lab: Lab, world: World,
+                                                                   server: str, tcp: bool) -> None:
+    """While the forwarder is down a confined process binds its port and is handed another confined
+    process's query (UDP; over TCP it cannot even complete the handshake): its answer never arrives.
+    Control: the same squatter as the exempt uid is answered through the same redirect. Then the
+    forwarder starts again and answers."""
+    lab = module_lab
+    port = _policy().dns.forwarder_port
+    with squatter(lab, EXEMPT, port) as control:
+        answered = resolve(lab, "rotate.test", server, tcp=tcp)
+    assert answered == ("NOERROR", [SQUAT_ADDR]), f"control: the exempt squatter's answer arrived ({answered}, {control})"
+    with squatter(lab, CONFINED, port) as report:
+        outcome = resolve(lab, "rotate.test", server, tcp=tcp)
+    assert outcome[0] == "timeout", f"the confined squatter's answer arrived: {outcome} ({report})"
+    if tcp:  # its SYN-ACK is sent from the port as well (the listener's): not even a connection
+        assert report == [], f"the squatter accepted a connection: {report}"
+    else:  # the query is handed over; the answer is dropped as it is sent
+        assert report and all(r["received"] and r["sent"] == "PermissionError" for r in report), report
+    assert SQUAT_ADDR not in learned(lab, "rotate.test")
+    fwd = Forwarder(lab, lab.write_policy(PROXY))
+    try:
+        assert resolve(lab, "rotate.test", server, tcp=tcp) == ("NOERROR", [A]), "the restarted forwarder answers"
+    finally:
+        fwd.stop()
+
+
 # The command `egressguard run` starts (uid 1000, no capability) attacks the forwarder it started
 # first: signal, trace, write its memory, take its port; then asks DNS through it. System python3:
 # the command may not read the test's virtualenv.
