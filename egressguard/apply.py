@@ -206,9 +206,10 @@ def apply(
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
-            if conntrack.must_cut(before, ruleset):
+            suspect = conntrack.suspects(before, ruleset)
+            if suspect is not None:
                 with clock("cut"):
-                    conntrack.cut_marked(policy, installed.learned_sets)
+                    conntrack.cut_marked(policy, installed.learned_sets, suspect)
             if status_path is not None:
                 with clock("status"):
                     status_mod.write(status_path, out.status("policy", 0))

@@ -2,15 +2,15 @@
 
 The confined chain lets a connection carrying LEARNED_CTMARK through whatever its address's expiry
 (`dns-learned-open`), and the mark does not say which entry set it. So when a re-apply removes a
-learned entry (or changes it so its set goes away), every marked connection that no entry of the
-new policy allows now (its set holds the address, on its protocol and port) is deleted from
-conntrack: its next packet starts a new, unmarked entry, which the new rules refuse. Among them
-are kept entries' connections whose address already expired: nothing in the kernel says which
-entry opened those, so they are cut too (fail-closed); a client reconnects after resolving again.
-A re-apply that removes no learned set cuts nothing. pyroute2's ctnetlink client, as the kernel's
-conntrack table has no other interface.
+learned entry (or changes it so its set goes away), every marked connection that entry could have
+admitted (its family, protocol and port) and that no entry of the new policy allows now (its set
+holds the address, on its protocol and port) is deleted from conntrack: its next packet starts a
+new, unmarked entry, which the new rules refuse. Among them may be a kept entry's connection on
+the same protocol and port whose address already expired: nothing in the kernel says which entry
+opened it, so it is cut too (fail-closed); a client reconnects after resolving again. A re-apply
+that removes no learned set cuts nothing. pyroute2's ctnetlink client: the kernel's conntrack
+table has no other interface.
 """
-
 from __future__ import annotations
 
 import errno
@@ -30,7 +30,9 @@ log = logs.get_logger("egressguard")
 # The comment of the rule that keeps marked connections open (ruleset._learned_allow).
 OPEN_COMMENT = "dns-learned-open"
 _PROTOCOLS = {"tcp": {socket.IPPROTO_TCP}, "udp": {socket.IPPROTO_UDP},
-              "icmp": {socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6}}
+              "icmp": {socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6}}  # a policy's protocol (any: every one)
+_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP,
+            "ipv6-icmp": socket.IPPROTO_ICMPV6}  # a rule's protocol
 
 
 @dataclass(frozen=True)
@@ -43,17 +45,30 @@ class Marked:
     port: int | None  # original destination port (TCP, UDP)
 
 
-def must_cut(before: Installed, ruleset: Ruleset) -> bool:
-    """Whether a commit of `ruleset` over `before` may leave marked connections open that the new
-    policy does not allow: it keeps marked connections open (has learned sets), and before it either
-    no rule kept them open (a lockdown, another policy, nothing: marks may be left from earlier) or
-    a learned set goes away. Re-applying the same policy, or adding entries, cuts nothing."""
+def suspects(before: Installed, ruleset: Ruleset) -> Callable[[Marked], bool] | None:
+    """Which marked connections a commit of `ruleset` over `before` must judge again, or None: the new
+    ruleset honours no mark (its rules judge every packet themselves), or it keeps every learned set
+    the installed rules allowed by (the same policy again, or entries added). Else the connections
+    an entry that goes away could have admitted, by family, protocol and port as the installed rules
+    that allowed by its set say; all of them if no installed rule kept marked connections open (a
+    lockdown, a static policy, nothing: marks may be left from before)."""
     if not ruleset.learned_sets:
-        return False  # no rule honours the mark: the new rules judge every packet themselves
-    kept_open = any(r.comment == OPEN_COMMENT for t in before.tables if t.name == "filter"
-                    for c in t.chains for r in c.rules)
+        return None
+    rules = [(t.family, r) for t in before.tables if t.name == "filter" for c in t.chains for r in c.rules]
+    if not any(r.comment == OPEN_COMMENT for _f, r in rules):
+        return lambda m: True
     wanted = {s.name for s in ruleset.learned_sets}
-    return not kept_open or any(h.name not in wanted for h in before.learned_sets)
+    going = {h.name for h in before.learned_sets} - wanted
+    gone = [(f, _NUMBERS.get(r.protocol or ""), {*r.dports, *(() if r.ctorigdstport is None else (r.ctorigdstport,))})
+            for f, r in rules if (r.match_set or r.ctorigdst_set) in going]
+    if not gone:
+        return None
+
+    def could_have_admitted(m: Marked) -> bool:
+        return any(m.family == f and (number is None or m.protocol == number) and (not ports or m.port in ports)
+                   for f, number, ports in gone)
+
+    return could_have_admitted
 
 
 def allowed_now(policy: Policy, held: Sequence[LearnedHolding]) -> Callable[[Marked], bool]:
@@ -73,8 +88,9 @@ def allowed_now(policy: Policy, held: Sequence[LearnedHolding]) -> Callable[[Mar
     return allowed
 
 
-def cut_marked(policy: Policy, held: Sequence[LearnedHolding]) -> int:
-    """Delete the conntrack entries of marked connections `policy` no longer allows (`allowed_now`).
+def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable[[Marked], bool]) -> int:
+    """Delete the conntrack entries of `suspect` marked connections `policy` does not allow now
+    (`allowed_now`).
     Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
     apply then falls back to the lockdown: a connection it should cut is never left open)."""
     from pyroute2 import Conntrack  # noqa: PLC0415 - only re-applies that remove an entry need it
@@ -89,7 +105,8 @@ def cut_marked(policy: Policy, held: Sequence[LearnedHolding]) -> int:
                 # Listed whole first: a delete while the dump is read ends pyroute2's generator.
                 entries = list(ct.dump_entries(mark=LEARNED_CTMARK, mark_mask=LEARNED_CTMARK))
                 for e in entries:
-                    if allowed(_marked(family, e.tuple_orig)):
+                    m = _marked(family, e.tuple_orig)
+                    if not suspect(m) or allowed(m):
                         continue
                     try:
                         ct.entry("del", tuple_orig=e.tuple_orig)

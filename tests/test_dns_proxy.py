@@ -165,9 +165,9 @@ def forwarder(module_lab: Lab, world: World) -> Iterator[Forwarder]:
         fwd.stop()
 
 
-def learned(lab: Lab, host: str) -> dict[str, int]:
-    """Address -> seconds left, in `host`'s learned sets, as the kernel lists them."""
-    entry = next(e for e in learned_entries(_policy()) if e.host == host)
+def learned(lab: Lab, host: str, pol: dict[str, Any] = PROXY) -> dict[str, int]:
+    """Address -> seconds left, in the learned sets of `host`'s entry in `pol`, as the kernel lists them."""
+    entry = next(e for e in learned_entries(_policy(pol)) if e.host == host)
     out = {}
     for name in entry.sets.values():
         if os.environ["EGRESSGUARD_BACKEND"] == "nftables":
@@ -183,17 +183,17 @@ def learned(lab: Lab, host: str) -> dict[str, int]:
     return out
 
 
-def _policy() -> Any:
+def _policy(pol: dict[str, Any] = PROXY) -> Any:
     from egressguard import policy as policy_mod  # noqa: PLC0415
 
-    return policy_mod.validate(PROXY)
+    return policy_mod.validate(pol)
 
 
-def wait_expired(lab: Lab, host: str, addr: str) -> None:
+def wait_expired(lab: Lab, host: str, addr: str, pol: dict[str, Any] = PROXY) -> None:
     """Until the kernel has dropped `addr` from `host`'s set (its timeout ran out): a bounded poll of
     kernel state, not a sleep."""
     for _ in range(200):
-        if addr not in learned(lab, host):
+        if addr not in learned(lab, host, pol):
             return
         time.sleep(0.05)
     raise AssertionError(f"{addr} still in {host}'s set after 10 s")
@@ -350,55 +350,72 @@ def test_reapply_keeps_what_was_learned_and_verify_passes(module_lab: Lab, forwa
 
 
 
-KEPT, GONE = "203.0.113.20", "203.0.113.21"  # (world addresses of the re-apply tests)
-ECHO_PORT = 7778
-# PROXY plus an entry a re-apply removes; learned addresses live 60 s here, so the kept entry's
-# address is still learned when the re-apply comes.
-WIDER = {**PROXY, "dns": {**PROXY["dns"], "ttl": {"min": TTL_S, "max": 60}},
-         "allow": [*PROXY["allow"], {"host": "gone.test"}]}
+KEPT, PORTED, GONE = "203.0.113.20", "203.0.113.22", "203.0.113.21"  # (world addresses of the re-apply tests)
+ECHO_PORT, OTHER_ECHO_PORT = 7778, 7779
+# PROXY plus an entry on another port (`ported.test`), then also one a re-apply removes (`gone.test`,
+# on ECHO_PORT, which rotate.test's entry admits too). Learned addresses live up to 60 s here, so
+# rotate.test's is still learned when the re-apply comes; ported.test's lives TTL_S s.
+NARROW = {**PROXY, "dns": {**PROXY["dns"], "ttl": {"min": TTL_S, "max": 60}},
+          "allow": [*PROXY["allow"], {"host": "ported.test", "ports": [OTHER_ECHO_PORT]}]}
+WIDER = {**NARROW, "allow": [*NARROW["allow"], {"host": "gone.test", "ports": [ECHO_PORT]}]}
 
 
 @pytest.fixture(scope="module")
-def echo(module_lab: Lab, world: World) -> Path:
-    """A TCP echo server on KEPT and GONE (and every world address) at ECHO_PORT: its log is what arrived."""
-    for addr in (KEPT, GONE):
+def echo(module_lab: Lab, world: World) -> dict[int, Path]:
+    """TCP echo servers on every world address (KEPT, PORTED and GONE added) at ECHO_PORT and
+    OTHER_ECHO_PORT: port -> its log, what arrived."""
+    for addr in (KEPT, PORTED, GONE):
         _sh("ip", "-n", module_lab.world, "addr", "add", f"{addr}/32", "dev", "lo")
-    return module_lab.world_echo(ECHO_PORT)
+    return {port: module_lab.world_echo(port) for port in (ECHO_PORT, OTHER_ECHO_PORT)}
 
 
 def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_others(
-        module_lab: Lab, world: World, echo: Path) -> None:
+        module_lab: Lab, world: World, echo: dict[int, Path]) -> None:
     """A connection a learned address let through carries the mark that keeps it open after the
     address expires. A re-apply without its entry deletes it from conntrack (its next packet is
-    judged afresh and refused); a connection of an entry the new policy keeps goes on."""
+    judged afresh and refused); connections of entries the new policy keeps go on: one whose
+    address is still learned on the same port, and one whose address expired on a port the removed
+    entry never allowed. The same policy again cuts nothing; removing that last entry cuts it."""
     lab = module_lab
-    world.set({**RECORDS, "rotate.test": {"A": [KEPT], "ttl": 60}, "gone.test": {"A": [GONE], "ttl": 60}})
+    world.set({**RECORDS, "rotate.test": {"A": [KEPT], "ttl": 60}, "gone.test": {"A": [GONE], "ttl": 60},
+               "ported.test": {"A": [PORTED], "ttl": 1}})
     applied(lab, WIDER)
     fwd = Forwarder(lab, lab.write_policy(WIDER, "wider.yaml"))
-    kept = gone = None
+    held: dict[str, Any] = {}
     try:
-        assert resolve(lab, "rotate.test") == ("NOERROR", [KEPT])
-        assert resolve(lab, "gone.test") == ("NOERROR", [GONE])
-        kept, gone = lab.hold_tcp(KEPT, ECHO_PORT), lab.hold_tcp(GONE, ECHO_PORT)
-        assert kept.exchange("kept-before").ok and gone.exchange("gone-before").ok
-        applied(lab, PROXY)  # gone.test's entry and its learned sets go away
-        assert kept.exchange("kept-after").ok, "the kept entry's connection was cut"
-        assert not gone.exchange("gone-after", timeout=FAST).ok, "the removed entry's connection is still open"
-        applied(lab, PROXY)  # the same policy again
-        assert kept.exchange("kept-again").ok, "re-applying the same policy cut a connection"
-        arrived = echo.read_text()
-        assert "kept-after" in arrived and "kept-again" in arrived, "control: the kept connection reached the server"
-        assert "gone-before" in arrived and "gone-after" not in arrived, arrived
+        for name, addr in (("rotate.test", KEPT), ("gone.test", GONE), ("ported.test", PORTED)):
+            assert resolve(lab, name) == ("NOERROR", [addr])
+        held = {"kept": lab.hold_tcp(KEPT, ECHO_PORT), "gone": lab.hold_tcp(GONE, ECHO_PORT),
+                "ported": lab.hold_tcp(PORTED, OTHER_ECHO_PORT)}
+        for what, conn in held.items():
+            assert conn.exchange(f"{what}-before").ok, what
+        wait_expired(lab, "ported.test", PORTED, WIDER)  # from now on only its mark keeps it open
+        applied(lab, NARROW)  # gone.test's entry and its learned sets go away
+        assert held["kept"].exchange("kept-after").ok, "the kept entry's connection was cut"
+        assert held["ported"].exchange("ported-after").ok, "a kept entry's connection on another port was cut"
+        assert not held["gone"].exchange("gone-after", timeout=FAST).ok, "the removed entry's connection is open"
+        applied(lab, NARROW)  # the same policy again
+        assert held["kept"].exchange("kept-again").ok and held["ported"].exchange("ported-again").ok, \
+            "re-applying the same policy cut a connection"
+        applied(lab, PROXY)  # ported.test's entry goes too: its connection, kept open by the mark alone, is cut
+        assert not held["ported"].exchange("ported-removed", timeout=FAST).ok
+        assert held["kept"].exchange("kept-last").ok
+        arrived, arrived_other = echo[ECHO_PORT].read_text(), echo[OTHER_ECHO_PORT].read_text()
+        for line in ("kept-after", "kept-again", "kept-last", "gone-before"):
+            assert line in arrived, f"control: {line} reached the server"
+        for line in ("ported-before", "ported-after", "ported-again"):
+            assert line in arrived_other, f"control: {line} reached the server"
+        assert "gone-after" not in arrived and "ported-removed" not in arrived_other, (arrived, arrived_other)
     finally:
-        for held in (kept, gone):
-            if held is not None:
-                held.close()
+        for conn in held.values():
+            conn.close()
         fwd.stop()
         world.set(RECORDS)
+        applied(lab, PROXY)
 
 
-def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(module_lab: Lab, world: World,
-                                                                            forwarder: Forwarder, echo: Path) -> None:
+def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(
+        module_lab: Lab, world: World, forwarder: Forwarder, echo: dict[int, Path]) -> None:
     """The mark alone keeps it open (its address is gone from the set): the same policy again cuts nothing."""
     lab = module_lab
     assert resolve(lab, "rotate.test") == ("NOERROR", [A])
@@ -408,7 +425,7 @@ def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(mod
         wait_expired(lab, "rotate.test", A)
         applied(lab, PROXY)
         assert held.exchange("expired-after-reapply").ok, "a re-apply of the same policy cut the connection"
-        assert "expired-after-reapply" in echo.read_text()
+        assert "expired-after-reapply" in echo[ECHO_PORT].read_text()
     finally:
         held.close()
 
