@@ -18,17 +18,16 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from egressguard import logs
 from egressguard.backends import Installed, LearnedHolding
 from egressguard.errors import ApplyFailed
 from egressguard.policy import Policy
-from egressguard.ruleset import LEARNED_CTMARK, Family, Ruleset, learned_entries
+from egressguard.ruleset import LEARNED_CTMARK, LEARNED_OPEN, Family, Ruleset, learned_entries
 
 log = logs.get_logger("egressguard")
 
-# The comment of the rule that keeps marked connections open (ruleset._learned_allow).
-OPEN_COMMENT = "dns-learned-open"
 _PROTOCOLS = {"tcp": {socket.IPPROTO_TCP}, "udp": {socket.IPPROTO_UDP},
               "icmp": {socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6}}  # a policy's protocol (any: every one)
 _NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "icmp": socket.IPPROTO_ICMP,
@@ -55,7 +54,7 @@ def suspects(before: Installed, ruleset: Ruleset) -> Callable[[Marked], bool] | 
     if not ruleset.learned_sets:
         return None
     rules = [(t.family, r) for t in before.tables if t.name == "filter" for c in t.chains for r in c.rules]
-    if not any(r.comment == OPEN_COMMENT for _f, r in rules):
+    if not any(r.comment == LEARNED_OPEN for _f, r in rules):
         return lambda m: True
     wanted = {s.name for s in ruleset.learned_sets}
     going = {h.name for h in before.learned_sets} - wanted
@@ -90,10 +89,9 @@ def allowed_now(policy: Policy, held: Sequence[LearnedHolding]) -> Callable[[Mar
 
 def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable[[Marked], bool]) -> int:
     """Delete the conntrack entries of `suspect` marked connections `policy` does not allow now
-    (`allowed_now`).
-    Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
+    (`allowed_now`). Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
     apply then falls back to the lockdown: a connection it should cut is never left open)."""
-    from pyroute2 import Conntrack  # noqa: PLC0415 - only re-applies that remove an entry need it
+    from pyroute2 import Conntrack  # noqa: PLC0415 - only proxy-mode applies that must cut need it
     from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
 
     allowed = allowed_now(policy, held)
@@ -122,9 +120,9 @@ def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable
     return cut
 
 
-def _marked(family: Family, t: object) -> Marked:
-    return Marked(family=family, protocol=int(getattr(t, "proto", 0) or 0), address=_address(str(getattr(t, "daddr", ""))),
-                  port=getattr(t, "dport", None))
+def _marked(family: Family, t: Any) -> Marked:
+    """pyroute2's original tuple (NFCTAttrTuple) as a Marked."""
+    return Marked(family=family, protocol=int(t.proto or 0), address=_address(str(t.daddr)), port=t.dport)
 
 
 def _address(text: str) -> str:

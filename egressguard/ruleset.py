@@ -782,6 +782,7 @@ def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
 # dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
 # ORed in, so other users of the mark (CNIs, service meshes) keep theirs.
 LEARNED_CTMARK = 0x40000000
+LEARNED_OPEN = "dns-learned-open"  # the comment of the rule that lets marked connections through
 # An iptables learned set's default timeout (ipset needs one to take per-member timeouts); never
 # used: the forwarder adds every member with its own.
 LEARNED_SET_TIMEOUT_S = 300
@@ -794,7 +795,7 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
     rules: list[Rule] = []
     entries = learned_entries(policy)
     if entries:
-        rules.append(Rule(target="RETURN", comment="dns-learned-open", ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
+        rules.append(Rule(target="RETURN", comment=LEARNED_OPEN, ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
     for entry in entries:
         e = policy.allow[entry.index]
         proto = _protocol(e.protocol, family)
