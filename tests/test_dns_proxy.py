@@ -390,11 +390,13 @@ def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_o
         for what, conn in held.items():
             assert conn.exchange(f"{what}-before").ok, what
         wait_expired(lab, "ported.test", PORTED, WIDER)  # from now on only its mark keeps it open
-        applied(lab, NARROW)  # gone.test's entry and its learned sets go away
+        done = applied(lab, NARROW)  # gone.test's entry and its learned sets go away
+        assert '"learned_connections_cut"' in done.stderr, done.stderr[-2000:]
         assert held["kept"].exchange("kept-after").ok, "the kept entry's connection was cut"
         assert held["ported"].exchange("ported-after").ok, "a kept entry's connection on another port was cut"
         assert not held["gone"].exchange("gone-after", timeout=FAST).ok, "the removed entry's connection is open"
-        applied(lab, NARROW)  # the same policy again
+        done = applied(lab, NARROW)  # the same policy again
+        assert "learned_connections_cut" not in done.stderr
         assert held["kept"].exchange("kept-again").ok and held["ported"].exchange("ported-again").ok, \
             "re-applying the same policy cut a connection"
         applied(lab, PROXY)  # ported.test's entry goes too: its connection, kept open by the mark alone, is cut
