@@ -127,7 +127,8 @@ class NftablesBackend(Backend):
         # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
         expect = expect or (want.sets if want is not None else ())
         with Nft() as nft:
-            return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
+            objs, dumped = nft.list_table(render.TABLE)
+        return decode.installed(objs, expect, dumped)
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         try:
