@@ -2,16 +2,20 @@
 decodes them by hand (transport.set_elements, decode.held_intervals) instead of asking
 libnftables for a JSON listing. Proved against `nft -j list set` on real sets in a pod namespace:
 both families, the edges of the address space, ranges and prefixes, intervals added in separate
-transactions, a set large enough to span many dump messages; and what the decoder refuses."""
+transactions, a set large enough to span many dump messages; and what the decoder refuses. And a
+re-apply sends a kept set's elements again only when the kernel's differ from the plan's."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+from egtraffic import policy
 
 from egressguard.lab import Lab
 
@@ -118,3 +122,68 @@ def test_an_element_with_more_than_a_key_is_refused(module_lab: Lab) -> None:
         assert done.returncode != 0 and "ValueError: an element with netlink attribute" in done.stderr, done.stderr
     finally:
         lab.in_pod("nft", "delete", "table", "inet", "egtest")
+
+
+# Run in the pod: subscribe to nf_tables' notifications, say "ready", and after a line on stdin
+# print how many NEWSETELEM / NEWRULE messages (per set name for elements) the commits in between sent.
+MONITOR = textwrap.dedent("""
+    import json, socket, struct, sys
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((0, 1 << (7 - 1)))  # NFNLGRP_NFTABLES
+    print("ready", flush=True)
+    sys.stdin.readline()
+    sock.setblocking(False)
+    seen = {"rules": 0, "elements": {}}
+    while True:
+        try:
+            data = sock.recv(1 << 17)
+        except BlockingIOError:
+            break
+        at = 0
+        while at + 20 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, at)
+            if kind == (10 << 8 | 6):  # NFT_MSG_NEWRULE
+                seen["rules"] += 1
+            elif kind == (10 << 8 | 12):  # NFT_MSG_NEWSETELEM: which set
+                p = at + 20
+                while p + 4 <= at + length:
+                    size, attr = struct.unpack_from("=HH", data, p)
+                    if attr & 0x3FFF == 2:  # NFTA_SET_ELEM_LIST_SET
+                        name = data[p + 4:p + size].rstrip(b"\\0").decode()
+                        seen["elements"][name] = seen["elements"].get(name, 0) + 1
+                    p += (size + 3) & ~3
+            at += (length + 3) & ~3
+    print(json.dumps(seen))
+""")
+
+
+def _commits_during(lab: Lab, *argv: str) -> dict[str, Any]:
+    """What nf_tables announced while `egressguard apply` ran (the monitor subscribed first)."""
+    monitor = subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-c", MONITOR],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert monitor.stdout is not None and monitor.stdout.readline().strip() == "ready"
+        done = lab.egressguard(*argv, env={"EGRESSGUARD_BACKEND": "nftables"})
+        assert done.returncode == 0, done.stderr[-1500:]
+        out, _ = monitor.communicate("go\n", timeout=30)
+    finally:
+        monitor.kill()
+    return json.loads(out)
+
+
+def _named(seen: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in seen["elements"].items() if not k.startswith("__set")}
+
+
+def test_a_reapply_leaves_a_set_holding_its_members_and_refills_a_tampered_one(module_lab: Lab) -> None:
+    lab = module_lab
+    path = lab.write_policy(policy(allow=[{"cidr": f"198.18.1.{2 * i}/32", "ports": [5000]} for i in range(20)]))
+    first = _commits_during(lab, "apply", "--policy", str(path))
+    (name,) = _named(first)  # the new set, filled (rules' anonymous port sets are re-created with them)
+    again = _commits_during(lab, "apply", "--policy", str(path))
+    assert again["rules"] > 0 and _named(again) == {}, again  # rules replaced, the set left alone
+    assert lab.in_pod("nft", "delete", "element", "inet", "egressguard", name, "{ 198.18.1.6 }").returncode == 0
+    repaired = _commits_during(lab, "apply", "--policy", str(path))
+    assert repaired["rules"] > 0 and name in _named(repaired), repaired
+    assert lab.egressguard("verify", "--policy", str(path), env={"EGRESSGUARD_BACKEND": "nftables"}).returncode == 0

@@ -407,6 +407,16 @@ def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet],
     return out
 
 
+def holds_exactly(st: AddressSet, blocks: Sequence[bytes] | None) -> bool:
+    """True if a set's netlink dump (None: none) holds exactly `st`'s intervals, as nft adds them."""
+    try:
+        first, last = held_intervals(blocks, st.family) if blocks is not None else (None, None)
+    except ValueError:
+        return False
+    starts, ends = bounds(st)
+    return first == list(starts) and last == list(ends)
+
+
 def _element_pattern(key: int, capture: str = "") -> bytes:
     """One element of an interval set as the kernel dumps what nft added: a start (the key alone)
     or an end (the key and NFTA_SET_ELEM_FLAGS = NFT_SET_ELEM_INTERVAL_END); `capture`: the key

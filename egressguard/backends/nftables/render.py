@@ -319,15 +319,16 @@ def bounds(st: AddressSet) -> tuple[Sequence[int], Sequence[int]]:
         packed.sort()
         starts: MutableSequence[int] = array("Q") if st.family == 4 else []
         ends: MutableSequence[int] = array("Q") if st.family == 4 else []
+        last = -2
         for p in packed:
             start = p >> 8
             end = start + (1 << (p & 0xFF)) - 1
-            if ends and start <= ends[-1] + 1:
-                if end > ends[-1]:
-                    ends[-1] = end
+            if start <= last + 1:
+                if end > last:
+                    ends[-1] = last = end
             else:
                 starts.append(start)
-                ends.append(end)
+                ends.append(last := end)
         if len(_bounds_cache) > 64:
             _bounds_cache.clear()
         _bounds_cache[key] = (starts, ends)
@@ -362,14 +363,17 @@ def elements(st: AddressSet) -> list[str]:
 
 
 def _elements(st: AddressSet) -> Iterator[str]:
-    bits = _AF[st.family][1]
+    af, bits = _AF[st.family]
+    ntop, width = socket.inet_ntop, bits // 8
     for start, end in zip(*bounds(st), strict=True):
+        first = ntop(af, start.to_bytes(width, "big"))
         size = end - start + 1
-        if size & (size - 1) == 0 and start % size == 0:
-            plen = bits - size.bit_length() + 1
-            yield _ntop(st.family, start) + ("" if plen == bits else f"/{plen}")
+        if size == 1:
+            yield first
+        elif size & (size - 1) == 0 and start % size == 0:
+            yield f"{first}/{bits - size.bit_length() + 1}"
         else:
-            yield f"{_ntop(st.family, start)}-{_ntop(st.family, end)}"
+            yield f"{first}-{ntop(af, end.to_bytes(width, 'big'))}"
 
 
 def networks(family: Family, found: list[Interval]) -> tuple[str, ...]:
@@ -427,6 +431,7 @@ class Existing:
     chains: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
     stale_base_chains: tuple[str, ...] = ()  # base chains whose type, hook, priority or policy differ
+    same_sets: tuple[str, ...] = ()  # kept sets that hold exactly the ruleset's members already
 
 
 def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
@@ -457,7 +462,8 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
     for name in wanted:
         lines.append(base_chain_decl(name) if name in BASE else f"add chain {TABLE} {name}")
     for st in ruleset.sets:
-        if st.name in existing.sets:  # kept: refilled in place (repairs a tampered set)
+        # kept: refilled in place (repairs a tampered set), unless it holds exactly its members
+        if st.name in existing.sets and st.name not in existing.same_sets:
             lines.append(f"flush set {TABLE} {st.name}")
             lines += fill_set(st)
     for base in BASE:
