@@ -83,8 +83,9 @@ class NftablesBackend(Backend):
         and is gone. Returned (retry: read again, render again) when the generation id moved by
         more than our own commits; a refusal with no other commit in between is raised.
         `keep_same_sets`: a kept set that holds exactly its members already (its netlink dump says
-        so) is not refilled: libnftables would fetch, parse and send all 10,000 elements twice
-        (~17 MiB). If anyone else committed meanwhile, that is a race: the next attempt refills."""
+        so) is not refilled: libnftables would fetch its 10,000 elements, then parse and send
+        10,000 more (~17 MiB). If anyone else committed meanwhile, that is a race: the next attempt
+        refills."""
         start = generation()
         before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
         if keep_same_sets:

@@ -201,7 +201,8 @@ def set_elements(table: str, name: str) -> list[bytes] | None:
     the NFTA_SET_ELEM_LIST_ELEMENTS attributes of one dump (decode.held_intervals reads them). None
     when the set is gone or the dump was interrupted by a commit (read again). Hand-written netlink
     (NFT_MSG_GETSETELEM): libnftables lists 10,000 elements as JSON in ~60 ms and ~14 MiB, this
-    dump and its decoding take ~10 ms and under 1 MiB (bench/RESULTS.md, run H)."""
+    dump and its decoding in ~20 ms and under 1 MiB (bench/RESULTS.md, run S); pyroute2's import
+    alone costs ~0.1 s, and libnftnl through ctypes would be several foreign calls per element."""
     attrs = _attr(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
     try:
         answer = _request(_NFT_MSG_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, _NFPROTO_INET, attrs)
