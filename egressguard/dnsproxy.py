@@ -55,6 +55,7 @@ UPSTREAM_TIMEOUT_S = 2.0  # per upstream resolver; all failing: SERVFAIL
 MAX_CNAME_CHAIN = 16
 UDP_PAYLOAD = 1232  # our EDNS payload size (DNS flag day 2020)
 MAX_SET_ELEMENTS_PER_ANSWER = 256  # addresses learned from one answer (more: the rest are not learned)
+MAX_ITEMS_PER_COMMIT = 1024  # (set, address) pairs of answers committed together, so one kernel message stays small
 MAX_CACHED = 10_000  # answers kept for repeated questions (least recently used dropped first)
 
 _HEADER = struct.Struct("!HHHHHH")
@@ -170,14 +171,26 @@ class _Batches:
 
     def _commit(self) -> None:
         batch, self.pending = self.pending, []
+        group: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]] = []
+        size = 0
+        for answer in batch:  # groups of at most MAX_ITEMS_PER_COMMIT (an answer alone may be larger)
+            if group and size + len(answer[0]) > MAX_ITEMS_PER_COMMIT:
+                self._commit_group(group)
+                group, size = [], 0
+            group.append(answer)
+            size += len(answer[0])
+        if group:
+            self._commit_group(group)
+
+    def _commit_group(self, group: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]]) -> None:
         self.commits += 1
         try:
-            self.sets.add(_merged([i for items, _ in batch for i in items]))
+            self.sets.add(_merged([i for items, _ in group for i in items]))
         except Exception as exc:  # noqa: BLE001 - handed to the waiting answers
-            if len(batch) == 1:
-                _settle(batch[0][1], exc)
+            if len(group) == 1:
+                _settle(group[0][1], exc)
                 return
-            for items, done in batch:
+            for items, done in group:
                 try:
                     self.sets.add(_merged(items))
                 except Exception as one:  # noqa: BLE001
@@ -185,7 +198,7 @@ class _Batches:
                 else:
                     _settle(done, None)
             return
-        for _, done in batch:
+        for _, done in group:
             _settle(done, None)
 
 

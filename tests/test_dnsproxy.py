@@ -190,6 +190,23 @@ def test_answers_ready_together_share_one_commit_and_none_is_released_before_it(
     assert sorted(events[1:]) == sorted(NAMES)  # then the answers, none before it
 
 
+def test_a_large_batch_is_committed_in_bounded_groups_each_before_its_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dnsproxy, "MAX_ITEMS_PER_COMMIT", 3)
+    events: list[str] = []
+    commits: list[list[str]] = []
+
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            commits.append(sorted(a for _, a, _ in items))
+            events.append(f"commit {len(commits)}")
+            super().add(items)
+
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), Kernel(), resolve=upstream_answering(NAMES))
+    _answers_at_once(fwd, list(NAMES), events)
+    assert [len(c) for c in commits] == [3, 3, 2] and sorted(sum(commits, [])) == sorted(f"203.0.113.{i}" for i in range(1, 9))
+    assert events[:3] == ["commit 1", "commit 2", "commit 3"] and sorted(events[3:]) == sorted(NAMES)  # answers after
+
+
 def test_a_refused_answer_in_a_batch_withholds_only_its_own_answer() -> None:
     class Kernel(Recorder):
         def add(self, items: Any) -> None:

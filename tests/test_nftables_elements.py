@@ -60,6 +60,12 @@ def test_netlink_elements_are_what_nft_adds_with_their_timeouts() -> None:
     assert got["ours6"] == got["ref6"] == {"2001:db8::7": 3600}
 
 
+def test_a_batch_larger_than_one_transaction_is_added_whole() -> None:
+    many = [("4", f"198.18.{i // 250}.{i % 250}", 60 + i % 7) for i in range(1300)]  # three transactions
+    got = _in_fresh_netns(lambda: _both_ways([many]))
+    assert got["ours4"] == got["ref4"] and len(got["ours4"]) == 1300
+
+
 def test_an_address_already_held_takes_the_new_timeout_as_with_nft() -> None:
     got = _in_fresh_netns(lambda: _both_ways([
         [("4", "198.51.100.7", 300), ("4", "198.51.100.9", 60)],

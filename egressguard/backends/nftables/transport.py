@@ -20,6 +20,7 @@ _NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFT_MSG_NEWSETELEM, _NFT_MSG_DELSET
 _NLM_F_ACK, _NLM_F_CREATE, _NFPROTO_INET, _NLA_F_NESTED = 0x4, 0x400, 1, 0x8000
 _NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 _NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_TIMEOUT, _NFTA_DATA_VALUE = 1, 1, 4, 1
+_CHUNK = 512  # elements per transaction: ~120 bytes each (three messages), far below the 208 KiB send buffer
 
 _lib: Any = None
 
@@ -173,9 +174,14 @@ class TimedElements:
         self.sock.close()
 
     def add(self, items: list[tuple[str, str, int]]) -> None:
-        """Each address in its set with its timeout, in one transaction: added, deleted and added
-        again with the timeout (a plain add of an element already there keeps its old timeout on
-        kernels before 6.10; the transaction is atomic, so a packet never sees the address missing)."""
+        """Each address in its set with its timeout: added, deleted and added again with the
+        timeout (a plain add of an element already there keeps its old timeout on kernels before
+        6.10; the transaction is atomic, so a packet never sees the address missing). One
+        transaction per _CHUNK elements, so a batch always fits the socket's send buffer."""
+        for at in range(0, len(items), _CHUNK):
+            self._transaction(items[at:at + _CHUNK])
+
+    def _transaction(self, items: list[tuple[str, str, int]]) -> None:
         by_set: dict[str, list[tuple[bytes, int]]] = {}
         for name, addr, ttl in items:
             packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
