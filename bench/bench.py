@@ -697,7 +697,9 @@ def dns_forwarder(quick: bool, backend: str = "nftables",
                             before = _cpu_seconds(fwd.pid)
                             out = sh(*_FIRST, "taskset", "-c", "1", "setpriv", f"--reuid={uid}", f"--regid={uid}",
                                      "--clear-groups", sys.executable, "-c", _DNS_CLIENT, WORLD_V4, name, str(qps),
-                                     str(count), ns=pod)
+                                     str(count), ns=pod, check=False)
+                            if out.returncode:
+                                raise RuntimeError(f"the DNS client (uid {uid}, {qps} qps) failed: {out.stderr[-1500:]}")
                             res = json.loads(out.stdout)
                             if uid == 1000:
                                 cpu += _cpu_seconds(fwd.pid) - before
