@@ -124,6 +124,28 @@ def test_an_element_with_more_than_a_key_is_refused(module_lab: Lab) -> None:
         lab.in_pod("nft", "delete", "table", "inet", "egtest")
 
 
+def test_a_hash_of_addresses_decodes_to_its_addresses(module_lab: Lab) -> None:
+    """A set without `flags interval` (a list of single addresses): each element is one address,
+    adjacent ones included; nothing in it may be an interval end."""
+    lab = module_lab
+    lab.in_pod("nft", "delete", "table", "inet", "egtest")
+    try:
+        for cmd in ("add table inet egtest",
+                    "add set inet egtest h { type ipv4_addr; elements = { 192.0.2.9, 192.0.2.1, 192.0.2.2 }; }",
+                    "add set inet egtest h6 { type ipv6_addr; elements = { 2001:db8::1, 2001:db8::ff }; }"):
+            done = lab.in_pod("nft", cmd)
+            assert done.returncode == 0, done.stderr
+        done = lab.in_pod(sys.executable, "-c", "from egressguard.backends.nftables import decode, transport\n"
+                          "print(decode.held_intervals(transport.set_elements('egtest', 'h'), 4, interval=False))\n"
+                          "print(decode.held_intervals(transport.set_elements('egtest', 'h6'), 6, interval=False))")
+        assert done.returncode == 0, done.stderr
+        v4 = [0xC0000201, 0xC0000202, 0xC0000209]
+        v6 = [0x20010DB8 << 96 | 1, 0x20010DB8 << 96 | 0xFF]
+        assert done.stdout.splitlines() == [str((v4, v4)), str((v6, v6))]
+    finally:
+        lab.in_pod("nft", "delete", "table", "inet", "egtest")
+
+
 # Run in the pod: subscribe to nf_tables' notifications, say "ready", and after a line on stdin
 # print how many NEWSETELEM / NEWRULE messages (per set name for elements) the commits in between sent.
 MONITOR = textwrap.dedent("""
