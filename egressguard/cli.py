@@ -260,10 +260,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     backend.preflight()
     installed = backend.read()
     st = status_mod.read(args.status_file)
-    from egressguard.apply import guarded  # noqa: PLC0415
-
     report = {
-        "guarded": guarded(installed),
+        "guarded": backend.guarded(installed),
         "status_file": str(args.status_file),
         "last_apply": st,
         "other_firewalls": backend.other_firewalls(),

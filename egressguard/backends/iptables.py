@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from egressguard import logs
+from egressguard import fence, logs
 from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, xtables_raw
 from egressguard.backends.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
+from egressguard.policy import Policy
 from egressguard.ruleset import (
     DISPATCH,
     FAMILIES,
@@ -229,6 +230,22 @@ class IptablesBackend(Backend):
         self.iptc  # noqa: B018 - import now, so a missing library is exit 3 before any change
         # Whether each family's filter table exists is found by read(), which every command calls
         # before its first change (one child process per family instead of two).
+
+    # -- deny first: the routing fence (see fence.py) -----------------------------------------
+
+    def hold_confined(self, policy: Policy) -> bool:
+        try:
+            added = fence.raise_fence(policy)
+        except (OSError, ApplyFailed) as exc:
+            # Without it the lockdown still comes first, but a SIGKILL between its two per-family
+            # commits could leave the second family unguarded (the apply then exits non-zero).
+            log.warning("fence_unavailable", error=str(exc))
+            return False
+        log.debug("fence_raised", rules=added, uids=fence.describe(fence.uid_ranges(policy)))
+        return True
+
+    def release_confined(self) -> int:
+        return fence.lower_fence()
 
     # -- commit ------------------------------------------------------------------------------
 

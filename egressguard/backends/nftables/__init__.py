@@ -123,6 +123,13 @@ class NftablesBackend(Backend):
         else:
             log.info("iptables_objects_removed")
 
+    def release_confined(self) -> int:
+        """This back end holds nothing (one transaction closes both families), but a routing fence
+        an iptables-backend apply left behind (killed, or before an upgrade) is removed."""
+        from egressguard import fence  # noqa: PLC0415
+
+        return fence.lower_fence()
+
     def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
         expect = expect or (want.sets if want is not None else ())
