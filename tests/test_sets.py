@@ -9,8 +9,8 @@ from typing import Any
 
 from refusals import resolved
 
-from egressguard import sets
 from egressguard.backends import Installed
+from egressguard.backends.iptables import sets
 from egressguard.policy import validate
 from egressguard.ruleset import (
     SET_THRESHOLD,

@@ -2,7 +2,7 @@
 with kernel sets and hypothesis-drawn policies, the tables egressguard writes in one fresh namespace
 equal, entry by entry and byte by byte (counters aside), what `ipset restore` + `iptables-legacy-restore
 -n` / `ip6tables-legacy-restore -n` write from `egressguard plan` in another (issue 9, item 3).
-Both are read back with egressguard.backends.xtables_raw (IPT_SO_GET_ENTRIES / IP6T_SO_GET_ENTRIES)."""
+Both are read back with egressguard.backends.iptables.xtables_raw (IPT_SO_GET_ENTRIES / IP6T_SO_GET_ENTRIES)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from test_model_vs_kernel import policies
 
 from egressguard import facts as facts_mod
-from egressguard.backends import xtables_raw
-from egressguard.backends.iptables import IptablesBackend, _in_children
+from egressguard.backends.iptables import xtables_raw
+from egressguard.backends.iptables.backend import IptablesBackend, _in_children
 from egressguard.lab import _enter_netns, netns_inode
 from egressguard.policy import load_file, validate
 from egressguard.ruleset import Facts, Rule, Ruleset, build, hosts_of, render

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the CLI reads BACKEND_CHOICES for every command, probe included
-    from egressguard.backends.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
+    from egressguard.backends.iptables.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
     from egressguard.policy import Policy
     from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
@@ -147,7 +147,7 @@ def select(requested: str | None = None) -> Backend:
         chosen: Backend = NftablesBackend()
         log.info("backend_selected", backend=chosen.name, requested=name, via=source)
         return chosen
-    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+    from egressguard.backends.iptables.backend import IptablesBackend  # noqa: PLC0415
 
     if name == "iptables":
         chosen = IptablesBackend()

@@ -104,7 +104,7 @@ class NftablesBackend(Backend):
         (Docker's DNS rules, say): what cannot even be read is a warning; ours that cannot be
         removed fail a reset, and only warn after an apply (they restrict, never allow)."""
         from egressguard.apply import build_empty  # noqa: PLC0415
-        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+        from egressguard.backends.iptables.backend import IptablesBackend  # noqa: PLC0415
 
         legacy = IptablesBackend(leave_nftables=True)
         try:
@@ -126,7 +126,7 @@ class NftablesBackend(Backend):
     def release_confined(self) -> int:
         """This back end holds nothing (one transaction closes both families), but a routing fence
         an iptables-backend apply left behind (killed, or before an upgrade) is removed."""
-        from egressguard import fence  # noqa: PLC0415
+        from egressguard.backends.iptables import fence  # noqa: PLC0415
 
         return fence.lower_fence()
 

@@ -21,9 +21,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from egressguard import fence, logs
-from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, xtables_raw
-from egressguard.backends.xtables_raw import Entry
+from egressguard import logs
+from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding
+from egressguard.backends.iptables import fence, xtables_raw
+from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.policy import Policy
 from egressguard.ruleset import (
@@ -250,7 +251,7 @@ class IptablesBackend(Backend):
     # -- commit ------------------------------------------------------------------------------
 
     def commit(self, ruleset: Ruleset) -> None:
-        from egressguard.sets import Ipsets  # noqa: PLC0415
+        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
 
         if ruleset.sets:
             self._sets_touched = True
@@ -488,7 +489,7 @@ class IptablesBackend(Backend):
         learned_rules = any(r.match_set and r.match_set.startswith(LEARNED_SET_PREFIX)
                             for t in tables for c in t.chains for r in c.rules)
         if names or learned_rules or (want is not None and want.learned_sets):
-            from egressguard.sets import Ipsets  # noqa: PLC0415
+            from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
 
             expected = {st.name: st for st in expect}
             with Ipsets() as ipsets:
