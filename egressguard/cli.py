@@ -193,7 +193,7 @@ def _default_backend() -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from egressguard import facts  # noqa: PLC0415
     from egressguard import policy as policy_mod  # noqa: PLC0415
-    from egressguard.ruleset import Facts, build, hosts_of, render, to_json  # noqa: PLC0415
+    from egressguard.ruleset import Facts, build, hosts_of  # noqa: PLC0415
 
     loaded = _load(args)
     resolvers = facts.resolvers_for(loaded.policy, args.resolv_conf)
@@ -217,6 +217,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                          if backend == "auto" else "")]
         sys.stdout.write(nft_render.render(rs, header=header))
         return 0
+    from egressguard.backends.iptables.render import render, to_json  # noqa: PLC0415
+
     if args.json:
         print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **to_json(rs)}, indent=2))
     else:

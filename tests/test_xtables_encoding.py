@@ -20,9 +20,10 @@ from test_model_vs_kernel import policies
 from egressguard import facts as facts_mod
 from egressguard.backends.iptables import xtables_raw
 from egressguard.backends.iptables.backend import IptablesBackend, _in_children
+from egressguard.backends.iptables.render import render
 from egressguard.lab import _enter_netns, netns_inode
 from egressguard.policy import load_file, validate
-from egressguard.ruleset import Facts, Rule, Ruleset, build, hosts_of, render
+from egressguard.ruleset import Facts, Rule, Ruleset, build, hosts_of
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"

@@ -114,7 +114,7 @@ class Backend(abc.ABC):
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         """One installed rule as this back end's own tool would show it (for `status`)."""
-        return " ".join(rule.args())
+        return repr(rule)
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from egressguard import logs
 from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding
-from egressguard.backends.iptables import fence, xtables_raw
+from egressguard.backends.iptables import fence, render, xtables_raw
 from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.policy import Policy
@@ -403,7 +403,7 @@ class IptablesBackend(Backend):
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
             x.create_match("owner").set_parameter("uid-owner", r.uid)
-        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as Rule.args()
+        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as render.args()
             m = x.create_match("conntrack")
             if r.ctstate:
                 m.set_parameter("ctstate", r.ctstate)
@@ -585,6 +585,9 @@ class IptablesBackend(Backend):
         if r.target in ours or r.target in _VERDICTS:
             entry = dataclasses.replace(entry, target=xtables_raw.Ext(r.target, 0, b""))
         return entry
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        return " ".join(render.args(rule))
 
     def other_firewalls(self) -> list[str]:
         found = []

@@ -146,7 +146,9 @@ class NftablesBackend(Backend):
                 text = " ".join([*words[:at], *rule.u32, *words[at:]])
             return text
         except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
-            return " ".join(rule.args())
+            from egressguard.backends.iptables.render import args  # noqa: PLC0415
+
+            return " ".join(args(rule))
 
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         return render.canonical(ruleset)
