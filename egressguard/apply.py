@@ -136,28 +136,10 @@ def apply(
     with namespace_lock():
         with clock("read_before"):
             first = not backend.guarded(backend.read())
-        holding_fence = False
-        if first:
-            # Deny first: nothing guarded yet, so close the confined uids' egress before anything
-            # slow or fallible. The hold (iptables: a routing fence) closes both families at once.
-            fenced = False
-            if not backend.atomic_families:  # one commit for both families needs no hold
-                with clock("fence_raise"):
-                    fenced = backend.hold_confined(policy)
-            if (fenced or backend.atomic_families) and not hosts_of(policy):
-                # Nothing to resolve: the hold stays while the policy itself goes in (or the policy's
-                # one commit closes both families at once), so no separate lockdown commit is needed
-                # (the fault suites kill apply at every step).
-                holding_fence = out.fence_first = fenced
-            else:
-                # apply must query DNS (which the hold would refuse under `confine: all`), or the
-                # kernel has no hold: the lockdown ruleset (DNS, loopback, replies) comes first.
-                with clock("lockdown"):
-                    backend.commit(lockdown)
-                out.lockdown_first = True
-                log.info("lockdown_committed", rules=lockdown.rule_count())
+        # True while the back end's hold (hold_confined) stands in for a guard: until the policy is in.
+        holding = _deny_first(backend, policy, lockdown, out, clock) if first else False
         try:
-            if not holding_fence:
+            if not holding:
                 with clock("fence"):
                     lowered = backend.release_confined()  # also one a killed apply left behind
                 if lowered:
@@ -168,7 +150,7 @@ def apply(
                         hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
                     )
                 except ApplyFailed:
-                    if out.lockdown_first or holding_fence:
+                    if out.lockdown_first or holding:
                         raise
                     # The policy in force may refuse this process's own queries (it confines root,
                     # and the resolvers changed); this lockdown lets them through. Once more:
@@ -185,10 +167,10 @@ def apply(
             with clock("commit"):
                 backend.commit(ruleset)
             log.info("rules_committed", rules=ruleset.rule_count(), digest=ruleset.digest())
-            if holding_fence:
+            if holding:
                 with clock("fence"):
                     lowered = backend.release_confined()  # both families hold the policy now
-                holding_fence = False
+                holding = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
                 diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets, want=ruleset))
@@ -200,8 +182,31 @@ def apply(
                     status_mod.write(status_path, out.status("policy", 0))
             return out
         except BaseException as exc:
-            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding_fence)
+            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding)
             raise
+
+
+def _deny_first(backend: Backend, policy: Policy, lockdown: Ruleset, out: Outcome, clock: _Clock) -> bool:
+    """Nothing guarded yet: close the confined uids' egress before anything slow or fallible. True if
+    the back end's hold (both families at once) stays while the policy itself goes in; otherwise the
+    lockdown ruleset is in force and any hold is apply's to lift."""
+    held = False
+    if not backend.atomic_families:  # one commit for both families needs no hold
+        with clock("fence_raise"):
+            held = backend.hold_confined(policy)
+    if (held or backend.atomic_families) and not hosts_of(policy):
+        # Nothing to resolve: the hold stays while the policy itself goes in (or the policy's one
+        # commit closes both families at once), so no separate lockdown commit is needed (the fault
+        # suites kill apply at every step).
+        out.fence_first = held
+        return held
+    # apply must query DNS (which the hold would refuse under `confine: all`), or the kernel has no
+    # hold: the lockdown ruleset (DNS, loopback, replies) comes first.
+    with clock("lockdown"):
+        backend.commit(lockdown)
+    out.lockdown_first = True
+    log.info("lockdown_committed", rules=lockdown.rule_count())
+    return False
 
 
 def _report_resolution(res: facts_mod.Resolution) -> None:
@@ -215,7 +220,7 @@ def _report_resolution(res: facts_mod.Resolution) -> None:
 
 def _fall_back_to_lockdown(
     backend: Backend, lockdown: Ruleset, out: Outcome, status_path: Path | None, exc: BaseException,
-    holding_fence: bool,
+    holding: bool,
 ) -> None:
     code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
     state = "lockdown"
@@ -226,9 +231,9 @@ def _fall_back_to_lockdown(
         # A hold this apply made stays: the confined uids reach nothing but loopback.
         log.error("lockdown_failed", error=str(again))
         # The status must not claim a lockdown (DNS, replies) the kernel refused.
-        state = "fence" if holding_fence else "lockdown_failed"
+        state = "fence" if holding else "lockdown_failed"
     else:
-        if holding_fence:  # the lockdown holds both families now
+        if holding:  # the lockdown holds both families now
             try:
                 backend.release_confined()
             except Exception as again:  # noqa: BLE001 - a hold left in place only refuses more
