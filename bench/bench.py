@@ -269,7 +269,7 @@ def cold_start(runs: int) -> list[tuple[str, str, float, float | None, float | N
 _FLOOR = "import egressguard.cli, egressguard.apply, egressguard.policy, egressguard.logs as l; l._structlog(); "
 IMPORTS_FOR_APPLY = {
     "nftables": _FLOOR + "import egressguard.backends.nftables as b; b.transport.load()",
-    "iptables": _FLOOR + "import egressguard.backends.iptables as b; b.import_iptc()",
+    "iptables": _FLOOR + "import egressguard.backends.iptables.backend as b; b.import_iptc()",
 }
 
 
