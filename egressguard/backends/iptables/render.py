@@ -46,6 +46,8 @@ def args(rule: Rule) -> list[str]:
         a += ["-m", "icmp6", "--icmpv6-type", rule.icmp6_type]
     if rule.routing_header:
         a += ["-m", "rt"]
+    if rule.sport is not None:
+        a += ["-m", rule.protocol or "tcp", "--sport", str(rule.sport)]
     if len(rule.dports) == 1:
         a += ["-m", rule.protocol or "tcp", "--dport", str(rule.dports[0])]
     elif rule.dports:
