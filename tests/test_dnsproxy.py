@@ -160,6 +160,69 @@ def test_kernel_refusing_the_addresses_withholds_the_answer() -> None:
     assert out.rcode() == dns.rcode.SERVFAIL and not out.answer
 
 
+def _answers_at_once(fwd: Forwarder, names: list[str], released: list[str]) -> list[dns.message.Message]:
+    """Ask for `names` concurrently; each answer's name goes into `released` the moment it is released."""
+    async def one(name: str) -> dns.message.Message:
+        out = dns.message.from_wire(await fwd.answer(query(name), False, "198.51.100.2") or b"")
+        released.append(name)
+        return out
+
+    async def run() -> list[dns.message.Message]:
+        return list(await asyncio.gather(*(one(n) for n in names)))
+    return asyncio.run(run())
+
+
+NAMES = {f"n{i}.example.com": [("A", f"203.0.113.{i}", 60)] for i in range(1, 9)}
+
+
+def test_answers_ready_together_share_one_commit_and_none_is_released_before_it() -> None:
+    events: list[str] = []
+
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            events.append(f"commit {sorted(a for _, a, _ in items)}")
+            super().add(items)
+
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), Kernel(), resolve=upstream_answering(NAMES))
+    outs = _answers_at_once(fwd, list(NAMES), events)
+    assert all(o.rcode() == dns.rcode.NOERROR and o.answer for o in outs)
+    assert events[0] == f"commit {sorted(f'203.0.113.{i}' for i in range(1, 9))}"  # one commit, every address
+    assert sorted(events[1:]) == sorted(NAMES)  # then the answers, none before it
+
+
+def test_a_large_batch_is_committed_in_bounded_groups_each_before_its_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dnsproxy, "MAX_ITEMS_PER_COMMIT", 3)
+    events: list[str] = []
+    commits: list[list[str]] = []
+
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            commits.append(sorted(a for _, a, _ in items))
+            events.append(f"commit {len(commits)}")
+            super().add(items)
+
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), Kernel(), resolve=upstream_answering(NAMES))
+    _answers_at_once(fwd, list(NAMES), events)
+    assert [len(c) for c in commits] == [3, 3, 2] and sorted(sum(commits, [])) == sorted(f"203.0.113.{i}" for i in range(1, 9))
+    assert events[:3] == ["commit 1", "commit 2", "commit 3"] and sorted(events[3:]) == sorted(NAMES)  # answers after
+
+
+def test_a_refused_answer_in_a_batch_withholds_only_its_own_answer() -> None:
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            if any(a == "203.0.113.5" for _, a, _ in items):
+                raise RuntimeError("kernel said no")
+            super().add(items)
+
+    rec = Kernel()
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), rec, resolve=upstream_answering(NAMES))
+    released: list[str] = []
+    outs = dict(zip(NAMES, _answers_at_once(fwd, list(NAMES), released), strict=True))
+    assert outs.pop("n5.example.com").rcode() == dns.rcode.SERVFAIL
+    assert all(o.rcode() == dns.rcode.NOERROR and o.answer for o in outs.values())
+    assert sorted(a for _, a, _ in rec.added) == sorted(f"203.0.113.{i}" for i in range(1, 9) if i != 5)
+
+
 # -- hostile bytes --------------------------------------------------------------------------------
 
 
