@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import math
 import os
 import socket
 import struct
@@ -56,6 +58,7 @@ UDP_PAYLOAD = 1232  # our EDNS payload size (DNS flag day 2020)
 MAX_SET_ELEMENTS_PER_ANSWER = 256  # addresses learned from one answer (more: the rest are not learned)
 MAX_ITEMS_PER_COMMIT = 1024  # (set, address) pairs of answers committed together, so one kernel message stays small
 MAX_CACHED = 10_000  # answers kept for repeated questions (least recently used dropped first)
+MAX_PROMISES = 65_536  # (set, address) expiries remembered (Promises): a learned ipset's own maxelem (sets.Ipsets.create)
 
 _HEADER = struct.Struct("!HHHHHH")
 
@@ -96,6 +99,12 @@ class LearnedSets:
             pass
         return KernelSets()
 
+    def held(self) -> list[tuple[str, str, int]]:
+        """(set, address, seconds left) of every address the learned sets hold now."""
+        if self.impl is None:
+            self.impl = self._find()
+        return self.impl.held(sorted(self.names))
+
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:
         if self.impl is None:
             self.impl = self._find()
@@ -117,7 +126,7 @@ class LearnedSets:
 
 class IpsetSets:
     """Adds learned addresses to the entries' ipsets (iptables back end), one message per set; a
-    member already there takes the new timeout."""
+    member already there takes the new timeout (never shorter than promised: Promises)."""
 
     def __init__(self) -> None:
         from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415 - the iptables back end's
@@ -131,6 +140,13 @@ class IpsetSets:
         for name, elems in by_set.items():
             self.ipsets.add_timed(name, elems)
 
+    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
+        out = []
+        for name in names:
+            listed = self.ipsets.timed(name)
+            out += [(name, addr, left) for addr, left in (listed[3] if listed else [])]
+        return out
+
     def close(self) -> None:
         self.ipsets.close()
 
@@ -142,7 +158,13 @@ class KernelSets:
     def __init__(self) -> None:
         from egressguard.backends.nftables.transport import TimedElements  # noqa: PLC0415
 
-        self.elements = TimedElements(TABLE.split()[1])
+        self.table = TABLE.split()[1]
+        self.elements = TimedElements(self.table)
+
+    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
+        from egressguard.backends.nftables.transport import timed_elements  # noqa: PLC0415
+
+        return [(name, addr, left) for name in names for addr, left in timed_elements(self.table, name) or []]
 
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:
         """(set, address, seconds): each address in its set with that timeout, in one transaction."""
@@ -152,15 +174,81 @@ class KernelSets:
         self.elements.close()
 
 
+class Promises:
+    """The latest expiry committed for each (set, address), so that a later answer with a shorter
+    TTL never lowers the kernel's timeout of an address an earlier answer promised for longer (a
+    client caches that earlier answer for its own TTL): every commit asks for max(its TTL, what is
+    left of the promise). Seeded from what the kernel holds (a restarted forwarder, `seed`). An
+    entry is dropped when it expires; at most `limit` are kept, the soonest to expire dropped first,
+    and until that one would have expired (`unsure_until`) an address not remembered is committed
+    for at least as long: when unsure, the time is lengthened, never shortened."""
+
+    def __init__(self, clock: Callable[[], float], limit: int = MAX_PROMISES) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.until: dict[tuple[str, str], float] = {}
+        self.heap: list[tuple[float, tuple[str, str]]] = []  # (expiry, key); stale ones skipped and rebuilt
+        self.unsure_until = 0.0
+
+    def __len__(self) -> int:
+        return len(self.until)
+
+    def extended(self, items: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        """`items` with each timeout raised to what is left of its (set, address)'s latest promise."""
+        now = self.clock()
+        self._prune(now)
+        return [(name, addr, max(ttl, math.ceil(self.until.get((name, addr), self.unsure_until) - now)))
+                for name, addr, ttl in items]
+
+    def committed(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """The kernel now holds each (set, address) for its seconds."""
+        self.seed(items)
+
+    def seed(self, held: Sequence[tuple[str, str, int]]) -> None:
+        """(set, address, seconds left) the kernel holds: promised at least that long."""
+        now = self.clock()
+        for name, addr, left in held:
+            if left > 0 and now + left > self.until.get((name, addr), 0.0):
+                self.until[(name, addr)] = now + left
+                heapq.heappush(self.heap, (now + left, (name, addr)))
+        self._prune(now)
+
+    def unsure(self, seconds: int) -> None:
+        """What the kernel holds is unknown: any address may have been promised `seconds` from now."""
+        self.unsure_until = max(self.unsure_until, self.clock() + seconds)
+
+    def _prune(self, now: float) -> None:
+        while self.heap:
+            until, key = self.heap[0]
+            if self.until.get(key) != until:  # stale: promised longer since, or dropped
+                heapq.heappop(self.heap)
+            elif until <= now:
+                heapq.heappop(self.heap)
+                del self.until[key]
+            elif len(self.until) > self.limit:
+                heapq.heappop(self.heap)
+                del self.until[key]
+                self.unsure_until = max(self.unsure_until, until)
+            else:
+                break
+        if len(self.heap) > 2 * len(self.until) + 1024:  # stale entries of keys promised again and again
+            self.heap = [(until, key) for key, until in self.until.items()]
+            heapq.heapify(self.heap)
+
+
 class _Batches:
     """Commits the kernel updates of answers that are ready in the same turn of the event loop as
     one update (one nft transaction, one ipset message per set): under load answers arrive
     together, and each kernel round trip costs far more than one more element in it. Every answer
     waits for the commit of its own batch; a batch the kernel refuses is retried answer by answer,
-    so one refused answer never withholds another's."""
+    so one refused answer never withholds another's. Every timeout committed is at least what is
+    left of the address's latest promise (Promises), first read from the kernel at the first commit."""
 
-    def __init__(self, sets: Any) -> None:
+    def __init__(self, sets: Any, promises: Promises, ttl_max: int) -> None:
         self.sets = sets
+        self.promises = promises
+        self.ttl_max = ttl_max
+        self.seeded = False
         self.pending: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]] = []
         self.commits = 0  # kernel updates made (bench: answers per commit)
 
@@ -185,17 +273,37 @@ class _Batches:
         if group:
             self._commit_group(group)
 
+    def _seed(self) -> None:
+        """Once, before the first commit: what the kernel holds (an earlier forwarder's promises)."""
+        if self.seeded:
+            return
+        self.seeded = True
+        held = getattr(self.sets, "held", None)  # the fuzz tests' recorder has none
+        if held is None:
+            return
+        try:
+            self.promises.seed(held())
+        except Exception as exc:  # noqa: BLE001 - unknown: every address may have been promised ttl_max
+            log.warning("dns_learned_unreadable", error=f"{type(exc).__name__}: {exc}", assume_s=self.ttl_max)
+            self.promises.unsure(self.ttl_max)
+
+    def _add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        extended = self.promises.extended(_merged(items))
+        self.sets.add(extended)
+        self.promises.committed(extended)
+
     def _commit_group(self, group: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]]) -> None:
         self.commits += 1
+        self._seed()
         try:
-            self.sets.add(_merged([i for items, _ in group for i in items]))
+            self._add([i for items, _ in group for i in items])
         except Exception as exc:  # noqa: BLE001 - handed to the waiting answers
             if len(group) == 1:
                 _settle(group[0][1], exc)
                 return
             for items, done in group:
                 try:
-                    self.sets.add(_merged(items))
+                    self._add(items)
                 except Exception as one:  # noqa: BLE001
                     _settle(done, one)
                 else:
@@ -261,7 +369,7 @@ class Forwarder:
                  resolve: Callable[[dns.message.Message, str, bool], Any] | None = None) -> None:
         self.config = config
         self.sets = sets  # KernelSets, or any object with add(items) (the fuzz tests' recorder)
-        self.batches = _Batches(sets)
+        self.batches = _Batches(sets, Promises(clock), config.ttl_max)
         self.clock = clock
         self.resolve = resolve or _upstream
         self.inflight = 0

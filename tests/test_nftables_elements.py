@@ -98,3 +98,27 @@ def test_a_batch_naming_a_missing_set_is_refused_whole_and_the_next_one_commits(
     assert "No such file or directory" in got["refused"]
     assert got["after_refusal"] == {}
     assert got["after_next"] == {"198.51.100.9": 60}
+
+
+def _read_back() -> tuple[list[tuple[str, int]], dict[str, int], bool]:
+    """What transport.timed_elements reads (a restarted forwarder's seed), with nft's own listing."""
+    from egressguard.backends.nftables.transport import Nft, timed_elements  # noqa: PLC0415
+
+    with Nft() as nft:
+        nft.run(SETS + "add element inet egressguard ours4 { 198.51.100.7 timeout 300s, 203.0.113.9 timeout 45s }\n"
+                "add element inet egressguard ours6 { 2001:db8::7 timeout 3600s }\n")
+    out = subprocess.run(["nft", "-j", "list", "table", "inet", "egressguard"], check=True, capture_output=True,
+                         text=True).stdout
+    expires = {e["elem"]["val"]: e["elem"]["expires"] for o in json.loads(out)["nftables"]
+               for e in o.get("set", {}).get("elem", [])}
+    return (timed_elements("egressguard", "ours4") or []) + (timed_elements("egressguard", "ours6") or []), \
+        expires, timed_elements("egressguard", "nosuch") is None
+
+
+def test_timed_elements_reads_each_address_with_its_time_left_rounded_up() -> None:
+    got, expires, gone = _in_fresh_netns(_read_back)
+    assert {addr for addr, _ in got} == set(expires) == {"198.51.100.7", "203.0.113.9", "2001:db8::7"}
+    timeouts = {"198.51.100.7": 300, "203.0.113.9": 45, "2001:db8::7": 3600}
+    for addr, left in got:
+        assert expires[addr] <= left <= timeouts[addr], (addr, left, expires[addr])
+    assert gone, "a missing set reads as None"

@@ -24,6 +24,7 @@ _NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS
 _NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 0x10, 0x11, 12, 14
 _NLM_F_ACK, _NLM_F_CREATE, _NFPROTO_INET, _NLA_F_NESTED = 0x4, 0x400, 1, 0x8000
 _NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_TIMEOUT, _NFTA_DATA_VALUE = 1, 1, 4, 1
+_NFTA_SET_ELEM_EXPIRATION = 5
 _CHUNK = 512  # elements per transaction: ~120 bytes each (three messages), far below the 208 KiB send buffer
 
 # A read-back whose reads a commit changed in between (the generation id moved) is read again.
@@ -218,6 +219,28 @@ def set_elements(table: str, name: str) -> list[bytes] | None:
     if any(flags & _NLM_F_DUMP_INTR for flags, _ in answer):
         return None
     return [value for _, payload in answer for attr, value in attributes(payload) if attr == _NFTA_SET_ELEM_LIST_ELEMENTS]
+
+
+def timed_elements(table: str, name: str) -> list[tuple[str, int]] | None:
+    """(address, whole seconds left, rounded up) of each element of timeout set `name` of `inet
+    table`, from one netlink dump; None when the set is gone or the dump was interrupted."""
+    blocks = set_elements(table, name)
+    if blocks is None:
+        return None
+    out = []
+    for block in blocks:
+        for kind, elem in attributes(block):
+            if kind != _NFTA_LIST_ELEM:
+                continue
+            key, left_ms = b"", 0
+            for attr, value in attributes(elem):
+                if attr == _NFTA_SET_ELEM_KEY:
+                    key = next((v for a, v in attributes(value) if a == _NFTA_DATA_VALUE), b"")
+                elif attr == _NFTA_SET_ELEM_EXPIRATION and len(value) == 8:
+                    left_ms = struct.unpack(">Q", value)[0]
+            if len(key) in (4, 16):
+                out.append((socket.inet_ntop(socket.AF_INET6 if len(key) == 16 else socket.AF_INET, key), -(-left_ms // 1000)))
+    return out
 
 
 def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
