@@ -4,8 +4,10 @@ and the upgrade from the iptables back end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +220,71 @@ def test_auto_picks_nftables_where_the_kernel_accepts_it(module_lab: Lab) -> Non
     assert chosen and chosen[0]["backend"] == "nftables (libnftables)" and "accepted" in str(chosen[0]["reason"])
     assert TABLE in nft_tables(module_lab)
     assert eg(module_lab, "reset")[0] == 0
+
+
+# Another program's table with `flags owner`: only the netlink socket that created it may change it,
+# and the kernel deletes it when that socket closes. This holder keeps its libnftables context (and
+# so its socket) open until its stdin closes.
+HOLDER = """
+import sys
+from egressguard.backends.nftables.transport import Nft
+nft = Nft()
+nft.run(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def owned_by_another_program(lab: Lab, script: str) -> Iterator[None]:
+    holder = subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-c", HOLDER, script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout and holder.stdout.readline() == "ready\n", holder.communicate(timeout=10)
+        yield
+    finally:
+        holder.communicate(timeout=10)  # closes its stdin: the holder exits, the kernel drops its table
+
+
+def test_auto_picks_nftables_beside_a_table_another_program_owns(module_lab: Lab) -> None:
+    """A table with `flags owner` held by another process is no sign that nf_tables is refused: auto
+    chooses nftables, the guard holds, and the other table stays, still its owner's alone."""
+    lab = module_lab
+    with owned_by_another_program(lab, "add table inet holder { flags owner; }; "
+                                       "add chain inet holder out { type filter hook output priority 0; policy accept; }"):
+        code, out = _auto(lab)
+        try:
+            assert code == 0, out
+            chosen = events(out, "backend_selected")
+            assert chosen and chosen[0]["backend"] == "nftables (libnftables)", out
+            assert TABLE in nft_tables(lab) and "inet holder" in nft_tables(lab)
+            assert lab.in_pod("nft", "add", "chain", "inet", "holder", "mine").returncode != 0  # owned: ours cannot
+            stopped(lab, "tcp", "203.0.113.11", 22)
+            assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
+        finally:
+            assert eg(lab, "reset")[0] == 0
+    assert legacy_tables(lab) == []
+
+
+def test_our_table_held_by_another_program_is_exit_4_on_nftables_not_a_fall_back(module_lab: Lab) -> None:
+    """Another program holds `inet egressguard` itself (flags owner): nf_tables works, only that name
+    is refused. auto stays on nftables and exits 4 naming the owner; it neither reports nf_tables as
+    refused nor falls back to the iptables back end (which would leave the held table in force).
+    Control: once the holder is gone, the same apply succeeds."""
+    lab = module_lab
+    with owned_by_another_program(lab, f"add table {TABLE} {{ flags owner; }}"):
+        code, out = _auto(lab)
+        assert code == 4, out
+        chosen = events(out, "backend_selected")
+        assert chosen and chosen[0]["backend"] == "nftables (libnftables)", out
+        assert "owned by another program" in out and "refused an nf_tables transaction" not in out, out
+        assert legacy_tables(lab) == []
+    code, out = _auto(lab)
+    try:
+        assert code == 0, out
+        stopped(lab, "tcp", "203.0.113.11", 22)
+    finally:
+        assert eg(lab, "reset")[0] == 0
 
 
 def _legacy_works() -> bool:
