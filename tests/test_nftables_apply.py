@@ -73,6 +73,28 @@ def test_apply_names_the_back_end_in_the_log_and_the_status(guarded: tuple[Lab, 
     assert TABLE in nft_tables(lab)
 
 
+def test_the_json_plan_digest_is_the_digest_the_nftables_apply_commits_and_records(guarded: tuple[Lab, Path]) -> None:
+    """`plan --json --backend nftables` shows the digest of the ruleset the nftables back end commits
+    (`rules_committed`, the status file's `ruleset_digest`); `auto` plans the same. Control: this
+    policy's kernel set makes the iptables form differ, and its plan says so."""
+    lab, path = guarded
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    recorded = json.loads(lab.status_file.read_text())["ruleset_digest"]
+    assert events(out, "rules_committed")[0]["digest"] == recorded
+
+    def planned(backend: str) -> dict[str, object]:
+        done = lab.egressguard("plan", "--json", "--backend", backend, "--policy", str(path))
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    nft_plan, auto_plan, ipt_plan = planned("nftables"), planned("auto"), planned("iptables")
+    assert (nft_plan["backend"], nft_plan["digest"]) == ("nftables", recorded)
+    assert (auto_plan["backend"], auto_plan["digest"]) == ("nftables", recorded)
+    assert ipt_plan["backend"] == "iptables" and ipt_plan["digest"] != recorded
+    assert nft_plan["policy_digest"] == ipt_plan["policy_digest"] == json.loads(lab.status_file.read_text())["policy_digest"]
+
+
 def test_verify_exits_0_and_changes_nothing(guarded: tuple[Lab, Path]) -> None:
     lab, path = guarded
     before = nft(lab, "-s", "list", "ruleset")
