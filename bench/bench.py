@@ -286,10 +286,12 @@ def probe_time(runs: int) -> list[tuple[str, float]]:
         eg_apply(pod, policy, "nftables", "--status-file", str(status))
         rows = {
             "probe": lambda: timed(lambda: sh(*agent, *EG, "probe", "--status-file", str(status), ns=pod)),
+            "verbose": lambda: timed(lambda: sh(*agent, *EG, "-v", "probe", "--status-file", str(status), ns=pod)),
             "pass": lambda: timed(lambda: sh(*agent, sys.executable, "-c", "pass", ns=pod)),
         }
         t = interleaved(runs, rows)
     return [("egressguard probe (an agent without capabilities, guarded pod, default targets)", t["probe"]),
+            ("egressguard -v probe (the same, logging its `probe_finished` event: imports structlog)", t["verbose"]),
             ("python start (`python -c pass`, the same agent)", t["pass"])]
 
 
