@@ -193,11 +193,28 @@ def eg_apply(ns: str, policy: Path, backend: str = "iptables", *extra: str) -> f
                             "--resolv-conf", str(resolv), ns=ns))
 
 
-def nft_f(ns: str, text: str) -> float:
+def plan_file(text: str) -> Path:
     path = TMP / f"plan-{abs(hash(text))}.nft"
     if not path.exists():
         path.write_text(text)
+    return path
+
+
+def nft_f(ns: str, text: str) -> float:
+    path = plan_file(text)
     return timed(lambda: sh("nft", "-f", str(path), ns=ns))
+
+
+# The floor of any Python program that commits a script through libnftables: the interpreter,
+# ctypes, the library and one nft_run_cmd_from_buffer of the whole file, nothing else.
+CTYPES_COMMIT = ("import ctypes, sys; lib = ctypes.CDLL('libnftables.so.1'); lib.nft_ctx_new.restype = ctypes.c_void_p; "
+                 "ctx = ctypes.c_void_p(lib.nft_ctx_new(0)); "
+                 "sys.exit(lib.nft_run_cmd_from_buffer(ctx, open(sys.argv[1], 'rb').read()))")
+
+
+def ctypes_f(ns: str, text: str) -> float:
+    path = plan_file(text)
+    return timed(lambda: sh(sys.executable, "-c", CTYPES_COMMIT, str(path), ns=ns))
 
 
 def interleaved(runs: int, rows: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -329,15 +346,17 @@ def apply_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float,
     return rows
 
 
-def nft_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float]]:
-    """(N, egressguard apply --backend nftables, `nft -f` of the same ruleset)."""
+def nft_at_scale(runs: int, sizes: list[int]) -> list[tuple[int, float, float, float]]:
+    """(N, egressguard apply --backend nftables, `nft -f` of the same ruleset, the same script
+    committed by a Python process through ctypes and libnftables alone)."""
     rows = []
     for n in sizes:
         policy = write_policy(n)
         text = plan(policy, "nftables")
         t = interleaved(runs, {"eg": fresh(lambda ns, p=policy: eg_apply(ns, p, "nftables")),
-                               "nft": fresh(lambda ns, x=text: nft_f(ns, x))})
-        rows.append((n, t["eg"], t["nft"]))
+                               "nft": fresh(lambda ns, x=text: nft_f(ns, x)),
+                               "ctypes": fresh(lambda ns, x=text: ctypes_f(ns, x))})
+        rows.append((n, t["eg"], t["nft"], t["ctypes"]))
     return rows
 
 
@@ -454,19 +473,37 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
 
 
 def peak_rss(sizes: list[int], runs: int = 3) -> list[tuple[str, float]]:
-    """Largest peak RSS of `runs` applies per back end and size (the process tree's largest process)."""
+    """Largest peak RSS of `runs` applies per back end and size (the process tree's largest process);
+    at the largest size also a re-apply of the same policy, and one after a set element was
+    deleted by hand (the set is refilled: libnftables reads and sends it all)."""
     rows = []
     for backend in ("nftables", "iptables"):
         for n in sizes:
             policy = write_policy(n)
-            peak = 0
-            for _ in range(runs):
-                with netns("rss") as ns:
-                    out = sh("/usr/bin/time", "-f", "%M", *EG, "apply", "--backend", backend, "--policy", str(policy),
-                             "--no-status", "--resolv-conf", "/dev/null", ns=ns)
-                    peak = max(peak, int(out.stderr.strip().splitlines()[-1]))
-            rows.append((f"egressguard apply --backend {backend}, " + (f"{n:,} entries" if n else "default policy"), peak / 1024))
+            cases = ["cold", "again", "tampered"] if n == max(sizes) and backend == "nftables" else ["cold"]
+            for case in cases:
+                peak = 0
+                for _ in range(runs):
+                    with netns("rss") as ns:
+                        argv = (*EG, "apply", "--backend", backend, "--policy", str(policy), "--no-status",
+                                "--resolv-conf", "/dev/null")
+                        if case != "cold":
+                            sh(*argv, ns=ns)
+                        if case == "tampered":
+                            sh("nft", "delete", "element", "inet", "egressguard", _set_of(ns),
+                               f"{{ {list_addresses(n)[0]} }}", ns=ns)
+                        out = sh("/usr/bin/time", "-f", "%M", *argv, ns=ns)
+                        peak = max(peak, int(out.stderr.strip().splitlines()[-1]))
+                what = {"cold": "", "again": ", re-applied", "tampered": ", re-applied after an element was deleted"}[case]
+                rows.append((f"egressguard apply --backend {backend}, " + (f"{n:,} entries" if n else "default policy")
+                             + what, peak / 1024))
     return rows
+
+
+def _set_of(ns: str) -> str:
+    """The name of the (one) IPv4 set in our table."""
+    listing = json.loads(sh("nft", "-j", "-t", "list", "sets", "table", "inet", "egressguard", ns=ns).stdout)
+    return next(o["set"]["name"] for o in listing["nftables"] if o.get("set", {}).get("type") == "ipv4_addr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,9 +568,12 @@ def section_scale(runs: int, sizes: list[int]) -> None:
         print(f"| {n:,} | {eg * 1000:.0f} ms | {rest * 1000:.0f} ms | {per * 1000:,.0f} ms {note} "
               f"| {eg / rest:.2f}x | {per / eg:.1f}x |")
     print("\n### nftables back end: egressguard apply vs `nft -f` of the same ruleset (its nft plan)\n")
-    print("| N | egressguard apply | nft -f | eg / nft -f |\n|---:|---:|---:|---:|")
-    for n, eg, nft in nft_at_scale(runs, sizes):
-        print(f"| {n:,} | {eg * 1000:.0f} ms | {nft * 1000:.0f} ms | {eg / nft:.2f}x |")
+    print("The floor: the same script committed by `python -c` through ctypes and libnftables, nothing else.\n")
+    print("| N | egressguard apply | nft -f | python + ctypes, same script | eg / nft -f | floor / nft -f |\n"
+          "|---:|---:|---:|---:|---:|---:|")
+    for n, eg, nft, floor in nft_at_scale(runs, sizes):
+        print(f"| {n:,} | {eg * 1000:.0f} ms | {nft * 1000:.0f} ms | {floor * 1000:.0f} ms "
+              f"| {eg / nft:.2f}x | {floor / nft:.2f}x |")
 
 
 def section_per_packet(runs: int, quick: bool) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
@@ -15,8 +18,14 @@ _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES, _NFT_MSG_GETGEN, _NFTA_GEN_ID, _NLMSG_ERROR, _NLM_F_REQUEST = 10, 16, 1, 2, 1
+_NFT_MSG_GETSETELEM, _NLMSG_DONE, _NLM_F_DUMP, _NLM_F_DUMP_INTR, _NFPROTO_INET = 13, 3, 0x300, 0x10, 1
+_NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+
+# A read-back whose reads a commit changed in between (the generation id moved) is read again.
+READ_ATTEMPTS = 5
 
 _lib: Any = None
+_trim: Any = None
 
 
 class NftablesError(ApplyFailed):
@@ -68,6 +77,7 @@ class Nft:
         if self.ctx:
             self.lib.nft_ctx_free(self.ctx)
             self.ctx = None
+            _release_freed()
 
     def __enter__(self) -> Nft:
         return self
@@ -89,6 +99,47 @@ class Nft:
     def list_json(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
         """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist. `terse`:
         without set elements (what a commit needs to know: names, not 10,000 members)."""
+        return self._listed(what, terse)
+
+    def list_table(self, table: str) -> tuple[list[dict[str, Any]], dict[str, list[bytes]]]:
+        """Everything `table` ("inet NAME") holds, for a read-back: its JSON listing without set
+        elements, but with those of sets with timeouts (learned, few), and each interval address
+        set's elements as its netlink dump (set_elements: every element, without libnftables'
+        cost). Read again, a few times at most, while the generation id moves under the reads."""
+        family, name = table.split()
+        if family != "inet":
+            raise ValueError(f"list_table: an inet table, not {table}")
+        for _ in range(READ_ATTEMPTS):
+            start, whole = generation(), True
+            objs = self._listed(f"table {table}", terse=True)
+            dumped: dict[str, list[bytes]] = {}
+            for i, o in enumerate(objs):
+                s = o.get("set", {})
+                if "timeout" in s.get("flags", []):
+                    objs[i] = next(iter(self._listed(f"set {table} {s['name']}", False)), o)
+                elif s.get("flags") == ["interval"] and s.get("type") in ("ipv4_addr", "ipv6_addr"):
+                    elements = set_elements(name, s["name"])
+                    whole = whole and elements is not None
+                    dumped[s["name"]] = elements or []
+            if whole and generation() == start:
+                break
+        return objs, dumped
+
+    def _listed(self, what: str, terse: bool) -> list[dict[str, Any]]:
+        if terse and what.startswith("table "):
+            # libnftables 1.0.6 fetches every set element for `list table` even when terse (448 KB of
+            # netlink, ~5 MiB, for 10,000 intervals); for `list ruleset` terse it fetches none.
+            _, family, name = what.split()
+            try:
+                found = self._json(f"ruleset {family}", terse=True)
+            except NftablesError:
+                pass  # another program's table (flags owner) breaks 1.0.6's JSON: list ours alone
+            else:
+                return [o for o in found for kind, body in o.items()
+                        if body.get("name" if kind == "table" else "table") == name]
+        return self._json(what, terse)
+
+    def _json(self, what: str, terse: bool) -> list[dict[str, Any]]:
         try:
             text = self.run(f"list {what}", json_output=True, terse=terse)
         except NftablesError as exc:
@@ -104,6 +155,16 @@ class Nft:
             raise NftablesError(f"libnftables printed {what} as invalid JSON ({exc.msg} at {exc.pos}): "
                                 "is it owned by another program (flags owner)?") from None
         return [o for o in listing.get("nftables", []) if "metainfo" not in o]
+
+
+def _release_freed() -> None:
+    """Give the memory a context freed back to the kernel (glibc keeps freed heap pages resident):
+    a 10,000-element commit leaves ~8 MiB there that apply's read-back would otherwise add to."""
+    global _trim
+    if _trim is None:
+        _trim = getattr(ctypes.CDLL(None), "malloc_trim", False)  # glibc only
+    if _trim:
+        _trim(0)
 
 
 def _netlink_usable() -> None:
@@ -126,21 +187,73 @@ def generation() -> int:
     table, adds one; a refused one adds nothing (checked on this kernel). Hand-written netlink
     (NFT_MSG_GETGEN): libnftables 1.0.6 has no call that returns it, and pyroute2's import costs ~0.1 s."""
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-            sock.settimeout(5)
-            sock.send(struct.pack("=IHHIIBBH", 20, _NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_GETGEN, _NLM_F_REQUEST, 1, 0,
-                                  socket.AF_UNSPEC, 0, 0))
-            data = sock.recv(65536)
+        answer = _request(_NFT_MSG_GETGEN, _NLM_F_REQUEST)
     except OSError as exc:
         raise NftablesError(f"nftables: the generation id could not be read: {exc.strerror or exc}") from None
-    length, kind = struct.unpack_from("=IH", data)
-    if kind == _NLMSG_ERROR:
-        code = -struct.unpack_from("=i", data, 16)[0]
-        raise NftablesError(f"nftables: the kernel refused to report its generation id (errno {code})")
-    at = 20  # nlmsghdr (16) + nfgenmsg (4), then attributes
-    while at + 4 <= min(length, len(data)):
-        size, attr = struct.unpack_from("=HH", data, at)
-        if attr & 0x3FFF == _NFTA_GEN_ID and size >= 8:
-            return int(struct.unpack_from(">I", data, at + 4)[0])
-        at += max(4, (size + 3) & ~3)
+    for attr, value in attributes(answer[0][1] if answer else b""):
+        if attr == _NFTA_GEN_ID and len(value) >= 4:
+            return int(struct.unpack_from(">I", value)[0])
     raise NftablesError("nftables: the kernel's answer holds no generation id")
+
+
+def set_elements(table: str, name: str) -> list[bytes] | None:
+    """Every element set `name` of `inet table` holds, as the kernel encodes them: the payloads of
+    the NFTA_SET_ELEM_LIST_ELEMENTS attributes of one dump (decode.held_intervals reads them). None
+    when the set is gone or the dump was interrupted by a commit (read again). Hand-written netlink
+    (NFT_MSG_GETSETELEM): libnftables lists 10,000 elements as JSON in ~60 ms and ~14 MiB, this
+    dump and its decoding in ~20 ms and under 1 MiB (bench/RESULTS.md, run S); pyroute2's import
+    alone costs ~0.1 s, and libnftnl through ctypes would be several foreign calls per element."""
+    attrs = _attr(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _attr(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+    try:
+        answer = _request(_NFT_MSG_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, _NFPROTO_INET, attrs)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NftablesError(f"nftables: set {name} could not be read: {exc.strerror or exc}") from None
+    if any(flags & _NLM_F_DUMP_INTR for flags, _ in answer):
+        return None
+    return [value for _, payload in answer for attr, value in attributes(payload) if attr == _NFTA_SET_ELEM_LIST_ELEMENTS]
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    size = 4 + len(value)
+    return struct.pack("=HH", size, kind) + value + bytes(-size % 4)
+
+
+def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Netlink attributes (type without the nested / byte-order bits, value) in `data`."""
+    at = 0
+    while at + 4 <= len(data):
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4 or at + size > len(data):
+            raise ValueError(f"netlink attribute of {size} bytes at {at} of {len(data)}")
+        yield kind & 0x3FFF, data[at + 4:at + size]
+        at += (size + 3) & ~3
+
+
+def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes = b"") -> list[tuple[int, bytes]]:
+    """One nfnetlink request to nf_tables; its answers as (netlink flags, payload after nfgenmsg),
+    all of a dump's (up to NLMSG_DONE). An error answer raises OSError with the kernel's errno."""
+    body = struct.pack("=BBH", family, 0, 0) + attrs
+    out: list[tuple[int, bytes]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(5)
+        sock.send(struct.pack("=IHHII", 16 + len(body), _NFNL_SUBSYS_NFTABLES << 8 | kind, flags, 1, 0) + body)
+        while True:
+            data = sock.recv(1 << 17)  # one dump message is at most 32 KiB (netlink_dump)
+            at = 0
+            while at + 16 <= len(data):
+                length, msg, msg_flags = struct.unpack_from("=IHH", data, at)
+                if length < 16 or at + length > len(data):
+                    raise OSError(errno.EPROTO, f"truncated netlink message ({length} bytes at {at} of {len(data)})")
+                if msg == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, at + 16)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return out
+                if msg == _NLMSG_DONE:
+                    return out
+                out.append((msg_flags, data[at + 20:at + length]))
+                if not flags & _NLM_F_DUMP:
+                    return out
+                at += (length + 3) & ~3
