@@ -16,6 +16,8 @@ log = logs.get_logger("egressguard")
 CAP_NET_ADMIN = 12
 # A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
 COMMIT_ATTEMPTS = 10
+# The table the preflight's check transaction names (never created): not ours, see preflight.
+PREFLIGHT_TABLE = "inet egressguard_preflight"
 _LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 
@@ -50,14 +52,16 @@ class NftablesBackend(Backend):
     def preflight(self) -> None:
         """Exit 3 unless the kernel accepts an nf_tables transaction in this namespace. The check is
         a real one: `add table` sent in check mode (nft -c), which the kernel validates, with the
-        caller's capabilities over this namespace, and then aborts. Changes nothing."""
+        caller's capabilities over this namespace, and then aborts. Changes nothing. It names a table
+        that is not ours: another program holding `inet egressguard` with `flags owner` makes the
+        kernel refuse that one name (EPERM), not nf_tables; the commit says so (exit 4)."""
         if self._checked:
             return
         if not _effective_caps() >> CAP_NET_ADMIN & 1:
             raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
         try:
             with Nft() as nft:
-                nft.run(f"add table {render.TABLE}", dry_run=True)
+                nft.run(f"add table {PREFLIGHT_TABLE}", dry_run=True)
         except NftablesError as exc:
             raise NftablesUnavailable(f"the kernel refused an nf_tables transaction in this namespace: {exc}") from None
         self._checked = True
