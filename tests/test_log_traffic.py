@@ -23,6 +23,10 @@ from egressguard.lab import CONFINED, EXEMPT, METADATA_V4, Lab
 
 pytestmark = pytest.mark.netns
 
+# Not eth0 (tests/test_suite_guards.py), and a second link: 203.0.113.12 and 2001:db8:2::12 are routed
+# out of it, so refusals are logged on both interfaces. The nftables twin names both differently.
+LAB_TOPOLOGIES = [{"iface": "veth1a2b3c4d", "second_iface": "net1"}]
+
 POLICY = policy(
     allow=[{"cidr": "203.0.113.10/32", "ports": [22]}, {"cidr": "2001:db8:2::10/128", "ports": [22]}],
     deny=[{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128"}, {"cidr": "192.0.2.10/32", "protocol": "udp"}],
