@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egressguard import conntrack, fence, logs
 from egressguard import facts as facts_mod
-from egressguard import fence, logs
 from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
@@ -144,7 +144,8 @@ def apply(
                          orig_sets=backend.sets_by_original_destination)
     with namespace_lock():
         with clock("read_before"):
-            first = not guarded(backend.read())
+            before = backend.read()
+            first = not guarded(before)
         holding_fence = False
         if first:
             # Deny first: nothing guarded yet, so close the confined uids' egress before anything
@@ -200,10 +201,15 @@ def apply(
                 holding_fence = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
-                diffs = differences(backend.canonical(ruleset), backend.read(expect=ruleset.sets, want=ruleset))
+                installed = backend.read(expect=ruleset.sets, want=ruleset)
+                diffs = differences(backend.canonical(ruleset), installed)
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
+            suspect = conntrack.suspects(before, ruleset)
+            if suspect is not None:
+                with clock("cut"):
+                    conntrack.cut_marked(policy, installed.learned_sets, suspect)
             if status_path is not None:
                 with clock("status"):
                     status_mod.write(status_path, out.status("policy", 0))

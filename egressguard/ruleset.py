@@ -138,6 +138,7 @@ class Rule:
     icmp6_type: str | None = None
     routing_header: bool = False  # -m rt: the IPv6 packet carries a routing header (any type)
     dports: tuple[int, ...] = ()  # one port: -m tcp --dport; more: -m multiport --dports
+    sport: int | None = None  # -m tcp --sport (never with dports)
     match_set: str | None = None  # ipset name, matched on dst
     u32: tuple[str, ...] = ()  # one -m u32 --u32 per element, in ip6tables-save's hex spelling
     limit: str | None = None  # -m limit --limit, e.g. "10/sec"
@@ -189,6 +190,8 @@ class Rule:
             a += ["-m", "icmp6", "--icmpv6-type", self.icmp6_type]
         if self.routing_header:
             a += ["-m", "rt"]
+        if self.sport is not None:
+            a += ["-m", self.protocol or "tcp", "--sport", str(self.sport)]
         if len(self.dports) == 1:
             a += ["-m", self.protocol or "tcp", "--dport", str(self.dports[0])]
         elif self.dports:
@@ -611,9 +614,22 @@ def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
         rules += _refuse(policy.action, family, "routing-header", routing_header=True)
     else:
         rules += _refuse(policy.action, family, "ip-options", u32=(_IP_OPTIONS_U32,))
+    rules += _forwarder_port(policy)
     # Replies on connections others opened to us (health probes, inbound services).
     rules.append(Rule(target="RETURN", comment="replies", ctstate="RELATED,ESTABLISHED", ctdir="REPLY"))
     return rules
+
+
+def _forwarder_port(policy: Policy) -> list[Rule]:
+    """dns.mode proxy: only the forwarder (exempt) answers from its port. While it is down a confined
+    process may bind that port and be handed the queries the nat table redirects there; whatever it
+    sends from the port (an answer, over UDP or TCP) is dropped, before `replies` would pass it. By
+    source port, not by conntrack: the same holds for anything it sends, and a resolver's answers on
+    connections some other NAT made (Docker's 127.0.0.11, root under `confine: all`) are untouched."""
+    if not policy.proxy_dns:
+        return []
+    return [Rule(target="DROP", comment="dns-forwarder-port", protocol=proto, sport=policy.dns.forwarder_port)
+            for proto in ("udp", "tcp")]
 
 
 def _loopback(policy: Policy, family: Family) -> list[Rule]:
@@ -766,6 +782,7 @@ def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
 # dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
 # ORed in, so other users of the mark (CNIs, service meshes) keep theirs.
 LEARNED_CTMARK = 0x40000000
+LEARNED_OPEN = "dns-learned-open"  # the comment of the rule that lets marked connections through
 # An iptables learned set's default timeout (ipset needs one to take per-member timeouts); never
 # used: the forwarder adds every member with its own.
 LEARNED_SET_TIMEOUT_S = 300
@@ -778,7 +795,7 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
     rules: list[Rule] = []
     entries = learned_entries(policy)
     if entries:
-        rules.append(Rule(target="RETURN", comment="dns-learned-open", ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
+        rules.append(Rule(target="RETURN", comment=LEARNED_OPEN, ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
     for entry in entries:
         e = policy.allow[entry.index]
         proto = _protocol(e.protocol, family)

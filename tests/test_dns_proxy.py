@@ -170,9 +170,9 @@ def forwarder(module_lab: Lab, world: World) -> Iterator[Forwarder]:
         fwd.stop()
 
 
-def learned(lab: Lab, host: str) -> dict[str, int]:
-    """Address -> seconds left, in `host`'s learned sets, as the kernel lists them."""
-    entry = next(e for e in learned_entries(_policy()) if e.host == host)
+def learned(lab: Lab, host: str, pol: dict[str, Any] = PROXY) -> dict[str, int]:
+    """Address -> seconds left, in the learned sets of `host`'s entry in `pol`, as the kernel lists them."""
+    entry = next(e for e in learned_entries(_policy(pol)) if e.host == host)
     out = {}
     for name in entry.sets.values():
         if os.environ["EGRESSGUARD_BACKEND"] == "nftables":
@@ -188,17 +188,17 @@ def learned(lab: Lab, host: str) -> dict[str, int]:
     return out
 
 
-def _policy() -> Any:
+def _policy(pol: dict[str, Any] = PROXY) -> Any:
     from egressguard import policy as policy_mod  # noqa: PLC0415
 
-    return policy_mod.validate(PROXY)
+    return policy_mod.validate(pol)
 
 
-def wait_expired(lab: Lab, host: str, addr: str) -> None:
+def wait_expired(lab: Lab, host: str, addr: str, pol: dict[str, Any] = PROXY) -> None:
     """Until the kernel has dropped `addr` from `host`'s set (its timeout ran out): a bounded poll of
     kernel state, not a sleep."""
     for _ in range(200):
-        if addr not in learned(lab, host):
+        if addr not in learned(lab, host, pol):
             return
         time.sleep(0.05)
     raise AssertionError(f"{addr} still in {host}'s set after 10 s")
@@ -352,6 +352,172 @@ def test_reapply_keeps_what_was_learned_and_verify_passes(module_lab: Lab, forwa
     assert reached(lab.tcp(A, 22), A)
     done = lab.egressguard("verify", "--policy", str(lab.write_policy(PROXY)))
     assert done.returncode == 0, done.stderr
+
+
+
+KEPT, PORTED, GONE = "203.0.113.20", "203.0.113.22", "203.0.113.21"  # (world addresses of the re-apply tests)
+ECHO_PORT, OTHER_ECHO_PORT = 7778, 7779
+# PROXY plus an entry on another port (`ported.test`), then also one a re-apply removes (`gone.test`,
+# on ECHO_PORT, which rotate.test's entry admits too). Learned addresses live up to 60 s here, so
+# rotate.test's is still learned when the re-apply comes; ported.test's lives TTL_S s.
+NARROW = {**PROXY, "dns": {**PROXY["dns"], "ttl": {"min": TTL_S, "max": 60}},
+          "allow": [*PROXY["allow"], {"host": "ported.test", "ports": [OTHER_ECHO_PORT]}]}
+WIDER = {**NARROW, "allow": [*NARROW["allow"], {"host": "gone.test", "ports": [ECHO_PORT]}]}
+
+
+@pytest.fixture(scope="module")
+def echo(module_lab: Lab, world: World) -> dict[int, Path]:
+    """TCP echo servers on every world address (KEPT, PORTED and GONE added) at ECHO_PORT and
+    OTHER_ECHO_PORT: port -> its log, what arrived."""
+    for addr in (KEPT, PORTED, GONE):
+        _sh("ip", "-n", module_lab.world, "addr", "add", f"{addr}/32", "dev", "lo")
+    return {port: module_lab.world_echo(port) for port in (ECHO_PORT, OTHER_ECHO_PORT)}
+
+
+def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_others(
+        module_lab: Lab, world: World, echo: dict[int, Path]) -> None:
+    """A connection a learned address let through carries the mark that keeps it open after the
+    address expires. A re-apply without its entry deletes it from conntrack (its next packet is
+    judged afresh and refused); connections of entries the new policy keeps go on: one whose
+    address is still learned on the same port, and one whose address expired on a port the removed
+    entry never allowed. The same policy again cuts nothing; removing that last entry cuts it."""
+    lab = module_lab
+    world.set({**RECORDS, "rotate.test": {"A": [KEPT], "ttl": 60}, "gone.test": {"A": [GONE], "ttl": 60},
+               "ported.test": {"A": [PORTED], "ttl": 1}})
+    applied(lab, WIDER)
+    fwd = Forwarder(lab, lab.write_policy(WIDER, "wider.yaml"))
+    held: dict[str, Any] = {}
+    try:
+        for name, addr in (("rotate.test", KEPT), ("gone.test", GONE), ("ported.test", PORTED)):
+            assert resolve(lab, name) == ("NOERROR", [addr])
+        held = {"kept": lab.hold_tcp(KEPT, ECHO_PORT), "gone": lab.hold_tcp(GONE, ECHO_PORT),
+                "ported": lab.hold_tcp(PORTED, OTHER_ECHO_PORT)}
+        for what, conn in held.items():
+            assert conn.exchange(f"{what}-before").ok, what
+        wait_expired(lab, "ported.test", PORTED, WIDER)  # from now on only its mark keeps it open
+        done = applied(lab, NARROW)  # gone.test's entry and its learned sets go away
+        assert '"learned_connections_cut"' in done.stderr, done.stderr[-2000:]
+        assert held["kept"].exchange("kept-after").ok, "the kept entry's connection was cut"
+        assert held["ported"].exchange("ported-after").ok, "a kept entry's connection on another port was cut"
+        assert not held["gone"].exchange("gone-after", timeout=FAST).ok, "the removed entry's connection is open"
+        done = applied(lab, NARROW)  # the same policy again
+        assert "learned_connections_cut" not in done.stderr
+        assert held["kept"].exchange("kept-again").ok and held["ported"].exchange("ported-again").ok, \
+            "re-applying the same policy cut a connection"
+        applied(lab, PROXY)  # ported.test's entry goes too: its connection, kept open by the mark alone, is cut
+        assert not held["ported"].exchange("ported-removed", timeout=FAST).ok
+        assert held["kept"].exchange("kept-last").ok
+        arrived, arrived_other = echo[ECHO_PORT].read_text(), echo[OTHER_ECHO_PORT].read_text()
+        for line in ("kept-after", "kept-again", "kept-last", "gone-before"):
+            assert line in arrived, f"control: {line} reached the server"
+        for line in ("ported-before", "ported-after", "ported-again"):
+            assert line in arrived_other, f"control: {line} reached the server"
+        assert "gone-after" not in arrived and "ported-removed" not in arrived_other, (arrived, arrived_other)
+    finally:
+        for conn in held.values():
+            conn.close()
+        fwd.stop()
+        world.set(RECORDS)
+        applied(lab, PROXY)
+
+
+def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(
+        module_lab: Lab, world: World, forwarder: Forwarder, echo: dict[int, Path]) -> None:
+    """The mark alone keeps it open (its address is gone from the set): the same policy again cuts nothing."""
+    lab = module_lab
+    assert resolve(lab, "rotate.test") == ("NOERROR", [A])
+    held = lab.hold_tcp(A, ECHO_PORT)
+    try:
+        assert held.exchange("expiring-before").ok
+        wait_expired(lab, "rotate.test", A)
+        applied(lab, PROXY)
+        assert held.exchange("expired-after-reapply").ok, "a re-apply of the same policy cut the connection"
+        assert "expired-after-reapply" in echo[ECHO_PORT].read_text()
+    finally:
+        held.close()
+
+
+# A process in the pod that binds the forwarder's port (UDP and TCP, 127.0.0.1 and ::1) while the
+# forwarder is down, and answers every query it is handed with SQUAT_ADDR. It prints one JSON line
+# when listening, then one per query: what it received and whether its answer could be sent.
+# System python3 (raw DNS bytes): uid 1000 may not read the test's virtualenv.
+SQUAT_ADDR = "203.0.113.66"
+_SQUATTER = r"""
+import json, select, socket, struct, sys
+port = int(sys.argv[1])
+answer_ip = socket.inet_aton(sys.argv[2])
+socks = []
+for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    u = socket.socket(fam, socket.SOCK_DGRAM); u.bind((host, port)); socks.append(u)
+    t = socket.socket(fam, socket.SOCK_STREAM); t.bind((host, port)); t.listen(8); socks.append(t)
+def answer(q):
+    qd = q[12:]
+    end = qd.index(b"\0") + 5
+    return q[:2] + b"\x81\x80" + struct.pack("!HHHH", 1, 1, 0, 0) + qd[:end] + \
+        b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + answer_ip
+print(json.dumps({"listening": True}), flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        try:
+            if s.type == socket.SOCK_DGRAM:
+                q, peer = s.recvfrom(4096)
+                s.sendto(answer(q), peer)
+            else:
+                c, peer = s.accept()
+                c.settimeout(2)
+                n = struct.unpack("!H", c.recv(2))[0]
+                q = c.recv(n)
+                r = answer(q)
+                c.sendall(struct.pack("!H", len(r)) + r)
+            print(json.dumps({"received": len(q), "sent": "ok"}), flush=True)
+        except OSError as exc:
+            print(json.dumps({"received": len(q), "sent": type(exc).__name__}), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def squatter(lab: Lab, uid: int, port: int) -> Iterator[list[dict[str, Any]]]:
+    """The squatter running as `uid` in the pod; yields the list its report lines are read into on exit."""
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.pod, "setpriv", "--reuid", str(uid), "--regid", str(uid),
+                             "--clear-groups", "/usr/bin/python3", "-c", _SQUATTER, str(port), SQUAT_ADDR],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report: list[dict[str, Any]] = []
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # blocks until it listens (or ends)
+        assert first.strip() == '{"listening": true}', (first, proc.stderr.read() if proc.poll() is not None else "")
+        yield report
+    finally:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        report += [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@TRANSPORTS
+def test_a_confined_process_on_the_forwarders_port_answers_no_one(module_lab: Lab, world: World,
+                                                                   server: str, tcp: bool) -> None:
+    """While the forwarder is down a confined process binds its port and is handed another confined
+    process's query (UDP; over TCP it cannot even complete the handshake): its answer never arrives.
+    Control: the same squatter as the exempt uid is answered through the same redirect. Then the
+    forwarder starts again and answers."""
+    lab = module_lab
+    port = _policy().dns.forwarder_port
+    with squatter(lab, EXEMPT, port) as control:
+        answered = resolve(lab, "rotate.test", server, tcp=tcp)
+    assert answered == ("NOERROR", [SQUAT_ADDR]), f"control: the exempt squatter's answer arrived ({answered}, {control})"
+    with squatter(lab, CONFINED, port) as report:
+        outcome = resolve(lab, "rotate.test", server, tcp=tcp)
+    assert outcome[0] == "timeout", f"the confined squatter's answer arrived: {outcome} ({report})"
+    if tcp:  # its SYN-ACK is sent from the port as well (the listener's): not even a connection
+        assert report == [], f"the squatter accepted a connection: {report}"
+    else:  # the query is handed over; the answer is dropped as it is sent
+        assert report and all(r["received"] and r["sent"] == "PermissionError" for r in report), report
+    assert SQUAT_ADDR not in learned(lab, "rotate.test")
+    fwd = Forwarder(lab, lab.write_policy(PROXY))
+    try:
+        assert resolve(lab, "rotate.test", server, tcp=tcp) == ("NOERROR", [A]), "the restarted forwarder answers"
+    finally:
+        fwd.stop()
 
 
 # The command `egressguard run` starts (uid 1000, no capability) attacks the forwarder it started

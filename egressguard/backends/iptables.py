@@ -429,6 +429,8 @@ class IptablesBackend(Backend):
             x.create_match("icmp6").set_parameter("icmpv6-type", r.icmp6_type)
         if r.routing_header:
             x.create_match("rt")
+        if r.sport is not None:
+            x.create_match(r.protocol or "tcp").set_parameter("sport", str(r.sport))
         if len(r.dports) == 1:
             x.create_match(r.protocol or "tcp").set_parameter("dport", str(r.dports[0]))
         elif r.dports:
@@ -815,6 +817,8 @@ def _decode(x: Any) -> Rule:
             fields["icmp6_type"] = one["icmpv6-type"]
         elif m.name in ("tcp", "udp") and set(one) == {"dport"} and not neg:
             fields["dports"] = (int(one["dport"]),)
+        elif m.name in ("tcp", "udp") and set(one) == {"sport"} and not neg:
+            fields["sport"] = int(one["sport"])
         elif m.name == "multiport" and set(one) == {"dports"} and not neg:
             fields["dports"] = tuple(int(v) for v in one["dports"].split(","))
         elif m.name == "set" and not neg and "match-set" in p:

@@ -241,14 +241,17 @@ DNS_PROXY_POLICY = json.dumps({
 })
 
 
-def test_dns_proxy_forwarder_serves_the_command_which_cannot_touch_it(bed: Bed, markers: Path) -> None:
-    """Docker mode with dns.mode proxy (nftables): `run` starts the forwarder before the command; the
-    command (uid 1000) resolves the allowed name and connects, gets REFUSED for the other, and can
-    neither signal, stop, trace nor replace the forwarder (uid 1002, CAP_NET_ADMIN only)."""
-    p = run(bed, markers, "--cap-add", "NET_ADMIN", "-e", "EGRESSGUARD_BACKEND=nftables",
+def test_dns_proxy_forwarder_serves_the_command_which_cannot_touch_it(bed: Bed, markers: Path,
+                                                                     backend: list[str]) -> None:
+    """Docker mode with dns.mode proxy, on both back ends (learned nftables sets, or ipsets with
+    timeouts): `run` starts the forwarder before the command; the command (uid 1000) resolves the
+    allowed name and connects, gets REFUSED for the other, and can neither signal, stop, trace nor
+    replace the forwarder (uid 1002, CAP_NET_ADMIN only)."""
+    p = run(bed, markers, "--cap-add", "NET_ADMIN", *backend,
             "-e", f"EGRESSGUARD_POLICY_JSON={DNS_PROXY_POLICY}", "-e", "EGRESSGUARD_POLICY=",
             cmd=["python3", "/checks/dns_inside.py"])
     assert p.returncode == 0, p.stderr[-3000:]
+    assert _backend_used(p.stderr).startswith(backend[1].partition("=")[2])
     got = report_of(p)
     assert got["uid"] == 1000 and len(got["pids"]) == 1, got
     st = got["forwarder_status"]

@@ -266,6 +266,9 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
                 if isinstance(right, str) and right.startswith("@"):
                     return _put(f, "match_set", right[1:])
                 return _put(f, "dst", _addr(right))
+            if key in (("tcp", "sport"), ("udp", "sport")) and op == "==" and isinstance(right, int):
+                f["_implied"] = p["protocol"]
+                return _put(f, "sport", right)
             if key in (("tcp", "dport"), ("udp", "dport")) and op == "==":
                 ports = right["set"] if isinstance(right, dict) else [right]
                 f["_implied"] = p["protocol"]

@@ -65,7 +65,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
-    "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "match_set", "reject_with", "to_ports",
+    "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
     "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set",
 })
@@ -202,6 +202,10 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         if family != 6:
             raise UnsupportedRule(f"a routing header match in an IPv4 chain (rule {r.comment!r})")
         a.append("exthdr rt exists")
+    if r.sport is not None:
+        if r.protocol not in ("tcp", "udp"):
+            raise UnsupportedRule(f"ports need protocol tcp or udp (rule {r.comment!r})")
+        a.append(f"{r.protocol} sport {r.sport}")
     if r.dports:
         if r.protocol not in ("tcp", "udp"):
             raise UnsupportedRule(f"ports need protocol tcp or udp (rule {r.comment!r})")
