@@ -5,14 +5,17 @@ answer is released, so the connection that follows is never refused.
 asyncio, one thread: a query spends nearly all its time waiting for the upstream, and a hostile
 client may hold TCP connections open byte by byte; coroutines make each of those a small object
 with a deadline, where threads would cost a stack each and need locks around the shared limits.
-The kernel update (one libnftables transaction, or on the iptables back end one ipset netlink
-message per set: tens of microseconds) runs on the loop itself.
+The kernel update (one nf_tables netlink transaction, or on the iptables back end one ipset
+netlink message per set: tens of microseconds) runs on the loop itself, once for all the answers
+that are ready in the same turn of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import math
 import os
 import socket
 import struct
@@ -54,7 +57,9 @@ UPSTREAM_TIMEOUT_S = 2.0  # per upstream resolver; all failing: SERVFAIL
 MAX_CNAME_CHAIN = 16
 UDP_PAYLOAD = 1232  # our EDNS payload size (DNS flag day 2020)
 MAX_SET_ELEMENTS_PER_ANSWER = 256  # addresses learned from one answer (more: the rest are not learned)
+MAX_ITEMS_PER_COMMIT = 1024  # (set, address) pairs of answers committed together, so one kernel message stays small
 MAX_CACHED = 10_000  # answers kept for repeated questions (least recently used dropped first)
+MAX_PROMISES = 65_536  # (set, address) expiries remembered (Promises): a learned ipset's own maxelem (sets.Ipsets.create)
 
 _HEADER = struct.Struct("!HHHHHH")
 
@@ -93,6 +98,12 @@ class LearnedSets:
             pass
         return KernelSets()
 
+    def held(self) -> list[tuple[str, str, int]]:
+        """(set, address, seconds left) of every address the learned sets hold now."""
+        if self.impl is None:
+            self.impl = self._find()
+        return self.impl.held(sorted(self.names))
+
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:
         if self.impl is None:
             self.impl = self._find()
@@ -114,7 +125,7 @@ class LearnedSets:
 
 class IpsetSets:
     """Adds learned addresses to the entries' ipsets (iptables back end), one message per set; a
-    member already there takes the new timeout."""
+    member already there takes the new timeout (never shorter than promised: Promises)."""
 
     def __init__(self) -> None:
         self.ipsets = Ipsets()
@@ -126,36 +137,195 @@ class IpsetSets:
         for name, elems in by_set.items():
             self.ipsets.add_timed(name, elems)
 
+    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
+        out = []
+        for name in names:
+            listed = self.ipsets.timed(name)
+            out += [(name, addr, left) for addr, left in (listed[3] if listed else [])]
+        return out
+
     def close(self) -> None:
         self.ipsets.close()
 
 
 class KernelSets:
-    """Adds learned addresses to the entries' nftables sets, one transaction per answer."""
+    """Adds learned addresses to the entries' nftables sets, one transaction per batch of answers
+    (transport.TimedElements: netlink, not libnftables, for the forwarder's per-answer cost)."""
 
     def __init__(self) -> None:
-        from egressguard.backends.nftables.transport import Nft  # noqa: PLC0415 - needs libnftables
+        from egressguard.backends.nftables.transport import TimedElements  # noqa: PLC0415
 
-        self.nft = Nft()
+        self.table = TABLE.split()[1]
+        self.elements = TimedElements(self.table)
+
+    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
+        from egressguard.backends.nftables.transport import timed_elements  # noqa: PLC0415
+
+        return [(name, addr, left) for name in names for addr, left in timed_elements(self.table, name) or []]
 
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:
-        """(set, address, seconds): each address in its set with that timeout, in one transaction.
-        Added, deleted and added again with the timeout: a plain add of an element already there
-        keeps its old timeout on kernels before 6.10, and the transaction is atomic, so a packet
-        never sees the address missing."""
-        by_set: dict[str, list[tuple[str, int]]] = {}
-        for name, addr, ttl in items:
-            by_set.setdefault(name, []).append((addr, ttl))
-        lines = []
-        for name, elems in by_set.items():
-            plain = ", ".join(a for a, _ in elems)
-            lines.append(f"add element {TABLE} {name} {{ {plain} }}")
-            lines.append(f"delete element {TABLE} {name} {{ {plain} }}")
-            lines.append(f"add element {TABLE} {name} {{ {', '.join(f'{a} timeout {t}s' for a, t in elems)} }}")
-        self.nft.run("\n".join(lines) + "\n")
+        """(set, address, seconds): each address in its set with that timeout, in one transaction."""
+        self.elements.add(list(items))
 
     def close(self) -> None:
-        self.nft.close()
+        self.elements.close()
+
+
+class Promises:
+    """The latest expiry committed for each (set, address), so that a later answer with a shorter
+    TTL never lowers the kernel's timeout of an address an earlier answer promised for longer (a
+    client caches that earlier answer for its own TTL): every commit asks for max(its TTL, what is
+    left of the promise). Seeded from what the kernel holds (a restarted forwarder, `seed`). An
+    entry is dropped when it expires; at most `limit` are kept, the soonest to expire dropped first,
+    and until that one would have expired (`unsure_until`) an address not remembered is committed
+    for at least as long: when unsure, the time is lengthened, never shortened."""
+
+    def __init__(self, clock: Callable[[], float], limit: int = MAX_PROMISES) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.until: dict[tuple[str, str], float] = {}
+        self.heap: list[tuple[float, tuple[str, str]]] = []  # (expiry, key); stale ones skipped and rebuilt
+        self.unsure_until = 0.0
+
+    def __len__(self) -> int:
+        return len(self.until)
+
+    def extended(self, items: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        """`items` with each timeout raised to what is left of its (set, address)'s latest promise."""
+        now = self.clock()
+        self._prune(now)
+        return [(name, addr, max(ttl, math.ceil(self.until.get((name, addr), self.unsure_until) - now)))
+                for name, addr, ttl in items]
+
+    def committed(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """The kernel now holds each (set, address) for its seconds."""
+        self.seed(items)
+
+    def seed(self, held: Sequence[tuple[str, str, int]]) -> None:
+        """(set, address, seconds left) the kernel holds: promised at least that long."""
+        now = self.clock()
+        for name, addr, left in held:
+            if left > 0 and now + left > self.until.get((name, addr), 0.0):
+                self.until[(name, addr)] = now + left
+                heapq.heappush(self.heap, (now + left, (name, addr)))
+        self._prune(now)
+
+    def unsure(self, seconds: int) -> None:
+        """What the kernel holds is unknown: any address may have been promised `seconds` from now."""
+        self.unsure_until = max(self.unsure_until, self.clock() + seconds)
+
+    def _prune(self, now: float) -> None:
+        while self.heap:
+            until, key = self.heap[0]
+            if self.until.get(key) != until:  # stale: promised longer since, or dropped
+                heapq.heappop(self.heap)
+            elif until <= now:
+                heapq.heappop(self.heap)
+                del self.until[key]
+            elif len(self.until) > self.limit:
+                heapq.heappop(self.heap)
+                del self.until[key]
+                self.unsure_until = max(self.unsure_until, until)
+            else:
+                break
+        if len(self.heap) > 2 * len(self.until) + 1024:  # stale entries of keys promised again and again
+            self.heap = [(until, key) for key, until in self.until.items()]
+            heapq.heapify(self.heap)
+
+
+class _Batches:
+    """Commits the kernel updates of answers that are ready in the same turn of the event loop as
+    one update (one nft transaction, one ipset message per set): under load answers arrive
+    together, and each kernel round trip costs far more than one more element in it. Every answer
+    waits for the commit of its own batch; a batch the kernel refuses is retried answer by answer,
+    so one refused answer never withholds another's. Every timeout committed is at least what is
+    left of the address's latest promise (Promises), first read from the kernel at the first commit."""
+
+    def __init__(self, sets: Any, promises: Promises, ttl_max: int) -> None:
+        self.sets = sets
+        self.promises = promises
+        self.ttl_max = ttl_max
+        self.seeded = False
+        self.pending: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]] = []
+        self.commits = 0  # kernel updates made (bench: answers per commit)
+
+    async def add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._commit)  # after every callback already due in this turn
+        self.pending.append((items, done))
+        await done
+
+    def _commit(self) -> None:
+        batch, self.pending = self.pending, []
+        group: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]] = []
+        size = 0
+        for answer in batch:  # groups of at most MAX_ITEMS_PER_COMMIT (an answer alone may be larger)
+            if group and size + len(answer[0]) > MAX_ITEMS_PER_COMMIT:
+                self._commit_group(group)
+                group, size = [], 0
+            group.append(answer)
+            size += len(answer[0])
+        if group:
+            self._commit_group(group)
+
+    def _seed(self) -> None:
+        """Once, before the first commit: what the kernel holds (an earlier forwarder's promises)."""
+        if self.seeded:
+            return
+        self.seeded = True
+        held = getattr(self.sets, "held", None)  # the fuzz tests' recorder has none
+        if held is None:
+            return
+        try:
+            self.promises.seed(held())
+        except Exception as exc:  # noqa: BLE001 - unknown: every address may have been promised ttl_max
+            log.warning("dns_learned_unreadable", error=f"{type(exc).__name__}: {exc}", assume_s=self.ttl_max)
+            self.promises.unsure(self.ttl_max)
+
+    def _add(self, items: Sequence[tuple[str, str, int]]) -> None:
+        extended = self.promises.extended(_merged(items))
+        self.sets.add(extended)
+        self.promises.committed(extended)
+
+    def _commit_group(self, group: list[tuple[Sequence[tuple[str, str, int]], asyncio.Future[None]]]) -> None:
+        self.commits += 1
+        self._seed()
+        try:
+            self._add([i for items, _ in group for i in items])
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting answers
+            if len(group) == 1:
+                _settle(group[0][1], exc)
+                return
+            for items, done in group:
+                try:
+                    self._add(items)
+                except Exception as one:  # noqa: BLE001
+                    _settle(done, one)
+                else:
+                    _settle(done, None)
+            return
+        for _, done in group:
+            _settle(done, None)
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():  # its answer was cancelled (the forwarder stopping)
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
+
+
+def _merged(items: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Each (set, address) once, with the longest timeout asked for: the kernel refuses to delete
+    an element twice in one transaction, and every answer then has at least its own time."""
+    longest: dict[tuple[str, str], int] = {}
+    for name, addr, ttl in items:
+        longest[(name, addr)] = max(ttl, longest.get((name, addr), 0))
+    return [(name, addr, ttl) for (name, addr), ttl in longest.items()]
 
 
 @dataclass
@@ -196,6 +366,7 @@ class Forwarder:
                  resolve: Callable[[dns.message.Message, str, bool], Any] | None = None) -> None:
         self.config = config
         self.sets = sets  # KernelSets, or any object with add(items) (the fuzz tests' recorder)
+        self.batches = _Batches(sets, Promises(clock), config.ttl_max)
         self.clock = clock
         self.resolve = resolve or _upstream
         self.inflight = 0
@@ -273,15 +444,15 @@ class Forwarder:
         if r is None:
             self.stats.servfail += 1
             return _reply(q, dns.rcode.SERVFAIL, tcp)
+        started = time.perf_counter()
         learned = self._addresses(question.name, r)
         if learned:
             items = []
             for addr, ttl in learned:
                 family: Family = 6 if ":" in addr else 4
                 items += [(e.sets[family], addr, ttl) for e in entries]
-            started = time.perf_counter()
             try:
-                self.sets.add(items)
+                await self.batches.add(items)
             except Exception as exc:  # noqa: BLE001 - the kernel refused: the client must not get the answer
                 log.error("dns_learn_failed", name=name, error=str(exc))
                 self.stats.servfail += 1
@@ -382,7 +553,24 @@ class Forwarder:
 async def _upstream(query: dns.message.Message, server: str, tcp: bool) -> dns.message.Message:
     if tcp:
         return await dns.asyncquery.tcp(query, server, timeout=UPSTREAM_TIMEOUT_S)
-    return await dns.asyncquery.udp(query, server, timeout=UPSTREAM_TIMEOUT_S)
+    return await _udp(query, server)
+
+
+async def _udp(query: dns.message.Message, server: str) -> dns.message.Message:
+    """One UDP exchange, as dns.asyncquery.udp does it (a new socket, so a new random source port
+    for every query; datagrams that do not answer this query are ignored), on the loop's own socket
+    calls: dns.asyncquery.udp makes an asyncio transport and protocol per query, which cost this
+    forwarder a third of its CPU per forwarded query (bench/RESULTS.md, run Q)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((server, 53))  # connected: the kernel drops datagrams from any other address
+        await loop.sock_sendall(sock, query.to_wire())
+        async with asyncio.timeout(UPSTREAM_TIMEOUT_S):
+            while True:
+                r = dns.message.from_wire(await loop.sock_recv(sock, 65535))
+                if query.is_response(r):
+                    return r
 
 
 def _reply_message(q: dns.message.Message) -> dns.message.Message:
@@ -573,7 +761,8 @@ def main(args: Any) -> int:
         if fwd.stats.commit_ms:  # EGRESSGUARD_DNS_TIMINGS=1 (bench/bench.py)
             ordered = sorted(fwd.stats.commit_ms)
             timings = {"commit_ms_median": round(ordered[len(ordered) // 2], 3),
-                       "commit_ms_p99": round(ordered[int(len(ordered) * 0.99)], 3), "commits": len(ordered)}
+                       "commit_ms_p99": round(ordered[int(len(ordered) * 0.99)], 3), "commits": len(ordered),
+                       "batches": fwd.batches.commits}
         log.info("dns_forwarder_stopped", answered=fwd.stats.answered, refused=fwd.stats.refused,
                  dropped=fwd.stats.dropped, learned=fwd.stats.learned, **timings)
 

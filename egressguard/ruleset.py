@@ -939,13 +939,19 @@ def _join(args: list[str]) -> str:
     return " ".join(a if a and " " not in a and '"' not in a else json.dumps(a) for a in args)
 
 
-def to_json(ruleset: Ruleset) -> dict[str, object]:
-    return {
+def to_json(ruleset: Ruleset, *, tables: bool = True) -> dict[str, object]:
+    """`plan --json`; without `tables` (rules as iptables arguments), for a back end that shows its own form."""
+    head: dict[str, object] = {
         "kind": ruleset.kind,
         "digest": ruleset.digest(),
         "unresolved_hosts": list(ruleset.unresolved_hosts),
         "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
         "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
+    }
+    if not tables:
+        return head
+    return {
+        **head,
         "tables": [
             {
                 "family": f"ipv{t.family}",

@@ -664,6 +664,47 @@ def test_through_a_mesh_a_learned_address_is_judged_by_where_the_connection_was_
         ISTIO.remove(lab)
 
 
+TTL_LONG = 30
+PROMISED = policy(
+    exempt={"uids": [EXEMPT, FORWARDER_UID]},
+    dns={"mode": "proxy", "forwarder_uid": FORWARDER_UID, "resolvers": [AUTH_V4], "ttl": {"min": 1, "max": TTL_LONG}},
+    allow=[{"host": "*.ttl.test", "ports": [22]}],
+)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["one-forwarder", "restarted-in-between"])
+def test_a_shorter_answer_never_cuts_an_address_an_earlier_answer_promised_longer(module_lab: Lab, world: World,
+                                                                                  restart: bool) -> None:
+    """long.ttl.test gives A for TTL_LONG s; then short.ttl.test (the same entry, so the same set)
+    gives A and B for 1 s. A client that cached the first answer may connect to A for TTL_LONG s:
+    after the short TTL, A still connects and the kernel still counts down the long timeout, while B,
+    only ever given for 1 s, is refused (and the exempt uid, the control, still reaches it)."""
+    lab = module_lab
+    world.set({**RECORDS, "long.ttl.test": {"A": [A], "ttl": TTL_LONG}, "short.ttl.test": {"A": [A, B], "ttl": 1}})
+    applied(lab, PROMISED)
+    path = lab.write_policy(PROMISED, "promised.yaml")
+    fwd = Forwarder(lab, path)
+    try:
+        assert not learned(lab, "*.ttl.test", PROMISED), "the entry's set is not empty before any answer"
+        assert not reached(lab.tcp(A, 22), A), "A is reachable before any answer was given"
+        assert resolve(lab, "long.ttl.test") == ("NOERROR", [A])
+        if restart:  # the next forwarder learns A's promise from the kernel
+            fwd.stop()
+            fwd = Forwarder(lab, path)
+        status, got = resolve(lab, "short.ttl.test")
+        assert status == "NOERROR" and sorted(got) == sorted([A, B])
+        wait_expired(lab, "*.ttl.test", B, PROMISED)  # the short answer's time has run out
+        assert not reached(lab.tcp(B, 22), B), "B outlived the only answer that gave it"
+        assert reached(lab.tcp(B, 22, uid=EXEMPT), B), "control: B itself answers"
+        assert reached(lab.tcp(A, 22), A), "A was refused before the earlier answer's TTL ended"
+        left = learned(lab, "*.ttl.test", PROMISED).get(A, 0)
+        assert left > TTL_LONG // 2, f"A's kernel timeout reads {left} s, not the long answer's"
+        assert not fwd.events("dns_learned_unreadable"), "the forwarder could not read what the kernel held"
+    finally:
+        fwd.stop()
+        applied(lab, PROXY)
+
+
 def _refused_by(lab: Lab, line: str) -> int:
     """Packets `status` counts as refused by policy line `line` (both families)."""
     done = lab.egressguard("status", "--json")

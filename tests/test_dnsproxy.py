@@ -160,7 +160,140 @@ def test_kernel_refusing_the_addresses_withholds_the_answer() -> None:
     assert out.rcode() == dns.rcode.SERVFAIL and not out.answer
 
 
+def _answers_at_once(fwd: Forwarder, names: list[str], released: list[str]) -> list[dns.message.Message]:
+    """Ask for `names` concurrently; each answer's name goes into `released` the moment it is released."""
+    async def one(name: str) -> dns.message.Message:
+        out = dns.message.from_wire(await fwd.answer(query(name), False, "198.51.100.2") or b"")
+        released.append(name)
+        return out
+
+    async def run() -> list[dns.message.Message]:
+        return list(await asyncio.gather(*(one(n) for n in names)))
+    return asyncio.run(run())
+
+
+NAMES = {f"n{i}.example.com": [("A", f"203.0.113.{i}", 60)] for i in range(1, 9)}
+
+
+def test_answers_ready_together_share_one_commit_and_none_is_released_before_it() -> None:
+    events: list[str] = []
+
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            events.append(f"commit {sorted(a for _, a, _ in items)}")
+            super().add(items)
+
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), Kernel(), resolve=upstream_answering(NAMES))
+    outs = _answers_at_once(fwd, list(NAMES), events)
+    assert all(o.rcode() == dns.rcode.NOERROR and o.answer for o in outs)
+    assert events[0] == f"commit {sorted(f'203.0.113.{i}' for i in range(1, 9))}"  # one commit, every address
+    assert sorted(events[1:]) == sorted(NAMES)  # then the answers, none before it
+
+
+def test_a_large_batch_is_committed_in_bounded_groups_each_before_its_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dnsproxy, "MAX_ITEMS_PER_COMMIT", 3)
+    events: list[str] = []
+    commits: list[list[str]] = []
+
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            commits.append(sorted(a for _, a, _ in items))
+            events.append(f"commit {len(commits)}")
+            super().add(items)
+
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), Kernel(), resolve=upstream_answering(NAMES))
+    _answers_at_once(fwd, list(NAMES), events)
+    assert [len(c) for c in commits] == [3, 3, 2] and sorted(sum(commits, [])) == sorted(f"203.0.113.{i}" for i in range(1, 9))
+    assert events[:3] == ["commit 1", "commit 2", "commit 3"] and sorted(events[3:]) == sorted(NAMES)  # answers after
+
+
+def test_a_refused_answer_in_a_batch_withholds_only_its_own_answer() -> None:
+    class Kernel(Recorder):
+        def add(self, items: Any) -> None:
+            if any(a == "203.0.113.5" for _, a, _ in items):
+                raise RuntimeError("kernel said no")
+            super().add(items)
+
+    rec = Kernel()
+    fwd = Forwarder(Config.from_policy(POLICY, ["198.51.100.53"]), rec, resolve=upstream_answering(NAMES))
+    released: list[str] = []
+    outs = dict(zip(NAMES, _answers_at_once(fwd, list(NAMES), released), strict=True))
+    assert outs.pop("n5.example.com").rcode() == dns.rcode.SERVFAIL
+    assert all(o.rcode() == dns.rcode.NOERROR and o.answer for o in outs.values())
+    assert sorted(a for _, a, _ in rec.added) == sorted(f"203.0.113.{i}" for i in range(1, 9) if i != 5)
+
+
 # -- hostile bytes --------------------------------------------------------------------------------
+
+
+# -- an address's allowed time is never shortened by a later answer --------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_shorter_answer_never_lowers_the_time_an_earlier_answer_promised() -> None:
+    clock = Clock()
+    up = upstream_answering({"long.example.com": [("A", "203.0.113.7", 250)],
+                             "short.example.com": [("A", "203.0.113.7", 5), ("A", "203.0.113.8", 5)]})
+    fwd, rec = forwarder(up, clock)
+    wild = learned_entries(POLICY)[0].sets[4]
+    ask(fwd, query("long.example.com"))
+    clock.now += 100
+    ask(fwd, query("short.example.com"))
+    # 203.0.113.7 keeps the 150 s left of its 250 s; 203.0.113.8, only ever short, gets min (30 s)
+    assert rec.added == [(wild, "203.0.113.7", 250), (wild, "203.0.113.7", 150), (wild, "203.0.113.8", 30)]
+    clock.now += 151  # every promise has expired: the short answer's own time, and nothing remembered
+    fwd.cache.clear()
+    ask(fwd, query("short.example.com"))
+    assert rec.added[-2:] == [(wild, "203.0.113.7", 30), (wild, "203.0.113.8", 30)]
+    clock.now += 31
+    fwd.batches.promises.extended([])
+    assert len(fwd.batches.promises) == 0, "expired promises are kept"
+
+
+def test_promises_are_bounded_and_a_dropped_one_is_never_shortened() -> None:
+    clock = Clock()
+    p = dnsproxy.Promises(clock, limit=4)
+    p.committed([("s", f"203.0.113.{i}", 10 + i) for i in range(10)])  # .0 expires first, .9 last
+    assert len(p) == 4 and p.unsure_until == clock.now + 15  # .0-.5 dropped, the latest of them at +15
+    assert p.extended([("s", "203.0.113.0", 1), ("s", "203.0.113.9", 1), ("s", "203.0.113.99", 20)]) == [
+        ("s", "203.0.113.0", 15), ("s", "203.0.113.9", 19), ("s", "203.0.113.99", 20)]
+    for ttl in range(1, 5001):  # one address promised again and again: the heap's stale entries are dropped
+        p.committed([("s", "203.0.113.9", ttl)])
+    assert len(p) == 4 and len(p.heap) <= 2 * 4 + 1024
+    assert p.extended([("s", "203.0.113.9", 1)]) == [("s", "203.0.113.9", 5000)]
+    clock.now += 5001
+    assert p.extended([("s", "203.0.113.0", 1)]) == [("s", "203.0.113.0", 1)] and len(p) == 0
+
+
+class HeldRecorder(Recorder):
+    """A recorder whose kernel already holds addresses (a restarted forwarder), or cannot be read."""
+
+    def __init__(self, held: list[tuple[str, str, int]] | None) -> None:
+        super().__init__()
+        self._held = held
+
+    def held(self) -> list[tuple[str, str, int]]:
+        if self._held is None:
+            raise OSError("the kernel sets could not be read")
+        return self._held
+
+
+@pytest.mark.parametrize("held,want", [([], 30), (None, 300), ("kernel", 250)], ids=["empty", "unreadable", "held"])
+def test_a_restarted_forwarder_keeps_what_the_kernel_promised(held: Any, want: int) -> None:
+    wild = learned_entries(POLICY)[0].sets[4]
+    rec = HeldRecorder([(wild, "203.0.113.7", 250)] if held == "kernel" else held)
+    cfg = Config.from_policy(POLICY, ["198.51.100.53"])
+    fwd = Forwarder(cfg, rec, resolve=upstream_answering({"short.example.com": [("A", "203.0.113.7", 5)]}))
+    ask(fwd, query("short.example.com"))
+    assert rec.added == [(wild, "203.0.113.7", want)]  # unreadable: dns.ttl.max, never less than any promise
+
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

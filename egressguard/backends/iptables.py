@@ -860,6 +860,11 @@ def _bits(value: str) -> int | None:
 # dns.mode proxy: learned-address sets are ipset hash:net sets with timeouts (each member is added
 # by the forwarder with its own).
 LEARNED_SET_PREFIX = f"{SET_PREFIX}d"
+# Learned sets start with room for this many members (4,096 buckets, 32 KiB): the kernel doubles a
+# full hash table inside the add, which waits for an RCU grace period (8-15 ms on a busy machine),
+# and the forwarder holds answers for that add (bench/RESULTS.md, run Q); from 64 buckets a set of
+# 3,000 learned addresses went through four such stalls.
+LEARNED_SET_SIZE = 8192
 
 
 def ensure_learned(ipsets: Any, want: LearnedSet) -> None:
@@ -869,12 +874,12 @@ def ensure_learned(ipsets: Any, want: LearnedSet) -> None:
     if held is not None and held.type == _learned_type(want.family):
         return
     if held is None:
-        ipsets.create(want.name, want.family, 0, timeout=LEARNED_SET_TIMEOUT_S)
+        ipsets.create(want.name, want.family, LEARNED_SET_SIZE, timeout=LEARNED_SET_TIMEOUT_S)
         return
     staging = want.name + SET_STAGING_SUFFIX
     if ipsets.count(staging) is not None:
         ipsets.destroy(staging)
-    ipsets.create(staging, want.family, 0, timeout=LEARNED_SET_TIMEOUT_S)
+    ipsets.create(staging, want.family, LEARNED_SET_SIZE, timeout=LEARNED_SET_TIMEOUT_S)
     ipsets.swap(staging, want.name)
     ipsets.destroy(staging)
 

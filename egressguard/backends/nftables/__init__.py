@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from egressguard import logs
 from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
-from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable, generation
+from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable, generation, set_elements
 from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
 log = logs.get_logger("egressguard")
@@ -16,6 +16,8 @@ log = logs.get_logger("egressguard")
 CAP_NET_ADMIN = 12
 # A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
 COMMIT_ATTEMPTS = 10
+# The table the preflight's check transaction names (never created): not ours, see preflight.
+PREFLIGHT_TABLE = "inet egressguard_preflight"
 _LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 
@@ -50,14 +52,16 @@ class NftablesBackend(Backend):
     def preflight(self) -> None:
         """Exit 3 unless the kernel accepts an nf_tables transaction in this namespace. The check is
         a real one: `add table` sent in check mode (nft -c), which the kernel validates, with the
-        caller's capabilities over this namespace, and then aborts. Changes nothing."""
+        caller's capabilities over this namespace, and then aborts. Changes nothing. It names a table
+        that is not ours: another program holding `inet egressguard` with `flags owner` makes the
+        kernel refuse that one name (EPERM), not nf_tables; the commit says so (exit 4)."""
         if self._checked:
             return
         if not _effective_caps() >> CAP_NET_ADMIN & 1:
             raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
         try:
             with Nft() as nft:
-                nft.run(f"add table {render.TABLE}", dry_run=True)
+                nft.run(f"add table {PREFLIGHT_TABLE}", dry_run=True)
         except NftablesError as exc:
             raise NftablesUnavailable(f"the kernel refused an nf_tables transaction in this namespace: {exc}") from None
         self._checked = True
@@ -65,7 +69,7 @@ class NftablesBackend(Backend):
     def commit(self, ruleset: Ruleset) -> None:
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             with Nft() as nft:
-                raced = self._attempt(nft, ruleset)
+                raced = self._attempt(nft, ruleset, keep_same_sets=attempt == 1)
             if raced is None:
                 break
             if attempt == COMMIT_ATTEMPTS:
@@ -75,15 +79,24 @@ class NftablesBackend(Backend):
             self._remove_iptables_objects(removing_everything=not any(t.chains for t in ruleset.tables))
 
     @staticmethod
-    def _attempt(nft: Nft, ruleset: Ruleset) -> NftablesError | None:
+    def _attempt(nft: Nft, ruleset: Ruleset, keep_same_sets: bool = False) -> NftablesError | None:
         """Read our table, render against it, commit. libnftables 1.0.6 sends no generation id with
         its batch (strace: NFNL_MSG_BATCH_BEGIN without NFNL_BATCH_GENID), so the kernel never
         answers ERESTART: a writer that commits between our read and our commit shows up as a
         transaction the kernel (or libnftables' own cache check) refuses, say a chain that was read
         and is gone. Returned (retry: read again, render again) when the generation id moved by
-        more than our own commits; a refusal with no other commit in between is raised."""
+        more than our own commits; a refusal with no other commit in between is raised.
+        `keep_same_sets`: a kept set that holds exactly its members already (its netlink dump says
+        so) is not refilled: libnftables would fetch its 10,000 elements, then parse and send
+        10,000 more (~17 MiB). If anyone else committed meanwhile, that is a race: the next attempt
+        refills."""
         start = generation()
         before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
+        if keep_same_sets:
+            table = render.TABLE.split()[1]
+            before = dataclasses.replace(before, same_sets=tuple(
+                st.name for st in ruleset.sets
+                if st.name in before.sets and decode.holds_exactly(st, set_elements(table, st.name))))
         new_sets = render.new_sets_script(ruleset, before)
         rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
         ours = 0
@@ -96,6 +109,9 @@ class NftablesBackend(Backend):
             if (generation() - start) % 2**32 == ours:  # nobody else committed: this transaction is refused
                 raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
             return exc
+        if before.same_sets and (generation() - start) % 2**32 != ours:  # someone else committed too
+            return NftablesError(f"another commit between our read of set(s) {', '.join(before.same_sets)} "
+                                 "and our transaction: refilled in the next")
         return None
 
     def _remove_iptables_objects(self, removing_everything: bool) -> None:
@@ -127,7 +143,8 @@ class NftablesBackend(Backend):
         # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
         expect = expect or (want.sets if want is not None else ())
         with Nft() as nft:
-            return decode.installed(nft.list_json(f"table {render.TABLE}"), expect)
+            objs, dumped = nft.list_table(render.TABLE)
+        return decode.installed(objs, expect, dumped)
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         try:

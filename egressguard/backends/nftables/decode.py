@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
+import operator
 import re
 import socket
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from egressguard.backends import Installed, InstalledTable, LearnedHolding
-from egressguard.backends.nftables import u32
+from egressguard.backends.nftables import transport, u32
 from egressguard.backends.nftables.render import (
     ANY_USER,
     BASE,
@@ -20,8 +23,8 @@ from egressguard.backends.nftables.render import (
     LIMIT_SHORT,
     REJECT,
     Existing,
+    bounds,
     chain_name,
-    intervals,
     merge,
     networks,
 )
@@ -45,6 +48,7 @@ _ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
 _REJECT_BACK = {text: name for name, text in REJECT.items()}
 _KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-(\d+|(?P<shared>{SET_PREFIX}[a-z0-9-]+))$")
 _REFUSE_CHAIN = re.compile(r"^refuse([46])-(0|[1-9]\d*)$")
+_SET_ELEM_KEY, _SET_ELEM_FLAGS, _SET_ELEM_USERDATA, _DATA_VALUE = 1, 3, 6, 1  # NFTA_SET_ELEM_*, NFTA_DATA_VALUE
 
 
 def _refuse_chains(names: Sequence[str], family: Family) -> list[str]:
@@ -85,9 +89,11 @@ def _base_problem(c: dict[str, Any]) -> str | None:
     return None
 
 
-def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ()) -> Installed:
+def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = (),
+              dumped: Mapping[str, Sequence[bytes]] | None = None) -> Installed:
     """What our table holds, in the Ruleset's terms: per (family, filter|nat) the Ruleset's chain
-    names, each rule decoded, jump positions among the base chain's rules for that family."""
+    names, each rule decoded, jump positions among the base chain's rules for that family.
+    `dumped`: interval sets' elements as their netlink dumps (else the listing's `elem`)."""
     k = objects_by_kind(objs)
     present = bool(k["table"])
     chains = {c["name"]: c for c in k["chain"]}
@@ -125,8 +131,9 @@ def installed(objs: Sequence[dict[str, Any]], expect: Sequence[AddressSet] = ())
                 foreign_output_rules=len(mine) - len(jumps),
                 problems=tuple(problems) if (family, table) == (4, "filter") else (),
             ))
+    dumped = dumped or {}
     learned = [s for s in k["set"] if s.get("flags") == ["timeout"]]
-    return Installed(tables=tuple(tables), sets=tuple(_sets([s for s in k["set"] if s not in learned], expect)),
+    return Installed(tables=tuple(tables), sets=tuple(_sets([s for s in k["set"] if s not in learned], expect, dumped)),
                      learned_sets=tuple(_learned(learned)))
 
 
@@ -371,45 +378,117 @@ def _put(f: dict[str, Any], key: str, value: Any) -> bool:
     return True
 
 
-def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet]) -> list[AddressSet]:
+def _sets(found: list[dict[str, Any]], expect: Sequence[AddressSet],
+          dumped: Mapping[str, Sequence[bytes]]) -> list[AddressSet]:
     """Every set in our table; one that holds exactly an expected set's networks (as intervals,
-    the way the kernel keeps them) is reported as that very object, so verify compares it as equal."""
+    the way the kernel keeps them) is reported as that very object, so verify compares it as equal.
+    An interval address set's elements come from its netlink dump (`dumped`)."""
     by_name = {st.name: st for st in expect}
     out = []
     for s in found:
         typ, flags = s.get("type"), s.get("flags", [])
         family: Family = 6 if typ == "ipv6_addr" else 4
-        try:
-            held = merge([_interval(family, x) for x in s.get("elem", [])])
-            members = None
-        except (ValueError, KeyError, TypeError, OSError):
-            held, members = [], (f"<unexpected element in {json.dumps(s.get('elem'))[:200]}>",)
+        want = by_name.get(s["name"])
+        held: tuple[list[int], list[int]] = ([], [])
+        members = None
         if typ not in ("ipv4_addr", "ipv6_addr") or flags != ["interval"]:
             members = (f"<unexpected set type {typ} flags {flags}>",)
-        want = by_name.get(s["name"])
-        if members is None and want is not None and want.family == family and intervals(want) == held:
-            out.append(want)
         else:
-            out.append(AddressSet(name=s["name"], family=family, members=members or networks(family, held)))
+            try:
+                held = held_intervals(dumped.get(s["name"], ()), family)
+            except ValueError as exc:
+                members = (f"<unexpected element in {s['name']}: {exc}>",)
+        if members is None and want is not None and want.family == family:
+            starts, ends = bounds(want)
+            if held[0] != list(starts) or held[1] != list(ends):  # a tampered set may hold adjacent
+                merged = merge(list(zip(*held, strict=True)))     # intervals nft would have merged
+                held = ([a for a, _ in merged], [b for _, b in merged])
+            if held[0] == list(starts) and held[1] == list(ends):
+                out.append(want)
+                continue
+        out.append(AddressSet(name=s["name"], family=family, members=members or networks(family, list(zip(*held, strict=True)))))
     return out
 
 
+def holds_exactly(st: AddressSet, blocks: Sequence[bytes] | None) -> bool:
+    """True if a set's netlink dump (None: none) holds exactly `st`'s intervals, as nft adds them."""
+    try:
+        first, last = held_intervals(blocks, st.family) if blocks is not None else (None, None)
+    except ValueError:
+        return False
+    starts, ends = bounds(st)
+    return first == list(starts) and last == list(ends)
+
+
+def _element_pattern(key: int, capture: str = "") -> bytes:
+    """One element of an interval set as the kernel dumps what nft added: a start (the key alone)
+    or an end (the key and NFTA_SET_ELEM_FLAGS = NFT_SET_ELEM_INTERVAL_END); `capture`: the key
+    of that kind ("start" or "end") is the pattern's one group."""
+    def hdr(size: int, kind: int) -> bytes:
+        return re.escape(struct.pack("=HH", size, kind))
+
+    def value(kind: str) -> bytes:  # NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE }
+        return hdr(8 + key, 1) + hdr(4 + key, 1) + (b"(.{%d})" if kind == capture else b".{%d}") % key
+
+    end = hdr(8, 3) + re.escape(struct.pack(">I", 1))  # NFTA_SET_ELEM_FLAGS: NFT_SET_ELEM_INTERVAL_END
+    return hdr(12 + key, 1) + value("start") + b"|" + hdr(20 + key, 1) + value("end") + end
+
+
+# Per family: a block of nothing but such elements, and the start / end keys found in one.
+_ELEMENTS = {f: re.compile(b"(?:" + _element_pattern(n) + b")*", re.DOTALL) for f, n in ((4, 4), (6, 16))}
+_KEYS = {(f, kind): re.compile(_element_pattern(n, kind), re.DOTALL) for f, n in ((4, 4), (6, 16)) for kind in ("start", "end")}
+
+
+def _numbers(keys: bytes, size: int) -> list[int]:
+    """Concatenated big-endian keys of `size` bytes (4 or 16) as integers."""
+    if size == 4:
+        return list(struct.unpack(f">{len(keys) // 4}I", keys))
+    halves = iter(struct.unpack(f">{len(keys) // 8}Q", keys))
+    return [hi << 64 | lo for hi, lo in zip(halves, halves, strict=True)]
+
+
+def held_intervals(blocks: Sequence[bytes], family: Family) -> tuple[list[int], list[int]]:
+    """What an interval set holds, from the element lists of its netlink dump: the kernel matches
+    an address if the nearest element at or below it is a start (NFT_SET_ELEM_INTERVAL_END not
+    set), so each start opens an interval that the next element, of either kind, closes. Returns
+    the first and the last address of each interval, sorted (adjacent ones not merged). Raises
+    ValueError on an element that is not a plain key with those flags and nft's notes (a counter,
+    a timeout, a catch-all: not what egressguard adds)."""
+    key = _AF[family][1] // 8
+    starts: list[bytes] = []
+    ends: list[bytes] = []
+    for block in blocks:
+        if _ELEMENTS[family].fullmatch(block):  # every element plain: their keys in two passes
+            starts += _KEYS[family, "start"].findall(block)
+            ends += _KEYS[family, "end"].findall(block)
+            continue
+        for _, element in transport.attributes(block):
+            got, end = None, False
+            for kind, value in transport.attributes(element):
+                if kind == _SET_ELEM_KEY:
+                    got = b"".join(v for k, v in transport.attributes(value) if k == _DATA_VALUE)
+                elif kind == _SET_ELEM_FLAGS and value in (bytes(4), b"\0\0\0\1"):
+                    end = value == b"\0\0\0\1"
+                elif kind == _SET_ELEM_USERDATA:
+                    continue  # nft's own notes (an interval open to the top, a comment): no effect on matching
+                else:
+                    raise ValueError(f"an element with netlink attribute {kind} ({value.hex()})")
+            if got is None or len(got) != key:
+                raise ValueError(f"an element without a {key}-byte key")
+            (ends if end else starts).append(got)
+    first = sorted(_numbers(b"".join(starts), key))
+    if not first:
+        return [], []
+    # An end sharing a start's key closes nothing (the start wins); ends below every start close nothing.
+    last = sorted(set(_numbers(b"".join(ends), key)).difference(first))
+    last = last[bisect.bisect_right(last, first[0]):]
+    top = (1 << key * 8) - 1
+    if len(last) in (len(first), len(first) - 1) and all(map(operator.lt, first, last)) \
+            and all(map(operator.lt, last, first[1:])):  # starts and ends alternate: the usual case
+        return first, [e - 1 for e in last] + [top] * (len(first) - len(last))
+    events = sorted([(k, True) for k in first] + [(k, False) for k in last])
+    closing = [events[i + 1][0] - 1 if i + 1 < len(events) else top for i, (_, start) in enumerate(events) if start]
+    return first, closing
+
+
 _AF = {4: (socket.AF_INET, 32), 6: (socket.AF_INET6, 128)}
-
-
-def _interval(family: Family, x: Any) -> tuple[int, int]:
-    """One listed element ("192.0.2.7", a prefix, a range) as its first and last address."""
-    af, bits = _AF[family]
-
-    def num(text: str) -> int:
-        return int.from_bytes(socket.inet_pton(af, text), "big")
-
-    if isinstance(x, str):
-        return num(x), num(x)
-    if "prefix" in x:
-        size = 1 << (bits - int(x["prefix"]["len"]))
-        start = num(x["prefix"]["addr"])
-        return start, start + size - 1
-    if "range" in x:
-        return num(x["range"][0]), num(x["range"][1])
-    raise ValueError(x)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
@@ -15,8 +18,20 @@ _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES, _NFT_MSG_GETGEN, _NFTA_GEN_ID, _NLMSG_ERROR, _NLM_F_REQUEST = 10, 16, 1, 2, 1
+_NFT_MSG_GETSETELEM, _NLMSG_DONE, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 13, 3, 0x300, 0x10
+_NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 0x10, 0x11, 12, 14
+_NLM_F_ACK, _NLM_F_CREATE, _NFPROTO_INET, _NLA_F_NESTED = 0x4, 0x400, 1, 0x8000
+_NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_TIMEOUT, _NFTA_DATA_VALUE = 1, 1, 4, 1
+_NFTA_SET_ELEM_EXPIRATION = 5
+_CHUNK = 512  # elements per transaction: ~120 bytes each (three messages), far below the 208 KiB send buffer
+
+# A read-back whose reads a commit changed in between (the generation id moved) is read again.
+READ_ATTEMPTS = 5
 
 _lib: Any = None
+_trim: Any = None
 
 
 class NftablesError(ApplyFailed):
@@ -68,6 +83,7 @@ class Nft:
         if self.ctx:
             self.lib.nft_ctx_free(self.ctx)
             self.ctx = None
+            _release_freed()
 
     def __enter__(self) -> Nft:
         return self
@@ -89,6 +105,47 @@ class Nft:
     def list_json(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
         """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist. `terse`:
         without set elements (what a commit needs to know: names, not 10,000 members)."""
+        return self._listed(what, terse)
+
+    def list_table(self, table: str) -> tuple[list[dict[str, Any]], dict[str, list[bytes]]]:
+        """Everything `table` ("inet NAME") holds, for a read-back: its JSON listing without set
+        elements, but with those of sets with timeouts (learned, few), and each interval address
+        set's elements as its netlink dump (set_elements: every element, without libnftables'
+        cost). Read again, a few times at most, while the generation id moves under the reads."""
+        family, name = table.split()
+        if family != "inet":
+            raise ValueError(f"list_table: an inet table, not {table}")
+        for _ in range(READ_ATTEMPTS):
+            start, whole = generation(), True
+            objs = self._listed(f"table {table}", terse=True)
+            dumped: dict[str, list[bytes]] = {}
+            for i, o in enumerate(objs):
+                s = o.get("set", {})
+                if "timeout" in s.get("flags", []):
+                    objs[i] = next(iter(self._listed(f"set {table} {s['name']}", False)), o)
+                elif s.get("flags") == ["interval"] and s.get("type") in ("ipv4_addr", "ipv6_addr"):
+                    elements = set_elements(name, s["name"])
+                    whole = whole and elements is not None
+                    dumped[s["name"]] = elements or []
+            if whole and generation() == start:
+                break
+        return objs, dumped
+
+    def _listed(self, what: str, terse: bool) -> list[dict[str, Any]]:
+        if terse and what.startswith("table "):
+            # libnftables 1.0.6 fetches every set element for `list table` even when terse (448 KB of
+            # netlink, ~5 MiB, for 10,000 intervals); for `list ruleset` terse it fetches none.
+            _, family, name = what.split()
+            try:
+                found = self._json(f"ruleset {family}", terse=True)
+            except NftablesError:
+                pass  # another program's table (flags owner) breaks 1.0.6's JSON: list ours alone
+            else:
+                return [o for o in found for kind, body in o.items()
+                        if body.get("name" if kind == "table" else "table") == name]
+        return self._json(what, terse)
+
+    def _json(self, what: str, terse: bool) -> list[dict[str, Any]]:
         try:
             text = self.run(f"list {what}", json_output=True, terse=terse)
         except NftablesError as exc:
@@ -104,6 +161,16 @@ class Nft:
             raise NftablesError(f"libnftables printed {what} as invalid JSON ({exc.msg} at {exc.pos}): "
                                 "is it owned by another program (flags owner)?") from None
         return [o for o in listing.get("nftables", []) if "metainfo" not in o]
+
+
+def _release_freed() -> None:
+    """Give the memory a context freed back to the kernel (glibc keeps freed heap pages resident):
+    a 10,000-element commit leaves ~8 MiB there that apply's read-back would otherwise add to."""
+    global _trim
+    if _trim is None:
+        _trim = getattr(ctypes.CDLL(None), "malloc_trim", False)  # glibc only
+    if _trim:
+        _trim(0)
 
 
 def _netlink_usable() -> None:
@@ -126,21 +193,185 @@ def generation() -> int:
     table, adds one; a refused one adds nothing (checked on this kernel). Hand-written netlink
     (NFT_MSG_GETGEN): libnftables 1.0.6 has no call that returns it, and pyroute2's import costs ~0.1 s."""
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-            sock.settimeout(5)
-            sock.send(struct.pack("=IHHIIBBH", 20, _NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_GETGEN, _NLM_F_REQUEST, 1, 0,
-                                  socket.AF_UNSPEC, 0, 0))
-            data = sock.recv(65536)
+        answer = _request(_NFT_MSG_GETGEN, _NLM_F_REQUEST)
     except OSError as exc:
         raise NftablesError(f"nftables: the generation id could not be read: {exc.strerror or exc}") from None
-    length, kind = struct.unpack_from("=IH", data)
-    if kind == _NLMSG_ERROR:
-        code = -struct.unpack_from("=i", data, 16)[0]
-        raise NftablesError(f"nftables: the kernel refused to report its generation id (errno {code})")
-    at = 20  # nlmsghdr (16) + nfgenmsg (4), then attributes
-    while at + 4 <= min(length, len(data)):
-        size, attr = struct.unpack_from("=HH", data, at)
-        if attr & 0x3FFF == _NFTA_GEN_ID and size >= 8:
-            return int(struct.unpack_from(">I", data, at + 4)[0])
-        at += max(4, (size + 3) & ~3)
+    for attr, value in attributes(answer[0][1] if answer else b""):
+        if attr == _NFTA_GEN_ID and len(value) >= 4:
+            return int(struct.unpack_from(">I", value)[0])
     raise NftablesError("nftables: the kernel's answer holds no generation id")
+
+
+def set_elements(table: str, name: str) -> list[bytes] | None:
+    """Every element set `name` of `inet table` holds, as the kernel encodes them: the payloads of
+    the NFTA_SET_ELEM_LIST_ELEMENTS attributes of one dump (decode.held_intervals reads them). None
+    when the set is gone or the dump was interrupted by a commit (read again). Hand-written netlink
+    (NFT_MSG_GETSETELEM): libnftables lists 10,000 elements as JSON in ~60 ms and ~14 MiB, this
+    dump and its decoding in ~20 ms and under 1 MiB (bench/RESULTS.md, run S); pyroute2's import
+    alone costs ~0.1 s, and libnftnl through ctypes would be several foreign calls per element."""
+    attrs = _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+    try:
+        answer = _request(_NFT_MSG_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, _NFPROTO_INET, attrs)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NftablesError(f"nftables: set {name} could not be read: {exc.strerror or exc}") from None
+    if any(flags & _NLM_F_DUMP_INTR for flags, _ in answer):
+        return None
+    return [value for _, payload in answer for attr, value in attributes(payload) if attr == _NFTA_SET_ELEM_LIST_ELEMENTS]
+
+
+def timed_elements(table: str, name: str) -> list[tuple[str, int]] | None:
+    """(address, whole seconds left, rounded up) of each element of timeout set `name` of `inet
+    table`, from one netlink dump; None when the set is gone or the dump was interrupted."""
+    blocks = set_elements(table, name)
+    if blocks is None:
+        return None
+    out = []
+    for block in blocks:
+        for kind, elem in attributes(block):
+            if kind != _NFTA_LIST_ELEM:
+                continue
+            key, left_ms = b"", 0
+            for attr, value in attributes(elem):
+                if attr == _NFTA_SET_ELEM_KEY:
+                    key = next((v for a, v in attributes(value) if a == _NFTA_DATA_VALUE), b"")
+                elif attr == _NFTA_SET_ELEM_EXPIRATION and len(value) == 8:
+                    left_ms = struct.unpack(">Q", value)[0]
+            if len(key) in (4, 16):
+                out.append((socket.inet_ntop(socket.AF_INET6 if len(key) == 16 else socket.AF_INET, key), -(-left_ms // 1000)))
+    return out
+
+
+def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Netlink attributes (type without the nested / byte-order bits, value) in `data`."""
+    at = 0
+    while at + 4 <= len(data):
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4 or at + size > len(data):
+            raise ValueError(f"netlink attribute of {size} bytes at {at} of {len(data)}")
+        yield kind & 0x3FFF, data[at + 4:at + size]
+        at += (size + 3) & ~3
+
+
+def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes = b"") -> list[tuple[int, bytes]]:
+    """One nfnetlink request to nf_tables; its answers as (netlink flags, payload after nfgenmsg),
+    all of a dump's (up to NLMSG_DONE). An error answer raises OSError with the kernel's errno."""
+    body = struct.pack("=BBH", family, 0, 0) + attrs
+    out: list[tuple[int, bytes]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(5)
+        sock.send(struct.pack("=IHHII", 16 + len(body), _NFNL_SUBSYS_NFTABLES << 8 | kind, flags, 1, 0) + body)
+        while True:
+            data = sock.recv(1 << 17)  # one dump message is at most 32 KiB (netlink_dump)
+            at = 0
+            while at + 16 <= len(data):
+                length, msg, msg_flags = struct.unpack_from("=IHH", data, at)
+                if length < 16 or at + length > len(data):
+                    raise OSError(errno.EPROTO, f"truncated netlink message ({length} bytes at {at} of {len(data)})")
+                if msg == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, at + 16)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return out
+                if msg == _NLMSG_DONE:
+                    return out
+                out.append((msg_flags, data[at + 20:at + length]))
+                if not flags & _NLM_F_DUMP:
+                    return out
+                at += (length + 3) & ~3
+
+
+class TimedElements:
+    """Adds (set, address, seconds) elements to timeout sets of one inet table, one transaction per
+    call, over a netlink socket kept open. Hand-written (NFT_MSG_NEWSETELEM/DELSETELEM in one
+    batch) because libnftables parses a script and fetches the table's sets before every
+    transaction: 0.10 ms per commit here against 0.02 ms (bench/RESULTS.md, run Q); pyroute2's
+    nftables module has no set elements. tests/test_nftables_elements.py checks the result against
+    `nft list set`."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table.encode() + b"\0"
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        except OSError as exc:
+            raise NftablesUnavailable(f"no nf_tables netlink socket in this process: {exc.strerror or exc}") from None
+        self.sock.settimeout(5)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def add(self, items: list[tuple[str, str, int]]) -> None:
+        """Each address in its set with its timeout: added, deleted and added again with the
+        timeout (a plain add of an element already there keeps its old timeout on kernels before
+        6.10; the transaction is atomic, so a packet never sees the address missing). One
+        transaction per _CHUNK elements, so a batch always fits the socket's send buffer."""
+        for at in range(0, len(items), _CHUNK):
+            self._transaction(items[at:at + _CHUNK])
+
+    def _transaction(self, items: list[tuple[str, str, int]]) -> None:
+        by_set: dict[str, list[tuple[bytes, int]]] = {}
+        for name, addr, ttl in items:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+            by_set.setdefault(name, []).append((packed, ttl))
+        messages = [self._message(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES, b"")]
+        for name, elems in by_set.items():
+            head = _nla(_NFTA_SET_ELEM_LIST_TABLE, self.table) + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+            plain = [_nest(_NFTA_LIST_ELEM, _nest(_NFTA_SET_ELEM_KEY, _nla(_NFTA_DATA_VALUE, key))) for key, _ in elems]
+            timed = [_nest(_NFTA_LIST_ELEM, _nest(_NFTA_SET_ELEM_KEY, _nla(_NFTA_DATA_VALUE, key)),
+                           _nla(_NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", ttl * 1000))) for key, ttl in elems]
+            for kind, elements in ((_NFT_MSG_NEWSETELEM, plain), (_NFT_MSG_DELSETELEM, plain), (_NFT_MSG_NEWSETELEM, timed)):
+                messages.append(self._message(_NFNL_SUBSYS_NFTABLES << 8 | kind,
+                                              _NLM_F_REQUEST | _NLM_F_ACK | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0),
+                                              _NFPROTO_INET, 0, head + _nest(_NFTA_SET_ELEM_LIST_ELEMENTS, *elements)))
+        messages.append(self._message(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES, b""))
+        first, last = self.seq - len(messages) + 2, self.seq - 1  # the acked messages: all but begin and end
+        try:
+            self.sock.send(b"".join(messages))
+            self._acks(first, last)
+        except OSError as exc:
+            raise NftablesError(f"nftables: adding learned addresses failed: {exc.strerror or exc}") from None
+
+    def _message(self, kind: int, flags: int, family: int, res_id: int, payload: bytes) -> bytes:
+        self.seq += 1
+        return struct.pack("=IHHIIBBH", 20 + len(payload), kind, flags, self.seq, 0, family, 0,
+                           socket.htons(res_id)) + payload
+
+    def _acks(self, first: int, last: int) -> None:
+        """Wait for the ack of every message in [first, last]; the first error refuses the batch
+        (the kernel then applied none of it)."""
+        waiting = set(range(first, last + 1))
+        while waiting:
+            data = self.sock.recv(65536)
+            at = 0
+            while at + 16 <= len(data):
+                length, kind, _flags, seq = struct.unpack_from("=IHHI", data, at)
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, at + 16)[0]
+                    if code and seq in waiting:
+                        self._drain()
+                        raise NftablesError(f"nftables: the kernel refused learned addresses: {os.strerror(code)}")
+                    waiting.discard(seq)
+                at += max(16, (length + 3) & ~3)
+
+    def _drain(self) -> None:
+        """Read what is left of a refused batch's answers, so the next batch reads only its own."""
+        self.sock.settimeout(0)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            self.sock.settimeout(5)
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _nest(kind: int, *parts: bytes) -> bytes:
+    return _nla(kind | _NLA_F_NESTED, b"".join(parts))
