@@ -105,7 +105,29 @@ def import_iptc() -> Any:
             del sys.modules["distutils"]
         else:
             sys.modules["distutils"] = distutils  # type: ignore[assignment]
+    _keep_udata_alive(iptc)
     return iptc
+
+
+def _keep_udata_alive(iptc: Any) -> None:
+    """python-iptables' Match/Target.reset (on creation, and again in final_check's re-parse) points
+    an extension's scratch memory (udata: hashlimit's rate unit, NFLOG's) at a ctypes buffer it
+    drops at once, so the parse writes into freed memory: about one apply in 200 had a worker die
+    with SIGSEGV (exit 4; python-iptables #318). Keep each buffer as long as its match or target."""
+    for cls in (iptc.Match, iptc.Target):
+        if getattr(cls.reset, "keeps_udata", False):
+            continue
+        reset = cls.reset
+
+        def reset_keeping_udata(self: Any, reset: Callable[[Any], None] = reset) -> None:
+            reset(self)
+            size = getattr(self._module, "udata_size", 0) if self._module else 0
+            if size:
+                self._eg_udata = (ctypes.c_ubyte * size)()  # `_`: python-iptables parses other names
+                self._module.udata = ctypes.cast(ctypes.byref(self._eg_udata), ctypes.c_void_p)
+
+        reset_keeping_udata.keeps_udata = True  # type: ignore[attr-defined]
+        cls.reset = reset_keeping_udata
 
 
 _MISSING = object()
