@@ -1,5 +1,5 @@
-"""The apply sequence: preflight, deny first (fence, lockdown), resolve, commit, read back, status.
-Fails closed."""
+"""The apply sequence: preflight, deny first (the back end's hold, lockdown), resolve, commit, read
+back, status. Fails closed. Names no back end: each one's mechanisms sit behind `Backend`."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from egressguard import conntrack, fence, logs
+from egressguard import conntrack, logs
 from egressguard import facts as facts_mod
 from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
-from egressguard.backends import Backend, Installed
+from egressguard.backends import Backend
 from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
 from egressguard.policy import Policy
-from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES, Facts, Ruleset, Table, build, hosts_of
+from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
 
 log = logs.get_logger("egressguard")
@@ -52,15 +52,6 @@ def namespace_lock(wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         sock.close()
 
 
-def guarded(installed: Installed) -> bool:
-    """Our filter chains and jump are in place in both families (a previous apply completed)."""
-    for family in FAMILIES:
-        t = installed.table(family, "filter")
-        if not t.present or t.jump_positions != (0,) or [c.name for c in t.chains[:2]] != [DISPATCH, CONFINED]:
-            return False
-    return True
-
-
 @dataclass
 class Outcome:
     """What one apply did, for the summary event and the status file."""
@@ -72,7 +63,7 @@ class Outcome:
     resolution: facts_mod.Resolution | None = None
     resolvers: tuple[str, ...] = ()
     lockdown_first: bool = False  # a lockdown was committed before the policy
-    fence_first: bool = False  # the routing fence held the confined uids while the policy went in
+    fence_first: bool = False  # the back end's hold (iptables: the routing fence) held the confined uids while the policy went in
     timings_ms: dict[str, float] = field(default_factory=dict)
     dns_mode: str = "static"
 
@@ -145,31 +136,13 @@ def apply(
     with namespace_lock():
         with clock("read_before"):
             before = backend.read()
-            first = not guarded(before)
-        holding_fence = False
-        if first:
-            # Deny first: nothing guarded yet, so close the confined uids' egress before anything
-            # slow or fallible. The fence closes both families in one system call.
-            fenced = False
-            if not backend.atomic_families:  # one commit for both families needs no fence
-                with clock("fence_raise"):
-                    fenced = _raise_fence(policy)
-            if (fenced or backend.atomic_families) and not hosts_of(policy):
-                # Nothing to resolve: the fence holds while the policy itself goes in (or the policy's
-                # one commit closes both families at once), so no separate lockdown commit is needed
-                # (the fault suites kill apply at every step).
-                holding_fence = out.fence_first = fenced
-            else:
-                # apply must query DNS (which the fence would refuse under `confine: all`), or the
-                # kernel has no fence: the lockdown ruleset (DNS, loopback, replies) comes first.
-                with clock("lockdown"):
-                    backend.commit(lockdown)
-                out.lockdown_first = True
-                log.info("lockdown_committed", rules=lockdown.rule_count())
+            first = not backend.guarded(before)
+        # True while the back end's hold (hold_confined) stands in for a guard: until the policy is in.
+        holding = _deny_first(backend, policy, lockdown, out, clock) if first else False
         try:
-            if not holding_fence:
+            if not holding:
                 with clock("fence"):
-                    lowered = fence.lower_fence()  # also one a killed apply left behind
+                    lowered = backend.release_confined()  # also one a killed apply left behind
                 if lowered:
                     log.debug("fence_lowered", rules=lowered)
             with clock("resolve"):
@@ -178,7 +151,7 @@ def apply(
                         hosts_of(policy), out.resolvers, max_addresses=policy.dns.max_addresses_per_host
                     )
                 except ApplyFailed:
-                    if out.lockdown_first or holding_fence:
+                    if out.lockdown_first or holding:
                         raise
                     # The policy in force may refuse this process's own queries (it confines root,
                     # and the resolvers changed); this lockdown lets them through. Once more:
@@ -195,10 +168,10 @@ def apply(
             with clock("commit"):
                 backend.commit(ruleset)
             log.info("rules_committed", rules=ruleset.rule_count(), digest=ruleset.digest())
-            if holding_fence:
+            if holding:
                 with clock("fence"):
-                    lowered = fence.lower_fence()  # both families hold the policy now
-                holding_fence = False
+                    lowered = backend.release_confined()  # both families hold the policy now
+                holding = False
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
                 installed = backend.read(expect=ruleset.sets, want=ruleset)
@@ -215,21 +188,31 @@ def apply(
                     status_mod.write(status_path, out.status("policy", 0))
             return out
         except BaseException as exc:
-            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding_fence)
+            _fall_back_to_lockdown(backend, lockdown, out, status_path, exc, holding)
             raise
 
 
-def _raise_fence(policy: Policy) -> bool:
-    """True if the fence is up for every confined uid in both families."""
-    try:
-        added = fence.raise_fence(policy)
-    except (OSError, ApplyFailed) as exc:
-        # Without it the lockdown still comes first, but a SIGKILL between its two per-family
-        # commits could leave the second family unguarded (the apply then exits non-zero).
-        log.warning("fence_unavailable", error=str(exc))
-        return False
-    log.debug("fence_raised", rules=added, uids=fence.describe(fence.uid_ranges(policy)))
-    return True
+def _deny_first(backend: Backend, policy: Policy, lockdown: Ruleset, out: Outcome, clock: _Clock) -> bool:
+    """Nothing guarded yet: close the confined uids' egress before anything slow or fallible. True if
+    the back end's hold (both families at once) stays while the policy itself goes in; otherwise the
+    lockdown ruleset is in force and any hold is apply's to lift."""
+    held = False
+    if not backend.atomic_families:  # one commit for both families needs no hold
+        with clock("fence_raise"):
+            held = backend.hold_confined(policy)
+    if (held or backend.atomic_families) and not hosts_of(policy):
+        # Nothing to resolve: the hold stays while the policy itself goes in (or the policy's one
+        # commit closes both families at once), so no separate lockdown commit is needed (the fault
+        # suites kill apply at every step).
+        out.fence_first = held
+        return held
+    # apply must query DNS (which the hold would refuse under `confine: all`), or the kernel has no
+    # hold: the lockdown ruleset (DNS, loopback, replies) comes first.
+    with clock("lockdown"):
+        backend.commit(lockdown)
+    out.lockdown_first = True
+    log.info("lockdown_committed", rules=lockdown.rule_count())
+    return False
 
 
 def _report_resolution(res: facts_mod.Resolution) -> None:
@@ -243,7 +226,7 @@ def _report_resolution(res: facts_mod.Resolution) -> None:
 
 def _fall_back_to_lockdown(
     backend: Backend, lockdown: Ruleset, out: Outcome, status_path: Path | None, exc: BaseException,
-    holding_fence: bool,
+    holding: bool,
 ) -> None:
     code = exc.exit_code if isinstance(exc, EgressGuardError) else 1
     state = "lockdown"
@@ -251,15 +234,15 @@ def _fall_back_to_lockdown(
         backend.commit(lockdown)
         log.warning("lockdown_committed", reason=type(exc).__name__)
     except Exception as again:  # noqa: BLE001 - the original error is what gets reported
-        # A fence this apply raised stays up: the confined uids reach nothing but loopback.
+        # A hold this apply made stays: the confined uids reach nothing but loopback.
         log.error("lockdown_failed", error=str(again))
         # The status must not claim a lockdown (DNS, replies) the kernel refused.
-        state = "fence" if holding_fence else "lockdown_failed"
+        state = "fence" if holding else "lockdown_failed"
     else:
-        if holding_fence:  # the lockdown holds both families now
+        if holding:  # the lockdown holds both families now
             try:
-                fence.lower_fence()
-            except Exception as again:  # noqa: BLE001 - a fence left up only refuses more
+                backend.release_confined()
+            except Exception as again:  # noqa: BLE001 - a hold left in place only refuses more
                 log.warning("fence_not_lowered", error=str(again))
     if status_path is not None:
         try:
@@ -273,7 +256,7 @@ def reset(backend: Backend, status_path: Path | None) -> None:
     with namespace_lock():
         backend.read()  # exit 3 here, before any change, if a family's tables are unavailable
         backend.commit(build_empty())
-        fence.lower_fence()
+        backend.release_confined()
     if status_path is not None:
         try:
             status_mod.remove(status_path)

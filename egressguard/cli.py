@@ -193,7 +193,7 @@ def _default_backend() -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from egressguard import facts  # noqa: PLC0415
     from egressguard import policy as policy_mod  # noqa: PLC0415
-    from egressguard.ruleset import Facts, build, hosts_of, render, to_json  # noqa: PLC0415
+    from egressguard.ruleset import Facts, build, hosts_of  # noqa: PLC0415
 
     loaded = _load(args)
     resolvers = facts.resolvers_for(loaded.policy, args.resolv_conf)
@@ -207,18 +207,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
-    nft_plan = backend in ("nftables", "auto") and not args.json
-    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nft_plan)
-    if nft_plan:
+    nftables = backend in ("nftables", "auto")  # auto: the nftables plan, as where the kernel accepts it
+    # The nftables back end matches kernel sets by the original destination: a different ruleset
+    # (and digest) from the iptables one, text or JSON.
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nftables)
+    from egressguard.backends.iptables.render import render, to_json  # noqa: PLC0415
+
+    if nftables:
         from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
 
+        if args.json:  # the rules as the nft script this back end commits (iptables arguments cannot say them)
+            print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), "backend": "nftables",
+                              **to_json(rs, tables=False), "script": nft_render.render(rs)}, indent=2))
+            return 0
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",
                   "nftables back end" + (" (auto: where the kernel accepts nf_tables, else the iptables plan)"
                                          if backend == "auto" else "")]
         sys.stdout.write(nft_render.render(rs, header=header))
         return 0
     if args.json:
-        print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **to_json(rs)}, indent=2))
+        print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), "backend": "iptables", **to_json(rs)},
+                         indent=2))
     else:
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}"]
         sys.stdout.write(render(rs, header=header))
@@ -260,10 +269,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     backend.preflight()
     installed = backend.read()
     st = status_mod.read(args.status_file)
-    from egressguard.apply import guarded  # noqa: PLC0415
-
     report = {
-        "guarded": guarded(installed),
+        "guarded": backend.guarded(installed),
         "status_file": str(args.status_file),
         "last_apply": st,
         "other_firewalls": backend.other_firewalls(),

@@ -40,7 +40,6 @@ from egressguard.backends.nftables.render import TABLE
 from egressguard.errors import EgressGuardError
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
-from egressguard.sets import Ipsets
 
 log = logs.get_logger("egressguard")
 
@@ -90,6 +89,8 @@ class LearnedSets:
         self.impl: KernelSets | IpsetSets | None = None
 
     def _find(self) -> KernelSets | IpsetSets:
+        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415 - the iptables back end's
+
         try:
             with Ipsets() as ipsets:
                 if self.names & set(ipsets.owned()):
@@ -128,6 +129,8 @@ class IpsetSets:
     member already there takes the new timeout (never shorter than promised: Promises)."""
 
     def __init__(self) -> None:
+        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415 - the iptables back end's
+
         self.ipsets = Ipsets()
 
     def add(self, items: Sequence[tuple[str, str, int]]) -> None:

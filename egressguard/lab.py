@@ -53,7 +53,7 @@ import structlog  # noqa: F401
 from egressguard import apply as _eg_apply  # noqa: F401
 from egressguard import cli as _eg_cli
 from egressguard import strict_yaml as _eg_yaml  # noqa: F401
-from egressguard.backends import iptables as _eg_iptables  # noqa: F401
+from egressguard.backends.iptables import backend as _eg_iptables  # noqa: F401
 
 POD_V4, WORLD_V4 = "198.51.100.2", "198.51.100.1"
 POD_V6, WORLD_V6 = "2001:db8:100::2", "2001:db8:100::1"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -153,79 +152,6 @@ class Rule:
     nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
     nflog_group: int | None = None  # NFLOG --nflog-group
 
-    def args(self) -> list[str]:
-        """The rule as iptables arguments, in iptables-save's order."""
-        a: list[str] = []
-        if self.dst:
-            a += ["-d", self.dst]
-        if self.out_iface:
-            a += ["!", "-o", self.out_iface[1:]] if self.out_iface.startswith("!") else ["-o", self.out_iface]
-        if self.protocol:
-            a += ["-p", self.protocol]
-        if self.uid:
-            neg = self.uid.startswith("!")
-            a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", self.uid.lstrip("!")]
-        if self.ctorigdst_set:
-            raise ValueError(f"iptables cannot look a set up by the original destination (rule {self.comment!r})")
-        # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,
-        # and skips the address-type lookup for every packet that was not DNATed.
-        if self.ctstate or self.ctdir or self.ctorigdst or self.ctorigdstport is not None:
-            a += ["-m", "conntrack"]
-            if self.ctstate:
-                a += ["--ctstate", self.ctstate]
-            if self.ctorigdst:
-                a += ["--ctorigdst", self.ctorigdst]
-            if self.ctorigdstport is not None:
-                a += ["--ctorigdstport", str(self.ctorigdstport)]
-            if self.ctdir:
-                a += ["--ctdir", self.ctdir]
-        if self.src_type or self.dst_type:
-            a += ["-m", "addrtype"]
-            for opt, value in (("--src-type", self.src_type), ("--dst-type", self.dst_type)):
-                if value:
-                    a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
-        if self.hoplimit is not None:
-            a += ["-m", "hl", "--hl-eq", str(self.hoplimit)]
-        if self.icmp6_type:
-            a += ["-m", "icmp6", "--icmpv6-type", self.icmp6_type]
-        if self.routing_header:
-            a += ["-m", "rt"]
-        if self.sport is not None:
-            a += ["-m", self.protocol or "tcp", "--sport", str(self.sport)]
-        if len(self.dports) == 1:
-            a += ["-m", self.protocol or "tcp", "--dport", str(self.dports[0])]
-        elif self.dports:
-            a += ["-m", "multiport", "--dports", ",".join(map(str, self.dports))]
-        if self.match_set:
-            a += ["-m", "set", "--match-set", self.match_set, "dst"]
-        for tests in self.u32:
-            a += ["-m", "u32", "--u32", tests]
-        if self.ctmark is not None:
-            a += ["-m", "connmark", "--mark", f"{self.ctmark:#x}/{self.ctmark:#x}"]
-        if self.limit and self.limit_name:
-            expire = shared_limit_expire_ms(self.limit, self.limit_burst)
-            a += ["-m", "hashlimit", "--hashlimit-upto", self.limit, "--hashlimit-burst", str(self.limit_burst or 5),
-                  "--hashlimit-name", self.limit_name, "--hashlimit-htable-expire", str(expire)]
-        elif self.limit:
-            a += ["-m", "limit", "--limit", self.limit]
-            if self.limit_burst is not None:
-                a += ["--limit-burst", str(self.limit_burst)]
-        a += ["-m", "comment", "--comment", self.comment]
-        if self.ctmark_set is not None and self.target != "CONNMARK":  # nftables only: mark and verdict in one
-            a += ["--ctmark-or", f"{self.ctmark_set:#x}"]
-        a += ["-j", self.target]
-        if self.target == "CONNMARK" and self.ctmark_set is not None:  # --or-mark, as iptables-save prints it
-            a += ["--set-xmark", f"{self.ctmark_set:#x}/{self.ctmark_set:#x}"]
-        if self.reject_with:
-            a += ["--reject-with", self.reject_with]
-        if self.to_ports is not None:
-            a += ["--to-ports", str(self.to_ports)]
-        if self.nflog_prefix is not None:
-            a += ["--nflog-prefix", self.nflog_prefix]
-        if self.nflog_group is not None:
-            a += ["--nflog-group", str(self.nflog_group)]
-        return a
-
 
 _LIMIT_PERIOD_MS = {"sec": 1000, "second": 1000, "min": 60_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 
@@ -245,11 +171,6 @@ class AddressSet:
     name: str  # egressguard-<family>-<hash of the members>: same members, same name
     family: Family
     members: tuple[str, ...]  # networks in canonical form (see `canonical_members`), sorted
-
-    def render(self) -> list[str]:
-        """As `ipset save` prints it (loadable with `ipset restore`)."""
-        lines = [f"create {self.name} hash:net family {'inet6' if self.family == 6 else 'inet'}"]
-        return lines + [f"add {self.name} {m}" for m in self.members]
 
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -908,63 +829,3 @@ def hosts_of(policy: Policy) -> list[tuple[str, bool]]:
         if e.host:
             seen[e.host] = seen.get(e.host, True) and e.optional
     return list(seen.items())
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering (`plan`)
-
-
-def render(ruleset: Ruleset, *, header: Iterable[str] = ()) -> str:
-    """iptables-save style text, one block per family and table (loadable with iptables-restore -n)."""
-    lines = [f"# {h}" for h in header]
-    for host in ruleset.unresolved_hosts:
-        lines.append(f"# host {host}: resolved at apply time (A and AAAA); its rules are not shown")
-    if ruleset.sets:
-        # Created and filled before the rules that match on them (ipset restore syntax).
-        lines.append(f"# ipset ({len(ruleset.sets)} sets, created and filled before the rules)")
-        for st in ruleset.sets:
-            lines += st.render()
-    if ruleset.learned_sets:
-        # dns.mode proxy: created empty if missing (kept with what they hold), filled by `egressguard dns`.
-        lines.append(f"# ipset ({len(ruleset.learned_sets)} learned-address sets, filled by the DNS forwarder)")
-        for ls in ruleset.learned_sets:
-            lines.append(f"# {ls.name}: {ls.host}")
-            lines.append(f"create {ls.name} hash:net family {'inet6' if ls.family == 6 else 'inet'} "
-                         f"timeout {LEARNED_SET_TIMEOUT_S}")
-    for t in ruleset.tables:
-        lines.append(f"# {'ip6tables' if t.family == 6 else 'iptables'} {t.name}")
-        lines.append(f"*{t.name}")
-        if not t.chains:
-            lines.append("# (nothing owned here: any egressguard chains are removed)")
-        for c in t.chains:
-            lines.append(f":{c.name} - [0:0]")
-        if t.jump:
-            lines.append(_join(["-I", "OUTPUT", "1", *t.jump.args()]))
-        for c in t.chains:
-            for r in c.rules:
-                lines.append(_join(["-A", c.name, *r.args()]))
-        lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-def _join(args: list[str]) -> str:
-    return " ".join(a if a and " " not in a and '"' not in a else json.dumps(a) for a in args)
-
-
-def to_json(ruleset: Ruleset) -> dict[str, object]:
-    return {
-        "kind": ruleset.kind,
-        "digest": ruleset.digest(),
-        "unresolved_hosts": list(ruleset.unresolved_hosts),
-        "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
-        "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
-        "tables": [
-            {
-                "family": f"ipv{t.family}",
-                "table": t.name,
-                "jump": t.jump.args() if t.jump else None,
-                "chains": {c.name: [r.args() for r in c.rules] for c in t.chains},
-            }
-            for t in ruleset.tables
-        ],
-    }

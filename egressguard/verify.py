@@ -50,11 +50,13 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
             elif name not in want_chains:
                 out.append(f"{where}: unexpected chain {name}")
             elif want_chains[name] != got_chains[name]:
+                from egressguard.backends.iptables.render import args  # noqa: PLC0415 - rules spelled as iptables arguments
+
                 w, g = want_chains[name], got_chains[name]
                 first = next((i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b), min(len(w), len(g)))
                 detail = f"rule {first}: "
-                detail += f"expected {' '.join(w[first].args())}" if first < len(w) else "expected nothing"
-                detail += f", found {' '.join(g[first].args())}" if first < len(g) else ", found nothing"
+                detail += f"expected {' '.join(args(w[first]))}" if first < len(w) else "expected nothing"
+                detail += f", found {' '.join(args(g[first]))}" if first < len(g) else ", found nothing"
                 out.append(f"{where}: chain {name} has {len(g)} rules, expected {len(w)}; {detail}")
         out += _entry_differences(where, got)
     return out

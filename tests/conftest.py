@@ -76,6 +76,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("lab", [chosen], ids=[topology_name(**chosen)], indirect=True)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest) -> object:
+    """A lab fixture given a topology (LAB_TOPOLOGIES) must build that one: a module's own `module_lab`
+    or `lab` that ignored `request.param` would run on eth0 under another topology's test id."""
+    built = yield
+    want = getattr(request, "param", None)
+    if isinstance(built, Lab) and fixturedef.argname in ("lab", "module_lab") and isinstance(want, dict):
+        assert built.topology == topology_name(**want), (
+            f"fixture {fixturedef.argname} of {request.node.nodeid} built a {built.topology} pod, "
+            f"not the {topology_name(**want)} its parameter asks for")
+    return built
+
+
 @pytest.fixture(scope="session")
 def figures() -> list[str]:
     """Append one line per suite (e.g. 'bypass: 0 of 41 attempts got through'); printed at the end."""

@@ -73,7 +73,7 @@ def _wrap_commit(backend: type, kind: dict[str, str | None]) -> None:
 
 
 def arm() -> None:
-    from egressguard.backends import iptables as ipt
+    from egressguard.backends.iptables import backend as ipt
 
     kind: dict[str, str | None] = {"now": "?"}
     _wrap_commit(ipt.IptablesBackend, kind)
@@ -108,7 +108,8 @@ def arm() -> None:
 
 def _arm_common() -> None:
     from egressguard import apply as apply_mod
-    from egressguard import facts, fence, status
+    from egressguard import facts, status
+    from egressguard.backends.iptables import fence
 
     for module, name, point in ((facts, "resolve_hosts", "resolve"), (apply_mod, "differences", "verify"),
                                 (status, "write", "status"), (fence, "raise_fence", "fence:raise"),

@@ -15,7 +15,7 @@ import select
 import sys
 import time
 
-from egressguard.backends.iptables import import_iptc
+from egressguard.backends.iptables.backend import import_iptc
 
 
 def main(max_seconds: float) -> None:

@@ -35,6 +35,11 @@ from egressguard.ruleset import learned_entries
 
 pytestmark = pytest.mark.netns
 
+# Not eth0 (tests/test_suite_guards.py), and a second link: WILD (203.0.113.12) is routed out of it,
+# so a learned address must open the way by whichever interface the route picks. The nftables twin
+# names both interfaces differently.
+LAB_TOPOLOGIES = [{"iface": "tun0", "second_iface": "veth1a2b3c4d"}]
+
 AUTH_V4, AUTH_V6 = "203.0.113.53", "2001:db8:2::53"  # the test's authoritative server (world, lo)
 FORWARDER_UID = 1002
 A, B, WILD, APEX = "203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.5"

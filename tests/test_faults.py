@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from egtraffic import stopped
 
-from egressguard import fence
+from egressguard.backends.iptables import fence
 from egressguard.lab import RESOLVER_V4, RESOLVER_V6, Lab, Result
 
 pytestmark = pytest.mark.netns

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from egtraffic import stopped
 
-from egressguard import fence
+from egressguard.backends.iptables import fence
 from egressguard.lab import Lab
 from egressguard.policy import validate
 
@@ -29,7 +29,7 @@ def _run_in_pod(lab: Lab, code: str) -> str:
 
 @pytest.mark.netns
 def test_raised_fence_refuses_both_families_for_confined_only_and_keeps_loopback(lab: Lab) -> None:
-    added = _run_in_pod(lab, "from egressguard import fence, policy; "
+    added = _run_in_pod(lab, "from egressguard import policy; from egressguard.backends.iptables import fence; "
                              "print(fence.raise_fence(policy.validate({'version': 1, 'confine': {'uids': [1000]}})))")
     assert added == "2"  # one rule per family, sent together
     for dest in ("203.0.113.10", "2001:db8:2::10"):
@@ -39,13 +39,13 @@ def test_raised_fence_refuses_both_families_for_confined_only_and_keeps_loopback
 
 @pytest.mark.netns
 def test_apply_and_reset_lower_a_fence_left_behind(lab: Lab) -> None:
-    _run_in_pod(lab, "from egressguard import fence, policy; "
+    _run_in_pod(lab, "from egressguard import policy; from egressguard.backends.iptables import fence; "
                      "fence.raise_fence(policy.validate({'version': 1, 'confine': {'uids': [1000]}}))")
     done = lab.apply({"version": 1, "confine": {"uids": [1000]}, "allow": [{"cidr": "203.0.113.10/32"}]})
     assert done.returncode == 0, done.stderr
     assert f"proto {fence.PROTOCOL}" not in lab.in_pod("ip", "rule").stdout
     assert lab.tcp("203.0.113.10", 22, timeout=1).ok  # the policy, not the fence, decides now
-    _run_in_pod(lab, "from egressguard import fence, policy; "
+    _run_in_pod(lab, "from egressguard import policy; from egressguard.backends.iptables import fence; "
                      "fence.raise_fence(policy.validate({'version': 1, 'confine': {'uids': [1000]}}))")
     assert lab.egressguard("reset").returncode == 0
     assert f"proto {fence.PROTOCOL}" not in lab.in_pod("ip", "rule").stdout + lab.in_pod("ip", "-6", "rule").stdout

@@ -78,3 +78,24 @@ def test_apply_with_hosts_imports_dnspython_and_pyyaml(lab: Lab, policies: tuple
     argv = ["apply", "--backend", "nftables", "--policy", str(policies[1]), "--status-file", str(lab.workdir / "s.json")]
     modules, _ = imported(argv, prefix=("ip", "netns", "exec", lab.pod))
     assert modules == {"egressguard", "structlog", "yaml", "dns"}
+
+
+# The agent as bench/ runs it: uid 0 without any capability (nothing to regain, no_new_privs), so
+# that this venv's Python under /root stays readable; `confine: all` guards it.
+AGENT = ("setpriv", "--securebits=+noroot,+noroot_locked", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_a_passing_probe_imports_no_library_and_no_asyncio(lab: Lab, tmp_path: Path, backend: str) -> None:
+    """The agent's self-check on its success path logs nothing, so structlog (and asyncio) stay out;
+    a failing probe (the control) logs its event and imports structlog."""
+    policy, status = tmp_path / "all.json", lab.workdir / "s.json"
+    policy.write_text('{"version": 1, "exempt": {"uids": [1001]}}')
+    applied = lab.egressguard("apply", "--backend", backend, "--policy", str(policy), "--status-file", str(status))
+    assert applied.returncode == 0, applied.stderr
+    probe = ["probe", "--status-file", str(status), "--target", "203.0.113.10:22"]
+    assert imported(probe, prefix=("ip", "netns", "exec", lab.pod, *AGENT)) == ({"egressguard"}, False)
+    failing = subprocess.run(["ip", "netns", "exec", lab.pod, *AGENT, sys.executable, "-c", WRAPPER, *probe,
+                              "--expect-digest", "sha256:0"], capture_output=True, text=True, timeout=60, cwd="/")
+    assert failing.returncode == 6 and "structlog" in failing.stderr and "| asyncio" in failing.stderr, failing.stderr

@@ -11,9 +11,9 @@ from test_nftables_plan import _in_fresh_netns
 
 
 def _created_and_filled() -> dict[str, str]:
-    from egressguard.backends.iptables import ensure_learned  # noqa: PLC0415
+    from egressguard.backends.iptables.backend import ensure_learned  # noqa: PLC0415
+    from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
     from egressguard.ruleset import LearnedSet  # noqa: PLC0415
-    from egressguard.sets import Ipsets  # noqa: PLC0415
 
     want = LearnedSet(name="egressguard-d4-0123456789ab", family=4, host="*.example.com")
     with Ipsets() as ipsets:

@@ -19,9 +19,13 @@ from typing import Any
 import pytest
 from egtraffic import FAST, applied, policy, reached
 
-from egressguard.lab import CONFINED, EXEMPT, METADATA_V4, Lab
+from egressguard.lab import CONFINED, EXEMPT, METADATA_V4, ROOT, Lab
 
 pytestmark = pytest.mark.netns
+
+# Not eth0 (tests/test_suite_guards.py), and a second link: 203.0.113.12 and 2001:db8:2::12 are routed
+# out of it, so refusals are logged on both interfaces. The nftables twin names both differently.
+LAB_TOPOLOGIES = [{"iface": "veth1a2b3c4d", "second_iface": "net1"}]
 
 POLICY = policy(
     allow=[{"cidr": "203.0.113.10/32", "ports": [22]}, {"cidr": "2001:db8:2::10/128", "ports": [22]}],
@@ -333,3 +337,27 @@ def test_a_second_reader_in_the_same_pod_exits_3_and_the_first_goes_on(lab: Lab,
     assert "another reader holds NFLOG group 14 in this namespace" in second.stderr
     assert lab.tcp("203.0.113.11", 22, timeout=FAST).blocked
     assert [e for e in _refused(watcher.stop()) if e[1] == "203.0.113.11"] == [(CONFINED, "203.0.113.11", 22, "tcp", "deny[0]")]
+
+
+def test_under_confine_all_refusals_of_root_and_of_unlisted_uids_are_logged_with_their_line(lab: Lab) -> None:
+    """`confine: all` (every uid but the exempt ones, root included): the same refusals are logged,
+    each with the uid that sent it and the policy line that refused it."""
+    probes = [r for r in REFUSED if r[0] == "tcp" and r[4].startswith("deny")]  # one per family
+    applied(lab, {**POLICY, "confine": {"uids": "all"}})
+    try:
+        watcher = Watcher(lab)
+        try:
+            for uid in (ROOT, 1002):
+                for kind, dest, port, _proto, _line in probes:
+                    got = _probe(lab, kind, dest, port, uid)
+                    assert got.blocked, f"uid {uid}: {kind} {dest}:{port} was not refused: {got}"
+            for kind, dest, port, _proto, _line in probes:
+                control = _probe(lab, kind, dest, port, EXEMPT)
+                assert control.ok, f"control: the exempt uid's {kind} to {dest}:{port} got {control}"
+            events = watcher.stop()
+        finally:
+            watcher.kill()
+    finally:
+        applied(lab, POLICY)
+    expected = [(uid, dest, port, proto, line) for uid in (ROOT, 1002) for _kind, dest, port, proto, line in probes]
+    assert sorted(_refused(events), key=str) == sorted(expected, key=str)

@@ -4,8 +4,10 @@ and the upgrade from the iptables back end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,28 @@ def test_apply_names_the_back_end_in_the_log_and_the_status(guarded: tuple[Lab, 
     assert events(out, "run_finished")[0]["backend"] == "nftables (libnftables)"
     assert json.loads(lab.status_file.read_text())["backend"] == "nftables (libnftables)"
     assert TABLE in nft_tables(lab)
+
+
+def test_the_json_plan_digest_is_the_digest_the_nftables_apply_commits_and_records(guarded: tuple[Lab, Path]) -> None:
+    """`plan --json --backend nftables` shows the digest of the ruleset the nftables back end commits
+    (`rules_committed`, the status file's `ruleset_digest`); `auto` plans the same. Control: this
+    policy's kernel set makes the iptables form differ, and its plan says so."""
+    lab, path = guarded
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    recorded = json.loads(lab.status_file.read_text())["ruleset_digest"]
+    assert events(out, "rules_committed")[0]["digest"] == recorded
+
+    def planned(backend: str) -> dict[str, object]:
+        done = lab.egressguard("plan", "--json", "--backend", backend, "--policy", str(path))
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    nft_plan, auto_plan, ipt_plan = planned("nftables"), planned("auto"), planned("iptables")
+    assert (nft_plan["backend"], nft_plan["digest"]) == ("nftables", recorded)
+    assert (auto_plan["backend"], auto_plan["digest"]) == ("nftables", recorded)
+    assert ipt_plan["backend"] == "iptables" and ipt_plan["digest"] != recorded
+    assert nft_plan["policy_digest"] == ipt_plan["policy_digest"] == json.loads(lab.status_file.read_text())["policy_digest"]
 
 
 def test_verify_exits_0_and_changes_nothing(guarded: tuple[Lab, Path]) -> None:
@@ -243,6 +267,71 @@ def test_auto_picks_nftables_where_the_kernel_accepts_it(module_lab: Lab) -> Non
     assert chosen and chosen[0]["backend"] == "nftables (libnftables)" and "accepted" in str(chosen[0]["reason"])
     assert TABLE in nft_tables(module_lab)
     assert eg(module_lab, "reset")[0] == 0
+
+
+# Another program's table with `flags owner`: only the netlink socket that created it may change it,
+# and the kernel deletes it when that socket closes. This holder keeps its libnftables context (and
+# so its socket) open until its stdin closes.
+HOLDER = """
+import sys
+from egressguard.backends.nftables.transport import Nft
+nft = Nft()
+nft.run(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def owned_by_another_program(lab: Lab, script: str) -> Iterator[None]:
+    holder = subprocess.Popen(["ip", "netns", "exec", lab.pod, sys.executable, "-c", HOLDER, script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout and holder.stdout.readline() == "ready\n", holder.communicate(timeout=10)
+        yield
+    finally:
+        holder.communicate(timeout=10)  # closes its stdin: the holder exits, the kernel drops its table
+
+
+def test_auto_picks_nftables_beside_a_table_another_program_owns(module_lab: Lab) -> None:
+    """A table with `flags owner` held by another process is no sign that nf_tables is refused: auto
+    chooses nftables, the guard holds, and the other table stays, still its owner's alone."""
+    lab = module_lab
+    with owned_by_another_program(lab, "add table inet holder { flags owner; }; "
+                                       "add chain inet holder out { type filter hook output priority 0; policy accept; }"):
+        code, out = _auto(lab)
+        try:
+            assert code == 0, out
+            chosen = events(out, "backend_selected")
+            assert chosen and chosen[0]["backend"] == "nftables (libnftables)", out
+            assert TABLE in nft_tables(lab) and "inet holder" in nft_tables(lab)
+            assert lab.in_pod("nft", "add", "chain", "inet", "holder", "mine").returncode != 0  # owned: ours cannot
+            stopped(lab, "tcp", "203.0.113.11", 22)
+            assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
+        finally:
+            assert eg(lab, "reset")[0] == 0
+    assert legacy_tables(lab) == []
+
+
+def test_our_table_held_by_another_program_is_exit_4_on_nftables_not_a_fall_back(module_lab: Lab) -> None:
+    """Another program holds `inet egressguard` itself (flags owner): nf_tables works, only that name
+    is refused. auto stays on nftables and exits 4 naming the owner; it neither reports nf_tables as
+    refused nor falls back to the iptables back end (which would leave the held table in force).
+    Control: once the holder is gone, the same apply succeeds."""
+    lab = module_lab
+    with owned_by_another_program(lab, f"add table {TABLE} {{ flags owner; }}"):
+        code, out = _auto(lab)
+        assert code == 4, out
+        chosen = events(out, "backend_selected")
+        assert chosen and chosen[0]["backend"] == "nftables (libnftables)", out
+        assert "owned by another program" in out and "refused an nf_tables transaction" not in out, out
+        assert legacy_tables(lab) == []
+    code, out = _auto(lab)
+    try:
+        assert code == 0, out
+        stopped(lab, "tcp", "203.0.113.11", 22)
+    finally:
+        assert eg(lab, "reset")[0] == 0
 
 
 def _legacy_works() -> bool:

@@ -376,7 +376,7 @@ def test_sigkill_at_every_named_point_of_a_move_to_the_iptables_back_end(named: 
     table goes only once both families' iptables guard is in force. Killed at any named point of the
     iptables apply, a whole guard holds (nft, or iptables, or both; the routing fence covers a family
     not yet committed), and a re-apply leaves the iptables objects only."""
-    from egressguard import fence  # noqa: PLC0415
+    from egressguard.backends.iptables import fence  # noqa: PLC0415
 
     lab = named.lab
     ipt = {"EGRESSGUARD_BACKEND": "iptables"}

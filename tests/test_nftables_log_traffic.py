@@ -12,6 +12,9 @@ from test_log_traffic import POLICY
 
 from egressguard.lab import Lab
 
+# Other names than the iptables run's, and the metadata service and resolvers on the pod's link (as on clouds).
+LAB_TOPOLOGIES = [{"iface": "tun0", "second_iface": "tap-0123456789a", "onlink_services": True}]
+
 
 @pytest.fixture
 def lab(module_lab: Lab, nftables_backend: None) -> Iterator[Lab]:  # noqa: F811

@@ -1,6 +1,8 @@
-"""tests/test_traffic_mesh.py on the nftables back end: same meshes, same probes, same expectations."""
+"""tests/test_traffic_mesh.py on the nftables back end: same probes, same expectations."""
 
 from __future__ import annotations
 
 from nftbed import nftables_backend  # noqa: F401 - the autouse fixture: EGRESSGUARD_BACKEND=nftables
 from test_traffic_mesh import *  # noqa: F403 - the suite's tests, collected again here
+
+LAB_TOPOLOGIES = [{"iface": "tap-0123456789a"}]  # another name than the iptables run's (net1)

@@ -23,7 +23,7 @@ PORT = 5000  # not redirected by the default policy: the CONFINED chain alone de
 # Replace the IPv6 `-o lo ... loopback -j RETURN` rule by the same rule written through an unfixed
 # python-iptables Rule6 (interface mask 0x01 0x01 0x01), in the same position; prints its index.
 _CORRUPT = """
-from egressguard.backends.iptables import import_iptc
+from egressguard.backends.iptables.backend import import_iptc
 iptc = import_iptc()
 table = iptc.Table6("filter", autocommit=False)
 table.refresh()
@@ -48,7 +48,7 @@ else:
 # Replace the first IPv4 DNS rule by the same rule as python-iptables writes it when left alone
 # (conntrack --ctorigdst /32 mask over 16 bytes; iptables-save prints it the same); prints its index.
 _UNFIXED_CONNTRACK = """
-from egressguard.backends.iptables import import_iptc
+from egressguard.backends.iptables.backend import import_iptc
 iptc = import_iptc()
 table = iptc.Table("filter", autocommit=False)
 table.refresh()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import refusals
 
+from egressguard.backends.iptables.render import args, render, to_json
 from egressguard.policy import DEFAULT_POLICY, validate
 from egressguard.ruleset import (
     CONFINED,
@@ -26,8 +27,6 @@ from egressguard.ruleset import (
     hosts_of,
     metadata_nets,
     refuse_index,
-    render,
-    to_json,
 )
 
 RESOLVERS = ("198.51.100.53", "2001:db8:53::53")
@@ -216,7 +215,7 @@ def test_exempt_uids_leave_dispatch_before_everyone_is_confined() -> None:
 
 def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() -> None:
     """A uid is never in both lists (the policy refuses it), so under a uid list an exempt rule
-    could only cost each confined packet one more owner lookup (bench/RESULTS.md, run H)."""
+    could only cost each confined packet one more owner lookup (bench/RESULTS.md, run T)."""
     data = {"confine": {"uids": [1002, 1000]}, "exempt": {"uids": [1003, 1001]}}
     for family in FAMILIES:
         for table, into in (("filter", CONFINED), ("nat", REDIRECT)):
@@ -325,8 +324,8 @@ def test_nat_table_ports_are_split_in_multiport_groups_of_fifteen() -> None:
 
 
 def test_single_port_and_multiport_render_differently() -> None:
-    one = Rule(target="RETURN", comment="c", protocol="udp", dports=(53,)).args()
-    many = Rule(target="RETURN", comment="c", protocol="tcp", dports=(80, 443)).args()
+    one = args(Rule(target="RETURN", comment="c", protocol="udp", dports=(53,)))
+    many = args(Rule(target="RETURN", comment="c", protocol="tcp", dports=(80, 443)))
     assert one[:5] == ["-p", "udp", "-m", "udp", "--dport"]
     assert many[:5] == ["-p", "tcp", "-m", "multiport", "--dports"] and many[5] == "80,443"
 
@@ -482,7 +481,7 @@ def test_render_puts_our_jump_first_in_output_and_commits_each_table() -> None:
 
 def test_render_quotes_comments_with_spaces() -> None:
     assert render(Ruleset(tables=())) == "\n"
-    from egressguard.ruleset import _join  # noqa: PLC0415 - the quoting helper
+    from egressguard.backends.iptables.render import _join  # noqa: PLC0415 - the quoting helper
 
     assert _join(["-m", "comment", "--comment", "a b"]) == '-m comment --comment "a b"'
 
@@ -658,7 +657,7 @@ def test_learned_sets_on_iptables_sit_behind_dnat_set_and_mark_before_they_allow
     assert learned[0].ctmark_set == LEARNED_CTMARK and learned[1].ctmark_set is None
     assert learned[0].match_set == learned[1].match_set and learned[0].match_set.startswith("egressguard-d4-")
     assert learned[0].dports == learned[1].dports == (443, 8443)
-    assert learned[0].args()[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
+    assert args(learned[0])[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
     assert {(s["family"], s["host"]) for s in to_json(_build(data))["learned_sets"]} == {
         ("ipv4", "pypi.org"), ("ipv6", "pypi.org")}
     nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)

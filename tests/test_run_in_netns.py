@@ -252,8 +252,7 @@ def test_probe_waits_for_silence_no_longer_than_its_timeout(lab: Lab, seconds: f
     answer = _probe(lab, CONFINED, *TARGETS, env=env)
     waited = time.monotonic() - t - t_baseline
     assert baseline["exit"] == 0 and answer["exit"] == 0, (baseline, answer)
-    finished = [json.loads(line) for line in str(answer["stderr"]).splitlines() if "probe_finished" in line]
-    assert finished and set(finished[0]["attempts"].values()) == {"timeout"}, finished
+    assert "203.0.113.11:22 (timeout), [2001:db8:2::11]:22 (timeout)" in str(answer["stdout"]), answer
     assert seconds - 0.1 <= waited < seconds + 0.6, waited  # the default would be 1 s
     _exempt_control(lab)
 

@@ -9,8 +9,9 @@ from typing import Any
 
 from refusals import resolved
 
-from egressguard import sets
 from egressguard.backends import Installed
+from egressguard.backends.iptables import sets
+from egressguard.backends.iptables.render import render
 from egressguard.policy import validate
 from egressguard.ruleset import (
     SET_THRESHOLD,
@@ -21,7 +22,6 @@ from egressguard.ruleset import (
     canonical_members,
     member_key,
     parse_member,
-    render,
 )
 from egressguard.verify import differences
 

@@ -101,7 +101,7 @@ def test_verify_notices_a_member_removed_behind_its_back(lab: Lab) -> None:
 HOLDS = """
 import json, sys
 from egressguard.ruleset import AddressSet
-from egressguard.sets import Ipsets
+from egressguard.backends.iptables.sets import Ipsets
 name, family, members = json.loads(sys.argv[1])
 with Ipsets() as ipsets:
     print(ipsets.holds(AddressSet(name, family, tuple(members))))

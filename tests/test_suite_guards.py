@@ -4,6 +4,7 @@ and under CI=true a skipped container test fails the run."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,65 @@ def test_without_ci_a_skipped_docker_test_stays_a_skip(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
     assert "3 skipped" in summary and "1 xfailed" in summary, summary
+
+
+# -- pod topologies ---------------------------------------------------------------------------------
+# A suite that probes traffic runs on at least one pod shape other than the default one-`eth0` pod
+# (LAB_TOPOLOGIES, which tests/conftest.py samples, or labs it builds with another `iface`), so a rule
+# that only works on eth0 shows somewhere. Suites written before this rule are listed with why they
+# stay on eth0; a new suite is not listed, so it cannot run only on eth0 without someone saying so.
+
+PROBES = re.compile(r"\b(reached|refused_fast|stopped|dns_answered)\(|\.(tcp|udp|ping|dns)\(")
+STAR_IMPORT = re.compile(r"^from (test_\w+) import \*", re.MULTILINE)
+OWN_IFACE = re.compile(r"""\biface=(?!["']eth0["'])[\w"']|["']iface["']:\s*(?!["']eth0["'])[\w"']""")
+_SEQUENCE = "what it proves is the apply sequence (faults, exit codes, status, idempotence); probes are spot checks"
+_DEBT = "traffic suite written before the rule: to sample a second topology next"
+ETH0_ONLY: dict[str, str] = {
+    **dict.fromkeys(("test_apply_foreign_rules", "test_apply_idempotent", "test_exit_codes", "test_exit_paths",
+                     "test_faults", "test_nftables_faults", "test_fence", "test_foreign_tools", "test_hostile_input",
+                     "test_log_run", "test_nftables_apply", "test_nftables_commit_race",
+                     "test_raw_readback", "test_resolution_limits", "test_run_in_netns", "test_verify_status"), _SEQUENCE),
+    **dict.fromkeys(("test_hosts_traffic", "test_nftables_hosts_traffic", "test_sets_traffic", "test_nftables_sets_traffic",
+                     "test_traffic_action", "test_nftables_traffic_action", "test_traffic_deny_redirect",
+                     "test_nftables_traffic_deny_redirect", "test_traffic_dns_config", "test_nftables_traffic_dns_config",
+                     "test_traffic_embedded_dns", "test_traffic_forged_rules", "test_nftables_traffic_forged_rules",
+                     "test_traffic_loopback_udp", "test_traffic_redirect", "test_nftables_traffic_redirect"), _DEBT),
+}
+
+
+def probes_traffic(name: str) -> bool:
+    """The module sends probes (itself, or the suite it collects again with `import *`)."""
+    text = (HERE / f"{name}.py").read_text()
+    return bool(PROBES.search(text)) or any(probes_traffic(src) for src in STAR_IMPORT.findall(text))
+
+
+def samples_another_topology(name: str) -> bool:
+    """Some test of the module runs on a pod whose interface is not eth0 (or that has a second one)."""
+    import importlib  # noqa: PLC0415
+
+    from egressguard.lab import topology_name  # noqa: PLC0415
+
+    topologies = getattr(importlib.import_module(name), "LAB_TOPOLOGIES", None) or []
+    if any(topology_name(**t) != "eth0" for t in topologies):
+        return True
+    text = (HERE / f"{name}.py").read_text()
+    return bool(OWN_IFACE.search(text)) or any(samples_another_topology(s) for s in STAR_IMPORT.findall(text))
+
+
+def test_every_traffic_suite_runs_on_a_pod_topology_other_than_eth0() -> None:
+    suites = [p.stem for p in sorted(HERE.glob("test_*.py")) if probes_traffic(p.stem)]
+    assert len(suites) >= 40, suites  # the scan finds the traffic suites (and their twins)
+    eth0_only = [s for s in suites if not samples_another_topology(s)]
+    unexplained = sorted(set(eth0_only) - set(ETH0_ONLY))
+    assert not unexplained, f"run only on the eth0 pod: {unexplained} (set LAB_TOPOLOGIES, see tests/conftest.py)"
+    stale = sorted(set(ETH0_ONLY) - set(eth0_only))
+    assert not stale, f"listed as eth0-only but sample another topology (or probe nothing): {stale}"
+
+
+def test_the_topology_scan_sees_a_suite_that_runs_only_on_eth0(tmp_path: Path) -> None:
+    (tmp_path / "suite.py").write_text("def test_x(module_lab):\n    assert reached(module_lab.tcp('203.0.113.10', 22))\n")
+    text = (tmp_path / "suite.py").read_text()
+    assert PROBES.search(text) and not OWN_IFACE.search(text)
+    assert OWN_IFACE.search('Lab(iface="net1")') and OWN_IFACE.search('{"iface": "tun0"}')
+    assert OWN_IFACE.search("Lab(prefix='egf', iface=name)")
+    assert not OWN_IFACE.search('Lab(iface="eth0")') and not OWN_IFACE.search('{"iface": "eth0"}')

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the CLI reads BACKEND_CHOICES for every command, probe included
-    from egressguard.backends.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
+    from egressguard.backends.iptables.xtables_raw import Entry  # the iptables back end's (not on the nftables path)
+    from egressguard.policy import Policy
     from egressguard.ruleset import AddressSet, Chain, Family, Rule, Ruleset
 
 
@@ -83,13 +84,37 @@ class Backend(abc.ABC):
         exactly one of `expect` is reported as that very object (compared, not copied). Given
         `want`, each table also carries its entries byte for byte and `want` as encoded for them."""
 
+    def guarded(self, installed: Installed) -> bool:
+        """`installed` (as read()) holds our filter chains and jump in both families: a previous
+        apply completed, so the next one needs no deny-first step."""
+        from egressguard.ruleset import CONFINED, DISPATCH, FAMILIES  # noqa: PLC0415
+
+        for family in FAMILIES:
+            t = installed.table(family, "filter")
+            if not t.present or t.jump_positions != (0,) or [c.name for c in t.chains[:2]] != [DISPATCH, CONFINED]:
+                return False
+        return True
+
+    def hold_confined(self, policy: Policy) -> bool:
+        """Deny first, on a first apply of a back end whose commits are per family: close the confined
+        uids' egress in both families at once, before any commit, so that no kill between two commits
+        leaves a family open. True if the hold is in place (lift it with release_confined once both
+        families hold a ruleset); False if it could not be made (said in a log line). A back end
+        whose one commit changes both families (atomic_families) needs none."""
+        return False
+
+    def release_confined(self) -> int:
+        """Lift the hold of hold_confined, also one a killed apply left behind or one the other back
+        end made (an upgrade). The number of kernel objects removed (0: there was none)."""
+        return 0
+
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         """`ruleset` spelled as this back end reads it back (what read-backs are compared with)."""
         return ruleset
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         """One installed rule as this back end's own tool would show it (for `status`)."""
-        return " ".join(rule.args())
+        return repr(rule)
 
     def other_firewalls(self) -> list[str]:
         """Other packet filters seen in this namespace (e.g. nftables tables), for `status`."""
@@ -122,7 +147,7 @@ def select(requested: str | None = None) -> Backend:
         chosen: Backend = NftablesBackend()
         log.info("backend_selected", backend=chosen.name, requested=name, via=source)
         return chosen
-    from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+    from egressguard.backends.iptables.backend import IptablesBackend  # noqa: PLC0415
 
     if name == "iptables":
         chosen = IptablesBackend()

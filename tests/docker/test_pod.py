@@ -32,12 +32,13 @@ def pod(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def agent(bed: Bed, pod: str) -> dict[str, Any]:
-    """The agent container's exit code, its command's report, and its stderr (the probe's verdict)."""
+    """The agent container's exit code, its command's report, its stdout (a passing probe's line) and
+    stderr (a failing probe's verdict)."""
     cid = bed.container(f"agent{pod}")
     code = int(docker("wait", cid, timeout=60).stdout.strip())
     logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True, timeout=30)
     return {"exit": code, "report": report_of(logs) if code == 0 else None, "stderr": logs.stderr,
-            "state": inspect(cid)["State"]}
+            "stdout": logs.stdout, "state": inspect(cid)["State"]}
 
 
 def test_init_container_applies_the_policy_on_its_back_end_and_exits_0(bed: Bed, pod: str) -> None:
@@ -56,7 +57,7 @@ def test_agent_starts_only_after_init_exited(bed: Bed, pod: str, agent: dict[str
 
 def test_probe_passes_in_the_agent_and_the_command_runs(bed: Bed, pod: str, agent: dict[str, Any]) -> None:
     assert agent["exit"] == 0, agent["stderr"][-2000:]
-    assert '"guarded": true' in agent["stderr"]
+    assert "guarded: uid 1000 cannot reach" in agent["stdout"], agent["stdout"][-2000:]
     assert (bed.markers / f"agent{pod}").exists()
 
 

@@ -16,6 +16,8 @@ log = logs.get_logger("egressguard")
 CAP_NET_ADMIN = 12
 # A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
 COMMIT_ATTEMPTS = 10
+# The table the preflight's check transaction names (never created): not ours, see preflight.
+PREFLIGHT_TABLE = "inet egressguard_preflight"
 _LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 
@@ -50,14 +52,16 @@ class NftablesBackend(Backend):
     def preflight(self) -> None:
         """Exit 3 unless the kernel accepts an nf_tables transaction in this namespace. The check is
         a real one: `add table` sent in check mode (nft -c), which the kernel validates, with the
-        caller's capabilities over this namespace, and then aborts. Changes nothing."""
+        caller's capabilities over this namespace, and then aborts. Changes nothing. It names a table
+        that is not ours: another program holding `inet egressguard` with `flags owner` makes the
+        kernel refuse that one name (EPERM), not nf_tables; the commit says so (exit 4)."""
         if self._checked:
             return
         if not _effective_caps() >> CAP_NET_ADMIN & 1:
             raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
         try:
             with Nft() as nft:
-                nft.run(f"add table {render.TABLE}", dry_run=True)
+                nft.run(f"add table {PREFLIGHT_TABLE}", dry_run=True)
         except NftablesError as exc:
             raise NftablesUnavailable(f"the kernel refused an nf_tables transaction in this namespace: {exc}") from None
         self._checked = True
@@ -116,7 +120,7 @@ class NftablesBackend(Backend):
         (Docker's DNS rules, say): what cannot even be read is a warning; ours that cannot be
         removed fail a reset, and only warn after an apply (they restrict, never allow)."""
         from egressguard.apply import build_empty  # noqa: PLC0415
-        from egressguard.backends.iptables import IptablesBackend  # noqa: PLC0415
+        from egressguard.backends.iptables.backend import IptablesBackend  # noqa: PLC0415
 
         legacy = IptablesBackend(leave_nftables=True)
         try:
@@ -135,6 +139,13 @@ class NftablesBackend(Backend):
         else:
             log.info("iptables_objects_removed")
 
+    def release_confined(self) -> int:
+        """This back end holds nothing (one transaction closes both families), but a routing fence
+        an iptables-backend apply left behind (killed, or before an upgrade) is removed."""
+        from egressguard.backends.iptables import fence  # noqa: PLC0415
+
+        return fence.lower_fence()
+
     def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
         # Sets are compared as the kernel keeps them (collapsed intervals): against want's, if given.
         expect = expect or (want.sets if want is not None else ())
@@ -152,7 +163,9 @@ class NftablesBackend(Backend):
                 text = " ".join([*words[:at], *rule.u32, *words[at:]])
             return text
         except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
-            return " ".join(rule.args())
+            from egressguard.backends.iptables.render import args  # noqa: PLC0415
+
+            return " ".join(args(rule))
 
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         return render.canonical(ruleset)

@@ -364,7 +364,7 @@ def _ntop(family: Family, n: int) -> str:
 def hosts_only(st: AddressSet) -> bool:
     """Every member is one address: the set is a hash (one lookup per packet, whatever its size),
     not an interval tree, whose walk cost 3-5% of the new-connection rate at 10,000 members
-    (bench/RESULTS.md, run H)."""
+    (bench/RESULTS.md, run T)."""
     whole = "/32" if st.family == 4 else "/128"
     return all(m.endswith(whole) for m in st.members)
 

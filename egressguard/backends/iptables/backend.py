@@ -22,9 +22,11 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from egressguard import logs
-from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, xtables_raw
-from egressguard.backends.xtables_raw import Entry
+from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding
+from egressguard.backends.iptables import fence, render, xtables_raw
+from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
+from egressguard.policy import Policy
 from egressguard.ruleset import (
     DISPATCH,
     FAMILIES,
@@ -103,7 +105,29 @@ def import_iptc() -> Any:
             del sys.modules["distutils"]
         else:
             sys.modules["distutils"] = distutils  # type: ignore[assignment]
+    _keep_udata_alive(iptc)
     return iptc
+
+
+def _keep_udata_alive(iptc: Any) -> None:
+    """python-iptables' Match/Target.reset (on creation, and again in final_check's re-parse) points
+    an extension's scratch memory (udata: hashlimit's rate unit, NFLOG's) at a ctypes buffer it
+    drops at once, so the parse writes into freed memory: about one apply in 200 had a worker die
+    with SIGSEGV (exit 4; python-iptables #318). Keep each buffer as long as its match or target."""
+    for cls in (iptc.Match, iptc.Target):
+        if getattr(cls.reset, "keeps_udata", False):
+            continue
+        reset = cls.reset
+
+        def reset_keeping_udata(self: Any, reset: Callable[[Any], None] = reset) -> None:
+            reset(self)
+            size = getattr(self._module, "udata_size", 0) if self._module else 0
+            if size:
+                self._eg_udata = (ctypes.c_ubyte * size)()  # `_`: python-iptables parses other names
+                self._module.udata = ctypes.cast(ctypes.byref(self._eg_udata), ctypes.c_void_p)
+
+        reset_keeping_udata.keeps_udata = True  # type: ignore[attr-defined]
+        cls.reset = reset_keeping_udata
 
 
 _MISSING = object()
@@ -230,10 +254,26 @@ class IptablesBackend(Backend):
         # Whether each family's filter table exists is found by read(), which every command calls
         # before its first change (one child process per family instead of two).
 
+    # -- deny first: the routing fence (see fence.py) -----------------------------------------
+
+    def hold_confined(self, policy: Policy) -> bool:
+        try:
+            added = fence.raise_fence(policy)
+        except (OSError, ApplyFailed) as exc:
+            # Without it the lockdown still comes first, but a SIGKILL between its two per-family
+            # commits could leave the second family unguarded (the apply then exits non-zero).
+            log.warning("fence_unavailable", error=str(exc))
+            return False
+        log.debug("fence_raised", rules=added, uids=fence.describe(fence.uid_ranges(policy)))
+        return True
+
+    def release_confined(self) -> int:
+        return fence.lower_fence()
+
     # -- commit ------------------------------------------------------------------------------
 
     def commit(self, ruleset: Ruleset) -> None:
-        from egressguard.sets import Ipsets  # noqa: PLC0415
+        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
 
         if ruleset.sets:
             self._sets_touched = True
@@ -385,7 +425,7 @@ class IptablesBackend(Backend):
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
         if r.uid:
             x.create_match("owner").set_parameter("uid-owner", r.uid)
-        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as Rule.args()
+        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as render.args()
             m = x.create_match("conntrack")
             if r.ctstate:
                 m.set_parameter("ctstate", r.ctstate)
@@ -473,7 +513,7 @@ class IptablesBackend(Backend):
         learned_rules = any(r.match_set and r.match_set.startswith(LEARNED_SET_PREFIX)
                             for t in tables for c in t.chains for r in c.rules)
         if names or learned_rules or (want is not None and want.learned_sets):
-            from egressguard.sets import Ipsets  # noqa: PLC0415
+            from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
 
             expected = {st.name: st for st in expect}
             with Ipsets() as ipsets:
@@ -569,6 +609,9 @@ class IptablesBackend(Backend):
         if r.target in ours or r.target in _VERDICTS:
             entry = dataclasses.replace(entry, target=xtables_raw.Ext(r.target, 0, b""))
         return entry
+
+    def describe(self, family: Family, table: str, rule: Rule) -> str:
+        return " ".join(render.args(rule))
 
     def other_firewalls(self) -> list[str]:
         found = []

@@ -1,0 +1,151 @@
+"""The iptables back end's text: a Rule as iptables arguments, and `plan`'s iptables-save text (and
+its JSON form) for a Ruleset. The Ruleset itself (ruleset.py) decides every rule; this only spells it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Rule, Ruleset, shared_limit_expire_ms
+
+
+def args(rule: Rule) -> list[str]:
+    """The rule as iptables arguments, in iptables-save's order."""
+    a: list[str] = []
+    if rule.dst:
+        a += ["-d", rule.dst]
+    if rule.out_iface:
+        a += ["!", "-o", rule.out_iface[1:]] if rule.out_iface.startswith("!") else ["-o", rule.out_iface]
+    if rule.protocol:
+        a += ["-p", rule.protocol]
+    if rule.uid:
+        neg = rule.uid.startswith("!")
+        a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", rule.uid.lstrip("!")]
+    if rule.ctorigdst_set:
+        raise ValueError(f"iptables cannot look a set up by the original destination (rule {rule.comment!r})")
+    # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,
+    # and skips the address-type lookup for every packet that was not DNATed.
+    if rule.ctstate or rule.ctdir or rule.ctorigdst or rule.ctorigdstport is not None:
+        a += ["-m", "conntrack"]
+        if rule.ctstate:
+            a += ["--ctstate", rule.ctstate]
+        if rule.ctorigdst:
+            a += ["--ctorigdst", rule.ctorigdst]
+        if rule.ctorigdstport is not None:
+            a += ["--ctorigdstport", str(rule.ctorigdstport)]
+        if rule.ctdir:
+            a += ["--ctdir", rule.ctdir]
+    if rule.src_type or rule.dst_type:
+        a += ["-m", "addrtype"]
+        for opt, value in (("--src-type", rule.src_type), ("--dst-type", rule.dst_type)):
+            if value:
+                a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
+    if rule.hoplimit is not None:
+        a += ["-m", "hl", "--hl-eq", str(rule.hoplimit)]
+    if rule.icmp6_type:
+        a += ["-m", "icmp6", "--icmpv6-type", rule.icmp6_type]
+    if rule.routing_header:
+        a += ["-m", "rt"]
+    if rule.sport is not None:
+        a += ["-m", rule.protocol or "tcp", "--sport", str(rule.sport)]
+    if len(rule.dports) == 1:
+        a += ["-m", rule.protocol or "tcp", "--dport", str(rule.dports[0])]
+    elif rule.dports:
+        a += ["-m", "multiport", "--dports", ",".join(map(str, rule.dports))]
+    if rule.match_set:
+        a += ["-m", "set", "--match-set", rule.match_set, "dst"]
+    for tests in rule.u32:
+        a += ["-m", "u32", "--u32", tests]
+    if rule.ctmark is not None:
+        a += ["-m", "connmark", "--mark", f"{rule.ctmark:#x}/{rule.ctmark:#x}"]
+    if rule.limit and rule.limit_name:
+        expire = shared_limit_expire_ms(rule.limit, rule.limit_burst)
+        a += ["-m", "hashlimit", "--hashlimit-upto", rule.limit, "--hashlimit-burst", str(rule.limit_burst or 5),
+              "--hashlimit-name", rule.limit_name, "--hashlimit-htable-expire", str(expire)]
+    elif rule.limit:
+        a += ["-m", "limit", "--limit", rule.limit]
+        if rule.limit_burst is not None:
+            a += ["--limit-burst", str(rule.limit_burst)]
+    a += ["-m", "comment", "--comment", rule.comment]
+    if rule.ctmark_set is not None and rule.target != "CONNMARK":  # nftables only: mark and verdict in one
+        a += ["--ctmark-or", f"{rule.ctmark_set:#x}"]
+    a += ["-j", rule.target]
+    if rule.target == "CONNMARK" and rule.ctmark_set is not None:  # --or-mark, as iptables-save prints it
+        a += ["--set-xmark", f"{rule.ctmark_set:#x}/{rule.ctmark_set:#x}"]
+    if rule.reject_with:
+        a += ["--reject-with", rule.reject_with]
+    if rule.to_ports is not None:
+        a += ["--to-ports", str(rule.to_ports)]
+    if rule.nflog_prefix is not None:
+        a += ["--nflog-prefix", rule.nflog_prefix]
+    if rule.nflog_group is not None:
+        a += ["--nflog-group", str(rule.nflog_group)]
+    return a
+
+
+def ipset_lines(st: AddressSet) -> list[str]:
+    """As `ipset save` prints it (loadable with `ipset restore`)."""
+    lines = [f"create {st.name} hash:net family {'inet6' if st.family == 6 else 'inet'}"]
+    return lines + [f"add {st.name} {m}" for m in st.members]
+
+
+def render(ruleset: Ruleset, *, header: Iterable[str] = ()) -> str:
+    """iptables-save style text, one block per family and table (loadable with iptables-restore -n)."""
+    lines = [f"# {h}" for h in header]
+    for host in ruleset.unresolved_hosts:
+        lines.append(f"# host {host}: resolved at apply time (A and AAAA); its rules are not shown")
+    if ruleset.sets:
+        # Created and filled before the rules that match on them (ipset restore syntax).
+        lines.append(f"# ipset ({len(ruleset.sets)} sets, created and filled before the rules)")
+        for st in ruleset.sets:
+            lines += ipset_lines(st)
+    if ruleset.learned_sets:
+        # dns.mode proxy: created empty if missing (kept with what they hold), filled by `egressguard dns`.
+        lines.append(f"# ipset ({len(ruleset.learned_sets)} learned-address sets, filled by the DNS forwarder)")
+        for ls in ruleset.learned_sets:
+            lines.append(f"# {ls.name}: {ls.host}")
+            lines.append(f"create {ls.name} hash:net family {'inet6' if ls.family == 6 else 'inet'} "
+                         f"timeout {LEARNED_SET_TIMEOUT_S}")
+    for t in ruleset.tables:
+        lines.append(f"# {'ip6tables' if t.family == 6 else 'iptables'} {t.name}")
+        lines.append(f"*{t.name}")
+        if not t.chains:
+            lines.append("# (nothing owned here: any egressguard chains are removed)")
+        for c in t.chains:
+            lines.append(f":{c.name} - [0:0]")
+        if t.jump:
+            lines.append(_join(["-I", "OUTPUT", "1", *args(t.jump)]))
+        for c in t.chains:
+            for r in c.rules:
+                lines.append(_join(["-A", c.name, *args(r)]))
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _join(words: list[str]) -> str:
+    return " ".join(a if a and " " not in a and '"' not in a else json.dumps(a) for a in words)
+
+
+def to_json(ruleset: Ruleset, *, tables: bool = True) -> dict[str, object]:
+    """`plan --json`; without `tables` (rules as iptables arguments), for a back end that shows its own form."""
+    head: dict[str, object] = {
+        "kind": ruleset.kind,
+        "digest": ruleset.digest(),
+        "unresolved_hosts": list(ruleset.unresolved_hosts),
+        "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
+        "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
+    }
+    if not tables:
+        return head
+    return {
+        **head,
+        "tables": [
+            {
+                "family": f"ipv{t.family}",
+                "table": t.name,
+                "jump": args(t.jump) if t.jump else None,
+                "chains": {c.name: [args(r) for r in c.rules] for c in t.chains},
+            }
+            for t in ruleset.tables
+        ],
+    }
