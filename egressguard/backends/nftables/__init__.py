@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from egressguard import logs
 from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
-from egressguard.backends.nftables.transport import Nft, NftablesError, NftablesUnavailable, generation, set_elements
+from egressguard.backends.nftables.transport import (
+    Nft,
+    NftablesError,
+    NftablesUnavailable,
+    generation,
+    set_elements,
+    tables,
+)
 from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
 log = logs.get_logger("egressguard")
@@ -173,12 +180,11 @@ class NftablesBackend(Backend):
     def other_firewalls(self) -> list[str]:
         found = []
         try:
-            with Nft() as nft:
-                tables = [f"{t['table']['family']} {t['table']['name']}" for t in nft.list_json("tables")]
+            present = [f"{t.family} {t.name}" for t in tables()]
         except Exception as exc:  # noqa: BLE001 - a note in `status`, never a reason to fail
             found.append(f"nftables: could not be read ({type(exc).__name__}: {exc})")
         else:
-            others = [t for t in tables if t != render.TABLE]
+            others = [t for t in present if t != render.TABLE]
             if others:
                 found.append(f"nftables tables: {', '.join(others)} (their rules apply as well: "
                              "a packet any of them drops is dropped, whatever egressguard allows)")

@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
 
@@ -19,6 +19,8 @@ _OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 _NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES, _NFT_MSG_GETGEN, _NFTA_GEN_ID, _NLMSG_ERROR, _NLM_F_REQUEST = 10, 16, 1, 2, 1
 _NFT_MSG_GETSETELEM, _NLMSG_DONE, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 13, 3, 0x300, 0x10
+_NFT_MSG_GETTABLE, _NFTA_TABLE_NAME, _NFTA_TABLE_FLAGS = 1, 1, 2
+_FAMILY_NAMES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}  # NFPROTO_*
 _NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 
 _NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 0x10, 0x11, 12, 14
@@ -132,17 +134,21 @@ class Nft:
         return objs, dumped
 
     def _listed(self, what: str, terse: bool) -> list[dict[str, Any]]:
-        if terse and what.startswith("table "):
-            # libnftables 1.0.6 fetches every set element for `list table` even when terse (448 KB of
-            # netlink, ~5 MiB, for 10,000 intervals); for `list ruleset` terse it fetches none.
-            _, family, name = what.split()
-            try:
+        kind, _, rest = what.partition(" ")
+        if kind in ("table", "set", "chain"):
+            family, name = rest.split()[:2]
+            flagged = [t for t in tables() if t.flags and t.family == family]
+            mine = next((t for t in flagged if t.name == name), None)
+            if mine is not None:  # never printed as JSON (see `tables`)
+                raise NftablesError(f"table {family} {name} carries flags {mine.flags:#x}"
+                                    + (" (owner): it is owned by another program" if mine.flags & 2 else " (dormant)"))
+            if kind == "table" and terse and not flagged:
+                # libnftables 1.0.6 fetches every set element for `list table` even when terse (448 KB
+                # of netlink, ~5 MiB, for 10,000 intervals); for `list ruleset` terse it fetches none.
+                # That lists the family's other tables too: only while none carries a flag.
                 found = self._json(f"ruleset {family}", terse=True)
-            except NftablesError:
-                pass  # another program's table (flags owner) breaks 1.0.6's JSON: list ours alone
-            else:
-                return [o for o in found for kind, body in o.items()
-                        if body.get("name" if kind == "table" else "table") == name]
+                return [o for o in found for k, body in o.items()
+                        if body.get("name" if k == "table" else "table") == name]
         return self._json(what, terse)
 
     def _json(self, what: str, terse: bool) -> list[dict[str, Any]]:
@@ -196,10 +202,38 @@ def generation() -> int:
         answer = _request(_NFT_MSG_GETGEN, _NLM_F_REQUEST)
     except OSError as exc:
         raise NftablesError(f"nftables: the generation id could not be read: {exc.strerror or exc}") from None
-    for attr, value in attributes(answer[0][1] if answer else b""):
+    for attr, value in attributes(answer[0][2] if answer else b""):
         if attr == _NFTA_GEN_ID and len(value) >= 4:
             return int(struct.unpack_from(">I", value)[0])
     raise NftablesError("nftables: the kernel's answer holds no generation id")
+
+
+class TableInfo(NamedTuple):
+    family: str  # as nft names it: inet, ip, ip6, arp, bridge, netdev
+    name: str
+    flags: int  # NFT_TABLE_F_*: 1 dormant, 2 owner
+
+
+def tables() -> list[TableInfo]:
+    """Every nf_tables table in this namespace, from a netlink dump (NFT_MSG_GETTABLE).
+    Hand-written because libnftables 1.0.6 cannot list a table with exactly one flag (`dormant` or
+    `owner`) as JSON: it frees the flag's name before printing it (use after free: the JSON holds
+    garbage, or the process aborts with a corrupted heap; seen on this machine). So no table is
+    listed as JSON before this says it carries no flag."""
+    try:
+        answer = _request(_NFT_MSG_GETTABLE, _NLM_F_REQUEST | _NLM_F_DUMP)
+    except OSError as exc:
+        raise NftablesError(f"nftables: the tables could not be listed: {exc.strerror or exc}") from None
+    out = []
+    for _, family, payload in answer:
+        name, flags = "", 0
+        for attr, value in attributes(payload):
+            if attr == _NFTA_TABLE_NAME:
+                name = value.rstrip(b"\0").decode(errors="replace")
+            elif attr == _NFTA_TABLE_FLAGS and len(value) == 4:
+                flags = int(struct.unpack(">I", value)[0])
+        out.append(TableInfo(_FAMILY_NAMES.get(family, str(family)), name, flags))
+    return out
 
 
 def set_elements(table: str, name: str) -> list[bytes] | None:
@@ -216,9 +250,9 @@ def set_elements(table: str, name: str) -> list[bytes] | None:
         return None
     except OSError as exc:
         raise NftablesError(f"nftables: set {name} could not be read: {exc.strerror or exc}") from None
-    if any(flags & _NLM_F_DUMP_INTR for flags, _ in answer):
+    if any(flags & _NLM_F_DUMP_INTR for flags, _, _ in answer):
         return None
-    return [value for _, payload in answer for attr, value in attributes(payload) if attr == _NFTA_SET_ELEM_LIST_ELEMENTS]
+    return [value for _, _, payload in answer for attr, value in attributes(payload) if attr == _NFTA_SET_ELEM_LIST_ELEMENTS]
 
 
 def timed_elements(table: str, name: str) -> list[tuple[str, int]] | None:
@@ -254,11 +288,11 @@ def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
         at += (size + 3) & ~3
 
 
-def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes = b"") -> list[tuple[int, bytes]]:
-    """One nfnetlink request to nf_tables; its answers as (netlink flags, payload after nfgenmsg),
+def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes = b"") -> list[tuple[int, int, bytes]]:
+    """One nfnetlink request to nf_tables; its answers as (netlink flags, nfgenmsg family, payload after nfgenmsg),
     all of a dump's (up to NLMSG_DONE). An error answer raises OSError with the kernel's errno."""
     body = struct.pack("=BBH", family, 0, 0) + attrs
-    out: list[tuple[int, bytes]] = []
+    out: list[tuple[int, int, bytes]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
         sock.settimeout(5)
         sock.send(struct.pack("=IHHII", 16 + len(body), _NFNL_SUBSYS_NFTABLES << 8 | kind, flags, 1, 0) + body)
@@ -276,7 +310,7 @@ def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes
                     return out
                 if msg == _NLMSG_DONE:
                     return out
-                out.append((msg_flags, data[at + 20:at + length]))
+                out.append((msg_flags, data[at + 16] if length >= 20 else 0, data[at + 20:at + length]))
                 if not flags & _NLM_F_DUMP:
                     return out
                 at += (length + 3) & ~3
