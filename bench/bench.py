@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 EG = [sys.executable, "-m", "egressguard"]
@@ -475,6 +475,12 @@ def per_packet(runs: int, count: int, sizes: list[int]) -> dict[str, list[tuple[
                   f"-A EGB-LINEAR -o lo -j RETURN\n{rules}-A EGB-LINEAR -j REJECT\nCOMMIT\n")
         configs.append((f"linear chain, {n:,} rules, dest last",
                         lambda pod, text=linear: sh("iptables-legacy-restore", "-n", ns=pod, input=text)))
+    return _interleaved_rates(configs, dest, runs, count)
+
+
+def _interleaved_rates(configs: Sequence[tuple[str, Callable[[str], object]]], dest: str, runs: int,
+                       count: int) -> dict[str, list[tuple[float, float]]]:
+    """Connection rates of each config's pod (set up by its callable), measured in interleaved rounds."""
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
     with contextlib.ExitStack() as stack:
         pods = []
@@ -532,18 +538,10 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
                                                                      "{ type ipv4_addr; flags interval; }"),
         "not installed: a verdict cache for allowed connections": _verdict_cache(text),
     }
-    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
-    with contextlib.ExitStack() as stack:
-        pods = []
-        for name, script in configs.items():
-            pod = _pod_serving(stack, dest)
-            sh("nft", "-f", "-", ns=pod, input=script)
-            conn_rate(pod, dest, 200)  # warm up
-            pods.append((name, pod))
-        for _ in range(runs):
-            for name, pod in pods:
-                rates[name].append(conn_rate(pod, dest, count))
-    return rates
+    def load(script: str) -> Callable[[str], object]:
+        return lambda pod: sh("nft", "-f", "-", ns=pod, input=script)
+
+    return _interleaved_rates([(name, load(script)) for name, script in configs.items()], dest, runs, count)
 
 
 def peak_rss(sizes: list[int], runs: int = 3) -> list[tuple[str, float]]:
