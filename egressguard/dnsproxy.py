@@ -713,7 +713,7 @@ def main(args: Any) -> int:
     from egressguard import facts  # noqa: PLC0415
     from egressguard import policy as policy_mod  # noqa: PLC0415
     from egressguard.errors import EnvironmentUnsupported, PolicyError  # noqa: PLC0415
-    from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges  # noqa: PLC0415
+    from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges, holds  # noqa: PLC0415
 
     loaded = policy_mod.load(args.policy)
     policy = loaded.policy
@@ -738,7 +738,7 @@ def main(args: Any) -> int:
     elif os.getuid() != uid:
         raise EnvironmentUnsupported(f"`egressguard dns` runs as dns.forwarder_uid {uid} (or starts as root and "
                                      f"becomes it), not as uid {os.getuid()}: its own queries would be confined")
-    if not _has_net_admin():
+    if not holds(CAP_NET_ADMIN):
         raise EnvironmentUnsupported("`egressguard dns` needs CAP_NET_ADMIN (ambient) to add learned addresses")
     from egressguard import sidecar  # noqa: PLC0415
 
@@ -774,14 +774,6 @@ def main(args: Any) -> int:
     finally:
         sets.close()
     return 0
-
-
-def _has_net_admin() -> bool:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> 12 & 1)
-    return False
 
 
 def probe_forwarder(server: str = "192.0.2.1", timeout: float = 1.0, port: int = 53) -> str | None:

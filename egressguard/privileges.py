@@ -20,6 +20,21 @@ PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_NET_ADMIN = 12  # <linux/capability.h>
+CAP_NET_RAW = 13
+
+
+def effective_caps() -> int:
+    """This process's effective capabilities (CapEff in /proc/self/status), as a bit mask."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def holds(cap: int) -> bool:
+    """This process holds capability `cap` (e.g. CAP_NET_ADMIN) in its effective set."""
+    return bool(effective_caps() >> cap & 1)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from egressguard import logs, sidecar
 from egressguard.errors import EnvironmentUnsupported, PolicyError
-from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges, resolve_user
+from egressguard.privileges import CAP_NET_ADMIN, Identity, drop_privileges, holds, resolve_user
 from egressguard.ruleset import LOG_GROUP
 
 log = logs.get_logger("egressguard")
@@ -106,18 +106,12 @@ def open_group(group: int = LOG_GROUP) -> tuple[socket.socket, bool]:
             elif err:
                 held = f" (another reader holds NFLOG group {group} in this namespace)"
                 # the kernel answers EPERM both without CAP_NET_ADMIN and for a group bound by another socket
-                hint = {errno.EPERM: held if _has_net_admin() else " (needs CAP_NET_ADMIN)", errno.EBUSY: held}.get(err, "")
+                hint = {errno.EPERM: held if holds(CAP_NET_ADMIN) else " (needs CAP_NET_ADMIN)", errno.EBUSY: held}.get(err, "")
                 raise EnvironmentUnsupported(f"NFLOG group {group}: cannot {what}: {os.strerror(err)}{hint}")
     except BaseException:
         sock.close()
         raise
     return sock, conntrack
-
-
-def _has_net_admin() -> bool:
-    with open("/proc/self/status") as fh:
-        eff = next((int(line.split()[1], 16) for line in fh if line.startswith("CapEff:")), 0)
-    return bool(eff >> CAP_NET_ADMIN & 1)
 
 
 def _ack(sock: socket.socket, seq: int) -> int:

@@ -27,6 +27,7 @@ from egressguard.backends.iptables import fence, render, xtables_raw
 from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
 from egressguard.policy import Policy
+from egressguard.privileges import CAP_NET_ADMIN, CAP_NET_RAW, effective_caps
 from egressguard.ruleset import (
     DISPATCH,
     FAMILIES,
@@ -53,7 +54,6 @@ TABLES = ("filter", "nat")
 XTABLES_LOCK = "/run/xtables.lock"  # what `iptables -w` locks ($XTABLES_LOCKFILE overrides, as for iptables)
 XTABLES_LOCK_WAIT_S = 5.0
 COMMIT_ATTEMPTS = 20  # a commit that races another writer fails with EAGAIN: rebuild and retry
-CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 _PR_SET_PDEATHSIG = 1
 
 
@@ -162,14 +162,6 @@ def _versions(directory: str, prefix: str) -> list[str]:
     """Paths of `prefix`* in `directory`, shortest first (what glob gave, but each directory of a few
     thousand libraries is listed once, not once per library: ~3 ms each)."""
     return sorted((os.path.join(directory, f) for f in _listing(directory) if f.startswith(prefix)), key=len)
-
-
-def effective_caps() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
 
 
 def _in_children(*calls: tuple[Callable[..., T], Any]) -> list[T]:

@@ -16,24 +16,16 @@ from egressguard.backends.nftables.transport import (
     set_elements,
     tables,
 )
+from egressguard.privileges import CAP_NET_ADMIN, holds
 from egressguard.ruleset import AddressSet, Family, Rule, Ruleset
 
 log = logs.get_logger("egressguard")
 
-CAP_NET_ADMIN = 12
 # A transaction that raced another writer's commit (into our table) is read, rendered and sent again.
 COMMIT_ATTEMPTS = 10
 # The table the preflight's check transaction names (never created): not ours, see preflight.
 PREFLIGHT_TABLE = "inet egressguard_preflight"
 _LEGACY_NAMES = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
-
-
-def _effective_caps() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
 
 
 def legacy_tables_in_use() -> list[str]:
@@ -64,7 +56,7 @@ class NftablesBackend(Backend):
         kernel refuse that one name (EPERM), not nf_tables; the commit says so (exit 4)."""
         if self._checked:
             return
-        if not _effective_caps() >> CAP_NET_ADMIN & 1:
+        if not holds(CAP_NET_ADMIN):
             raise NftablesUnavailable("missing capability CAP_NET_ADMIN (nftables needs it)")
         try:
             with Nft() as nft:
