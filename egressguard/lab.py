@@ -264,6 +264,20 @@ def _op_raw(dest: str, timeout: float) -> Result:
     return Result("ok", detail="raw socket opened")
 
 
+def _op_upload(dest: str, port: int, timeout: float, size: int = 0) -> Result:
+    """Connect, hand the kernel `size` bytes and close at once, as a client that uploads and exits
+    does: what the peer has not yet taken is sent after close(), by a socket no process owns."""
+    s = socket.socket(_family(dest), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)  # all of it fits: close() never waits for the peer
+        s.connect(_sockaddr(dest, port))
+        s.sendall(b"u" * size)
+        return Result("ok", detail=f"{size} bytes written")
+    finally:
+        s.close()
+
+
 def _op_exec(argv: list[str], timeout: float) -> Result:
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
     return Result("ok" if p.returncode == 0 else "error", detail=f"exit {p.returncode}", answer=p.stdout + p.stderr)
@@ -271,6 +285,7 @@ def _op_exec(argv: list[str], timeout: float) -> Result:
 
 _OPS: dict[str, Callable[..., Result]] = {
     "tcp": _op_tcp, "udp": _op_udp, "dns": _op_dns, "ping": _op_ping, "raw": _op_raw, "exec": _op_exec,
+    "upload": _op_upload,
 }
 
 
@@ -940,6 +955,16 @@ class Lab:
         self._fork_server(self.world, "echo server", _serve_echo, port, log_path)
         return log_path
 
+    def world_sink(self, port: int) -> Path:
+        """Start a TCP sink on every world address at `port`. It accepts a connection and reads
+        nothing until the file `<log>.go` exists (its receive window fills, the sender's data waits in
+        the pod), then reads to the end and logs `<bytes received> <eof|reset|timeout>`; returns the
+        log. One connection at a time."""
+        log_path = self.workdir / f"sink-{port}.log"
+        log_path.touch()
+        self._fork_server(self.world, "sink", _serve_sink, port, log_path)
+        return log_path
+
     def start_relay(self, uid: int, port: int, divert: tuple[str, int] | None = None) -> Path:
         """A service-mesh relay in the pod (Envoy, linkerd2-proxy) running as `uid`: it listens on
         127.0.0.1 and ::1 at `port`, reads each connection's SO_ORIGINAL_DST, connects there as `uid`
@@ -1069,6 +1094,33 @@ def _hold(dest: str, port: int, timeout: float, cmds: Any, out: Any) -> None:
         out.write(json.dumps(res.__dict__) + "\n")
         out.flush()
     s.close()
+
+
+def _serve_sink(port: int, log_path: Path, ready_fd: int) -> None:
+    """See Lab.world_sink."""
+    go = log_path.with_suffix(".go")
+    lst = _listen(socket.SOCK_STREAM, port)
+    lst.setblocking(True)
+    os.write(ready_fd, b"ready")
+    os.close(ready_fd)
+    while True:
+        conn, _ = lst.accept()
+        deadline = time.monotonic() + 30
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.unlink(missing_ok=True)
+        conn.settimeout(2.0)
+        got, how = 0, "eof"
+        try:
+            while chunk := conn.recv(65536):
+                got += len(chunk)
+        except TimeoutError:
+            how = "timeout"
+        except OSError:
+            how = "reset"
+        conn.close()
+        with open(log_path, "a") as fh:
+            fh.write(f"{got} {how}\n")
 
 
 def _serve_echo(port: int, log_path: Path, ready_fd: int) -> None:

@@ -479,13 +479,30 @@ def _list_rules(
     return rules, list(sets.values())
 
 
-def _dispatch(policy: Policy, into: str) -> tuple[Rule, ...]:
+# confine: all: the conntrack mark bit of connections an exempt uid sent on. Only ever ORed in, as
+# LEARNED_CTMARK. What the kernel sends for such a connection once its socket is closed (the data
+# still buffered, the FIN, the last ACK from TIME_WAIT) has no socket owner; the bit lets it go on
+# as the exempt uid's, instead of being judged (and refused) as confined.
+EXEMPT_CTMARK = 0x20000000
+
+
+def _dispatch(policy: Policy, into: str, mark_exempt: bool = False, orig_sets: bool = False) -> tuple[Rule, ...]:
     """Under `confine: all`, exempt uids leave first, then everyone goes to `into`; under a uid
     list, only those uids go (a uid cannot be in both lists, so an exempt rule would only cost
-    every confined packet one more owner lookup)."""
+    every confined packet one more owner lookup). `mark_exempt` (the filter table): exempt uids'
+    connections carry EXEMPT_CTMARK, and socketless packets on them in their direction leave too
+    (`exempt-closing`); a confined uid's closed connection has no mark and is judged as before."""
     rules: list[Rule] = []
     if policy.confines_everyone:
-        rules += [Rule(target="RETURN", comment="exempt", uid=str(u)) for u in sorted(set(policy.exempt.uids))]
+        exempt = sorted(set(policy.exempt.uids))
+        for u in exempt:
+            if mark_exempt and not orig_sets:  # iptables: CONNMARK marks and goes on, the RETURN after it leaves
+                rules.append(Rule(target="CONNMARK", comment="exempt", uid=str(u), ctmark_set=EXEMPT_CTMARK))
+            rules.append(Rule(target="RETURN", comment="exempt", uid=str(u),
+                              ctmark_set=EXEMPT_CTMARK if mark_exempt and orig_sets else None))
+        if mark_exempt and exempt:
+            rules.append(Rule(target="RETURN", comment="exempt-closing", uid="!" + _ANY_USER, ctdir="ORIGINAL",
+                              ctmark=EXEMPT_CTMARK))
         rules.append(Rule(target=into, comment="confine"))
     else:
         uids = cast(list[int], policy.confine.uids)  # a list, unless confines_everyone
@@ -799,7 +816,8 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
                 family=family,
                 name="filter",
                 chains=(
-                    Chain(DISPATCH, (*_membership_reports(family), *_dispatch(policy, CONFINED))),
+                    Chain(DISPATCH, (*_membership_reports(family),
+                                      *_dispatch(policy, CONFINED, mark_exempt=True, orig_sets=orig_sets))),
                     Chain(CONFINED, tuple(confined)),
                     *refusal_chains,
                 ),

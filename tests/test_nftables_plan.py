@@ -150,8 +150,8 @@ def _rulesets(tmp: Path) -> dict[str, Any]:
         pol = policy_mod.load(str(ROOT / GOLDEN / f"{name}.yaml")).policy
         facts = Facts(resolvers=resolvers_for(pol, ROOT / RESOLV_CONF),
                       hosts={"api.example.com": ("203.0.113.20", "2001:db8:2::20"), "blocked.example.com": ("203.0.113.21",)})
-        out[name] = build(pol, facts)
-        out[f"{name}-lockdown"] = build(pol, facts, lockdown=True)
+        out[name] = build(pol, facts, orig_sets=True)  # as the nftables back end builds them
+        out[f"{name}-lockdown"] = build(pol, facts, lockdown=True, orig_sets=True)
     allow = [{"cidr": f"198.18.{i // 256}.{i % 256}/32", "ports": [5000]} for i in range(40)]
     allow.append({"cidr": "198.18.0.0/24", "ports": [5000]})  # overlaps the /32s: one interval in the kernel
     allow += [{"cidr": f"2001:db8:3::{i:x}/128", "protocol": "udp", "ports": [53, 5000]} for i in range(20)]
@@ -159,7 +159,7 @@ def _rulesets(tmp: Path) -> dict[str, Any]:
     path.write_text(json.dumps({"version": 1, "confine": {"uids": [1000]}, "allow": allow,
                                 "dns": {"resolvers": ["198.51.100.53"]}}))
     many = policy_mod.load(str(path)).policy
-    out["sets"] = build(many, Facts(resolvers=("198.51.100.53",)))
+    out["sets"] = build(many, Facts(resolvers=("198.51.100.53",)), orig_sets=True)
     return out
 
 

@@ -15,6 +15,7 @@ from egressguard.policy import DEFAULT_POLICY, validate
 from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
+    EXEMPT_CTMARK,
     FAMILIES,
     LEARNED_CTMARK,
     LOG_GROUP,
@@ -32,9 +33,10 @@ from egressguard.ruleset import (
 RESOLVERS = ("198.51.100.53", "2001:db8:53::53")
 
 
-def _build(extra: dict[str, Any] | None = None, *, facts: Facts | None = None, lockdown: bool = False) -> Ruleset:
+def _build(extra: dict[str, Any] | None = None, *, facts: Facts | None = None, lockdown: bool = False,
+           orig_sets: bool = False) -> Ruleset:
     data = {"version": 1, "confine": {"uids": [1000]}, "exempt": {"uids": [1001]}, **(extra or {})}
-    return build(validate(data), facts or Facts(resolvers=RESOLVERS), lockdown=lockdown)
+    return build(validate(data), facts or Facts(resolvers=RESOLVERS), lockdown=lockdown, orig_sets=orig_sets)
 
 
 def _chain(rs: Ruleset, family: int, table: str, name: str) -> tuple[Rule, ...]:
@@ -207,10 +209,31 @@ def test_outbound_rules_do_not_depend_on_connection_state() -> None:
 def test_exempt_uids_leave_dispatch_before_everyone_is_confined() -> None:
     rules = _chain(_build({"confine": {"uids": "all"}, "exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
     assert [(r.comment, r.uid, r.target) for r in rules if r.comment != "igmp"] == [
+        ("exempt", "1001", "CONNMARK"),
         ("exempt", "1001", "RETURN"),
+        ("exempt", "1003", "CONNMARK"),
         ("exempt", "1003", "RETURN"),
+        ("exempt-closing", "!0-4294967294", "RETURN"),
         ("confine", None, CONFINED),
     ]
+
+
+def test_under_confine_all_an_exempt_uids_connection_is_marked_and_its_socketless_packets_leave_with_it() -> None:
+    """What the kernel sends for an exempt uid's connection after close() has no socket owner: the
+    connection's mark, set by the exempt uid's own packets, lets it leave before `confine`. With
+    nftables the mark and the verdict are one rule; only the opener's direction, only that bit."""
+    data = {"confine": {"uids": "all"}, "exempt": {"uids": [1001]}}
+    for orig_sets, marking in ((False, [("CONNMARK", EXEMPT_CTMARK, None), ("RETURN", None, None)]),
+                               (True, [("RETURN", EXEMPT_CTMARK, None)])):
+        rules = [r for r in _chain(_build(data, orig_sets=orig_sets), 4, "filter", DISPATCH) if r.comment != "igmp"]
+        assert [(r.target, r.ctmark_set, r.ctmark) for r in rules if r.comment == "exempt"] == marking
+        closing = [r for r in rules if r.comment == "exempt-closing"]
+        assert [(r.uid, r.ctdir, r.ctmark, r.target) for r in closing] == [("!0-4294967294", "ORIGINAL", EXEMPT_CTMARK, "RETURN")]
+        assert rules[-1].comment == "confine" and rules.index(closing[0]) == len(rules) - 2
+    nat = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), 4, "nat", DISPATCH)
+    assert not [r for r in nat if r.ctmark_set or r.comment == "exempt-closing"]  # nat sees only first packets
+    listed = _chain(_build({"confine": {"uids": [1000]}, "exempt": {"uids": [1001]}}), 4, "filter", DISPATCH)
+    assert not [r for r in listed if r.ctmark_set or r.ctmark]  # socketless packets are not confined there
 
 
 def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() -> None:
@@ -235,7 +258,8 @@ def test_root_is_not_confined_unless_listed() -> None:
 
 def test_confine_all_sends_everyone_but_exempt_to_the_confined_chain() -> None:
     rules = _chain(_build({"confine": {"uids": "all"}}), 6, "filter", DISPATCH)
-    assert [(r.comment, r.uid) for r in rules if not r.comment.startswith("mld")] == [("exempt", "1001"), ("confine", None)]
+    assert [(r.comment, r.uid) for r in rules if not r.comment.startswith("mld")] == [
+        ("exempt", "1001"), ("exempt", "1001"), ("exempt-closing", "!0-4294967294"), ("confine", None)]
 
 
 def test_confine_all_lets_only_kernel_sockets_send_neighbour_discovery() -> None:
