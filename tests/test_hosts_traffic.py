@@ -12,6 +12,9 @@ from egressguard.lab import Lab
 
 pytestmark = pytest.mark.netns
 
+# Pod shapes, one per test in turn (tests/conftest.py): the guard must not depend on eth0.
+LAB_TOPOLOGIES = [{"iface": "tun0"}, {"iface": "eth0", "second_iface": "net1"}]
+
 
 def test_host_through_a_cname_allows_its_a_and_aaaa_addresses_only(lab: Lab) -> None:
     applied(lab, policy(allow=[{"host": "alias.test", "ports": [22]}]))

@@ -16,6 +16,9 @@ from egressguard.lab import Lab
 
 pytestmark = pytest.mark.netns
 
+# Pod shapes, one per test in turn (tests/conftest.py): the guard must not depend on eth0.
+LAB_TOPOLOGIES = [{"iface": "tap-0123456789a"}, {"iface": "veth1a2b3c4d", "second_iface": "tun0"}]
+
 
 def nft_sets(lab: Lab) -> dict[str, int]:
     return {name: n for name, (n, _flags) in nft_set_kinds(lab).items()}

@@ -14,6 +14,9 @@ from egressguard.lab import CONFINED, Lab
 
 pytestmark = pytest.mark.netns
 
+# Pod shapes, one per test in turn (tests/conftest.py): the guard must not depend on eth0.
+LAB_TOPOLOGIES = [{"iface": "net1"}, {"iface": "eth0"}]
+
 N = 10_000
 PORT = 5000  # a world TCP listener
 

@@ -110,11 +110,7 @@ ETH0_ONLY: dict[str, str] = {
                      "test_faults", "test_nftables_faults", "test_fence", "test_foreign_tools", "test_hostile_input",
                      "test_log_run", "test_nftables_apply", "test_nftables_commit_race",
                      "test_raw_readback", "test_resolution_limits", "test_run_in_netns", "test_verify_status"), _SEQUENCE),
-    **dict.fromkeys(("test_hosts_traffic", "test_nftables_hosts_traffic", "test_sets_traffic", "test_nftables_sets_traffic",
-                     "test_traffic_action", "test_nftables_traffic_action", "test_traffic_deny_redirect",
-                     "test_nftables_traffic_deny_redirect", "test_traffic_dns_config", "test_nftables_traffic_dns_config",
-                     "test_traffic_embedded_dns", "test_traffic_forged_rules", "test_nftables_traffic_forged_rules",
-                     "test_traffic_loopback_udp", "test_traffic_redirect", "test_nftables_traffic_redirect"), _DEBT),
+    **dict.fromkeys(("test_traffic_forged_rules", "test_nftables_traffic_forged_rules"), _DEBT),
 }
 
 

@@ -9,6 +9,9 @@ from egressguard.lab import OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, Lab
 
 pytestmark = pytest.mark.netns
 
+# The module's pod (tests/conftest.py): not eth0, so the guard is shown not to depend on it.
+LAB_TOPOLOGIES = [{"iface": "veth1a2b3c4d", "second_iface": "tun0"}]
+
 UNLISTED = {4: "203.0.113.12", 6: "2001:db8:2::12"}
 OTHER_RESOLVER = {4: OTHER_RESOLVER_V4, 6: OTHER_RESOLVER_V6}
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])

@@ -10,6 +10,9 @@ from egressguard.lab import Lab
 
 pytestmark = pytest.mark.netns
 
+# Pod shapes, one per test in turn (tests/conftest.py): the guard must not depend on eth0.
+LAB_TOPOLOGIES = [{"iface": "tun0"}, {"iface": "eth0"}]
+
 CASES = {4: ("203.0.113.11", "203.0.113.10"), 6: ("2001:db8:2::11", "2001:db8:2::10")}
 
 

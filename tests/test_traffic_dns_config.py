@@ -14,6 +14,9 @@ from egressguard.lab import EXEMPT, OTHER_RESOLVER_V4, OTHER_RESOLVER_V6, RESOLV
 
 pytestmark = pytest.mark.netns
 
+# The module's pod (tests/conftest.py): not eth0, so the guard is shown not to depend on it.
+LAB_TOPOLOGIES = [{"iface": "net1"}]
+
 RESOLVERS = (RESOLVER_V4, RESOLVER_V6)
 OTHERS = (OTHER_RESOLVER_V4, OTHER_RESOLVER_V6)
 TRANSPORT = pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])

@@ -37,7 +37,7 @@ def _serve_udp_echo(ports: tuple[int, ...], ready_fd: int) -> None:
 
 @pytest.fixture(scope="module")
 def udp_lab() -> Iterator[Lab]:
-    with Lab() as lab:
+    with Lab(iface="veth1a2b3c4d") as lab:  # not eth0: the guard must not depend on it
         lab._fork_server(lab.pod, "pod UDP echo", _serve_udp_echo, (LISTED, UNLISTED))
         applied(lab, policy(loopback=[LISTED]))
         yield lab

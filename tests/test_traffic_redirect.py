@@ -14,6 +14,9 @@ from egressguard.policy import DEFAULT_POLICY
 
 pytestmark = pytest.mark.netns
 
+# The module's pod (tests/conftest.py): not eth0, so the guard is shown not to depend on it.
+LAB_TOPOLOGIES = [{"iface": "tun0", "second_iface": "net1"}]
+
 HOSTS = {4: ("203.0.113.10", "203.0.113.12"), 6: ("2001:db8:2::10", "2001:db8:2::12")}
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
