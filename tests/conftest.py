@@ -44,8 +44,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """A fresh pod + world pair for one test; removed afterwards, also on failure. Its shape is
-    `Lab()`'s unless the module lists LAB_TOPOLOGIES (see pytest_generate_tests)."""
-    with Lab(**getattr(request, "param", {})) as built:
+    `Lab()`'s unless the module lists LAB_TOPOLOGIES (see pytest_generate_tests); in a module whose
+    `module_lab` is parametrized (an nftables twin's autouse fixture uses it), the shape of that
+    test's `module_lab`, so a test id never names a topology its pod does not have."""
+    shape = getattr(request, "param", None)
+    if shape is None:
+        callspec = getattr(request.node, "callspec", None)
+        shape = callspec.params.get("module_lab") if callspec is not None else None
+    with Lab(**(shape or {})) as built:
         yield built
 
 

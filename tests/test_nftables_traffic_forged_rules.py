@@ -14,6 +14,8 @@ from test_traffic_forged_rules import *  # noqa: F403 - the suite's tests, colle
 
 from egressguard.lab import Lab
 
+LAB_TOPOLOGIES = [{"iface": "tun0"}]  # another shape than the iptables run
+
 
 def _without_nft(lab: Lab, comment: str) -> None:
     """Delete the live rules with `comment` from our table, in the lab's pod only."""

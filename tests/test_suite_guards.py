@@ -104,13 +104,11 @@ PROBES = re.compile(r"\b(reached|refused_fast|stopped|dns_answered)\(|\.(tcp|udp
 STAR_IMPORT = re.compile(r"^from (test_\w+) import \*", re.MULTILINE)
 OWN_IFACE = re.compile(r"""\biface=(?!["']eth0["'])[\w"']|["']iface["']:\s*(?!["']eth0["'])[\w"']""")
 _SEQUENCE = "what it proves is the apply sequence (faults, exit codes, status, idempotence); probes are spot checks"
-_DEBT = "traffic suite written before the rule: to sample a second topology next"
 ETH0_ONLY: dict[str, str] = {
     **dict.fromkeys(("test_apply_foreign_rules", "test_apply_idempotent", "test_exit_codes", "test_exit_paths",
                      "test_faults", "test_nftables_faults", "test_fence", "test_foreign_tools", "test_hostile_input",
                      "test_log_run", "test_nftables_apply", "test_nftables_commit_race",
                      "test_raw_readback", "test_resolution_limits", "test_run_in_netns", "test_verify_status"), _SEQUENCE),
-    **dict.fromkeys(("test_traffic_forged_rules", "test_nftables_traffic_forged_rules"), _DEBT),
 }
 
 

@@ -1,6 +1,7 @@
 """Issue 10's rules, with real packets, judged by what the world receives: forged IPv6 sources
 (reflection off the pod's own kernel, our own REJECT reflecting), source routes (IPv6 routing
-headers, IPv4 source-route options), the redirect target reached from a socket bound to eth0, and
+headers, IPv4 source-route options), the redirect target reached from a socket bound to the pod's
+interface, and
 multicast membership reports. Every "blocked" has a control: the same attempt with the rule that
 blocks it removed from the live chain (or from the exempt uid), in the same lab."""
 
@@ -21,6 +22,9 @@ from egressguard import lab as lab_mod
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, ROOT, Lab, Result
 
 pytestmark = pytest.mark.netns
+
+# Pod shapes, one per test in turn (tests/conftest.py): the guard must not depend on eth0.
+LAB_TOPOLOGIES = [{"iface": "net1"}, {"iface": "eth0"}, {"iface": "veth1a2b3c4d"}]
 
 CONFINED = 1000
 IPV6_FREEBIND = 78
@@ -82,9 +86,9 @@ def _options_udp(first_hop: str, final: str, port: int, timeout: float, option: 
         s.close()
 
 
-def _join_groups(groups: list[str], hold: float, timeout: float, leave_each: bool = False) -> Result:
-    """Join multicast groups on eth0 (no privilege needed); the kernel then reports them."""
-    index = socket.if_nametoindex("eth0")
+def _join_groups(iface: str, groups: list[str], hold: float, timeout: float, leave_each: bool = False) -> Result:
+    """Join multicast groups on `iface` (no privilege needed); the kernel then reports them."""
+    index = socket.if_nametoindex(iface)
     socks: list[socket.socket] = []
     try:
         for group in groups:
@@ -180,10 +184,10 @@ def test_a_forged_source_is_dropped_not_rejected(lab: Lab) -> None:
 
 def _own_link_local(lab: Lab) -> str:
     for _ in range(50):  # the link-local address is usable once duplicate address detection is done
-        info = json.loads(lab.in_pod("ip", "-j", "-6", "addr", "show", "dev", "eth0", "scope", "link").stdout)
+        info = json.loads(lab.in_pod("ip", "-j", "-6", "addr", "show", "dev", lab.iface, "scope", "link").stdout)
         for a in info[0].get("addr_info", []) if info else []:
             if a.get("local") and not a.get("tentative"):
-                return f"{a['local']}%eth0"
+                return f"{a['local']}%{lab.iface}"
         time.sleep(0.1)
     raise RuntimeError("no usable link-local address in the pod")
 
@@ -246,11 +250,12 @@ def test_ipv4_options_from_an_unprivileged_socket_are_refused(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("local", ["127.0.0.1", "::1"])
-def test_redirect_target_does_not_pass_a_socket_bound_to_eth0(lab: Lab, local: str) -> None:
-    # Issue 10, item 6: SYNs to 127.0.0.1/::1:8444 from a socket bound to eth0 left on the link.
+def test_redirect_target_does_not_pass_a_socket_bound_to_the_pods_interface(lab: Lab, local: str) -> None:
+    # Issue 10, item 6: SYNs to 127.0.0.1/::1:8444 from a socket bound to eth0 (the pod's
+    # interface) left on the link.
     applied(lab, policy(loopback="allow", redirect=[{"ports": [80], "to_port": 8444}]))
     def attempt(uid: int) -> Callable[[], Any]:
-        return lambda: lab.probe("tcp_device", local, 8444, device="eth0", uid=uid, timeout=0.5)
+        return lambda: lab.probe("tcp_device", local, 8444, device=lab.iface, uid=uid, timeout=0.5)
     assert _received(lab, "tcp", 8444, attempt(CONFINED)) == 0
     assert _received(lab, "tcp", 8444, attempt(EXEMPT)) > 0  # control: the kernel does send them
 
@@ -272,7 +277,7 @@ def _reported(lab: Lab, uid: int, groups: list[str], hold: float = 1.2) -> tuple
     """Groups named by MLD reports, and IGMP frames, that reach the world while `uid` joins `groups`
     and holds them `hold` seconds (past the first retransmitted report) before leaving."""
     with WireCapture(lab) as cap:
-        lab.probe("t_join", groups, hold, uid=uid, timeout=hold + 2)
+        lab.probe("t_join", lab.iface, groups, hold, uid=uid, timeout=hold + 2)
         cap.barrier(lab)
         frames = cap.frames()
     return {g for f in frames for g in mld_groups(f)}, sum(1 for f in frames if f.proto == 2)
@@ -296,15 +301,15 @@ def test_membership_reports_for_chosen_groups_do_not_leave(lab: Lab, confine: di
 def test_solicited_node_reports_for_the_pods_own_addresses_still_leave(lab: Lab, confine: dict[str, Any]) -> None:
     applied(lab, policy(confine=confine))
     with WireCapture(lab) as cap:
-        lab.in_pod("ip", "-6", "addr", "add", "2001:db8:100::7:7/64", "dev", "eth0")
+        lab.in_pod("ip", "-6", "addr", "add", "2001:db8:100::7:7/64", "dev", lab.iface)
         # the kernel sends the report within its unsolicited report interval (1 s)
         assert cap.wait_for(lambda f: "ff02::1:ff07:7" in mld_groups(f), 2.5)
     assert lab.ping("2001:db8:100::1", uid=EXEMPT, timeout=2).ok  # neighbour discovery works
 
 
-def _paced_join(prefix: int, count: int, gap: float, timeout: float) -> Result:
+def _paced_join(iface: str, prefix: int, count: int, gap: float, timeout: float) -> Result:
     """Join `count` solicited-node groups ff02::1:ffPP:NNNN one by one (the 24 bits a report may carry)."""
-    index = socket.if_nametoindex("eth0")
+    index = socket.if_nametoindex(iface)
     socks = []
     try:
         for i in range(count):
@@ -332,7 +337,7 @@ def test_what_membership_reports_still_carry_is_bounded_by_the_limit(lab: Lab, f
     joins, gap, seconds = 200, 0.025, 5.0
     with WireCapture(lab) as cap:
         started = time.monotonic()
-        lab.probe("t_paced_join", 0x5A, joins, gap, uid=CONFINED, timeout=seconds + 5)
+        lab.probe("t_paced_join", lab.iface, 0x5A, joins, gap, uid=CONFINED, timeout=seconds + 5)
         cap.barrier(lab)
         span = time.monotonic() - started  # the window the frames below were sent in
         frames = [f for f in cap.frames() if is_mld_report(f)]
@@ -345,22 +350,22 @@ def test_what_membership_reports_still_carry_is_bounded_by_the_limit(lab: Lab, f
                    f"+ {groups_per_report * burst * 3} B burst)")
 
 
-_FORCE_MLD = "/proc/sys/net/ipv6/conf/eth0/force_mld_version"
+_FORCE_MLD = "/proc/sys/net/ipv6/conf/{}/force_mld_version"
 
 
-def _mixed_join(prefix: int, rounds: int, gap: float, timeout: float) -> Result:
+def _mixed_join(iface: str, prefix: int, rounds: int, gap: float, timeout: float) -> Result:
     """Join solicited-node groups ff02::1:ffPP:NNNN in batches of 1, 1, 2 and 2 back to back, then one
-    with MLDv1 forced on eth0 (an MLDv1 report), `gap` after each batch, `rounds` times. The kernel
+    with MLDv1 forced on `iface` (an MLDv1 report), `gap` after each batch, `rounds` times. The kernel
     sends each record twice, merged with what else is pending: MLDv2 reports of 1 to 4 records
     (rarely more). Runs as root (it writes the sysctl)."""
-    index = socket.if_nametoindex("eth0")
+    index = socket.if_nametoindex(iface)
     socks: list[socket.socket] = []
     n = 0
     try:
         for _ in range(rounds):
             for size in (1, 1, 2, 2, 0):  # 0: one group under MLDv1
                 if size == 0:
-                    with open(_FORCE_MLD, "w") as f:
+                    with open(_FORCE_MLD.format(iface), "w") as f:
                         f.write("1")
                 for _ in range(max(size, 1)):
                     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -369,7 +374,7 @@ def _mixed_join(prefix: int, rounds: int, gap: float, timeout: float) -> Result:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
                     n += 1
                 if size == 0:
-                    with open(_FORCE_MLD, "w") as f:
+                    with open(_FORCE_MLD.format(iface), "w") as f:
                         f.write("0")
                 time.sleep(gap)
         return Result("ok", str(n))
@@ -393,7 +398,7 @@ def _mixed_burst(lab: Lab, prefix: int, rounds: int = 40, gap: float = 0.02) -> 
     window they were sent in."""
     with WireCapture(lab) as cap:
         started = time.monotonic()
-        done = lab.probe("t_mixed_join", prefix, rounds, gap, uid=ROOT, timeout=rounds * 0.5 + 5)
+        done = lab.probe("t_mixed_join", lab.iface, prefix, rounds, gap, uid=ROOT, timeout=rounds * 0.5 + 5)
         assert done.ok, done
         cap.barrier(lab)
         span = time.monotonic() - started
