@@ -4,8 +4,10 @@ The confined chain lets a connection carrying LEARNED_CTMARK through whatever it
 (`dns-learned-open`), and the mark does not say which entry set it. So when a re-apply removes a
 learned entry (or changes it so its set goes away), every marked connection that entry could have
 admitted (its family, protocol and port) and that no entry of the new policy allows now (its set
-holds the address, on its protocol and port) is deleted from conntrack: its next packet starts a
-new, unmarked entry, which the new rules refuse. Among them may be a kept entry's connection on
+holds the address, on its protocol and port) loses that mark bit (only that bit: the entry and its
+other bits stay): its next packet is judged afresh, and the new rules refuse it. The entry is not
+deleted: its CONFINED_CTMARK bit must stay, or what the kernel sends after the process closed the
+socket (no uid on it) would start a new, unmarked entry that no rule confines. Among them may be a kept entry's connection on
 the same protocol and port whose address already expired: nothing in the kernel says which entry
 opened it, so it is cut too (fail-closed); a client reconnects after resolving again. A re-apply
 that removes no learned set cuts nothing. pyroute2's ctnetlink client: the kernel's conntrack
@@ -88,8 +90,8 @@ def allowed_now(policy: Policy, held: Sequence[LearnedHolding]) -> Callable[[Mar
 
 
 def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable[[Marked], bool]) -> int:
-    """Delete the conntrack entries of `suspect` marked connections `policy` does not allow now
-    (`allowed_now`). Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
+    """Clear LEARNED_CTMARK from the conntrack entries of `suspect` marked connections `policy` does
+    not allow now (`allowed_now`). Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
     apply then falls back to the lockdown: a connection it should cut is never left open)."""
     from pyroute2 import Conntrack  # noqa: PLC0415 - only proxy-mode applies that must cut need it
     from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
@@ -100,14 +102,14 @@ def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable
     for family, af in families:
         try:
             with Conntrack(nfgen_family=af) as ct:
-                # Listed whole first: a delete while the dump is read ends pyroute2's generator.
+                # Listed whole first: a change while the dump is read ends pyroute2's generator.
                 entries = list(ct.dump_entries(mark=LEARNED_CTMARK, mark_mask=LEARNED_CTMARK))
                 for e in entries:
                     m = _marked(family, e.tuple_orig)
                     if not suspect(m) or allowed(m):
                         continue
-                    try:
-                        ct.entry("del", tuple_orig=e.tuple_orig)
+                    try:  # the kernel's new mark: (mark & ~mark_mask) ^ 0, i.e. that one bit cleared
+                        ct.entry("set", tuple_orig=e.tuple_orig, mark=0, mark_mask=LEARNED_CTMARK)
                     except NetlinkError as exc:
                         if exc.code != errno.ENOENT:  # ended on its own meanwhile
                             raise

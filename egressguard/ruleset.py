@@ -479,34 +479,36 @@ def _list_rules(
     return rules, list(sets.values())
 
 
-# confine: all: the conntrack mark bit of connections an exempt uid sent on. Only ever ORed in, as
-# LEARNED_CTMARK. What the kernel sends for such a connection once its socket is closed (the data
-# still buffered, the FIN, the last ACK from TIME_WAIT) has no socket owner; the bit lets it go on
-# as the exempt uid's, instead of being judged (and refused) as confined.
+# The conntrack mark bits of connections by whom they belong to, set by that uid's own packets in
+# the filter table and only ever ORed in (as LEARNED_CTMARK). What the kernel sends for a connection
+# once its socket is closed (data still buffered, the FIN, the last ACK from TIME_WAIT) has no socket
+# owner, so no uid match sees it; the bit says whose it is. `confine: all`: an exempt uid's (its tail
+# leaves with it, instead of being refused as confined). A uid list: a confined uid's (its tail is
+# judged as it is, instead of leaving unconfined after a re-apply took its destination's allow away).
 EXEMPT_CTMARK = 0x20000000
+CONFINED_CTMARK = 0x10000000
 
 
-def _dispatch(policy: Policy, into: str, mark_exempt: bool = False, orig_sets: bool = False) -> tuple[Rule, ...]:
+def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = False) -> tuple[Rule, ...]:
     """Under `confine: all`, exempt uids leave first, then everyone goes to `into`; under a uid
     list, only those uids go (a uid cannot be in both lists, so an exempt rule would only cost
-    every confined packet one more owner lookup). `mark_exempt` (the filter table): exempt uids'
-    connections carry EXEMPT_CTMARK, and socketless packets on them in their direction leave too
-    (`exempt-closing`); a confined uid's closed connection has no mark and is judged as before."""
+    every confined packet one more owner lookup). `mark` (the filter table): the uids named mark
+    their connections (EXEMPT_CTMARK, CONFINED_CTMARK), and socketless packets on a marked connection,
+    in its opener's direction, go the same way (`exempt-closing`, `confine-closing`). `orig_sets`
+    (nftables): a rule marks and jumps at once; iptables' CONNMARK marks and goes on to the next."""
+    named, bit, verdict, closing = (
+        (sorted(set(policy.exempt.uids)), EXEMPT_CTMARK, "RETURN", "exempt-closing") if policy.confines_everyone
+        else (sorted(set(cast(list[int], policy.confine.uids))), CONFINED_CTMARK, into, "confine-closing"))
+    comment = "exempt" if policy.confines_everyone else "confine"
     rules: list[Rule] = []
+    for u in named:
+        if mark and not orig_sets:
+            rules.append(Rule(target="CONNMARK", comment=comment, uid=str(u), ctmark_set=bit))
+        rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None))
+    if mark and named:
+        rules.append(Rule(target=verdict, comment=closing, uid="!" + _ANY_USER, ctdir="ORIGINAL", ctmark=bit))
     if policy.confines_everyone:
-        exempt = sorted(set(policy.exempt.uids))
-        for u in exempt:
-            if mark_exempt and not orig_sets:  # iptables: CONNMARK marks and goes on, the RETURN after it leaves
-                rules.append(Rule(target="CONNMARK", comment="exempt", uid=str(u), ctmark_set=EXEMPT_CTMARK))
-            rules.append(Rule(target="RETURN", comment="exempt", uid=str(u),
-                              ctmark_set=EXEMPT_CTMARK if mark_exempt and orig_sets else None))
-        if mark_exempt and exempt:
-            rules.append(Rule(target="RETURN", comment="exempt-closing", uid="!" + _ANY_USER, ctdir="ORIGINAL",
-                              ctmark=EXEMPT_CTMARK))
         rules.append(Rule(target=into, comment="confine"))
-    else:
-        uids = cast(list[int], policy.confine.uids)  # a list, unless confines_everyone
-        rules += [Rule(target=into, comment="confine", uid=str(u)) for u in sorted(set(uids))]
     return tuple(rules)
 
 
@@ -817,7 +819,7 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
                 name="filter",
                 chains=(
                     Chain(DISPATCH, (*_membership_reports(family),
-                                      *_dispatch(policy, CONFINED, mark_exempt=True, orig_sets=orig_sets))),
+                                      *_dispatch(policy, CONFINED, mark=True, orig_sets=orig_sets))),
                     Chain(CONFINED, tuple(confined)),
                     *refusal_chains,
                 ),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +141,24 @@ def lab_with(pol: dict[str, Any]) -> Any:
         yield module_lab
 
     return lab
+
+
+UPLOAD = 200_000  # bytes: more than a sink's window takes before it reads, less than the pod's send buffer
+
+
+def uploaded(lab: Lab, sink: Path, dest: str, port: int, uid: int,
+             meanwhile: Callable[[], object] = lambda: None) -> str:
+    """`uid` writes UPLOAD bytes to the world sink (Lab.world_sink) at dest:port and closes at once;
+    `meanwhile` runs after close(), while most of the data still waits in the pod, sent later by a
+    socket no process owns; then the sink reads. Returns its log line: what arrived, and how it ended."""
+    before = len(sink.read_text().splitlines())
+    res = lab.probe("upload", dest, port, uid=uid, size=UPLOAD, timeout=5.0)
+    assert res.ok, f"uid {uid}: upload to {dest}:{port} got {res}"
+    meanwhile()
+    sink.with_suffix(".go").touch()
+    for _ in range(100):
+        lines = sink.read_text().splitlines()
+        if len(lines) > before:
+            return lines[before]
+        time.sleep(0.05)
+    raise AssertionError("the sink logged no connection")

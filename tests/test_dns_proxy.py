@@ -25,7 +25,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
-from egtraffic import FAST, applied, policy, reached, refused_fast
+from egtraffic import FAST, UPLOAD, applied, policy, reached, refused_fast, uploaded
 from mesh import ISTIO
 from test_traffic_mesh import through_relay
 from wire import WireCapture
@@ -377,7 +377,7 @@ def echo(module_lab: Lab, world: World) -> dict[int, Path]:
 def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_others(
         module_lab: Lab, world: World, echo: dict[int, Path]) -> None:
     """A connection a learned address let through carries the mark that keeps it open after the
-    address expires. A re-apply without its entry deletes it from conntrack (its next packet is
+    address expires. A re-apply without its entry clears that mark bit (its next packet is
     judged afresh and refused); connections of entries the new policy keeps go on: one whose
     address is still learned on the same port, and one whose address expired on a port the removed
     entry never allowed. The same policy again cuts nothing; removing that last entry cuts it."""
@@ -419,6 +419,41 @@ def test_reapply_that_removes_an_entry_cuts_its_open_connections_and_keeps_the_o
         fwd.stop()
         world.set(RECORDS)
         applied(lab, PROXY)
+
+
+SINK_PORT = 7780  # a world sink (Lab.world_sink) on every world address
+# NARROW plus gone.test on the sink's port: the entry a re-apply to NARROW removes.
+CLOSING = {**NARROW, "allow": [*NARROW["allow"], {"host": "gone.test", "ports": [SINK_PORT]}]}
+
+
+@pytest.fixture(scope="module")
+def sink(module_lab: Lab, echo: dict[int, Path]) -> Path:  # echo: GONE is a world address
+    return module_lab.world_sink(SINK_PORT)
+
+
+def test_what_a_process_wrote_before_closing_stops_when_a_reapply_cuts_its_learned_connection(
+        module_lab: Lab, world: World, sink: Path) -> None:
+    """The cut clears the learned bit of the connection's conntrack mark and keeps the entry, whose
+    confined bit sends what the kernel sends after close() (no uid on it) through the new rules:
+    most of the upload waits in the pod when the re-apply removes gone.test, and never arrives. The
+    control: the same upload with the same policy re-applied instead (nothing cut) arrives whole."""
+    lab = module_lab
+    world.set({**RECORDS, "gone.test": {"A": [GONE], "ttl": 60}})
+    applied(lab, CLOSING)
+    fwd = Forwarder(lab, lab.write_policy(CLOSING, "closing.yaml"))
+    got: dict[str, str] = {}
+    try:
+        for what, then in (("kept", CLOSING), ("cut", NARROW)):
+            applied(lab, CLOSING)
+            assert resolve(lab, "gone.test") == ("NOERROR", [GONE])
+            got[what] = uploaded(lab, sink, GONE, SINK_PORT, CONFINED, meanwhile=lambda p=then: applied(lab, p))
+    finally:
+        fwd.stop()
+        world.set(RECORDS)
+        applied(lab, PROXY)
+    assert got["kept"] == f"{UPLOAD} eof", got
+    arrived, how = got["cut"].split()
+    assert 0 < int(arrived) < UPLOAD and how != "eof", got
 
 
 def test_reapplying_the_same_policy_keeps_a_connection_whose_address_expired(

@@ -14,6 +14,7 @@ from egressguard.backends.iptables.render import args, render, to_json
 from egressguard.policy import DEFAULT_POLICY, validate
 from egressguard.ruleset import (
     CONFINED,
+    CONFINED_CTMARK,
     DISPATCH,
     EXEMPT_CTMARK,
     FAMILIES,
@@ -121,7 +122,8 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
     targets = {r.target for t in rs.tables for c in t.chains for r in c.rules}
     assert "ACCEPT" not in targets
     refusal_chains = {c.name for t in rs.tables for c in t.chains if refuse_index(c.name) is not None}
-    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", CONFINED, REDIRECT, *refusal_chains}
+    # CONNMARK only marks (iptables' dispatch: whose connection it is) and goes on to the next rule
+    assert targets <= {"RETURN", "REJECT", "DROP", "REDIRECT", "NFLOG", "CONNMARK", CONFINED, REDIRECT, *refusal_chains}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,22 +220,26 @@ def test_exempt_uids_leave_dispatch_before_everyone_is_confined() -> None:
     ]
 
 
-def test_under_confine_all_an_exempt_uids_connection_is_marked_and_its_socketless_packets_leave_with_it() -> None:
-    """What the kernel sends for an exempt uid's connection after close() has no socket owner: the
-    connection's mark, set by the exempt uid's own packets, lets it leave before `confine`. With
-    nftables the mark and the verdict are one rule; only the opener's direction, only that bit."""
-    data = {"confine": {"uids": "all"}, "exempt": {"uids": [1001]}}
-    for orig_sets, marking in ((False, [("CONNMARK", EXEMPT_CTMARK, None), ("RETURN", None, None)]),
-                               (True, [("RETURN", EXEMPT_CTMARK, None)])):
+@pytest.mark.parametrize(("confine", "bit", "verdict", "closing"), [
+    ("all", EXEMPT_CTMARK, "RETURN", "exempt-closing"), ([1000], CONFINED_CTMARK, CONFINED, "confine-closing")],
+    ids=["confine-all", "uid-list"])
+def test_the_uids_named_mark_their_connections_and_socketless_packets_on_them_go_the_same_way(
+        confine: Any, bit: int, verdict: str, closing: str) -> None:
+    """What the kernel sends for a connection after close() has no socket owner: the connection's
+    mark, set by the named uid's own packets, sends it where that uid's packets go (`confine: all`:
+    out with the exempt uid; a uid list: to the confined chain). With nftables the mark and the verdict
+    are one rule; only the opener's direction, only that bit; never in nat, which sees first packets."""
+    data = {"confine": {"uids": confine}, "exempt": {"uids": [1001]}}
+    named = "1001" if confine == "all" else "1000"
+    for orig_sets, marking in ((False, [("CONNMARK", bit), (verdict, None)]), (True, [(verdict, bit)])):
         rules = [r for r in _chain(_build(data, orig_sets=orig_sets), 4, "filter", DISPATCH) if r.comment != "igmp"]
-        assert [(r.target, r.ctmark_set, r.ctmark) for r in rules if r.comment == "exempt"] == marking
-        closing = [r for r in rules if r.comment == "exempt-closing"]
-        assert [(r.uid, r.ctdir, r.ctmark, r.target) for r in closing] == [("!0-4294967294", "ORIGINAL", EXEMPT_CTMARK, "RETURN")]
-        assert rules[-1].comment == "confine" and rules.index(closing[0]) == len(rules) - 2
+        assert [(r.target, r.ctmark_set) for r in rules if r.uid == named] == marking
+        closings = [r for r in rules if r.comment == closing]
+        assert [(r.uid, r.ctdir, r.ctmark, r.target) for r in closings] == [("!0-4294967294", "ORIGINAL", bit, verdict)]
+        after = rules[rules.index(closings[0]) + 1:]
+        assert [r.comment for r in after] == (["confine"] if confine == "all" else [])
     nat = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), 4, "nat", DISPATCH)
-    assert not [r for r in nat if r.ctmark_set or r.comment == "exempt-closing"]  # nat sees only first packets
-    listed = _chain(_build({"confine": {"uids": [1000]}, "exempt": {"uids": [1001]}}), 4, "filter", DISPATCH)
-    assert not [r for r in listed if r.ctmark_set or r.ctmark]  # socketless packets are not confined there
+    assert not [r for r in nat if r.ctmark_set or r.ctmark or "closing" in r.comment]
 
 
 def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() -> None:
@@ -243,9 +249,10 @@ def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() ->
     for family in FAMILIES:
         for table, into in (("filter", CONFINED), ("nat", REDIRECT)):
             rules = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), family, table, DISPATCH)
+            marks = table == "filter"  # the filter table also marks the connection (iptables: CONNMARK first)
             assert [(r.comment, r.uid, r.target) for r in rules if r.uid is None or not r.uid.startswith("!")] == [
-                ("confine", "1000", into),
-                ("confine", "1002", into),
+                *([("confine", "1000", "CONNMARK")] if marks else []), ("confine", "1000", into),
+                *([("confine", "1002", "CONNMARK")] if marks else []), ("confine", "1002", into),
             ]
 
 
@@ -253,7 +260,7 @@ def test_root_is_not_confined_unless_listed() -> None:
     rules = _chain(_build(), 4, "filter", DISPATCH)
     assert "0" not in {r.uid for r in rules}
     listed = _chain(_build({"confine": {"uids": [0, 1000]}}), 4, "filter", DISPATCH)
-    assert [r.uid for r in listed if r.comment == "confine"] == ["0", "1000"]
+    assert [r.uid for r in listed if r.comment == "confine" and r.target == CONFINED] == ["0", "1000"]
 
 
 def test_confine_all_sends_everyone_but_exempt_to_the_confined_chain() -> None:
@@ -458,7 +465,7 @@ def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(fam
 
 def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
     rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
-    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.comment != "igmp"] == ["1000", "1002"]
+    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.target == CONFINED] == ["1000", "1002", "!0-4294967294"]
 
 
 # -- determinism, digest, rendering ------------------------------------------------------------

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from egtraffic import FAST, applied, dns_answered, reached, stopped
+from egtraffic import FAST, UPLOAD, applied, dns_answered, reached, stopped, uploaded
 
 from egressguard.lab import EXEMPT, POD_V4, POD_V6, RESOLVER_V4, RESOLVER_V6, ROOT, Lab
 
@@ -33,7 +32,6 @@ POD = {4: POD_V4, 6: POD_V6}
 FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 UNLISTED_UIDS = pytest.mark.parametrize("uid", [ROOT, 1002, 65534], ids=["root", "uid-1002", "nobody"])
 SINK_PORT = 7777  # the world's sink (Lab.world_sink): no world server listens there
-UPLOAD = 200_000  # bytes: more than the sink's window takes before it reads, less than the pod's send buffer
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +43,6 @@ def lab(module_lab: Lab) -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def sink(lab: Lab) -> Path:
     return lab.world_sink(SINK_PORT)
-
-
-def _uploaded(lab: Lab, sink: Path, dest: str, uid: int, meanwhile: Callable[[], object] = lambda: None) -> str:
-    """`uid` writes UPLOAD bytes to dest's sink and closes at once; `meanwhile` runs after close()
-    while most of the data still waits in the pod; then the sink reads. Its log line: what arrived."""
-    before = len(sink.read_text().splitlines())
-    res = lab.probe("upload", dest, SINK_PORT, uid=uid, size=UPLOAD, timeout=5.0)
-    assert res.ok, f"uid {uid}: upload to {dest} got {res}"
-    meanwhile()
-    sink.with_suffix(".go").touch()
-    for _ in range(100):
-        lines = sink.read_text().splitlines()
-        if len(lines) > before:
-            return lines[before]
-        time.sleep(0.05)
-    raise AssertionError("the sink logged no connection")
 
 
 def _flush_neighbours(lab: Lab) -> None:
@@ -95,7 +77,7 @@ def test_exempt_uid_is_not_confined(lab: Lab, family: int) -> None:
 def test_what_the_exempt_uid_sent_before_closing_arrives_whole(lab: Lab, sink: Path, family: int) -> None:
     """Most of the upload leaves after close(), sent by a socket no process owns (as are the FIN and
     the last ACK from TIME_WAIT): the exempt uid's connection keeps its exemption to the end."""
-    assert _uploaded(lab, sink, UNLISTED[family], EXEMPT) == f"{UPLOAD} eof"
+    assert uploaded(lab, sink, UNLISTED[family], SINK_PORT, EXEMPT) == f"{UPLOAD} eof"
 
 
 @FAMILIES
@@ -110,7 +92,7 @@ def test_a_closed_confined_connection_is_still_judged_when_its_destination_loses
     for uid in (ROOT, EXEMPT):
         applied(lab, allowing)
         try:
-            cut[uid] = _uploaded(lab, sink, UNLISTED[family], uid, meanwhile=lambda: applied(lab, POLICY))
+            cut[uid] = uploaded(lab, sink, UNLISTED[family], SINK_PORT, uid, meanwhile=lambda: applied(lab, POLICY))
         finally:
             applied(lab, POLICY)
     got, how = cut[ROOT].split()
@@ -118,20 +100,25 @@ def test_a_closed_confined_connection_is_still_judged_when_its_destination_loses
     assert cut[EXEMPT] == f"{UPLOAD} eof", cut
 
 
-def test_under_a_uid_list_a_closed_connection_sends_what_it_had_written_after_its_allow_is_gone(
-        lab: Lab, sink: Path) -> None:
-    """Pinned down, not stopped (README, "Not stopped"): under `confine: uids`, packets no process owns
-    are never confined, so what a confined uid wrote before close() still leaves after a re-apply
-    that takes the destination's allow away (at most one socket's send buffer, to a host that was
-    allowed). `confine: all` cuts it (the test above)."""
+@FAMILIES
+def test_under_a_uid_list_a_closed_confined_connection_is_still_judged_when_its_destination_loses_its_allow(
+        lab: Lab, sink: Path, family: int) -> None:
+    """`confine: uids`: packets no process owns are confined when the connection is a listed uid's
+    (its mark), so what uid 1000 wrote before close() stops at the re-apply that takes its
+    destination's allow away. The control: an unlisted uid's same upload, the same way, arrives whole."""
     listed = {**POLICY, "confine": {"uids": [1000]}}
-    allowing = {**listed, "allow": [*POLICY["allow"], {"cidr": f"{UNLISTED[4]}/32", "ports": [SINK_PORT]}]}
-    applied(lab, allowing)
+    host = f"{UNLISTED[family]}/{32 if family == 4 else 128}"
+    allowing = {**listed, "allow": [*POLICY["allow"], {"cidr": host, "ports": [SINK_PORT]}]}
+    got: dict[int, str] = {}
     try:
-        got = _uploaded(lab, sink, UNLISTED[4], 1000, meanwhile=lambda: applied(lab, listed))
+        for uid in (1000, 1002):
+            applied(lab, allowing)
+            got[uid] = uploaded(lab, sink, UNLISTED[family], SINK_PORT, uid, meanwhile=lambda: applied(lab, listed))
     finally:
         applied(lab, POLICY)
-    assert got == f"{UPLOAD} eof"
+    arrived, how = got[1000].split()
+    assert 0 < int(arrived) < UPLOAD and how != "eof", got
+    assert got[1002] == f"{UPLOAD} eof", got
 
 
 @FAMILIES
