@@ -495,14 +495,15 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
     every confined packet one more owner lookup). `mark` (the filter table): the uids named mark
     their connections (EXEMPT_CTMARK, CONFINED_CTMARK), and socketless packets on a marked connection,
     in its opener's direction, go the same way (`exempt-closing`, `confine-closing`). `orig_sets`
-    (nftables): a rule marks and jumps at once; iptables' CONNMARK marks and goes on to the next."""
+    (nftables): a rule marks and jumps at once; iptables' CONNMARK marks and goes on to the next
+    (a uid list's is the confined chain's first rule, `_confined_head`: no owner match to repeat)."""
     named, bit, verdict, closing = (
         (sorted(set(policy.exempt.uids)), EXEMPT_CTMARK, "RETURN", "exempt-closing") if policy.confines_everyone
         else (sorted(set(cast(list[int], policy.confine.uids))), CONFINED_CTMARK, into, "confine-closing"))
     comment = "exempt" if policy.confines_everyone else "confine"
     rules: list[Rule] = []
     for u in named:
-        if mark and not orig_sets:
+        if mark and not orig_sets and policy.confines_everyone:  # a uid list's: atop the confined chain
             rules.append(Rule(target="CONNMARK", comment=comment, uid=str(u), ctmark_set=bit))
         rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None))
     if mark and named:
@@ -533,11 +534,15 @@ def _membership_reports(family: Family) -> list[Rule]:
     return rules
 
 
-def _confined_head(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
+def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool = False) -> list[Rule]:
     """What confined traffic meets first, in lockdown and under the policy: the kernel's own packets
     that must keep working, then the source invariant and source routes, then replies."""
     kernel = "!" + _ANY_USER
     rules: list[Rule] = []
+    if not policy.confines_everyone and not orig_sets:
+        # iptables, a uid list: only the listed uids' packets and their connections' socketless ones
+        # come here, so marking every packet is marking the listed uids' connections (_dispatch).
+        rules.append(Rule(target="CONNMARK", comment="confine", ctmark_set=CONFINED_CTMARK))
     if family == 6 and policy.confines_everyone:
         # The kernel's own neighbour discovery: only from kernel sockets, never a user's. Before the
         # source check: duplicate address detection sends from `::`.
@@ -653,7 +658,7 @@ def _confined(
     Destinations are judged as the connection was addressed (conntrack's original tuple): a
     mesh sidecar's nat redirect (Istio, Linkerd) reaches this chain with the relay's address,
     127.0.0.1:15001, and its original destination is what the confined process asked for."""
-    rules = _confined_head(policy, family, facts)
+    rules = _confined_head(policy, family, facts, orig_sets)
     rules += _metadata(policy, family)
     sets: list[AddressSet] = []
     if not lockdown:
