@@ -534,6 +534,10 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
         "less everything but the allow rule": _without(text, "forged-source", "ip-options", "replies", "metadata",
                                                        "loopback", "dns", "nat-elsewhere", "default"),
         "less the whole confined chain (dispatch only)": _without(text),
+        "less confine-closing (closed sockets' packets go unjudged, as before run U)":
+            _without(text, "confine-closing", chain="dispatch4"),
+        "less confine-closing and the connection mark": _without(text, "confine-closing", chain="dispatch4").replace(
+            " ct mark set ct mark or 0x10000000 jump confined4", " jump confined4"),
         "its set as an interval set (as before run T)": text.replace("{ type ipv4_addr; }",
                                                                      "{ type ipv4_addr; flags interval; }"),
         "not installed: a verdict cache for allowed connections": _verdict_cache(text),
