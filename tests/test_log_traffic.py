@@ -14,10 +14,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from egtraffic import FAST, applied, policy, reached
+from egtraffic import FAST, UPLOAD, applied, policy, reached, uploaded
 
 from egressguard.lab import CONFINED, EXEMPT, METADATA_V4, ROOT, Lab
 
@@ -321,6 +322,31 @@ def test_allowed_traffic_meets_no_log_rule_in_the_kernel(lab: Lab) -> None:
     assert lab.tcp("203.0.113.11", 22, timeout=FAST).blocked  # the control: a refusal does move them
     after = _counts(lab)["logged"]
     assert after["deny[0]"] == before.get("deny[0]", 0) + 1
+
+
+SINK_PORT = 7781
+
+
+@pytest.fixture(scope="module")
+def sink(module_lab: Lab) -> Path:
+    return module_lab.world_sink(SINK_PORT)
+
+
+def test_what_a_closed_socket_sent_after_its_allow_went_is_logged_without_a_uid(
+        lab: Lab, watcher: Watcher, sink: Path) -> None:
+    """README ("uid": null): the confined uid uploads to a host allowed on the sink's port and closes;
+    a re-apply takes the allow away while most of the data waits in the pod. The rest, sent by no
+    process, is refused by the default line and logged with no uid; nothing of it arrives."""
+    allowing = {**POLICY, "allow": [*POLICY["allow"], {"cidr": "203.0.113.12/32", "ports": [SINK_PORT]}]}
+    applied(lab, allowing)
+    try:
+        got = uploaded(lab, sink, "203.0.113.12", SINK_PORT, CONFINED, meanwhile=lambda: applied(lab, POLICY))
+    finally:
+        applied(lab, POLICY)
+    arrived, how = got.split()
+    assert 0 < int(arrived) < UPLOAD and how != "eof", got
+    assert [e for e in _refused(watcher.stop()) if e[1] == "203.0.113.12"] == [
+        (None, "203.0.113.12", SINK_PORT, "tcp", "default")]
 
 
 def test_watch_runs_as_nobody_with_only_cap_net_admin(lab: Lab, watcher: Watcher) -> None:
