@@ -7,8 +7,8 @@ admitted (its family, protocol and port) and that no entry of the new policy all
 holds the address, on its protocol and port) loses that mark bit (only that bit: the entry and its
 other bits stay): its next packet is judged afresh, and the new rules refuse it. The entry is not
 deleted: its CONFINED_CTMARK bit must stay, or what the kernel sends after the process closed the
-socket (no uid on it) would start a new, unmarked entry that no rule confines. Among them may be a kept entry's connection on
-the same protocol and port whose address already expired: nothing in the kernel says which entry
+socket (no uid on it) would start a new, unmarked entry that no rule confines. Among them may be a
+kept entry's connection on the same protocol and port whose address already expired: nothing in the kernel says which entry
 opened it, so it is cut too (fail-closed); a client reconnects after resolving again. A re-apply
 that removes no learned set cuts nothing. pyroute2's ctnetlink client: the kernel's conntrack
 table has no other interface.
@@ -91,8 +91,9 @@ def allowed_now(policy: Policy, held: Sequence[LearnedHolding]) -> Callable[[Mar
 
 def cut_marked(policy: Policy, held: Sequence[LearnedHolding], suspect: Callable[[Marked], bool]) -> int:
     """Clear LEARNED_CTMARK from the conntrack entries of `suspect` marked connections `policy` does
-    not allow now (`allowed_now`). Returns how many; ApplyFailed if the kernel's conntrack table cannot be read or changed (the
-    apply then falls back to the lockdown: a connection it should cut is never left open)."""
+    not allow now (`allowed_now`). Returns how many; ApplyFailed if the kernel's conntrack table
+    cannot be read or changed (the apply then falls back to the lockdown: a connection it should cut
+    is never left open)."""
     from pyroute2 import Conntrack  # noqa: PLC0415 - only proxy-mode applies that must cut need it
     from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
 

@@ -162,3 +162,10 @@ def uploaded(lab: Lab, sink: Path, dest: str, port: int, uid: int,
             return lines[before]
         time.sleep(0.05)
     raise AssertionError("the sink logged no connection")
+
+
+def cut_midway(line: str) -> bool:
+    """A sink's log line (`uploaded`) for an upload the guard cut: some of it arrived (the window the
+    sink took before the cut), not all, and the connection never ended cleanly."""
+    arrived, how = line.split()
+    return 0 < int(arrived) < UPLOAD and how != "eof"
