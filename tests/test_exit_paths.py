@@ -257,7 +257,26 @@ def test_namespace_lock_refused_exits_1_and_changes_nothing(lab: Lab) -> None:
 # -- exit 5 from apply: a writer races the read-back -------------------------------------------------
 
 
+def test_counters_refused_after_the_replace_landed_is_a_landed_commit(lab: Lab) -> None:
+    """libiptc commits in two calls: the replace, then the old counters added to the new table. A
+    lock-free writer committing between them makes the second fail (EINVAL) after the replace took
+    effect. Here every counters call fails so (IPT_SO_SET_ADD_COUNTERS, both families): what the
+    kernel holds decides, and it holds the policy."""
+    done = lab.egressguard("apply", "--policy", str(lab.write_policy(ALLOWED)),
+                           prefix=seccomp("setsockopt,1=0|41,2=65:EINVAL"))
+    assert done.returncode == 0, done.stderr[-1500:]
+    lost = [e["table"] for e in events(done.stderr) if e["event"] == "commit_landed_counters_lost"]
+    assert {"ipv4/filter", "ipv6/filter"} <= set(lost), lost
+    assert status(lab)["state"] == "policy"
+    for host in ("203.0.113.10", "2001:db8:2::10"):
+        assert reached(lab.tcp(host, 22, timeout=FAST), host)
+    stopped(lab, "tcp", "203.0.113.11", 22)
+
+
 def test_rule_slipped_in_between_commit_and_read_back_exits_5_with_the_lockdown(lab: Lab) -> None:
+    """The writer lands after the commit (then the read-back finds its rule) or between the commit's
+    replace and its counters call (then the counters call fails, the replace is judged landed by
+    what the kernel holds, and the read-back finds the rule): exit 5 either way, never exit 4."""
     path = lab.write_policy(ALLOWED)
     argv = ["apply", "--policy", str(path), "--resolv-conf", f"/etc/netns/{lab.pod}/resolv.conf",
             "--status-file", str(lab.status_file)]

@@ -346,10 +346,12 @@ class IptablesBackend(Backend):
                     return referenced_sets
                 except iptc.IPTCError as exc:
                     last = exc
-                    if "Invalid argument" in str(exc) and self._holds(want):
+                    if "Invalid argument" in str(exc) and self._landed(want):
                         # libiptc replaces the table, then adds the old counters to it; a writer that
                         # commits in between makes the second call fail (EINVAL: the entry count
-                        # changed) after the replace landed. What the kernel holds decides.
+                        # changed) after the replace landed. What the kernel holds decides: our
+                        # entries in force means the replace landed, and the read-back then judges
+                        # whatever the writer added (exit 5, the lockdown).
                         log.info("commit_landed_counters_lost", table=f"ipv{want.family}/{want.name}")
                         return referenced_sets
                     if not ("temporarily unavailable" in str(exc) or "Resource" in str(exc)):
@@ -360,16 +362,17 @@ class IptablesBackend(Backend):
             time.sleep(0.005 * (attempt + 1))
         raise ApplyFailed(f"{_tool(want.family)} {want.name}: commit kept racing another writer: {last}")
 
-    def _holds(self, want: Table) -> bool:
-        """The kernel's table holds `want`'s chains entry for entry and our jump first in OUTPUT."""
+    def _landed(self, want: Table) -> bool:
+        """The kernel's table holds every entry of `want`'s chains and its OUTPUT jump, in order,
+        perhaps with others between them (a lock-free writer's, added after the replace). A refused
+        replace leaves the old table, which lacks them, unless the new policy only removes entries:
+        then the read-back finds the old ones and that apply still ends in the lockdown (exit 5)."""
         try:
             chains = xtables_raw.read_chains(want.family, want.name)
         except (OSError, ValueError):
             return False
         encoded = self._encoded_entries(want.family, want)
-        output = chains.get("OUTPUT", [])
-        return all(tuple(chains.get(c.name, ())) == encoded[c.name] for c in want.chains) and \
-            tuple(output[:len(encoded["OUTPUT"])]) == encoded["OUTPUT"]
+        return all(_in_order(encoded[name], chains.get(name, ())) for name in encoded)
 
     def _stage(self, tbl: Any, want: Table, encoded: list[list[Any]]) -> bool:
         """Stage the whole replacement in libiptc's in-memory copy of the table (committed as one);
@@ -720,6 +723,12 @@ def _fix_ipv4_conntrack_addrs(m: Any) -> None:
         return
     for i in range(8):
         ctypes.memset(ctypes.addressof(buf) + _EXT_HEADER + 16 * i + 4, 0, 12)
+
+
+def _in_order(wanted: Sequence[object], held: Sequence[object]) -> bool:
+    """Every item of `wanted` is in `held`, in the same order (others may stand between)."""
+    rest = iter(held)
+    return all(any(w == h for h in rest) for w in wanted)
 
 
 def _tool(family: Family) -> str:
