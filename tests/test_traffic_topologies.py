@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from egtraffic import FAST, applied, policy, reached, refused_fast, stopped
+from wire import WireCapture, in_pod, new_marker, send_udp
 
 from egressguard.lab import (
     CONFINED,
@@ -85,6 +86,20 @@ def test_the_first_interface_is_still_guarded_beside_a_second(two_links: Lab, fa
     assert refused_fast(two_links.tcp(VIA_FIRST[family], 5000, timeout=FAST))
     assert two_links.world_received("tcp", 5000, devices=(WORLD_IFACE,)) == before
     assert reached(two_links.tcp(VIA_FIRST[family], 5000, uid=EXEMPT, timeout=FAST), VIA_FIRST[family])
+
+
+@FAMILIES
+def test_nothing_a_confined_uid_sends_by_the_second_link_arrives_there(two_links: Lab, family: int) -> None:
+    """Judged by every frame the world receives on both links, not by the sender's error: the
+    confined uid's datagram leaves no frame anywhere; the exempt uid's control arrives on eth1w."""
+    secret, control = new_marker(), new_marker()
+    with WireCapture(two_links) as cap:
+        in_pod(two_links, CONFINED, send_udp, VIA_SECOND[family], 9999, secret.decode())
+        in_pod(two_links, EXEMPT, send_udp, VIA_SECOND[family], 9999, control.decode())
+        cap.barrier(two_links)
+        leaked, seen = cap.frames_with(secret), cap.frames_with(control)
+    assert not leaked, [str(f) for f in leaked]
+    assert seen and {f.iface for f in seen} == {SECOND_WORLD_IFACE}, [str(f) for f in seen]
 
 
 def test_confined_ipv6_to_the_second_links_own_neighbours_is_refused(two_links: Lab) -> None:

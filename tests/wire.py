@@ -1,9 +1,10 @@
 """Ground truth for traffic claims: frames captured on the world's side of the pod's link.
 
-A `WireCapture` runs an AF_PACKET socket (ETH_P_ALL) bound to one world interface, in a forked child
-that has entered the lab's world namespace. It records every frame the world RECEIVES on that
-interface (frames the world itself sends, PACKET_OUTGOING, are left out), whatever any firewall or
-socket on either side made of it: a frame that is here reached the world.
+A `WireCapture` runs an AF_PACKET socket (ETH_P_ALL) in a forked child that has entered the lab's
+world namespace. It records every frame the world RECEIVES on the world's end of each of the pod's
+links (eth0w, and eth1w on a lab with a second link; or the one interface named), frames the world
+itself sends (PACKET_OUTGOING) left out, whatever any firewall or socket on either side made of it: a
+frame that is here reached the world, over whichever link the pod's routing chose.
 
 Bounded: at most MAX_FRAMES frames and MAX_BYTES bytes are kept (each frame cut to SNAPLEN bytes),
 for at most MAX_SECONDS; past a cap the child stops recording and says so (`cap.truncated`), and
@@ -11,7 +12,7 @@ for at most MAX_SECONDS; past a cap the child stops recording and says so (`cap.
 The child is stopped by a message on a pipe and reaped on exit, also when the test fails; it dies
 with the test process (PR_SET_PDEATHSIG).
 
-    with WireCapture(lab, "eth0w") as cap:
+    with WireCapture(lab) as cap:
         ...  # the attempt
         cap.barrier(lab)  # every frame the pod sent before this point has been read
         assert not cap.frames_with(marker)
@@ -33,7 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from egressguard.lab import EXEMPT, WORLD_V4, WORLD_V6, Lab, _become, _enter_netns, _libc
+from egressguard.lab import (
+    EXEMPT,
+    SECOND_WORLD_IFACE,
+    SECOND_WORLD_V4,
+    SECOND_WORLD_V6,
+    WORLD_V4,
+    WORLD_V6,
+    Lab,
+    _become,
+    _enter_netns,
+    _libc,
+)
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -42,7 +54,7 @@ MAX_FRAMES = 50_000
 MAX_BYTES = 32 * 1024 * 1024
 MAX_SECONDS = 300  # a capture nobody stopped ends by itself
 _PR_SET_PDEATHSIG = 1
-_RECORD = struct.Struct("!dI")  # capture time, frame length; then the frame
+_RECORD = struct.Struct("!dIB")  # capture time, frame length, index of the interface; then the frame
 
 _IPV6_EXT = {0: "hbh", 43: "rthdr", 44: "frag", 60: "dstopts"}
 
@@ -53,6 +65,7 @@ class Frame:
 
     at: float  # time.time() when the child read it
     data: bytes = field(repr=False)  # the frame from the Ethernet header on (at most SNAPLEN bytes)
+    iface: str = ""  # the world interface it arrived on
     ethertype: int = 0
     src: str = ""  # IP source (empty for non-IP frames)
     dst: str = ""
@@ -67,13 +80,14 @@ class Frame:
         ports = f" {self.sport}->{self.dport}" if self.sport or self.dport else ""
         icmp = f" type {self.icmp_type}" if self.icmp_type >= 0 else ""
         ext = f" [{','.join(self.ext)}]" if self.ext else ""
-        return f"0x{self.ethertype:04x} {self.src}->{self.dst} proto {self.proto}{ports}{icmp}{ext} {len(self.data)}B"
+        return (f"{self.iface}: 0x{self.ethertype:04x} {self.src}->{self.dst} proto {self.proto}{ports}{icmp}{ext} "
+                f"{len(self.data)}B")
 
 
-def decode(at: float, data: bytes) -> Frame:
+def decode(at: float, data: bytes, iface: str = "") -> Frame:
     """Ethernet II (one optional 802.1Q tag), then IPv4 or IPv6 with its extension headers."""
     if len(data) < 14:
-        return Frame(at, data)
+        return Frame(at, data, iface)
     (ethertype,) = struct.unpack_from("!H", data, 12)
     off = 14
     if ethertype == 0x8100 and len(data) >= 18:
@@ -106,7 +120,7 @@ def decode(at: float, data: bytes) -> Frame:
             fields["sport"], fields["dport"] = struct.unpack_from("!HH", l4)
         elif fields["proto"] in (1, 2, 58) and l4:
             fields["icmp_type"] = l4[0]
-    return Frame(at, data, **fields)
+    return Frame(at, data, iface, **fields)
 
 
 def new_marker() -> bytes:
@@ -162,11 +176,14 @@ def mld_groups(frame: Frame) -> list[str]:
 
 
 class WireCapture:
-    """Every frame the world receives on `iface` while the `with` block runs (see the module doc)."""
+    """Every frame the world receives from the pod while the `with` block runs: on every link of the
+    lab, or on `iface` alone (see the module doc)."""
 
-    def __init__(self, lab: Lab, iface: str = "eth0w") -> None:
-        self.lab, self.iface = lab, iface
-        self.path = Path(lab.workdir) / f"wire-{iface}-{os.getpid()}-{secrets.token_hex(4)}.cap"
+    def __init__(self, lab: Lab, iface: str = "") -> None:
+        self.lab = lab
+        self.ifaces = (iface,) if iface else lab.world_ifaces
+        self.iface = "+".join(self.ifaces)
+        self.path = Path(lab.workdir) / f"wire-{self.iface}-{os.getpid()}-{secrets.token_hex(4)}.cap"
         self.pid = 0
         self.truncated = False
         self._frames: list[Frame] = []
@@ -184,7 +201,7 @@ class WireCapture:
                 os.close(stop_w)
                 _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 _enter_netns(self.lab.world)
-                _capture(self.iface, str(self.path), ready_w, stop_r)
+                _capture(self.ifaces, str(self.path), ready_w, stop_r)
             finally:
                 os._exit(0)
         self.pid = pid
@@ -233,7 +250,7 @@ class WireCapture:
             buf = fh.read()
         pos = 0
         while len(buf) - pos >= _RECORD.size:
-            at, length = _RECORD.unpack_from(buf, pos)
+            at, length, index = _RECORD.unpack_from(buf, pos)
             if length == 0xFFFFFFFF:  # the child's "cap reached" record
                 self.truncated = True
                 pos += _RECORD.size
@@ -241,7 +258,7 @@ class WireCapture:
             if len(buf) - pos - _RECORD.size < length:
                 break  # the child is still writing this record
             start = pos + _RECORD.size
-            self._frames.append(decode(at, buf[start:start + length]))
+            self._frames.append(decode(at, buf[start:start + length], self.ifaces[index]))
             pos = start + length
         self._offset += pos
 
@@ -265,26 +282,32 @@ class WireCapture:
             time.sleep(0.01)
 
     def barrier(self, lab: Lab, timeout: float = 3.0) -> None:
-        """Send one UDP datagram from the pod (the exempt uid: root is confined under `confine: all`)
-        to the world and wait until the capture has it: frames the pod sent before this point have then been
-        delivered and read. Raises if it never arrives, since a capture that misses it cannot vouch for an
-        absence either."""
-        marker = new_marker()
-        for addr in (WORLD_V6, WORLD_V4):
-            in_pod(lab, EXEMPT, _send_udp, addr, 9, marker.decode())
-        if not self.wait_for(marker, timeout) or self.truncated:
-            raise AssertionError(f"capture barrier: the pod's sentinel never reached {self.iface}"
-                                 + (" (the capture hit a cap)" if self.truncated else ""))
+        """Send UDP datagrams from the pod (the exempt uid: root is confined under `confine: all`) over
+        each captured link to the world's end of it, and wait until the capture has one per link:
+        frames the pod sent before this point have then been delivered and read. Raises if one never
+        arrives, since a capture that misses it cannot vouch for an absence either."""
+        ends = {SECOND_WORLD_IFACE: (SECOND_WORLD_V6, SECOND_WORLD_V4)}
+        for iface in self.ifaces:
+            marker = new_marker()
+            for addr in ends.get(iface, (WORLD_V6, WORLD_V4)):
+                in_pod(lab, EXEMPT, send_udp, addr, 9, marker.decode())
+            seen = self.wait_for(lambda f, m=marker, i=iface: f.iface == i and m in f.data, timeout)
+            if not seen or self.truncated:
+                raise AssertionError(f"capture barrier: the pod's sentinel never reached {iface}"
+                                     + (" (the capture hit a cap)" if self.truncated else ""))
 
 
-def _capture(iface: str, path: str, ready_fd: int, stop_fd: int) -> None:
+def _capture(ifaces: tuple[str, ...], path: str, ready_fd: int, stop_fd: int) -> None:
     try:
+        for iface in ifaces:
+            socket.if_nametoindex(iface)  # each must exist: a capture of a missing link vouches for nothing
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        sock.bind((iface, ETH_P_ALL))
+        if len(ifaces) == 1:
+            sock.bind((ifaces[0], ETH_P_ALL))  # else unbound: every interface, filtered by name below
         sock.setblocking(False)
     except OSError as exc:
-        os.write(ready_fd, f"{iface}: {exc}".encode())
+        os.write(ready_fd, f"{'+'.join(ifaces)}: {exc}".encode())
         return
     os.write(ready_fd, b"ready")
     os.close(ready_fd)
@@ -298,15 +321,15 @@ def _capture(iface: str, path: str, ready_fd: int, stop_fd: int) -> None:
                     data, addr = sock.recvfrom(65535)
                 except BlockingIOError:
                     return
-                if addr[2] == PACKET_OUTGOING or full:
+                if addr[2] == PACKET_OUTGOING or full or addr[0] not in ifaces:
                     continue
                 data = data[:SNAPLEN]
                 if frames >= MAX_FRAMES or size + len(data) > MAX_BYTES:
                     full = True
-                    out.write(_RECORD.pack(time.time(), 0xFFFFFFFF))
+                    out.write(_RECORD.pack(time.time(), 0xFFFFFFFF, 0))
                     continue
                 frames, size = frames + 1, size + len(data)
-                out.write(_RECORD.pack(time.time(), len(data)) + data)
+                out.write(_RECORD.pack(time.time(), len(data), ifaces.index(addr[0])) + data)
 
         deadline = time.monotonic() + MAX_SECONDS
         while time.monotonic() < deadline:
@@ -316,7 +339,7 @@ def _capture(iface: str, path: str, ready_fd: int, stop_fd: int) -> None:
             if stop_fd in readable:
                 drain()
                 return
-        out.write(_RECORD.pack(time.time(), 0xFFFFFFFF))
+        out.write(_RECORD.pack(time.time(), 0xFFFFFFFF, 0))
 
 
 # -- running code in the pod as a uid -------------------------------------------------------------
@@ -362,7 +385,7 @@ def in_pod(lab: Lab, uid: int, fn: Callable[..., Any], *args: Any, timeout: floa
     return json.loads(data)
 
 
-def _send_udp(addr: str, port: int, payload: str) -> str:
+def send_udp(addr: str, port: int, payload: str) -> str:
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(fam, socket.SOCK_DGRAM) as s:
         s.sendto(payload.encode(), (addr, port))
