@@ -402,10 +402,16 @@ def _snooping_bridge(lab: Lab, peer: str) -> None:
     """Make the world a switch that snoops MLD: the world's end of the pod's link becomes a port of
     a bridge with multicast snooping, an MLDv2 querier, and no flooding of unregistered multicast to
     the pod's port; a third namespace `peer` on another port. A neighbour solicitation from the
-    peer then reaches the pod only if the pod has reported the solicited-node group of that address."""
+    peer then reaches the pod only if the pod has reported the solicited-node group of that address.
+    The querier asks every second, from a link-local address (a host ignores a query from any other
+    source, as the bridge's first queries are while its own link-local address is tentative), so a
+    group is known for 3 s after a report: what the pod reported before its guard is soon forgotten,
+    and what it reports under the guard is what the peer depends on."""
     w = lab.world
     _sh("ip", "-n", w, "link", "add", "egfbr", "type", "bridge", "mcast_snooping", "1", "mcast_querier", "1",
-        "mcast_mld_version", "2", "mcast_query_response_interval", "100", "mcast_startup_query_interval", "100")
+        "mcast_mld_version", "2", "mcast_query_response_interval", "100", "mcast_startup_query_interval", "100",
+        "mcast_query_interval", "100", "mcast_membership_interval", "300")
+    _sh("ip", "-n", w, "addr", "add", "fe80::1/64", "dev", "egfbr", "nodad")
     _sh("ip", "-n", w, "addr", "flush", "dev", WORLD_IFACE)
     _sh("ip", "-n", w, "link", "set", WORLD_IFACE, "master", "egfbr")
     _sh("bridge", "-n", w, "link", "set", "dev", WORLD_IFACE, "mcast_flood", "off")
