@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1006,18 +1006,27 @@ class Lab:
         """Packets (IPv4 + IPv6) that have reached the world for proto/port so far, counted before any
         other rule sees them (a rule in the world's raw table, added on first use), on every link
         from the pod or on the world-side `devices` named (eth0w, eth1w)."""
-        total = 0
+        return self.world_counts([(proto, port)], devices)[(proto, port)]
+
+    def world_counts(self, wanted: Iterable[tuple[str, int]], devices: tuple[str, ...] = ()) -> dict[tuple[str, int], int]:
+        """`world_received` for several (proto, port) pairs, read in one listing per family."""
+        pairs = sorted(set(wanted))
+        devs = devices or self.world_ifaces
+        total = dict.fromkeys(pairs, 0)
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
             # Not `-C`: ip6tables-legacy -C took the rule of another port as this one (seen on 1.8.9).
             listed = _sh(*world, "-S", "PREROUTING").stdout.splitlines()
-            for dev in devices or self.world_ifaces:
-                rule = ["PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT"]
-                if f"-A PREROUTING -i {dev} -p {proto} -m {proto} --dport {port} -j ACCEPT" not in listed:
-                    _sh(*world, "-A", *rule)
-            out = _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout
-            total += sum(int(line.split()[0]) for line in out.splitlines()
-                         if f"{proto} dpt:{port}" in line and line.split()[5] in (devices or self.world_ifaces))
+            for proto, port in pairs:
+                for dev in devs:
+                    if f"-A PREROUTING -i {dev} -p {proto} -m {proto} --dport {port} -j ACCEPT" not in listed:
+                        _sh(*world, "-A", "PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT")
+            for line in _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout.splitlines():
+                fields = line.split()
+                if len(fields) > 5 and fields[5] in devs:
+                    for proto, port in pairs:
+                        if line.rstrip().endswith(f"{proto} dpt:{port}"):  # not dpt:2200 for 22
+                            total[(proto, port)] += int(fields[0])
         return total
 
     def world_mac(self, second: bool = False) -> str:

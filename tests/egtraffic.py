@@ -71,14 +71,25 @@ def stopped(lab: Lab, op: str, *args: Any, verdict: str = "refused", uid: int = 
             timeout: float = FAST, **kwargs: Any) -> Result:
     """Probe `op(*args)` as `control_uid`, then as `uid`, in this run: the control must reach the
     far side's server (else a closed port or a dead server would pass for the guard), and `uid` must
-    get `verdict` (refused: an immediate error within 0.5 s; silence: a timeout). Returns `uid`'s result."""
+    get `verdict` (refused: an immediate error within 0.5 s; silence: a timeout). For TCP and UDP to a
+    world host the client's error is not the proof: not one of `uid`'s packets may arrive on the
+    world's side of the pod's links (counted there, where the control's arrival shows the counter
+    sees this port). Returns `uid`'s result."""
+    count = (lambda: lab.world_received(op, int(args[1]))) if op in ("tcp", "udp") else None
+    before = count() if count else 0
     control = lab.probe(op, *args, uid=control_uid, timeout=timeout, **kwargs)
     assert served(op, args, control), \
         f"control {op}{args} as uid {control_uid} did not reach the server: {control} {control.answer or ''}"
+    wire = count is not None and str(control.answer).startswith("world ")  # not a listener in the pod
+    mid = count() if count and wire else 0
+    assert not wire or mid > before, f"control {op}{args}: the world's counter saw none of its packets"
     got = lab.probe(op, *args, uid=uid, timeout=timeout, **kwargs)
     assert got.outcome in VERDICTS[verdict], f"{op}{args} as uid {uid}: {got} {got.answer or ''}, expected {verdict}"
     if verdict == "refused":
         assert got.elapsed < 0.5, f"{op}{args} as uid {uid}: refused only after {got.elapsed:.2f} s"
+    if count and wire:
+        left = count() - mid
+        assert left == 0, f"{op}{args} as uid {uid}: the client saw {got.outcome}, but {left} packet(s) reached the world"
     return got
 
 

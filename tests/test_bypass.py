@@ -117,9 +117,15 @@ def stopped(what: str, confined: Result, control: Result | None = None) -> None:
 
 
 def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str, Any]]], each: float = 1.0) -> None:
-    """Many attempts in two batches (confined, then exempt as control); every one must be stopped."""
+    """Many attempts in two batches (confined, then exempt as control); every one must be stopped.
+    TCP and UDP attempts are also judged where the world receives: not one packet of the confined
+    batch may arrive on any of its ports, and each port the control reached the world on counts it."""
+    ports = [(op, args[1]) for op, args, _ in probes if op in ("tcp", "udp") and len(args) > 1 and isinstance(args[1], int)]
+    before = lab.world_counts(ports)
     confined = lab.batch(probes, uid=CONFINED, each=each)
+    mid = lab.world_counts(ports)
     control = lab.batch(probes, uid=EXEMPT, each=each)
+    after = lab.world_counts(ports)
     failures = []
     for probe, got, ctl in zip(probes, confined, control, strict=True):
         label = f"{what} {probe[0]} {probe[1]}"
@@ -129,6 +135,11 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
         TALLY.count(label, got)
         if not got.blocked:
             failures.append(f"{label}: got through: {got} {got.answer or ''}")
+        pair = (probe[0], probe[1][1]) if probe[0] in ("tcp", "udp") else None
+        if pair in before and str(ctl.answer or "").startswith("world ") and after[pair] == mid[pair]:
+            failures.append(f"{label}: the world's counter of {pair} saw none of the control's packets")
+    failures += [f"{what}: {mid[p] - before[p]} packet(s) of the confined batch reached the world on {p}"
+                 for p in before if mid[p] != before[p]]
     assert not failures, "\n".join(failures)
 
 
