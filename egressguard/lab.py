@@ -684,6 +684,7 @@ class Lab:
     wide_ping: bool = True  # ping_group_range open to every gid in the pod (as Docker sets it); False: the kernel's default
     onlink_services: bool = False  # resolvers and metadata on the pod's link (as on clouds), not behind the gateway
     _pids: list[int] = field(default_factory=list)
+    _counting: set[tuple[str, str, str, int]] = field(default_factory=set, repr=False)  # world_counts' rules
 
     def __post_init__(self) -> None:
         for name in filter(None, (self.iface, self.second_iface)):
@@ -707,8 +708,17 @@ class Lab:
         return (self.iface, self.second_iface) if self.second_iface else (self.iface,)
 
     @property
+    def links(self) -> tuple[tuple[str, str, tuple[str, str], tuple[str, str]], ...]:
+        """Each link from the pod to the world: (pod end, world end, (pod v4, world v4), (pod v6, world v6))."""
+        first = (self.iface, WORLD_IFACE, (POD_V4, WORLD_V4), (POD_V6, WORLD_V6))
+        if not self.second_iface:
+            return (first,)
+        return first, (self.second_iface, SECOND_WORLD_IFACE, (SECOND_POD_V4, SECOND_WORLD_V4),
+                       (SECOND_POD_V6, SECOND_WORLD_V6))
+
+    @property
     def world_ifaces(self) -> tuple[str, ...]:
-        return (WORLD_IFACE, SECOND_WORLD_IFACE) if self.second_iface else (WORLD_IFACE,)
+        return tuple(world_dev for _, world_dev, _, _ in self.links)
 
     # context management ---------------------------------------------------------------------
 
@@ -751,13 +761,9 @@ class Lab:
             for ns in (self.pod, self.world):
                 self._sysctl(ns, "net.ipv6.conf.all.accept_dad=1", "net.ipv6.conf.default.accept_dad=1",
                              "net.ipv6.conf.default.dad_transmits=1")
-        links = [(self.iface, WORLD_IFACE, (POD_V4, WORLD_V4), (POD_V6, WORLD_V6))]
-        if self.second_iface:
-            links.append((self.second_iface, SECOND_WORLD_IFACE, (SECOND_POD_V4, SECOND_WORLD_V4),
-                          (SECOND_POD_V6, SECOND_WORLD_V6)))
         _sh("ip", "-n", self.pod, "link", "set", "lo", "up")
         _sh("ip", "-n", self.world, "link", "set", "lo", "up")
-        for pod_dev, world_dev, v4, v6 in links:
+        for pod_dev, world_dev, v4, v6 in self.links:
             _sh("ip", "-n", self.pod, "link", "add", pod_dev, "type", "veth", "peer", "name", world_dev,
                 "netns", self.world)
             for ns, dev, a4, a6 in ((self.pod, pod_dev, v4[0], v6[0]), (self.world, world_dev, v4[1], v6[1])):
@@ -862,6 +868,7 @@ class Lab:
             except (ProcessLookupError, ChildProcessError):
                 pass
         self._pids.clear()
+        self._counting.clear()  # the world namespace, and its counting rules, are gone
         for ns in (self.pod, self.world):
             if os.path.exists(f"/run/netns/{ns}"):
                 _sh("ip", "netns", "del", ns, check=False)
@@ -1013,14 +1020,18 @@ class Lab:
         pairs = sorted(set(wanted))
         devs = devices or self.world_ifaces
         total = dict.fromkeys(pairs, 0)
-        for tool in ("iptables-legacy", "ip6tables-legacy"):
+        for tool in ("iptables-legacy", "ip6tables-legacy") if pairs else ():
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
-            # Not `-C`: ip6tables-legacy -C took the rule of another port as this one (seen on 1.8.9).
-            listed = _sh(*world, "-S", "PREROUTING").stdout.splitlines()
-            for proto, port in pairs:
-                for dev in devs:
-                    if f"-A PREROUTING -i {dev} -p {proto} -m {proto} --dport {port} -j ACCEPT" not in listed:
-                        _sh(*world, "-A", "PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT")
+            missing = [(tool, dev, proto, port) for proto, port in pairs for dev in devs
+                       if (tool, dev, proto, port) not in self._counting]
+            # Listed once per rule this lab has not made yet (only this method writes the world's raw
+            # table). Not `-C`: ip6tables-legacy -C took the rule of another port as this one (1.8.9).
+            listed = _sh(*world, "-S", "PREROUTING").stdout.splitlines() if missing else []
+            for rule in missing:
+                _, dev, proto, port = rule
+                if f"-A PREROUTING -i {dev} -p {proto} -m {proto} --dport {port} -j ACCEPT" not in listed:
+                    _sh(*world, "-A", "PREROUTING", "-i", dev, "-p", proto, "--dport", str(port), "-j", "ACCEPT")
+                self._counting.add(rule)
             for line in _sh(*world, "-L", "PREROUTING", "-v", "-x", "-n").stdout.splitlines():
                 fields = line.split()
                 if len(fields) > 5 and fields[5] in devs:

@@ -75,22 +75,32 @@ def stopped(lab: Lab, op: str, *args: Any, verdict: str = "refused", uid: int = 
     world host the client's error is not the proof: not one of `uid`'s packets may arrive on the
     world's side of the pod's links (counted there, where the control's arrival shows the counter
     sees this port). Returns `uid`'s result."""
-    count = (lambda: lab.world_received(op, int(args[1]))) if op in ("tcp", "udp") else None
-    before = count() if count else 0
+    port = world_port(op, args)
+    before = lab.world_received(*port) if port else 0
     control = lab.probe(op, *args, uid=control_uid, timeout=timeout, **kwargs)
     assert served(op, args, control), \
         f"control {op}{args} as uid {control_uid} did not reach the server: {control} {control.answer or ''}"
-    wire = count is not None and str(control.answer).startswith("world ")  # not a listener in the pod
-    mid = count() if count and wire else 0
+    wire = port if port and from_world(control) else None  # not a listener in the pod
+    mid = lab.world_received(*wire) if wire else 0
     assert not wire or mid > before, f"control {op}{args}: the world's counter saw none of its packets"
     got = lab.probe(op, *args, uid=uid, timeout=timeout, **kwargs)
     assert got.outcome in VERDICTS[verdict], f"{op}{args} as uid {uid}: {got} {got.answer or ''}, expected {verdict}"
     if verdict == "refused":
         assert got.elapsed < 0.5, f"{op}{args} as uid {uid}: refused only after {got.elapsed:.2f} s"
-    if count and wire:
-        left = count() - mid
+    if wire:
+        left = lab.world_received(*wire) - mid
         assert left == 0, f"{op}{args} as uid {uid}: the client saw {got.outcome}, but {left} packet(s) reached the world"
     return got
+
+
+def world_port(op: str, args: tuple[Any, ...]) -> tuple[str, int] | None:
+    """Where probe `op(host, port)` arrives at the world, counted by `Lab.world_counts`: TCP and UDP."""
+    return (op, int(args[1])) if op in ("tcp", "udp") else None
+
+
+def from_world(res: Result) -> bool:
+    """Answered by a world host's own server (not by a listener in the pod)."""
+    return str(res.answer or "").startswith("world ")
 
 
 def apply_quick(lab: Lab, pol: dict[str, Any], name: str = "policy.yaml") -> None:

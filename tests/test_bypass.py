@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from egtraffic import from_world, world_port
 from wire import in_pod
 
 from egressguard.lab import (
@@ -120,14 +121,15 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
     """Many attempts in two batches (confined, then exempt as control); every one must be stopped.
     TCP and UDP attempts are also judged where the world receives: not one packet of the confined
     batch may arrive on any of its ports, and each port the control reached the world on counts it."""
-    ports = [(op, args[1]) for op, args, _ in probes if op in ("tcp", "udp") and len(args) > 1 and isinstance(args[1], int)]
-    before = lab.world_counts(ports)
+    ports = [world_port(op, args) for op, args, _ in probes]
+    counted = [p for p in ports if p]
+    before = lab.world_counts(counted)
     confined = lab.batch(probes, uid=CONFINED, each=each)
-    mid = lab.world_counts(ports)
+    mid = lab.world_counts(counted)
     control = lab.batch(probes, uid=EXEMPT, each=each)
-    after = lab.world_counts(ports)
+    after = lab.world_counts(counted)
     failures = []
-    for probe, got, ctl in zip(probes, confined, control, strict=True):
+    for probe, port, got, ctl in zip(probes, ports, confined, control, strict=True):
         label = f"{what} {probe[0]} {probe[1]}"
         if not ctl.ok:
             failures.append(f"{label}: control failed: {ctl}")
@@ -135,9 +137,8 @@ def sweep(lab: Lab, what: str, probes: list[tuple[str, tuple[Any, ...], dict[str
         TALLY.count(label, got)
         if not got.blocked:
             failures.append(f"{label}: got through: {got} {got.answer or ''}")
-        pair = (probe[0], probe[1][1]) if probe[0] in ("tcp", "udp") else None
-        if pair in before and str(ctl.answer or "").startswith("world ") and after[pair] == mid[pair]:
-            failures.append(f"{label}: the world's counter of {pair} saw none of the control's packets")
+        if port and from_world(ctl) and after[port] == mid[port]:
+            failures.append(f"{label}: the world's counter of {port} saw none of the control's packets")
     failures += [f"{what}: {mid[p] - before[p]} packet(s) of the confined batch reached the world on {p}"
                  for p in before if mid[p] != before[p]]
     assert not failures, "\n".join(failures)

@@ -34,18 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from egressguard.lab import (
-    EXEMPT,
-    SECOND_WORLD_IFACE,
-    SECOND_WORLD_V4,
-    SECOND_WORLD_V6,
-    WORLD_V4,
-    WORLD_V6,
-    Lab,
-    _become,
-    _enter_netns,
-    _libc,
-)
+from egressguard.lab import EXEMPT, Lab, _become, _enter_netns, _libc
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -286,10 +275,11 @@ class WireCapture:
         each captured link to the world's end of it, and wait until the capture has one per link:
         frames the pod sent before this point have then been delivered and read. Raises if one never
         arrives, since a capture that misses it cannot vouch for an absence either."""
-        ends = {SECOND_WORLD_IFACE: (SECOND_WORLD_V6, SECOND_WORLD_V4)}
-        for iface in self.ifaces:
+        for _, iface, v4, v6 in lab.links:
+            if iface not in self.ifaces:
+                continue
             marker = new_marker()
-            for addr in ends.get(iface, (WORLD_V6, WORLD_V4)):
+            for addr in (v6[1], v4[1]):  # the world's end of this link
                 in_pod(lab, EXEMPT, send_udp, addr, 9, marker.decode())
             seen = self.wait_for(lambda f, m=marker, i=iface: f.iface == i and m in f.data, timeout)
             if not seen or self.truncated:
