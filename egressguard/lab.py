@@ -965,8 +965,9 @@ class Lab:
     def world_sink(self, port: int) -> Path:
         """Start a TCP sink on every world address at `port`. It accepts a connection and reads
         nothing until the file `<log>.go` exists (its receive window fills, the sender's data waits in
-        the pod), then reads to the end and logs `<bytes received> <eof|reset|timeout>`; returns the
-        log. One connection at a time."""
+        the pod), then reads to the end and logs `<bytes received> <eof|reset|timeout>` (after a
+        timeout it ends the connection with a reset: nothing of it lingers); returns the log. One
+        connection at a time."""
         log_path = self.workdir / f"sink-{port}.log"
         log_path.touch()
         self._fork_server(self.world, "sink", _serve_sink, port, log_path)
@@ -1138,6 +1139,11 @@ def _serve_sink(port: int, log_path: Path, ready_fd: int) -> None:
             how = "timeout"
         except OSError:
             how = "reset"
+        if how == "timeout":
+            # The rest never came (the guard cut it): end with a reset, not a FIN. The pod has no
+            # socket left to take a FIN; its kernel's reset in answer is refused, so the FIN would be
+            # sent again for minutes, each answer refused (and logged) during later tests.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
         with open(log_path, "a") as fh:
             fh.write(f"{got} {how}\n")
