@@ -537,7 +537,9 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
         "less confine-closing (closed sockets' packets go unjudged, as before run U)":
             _without(text, "confine-closing", chain="dispatch4"),
         "less confine-closing and the connection mark": _without(text, "confine-closing", chain="dispatch4").replace(
-            " ct mark set ct mark or 0x10000000 jump confined4", " jump confined4"),
+            " ct mark set ct mark or 0x10000000 goto confined4", " goto confined4"),
+        "its dispatch jumping to the confined chain (as before run V: the rules after it walked on return)":
+            text.replace(" goto confined4", " jump confined4"),
         "its set as an interval set (as before run T)": text.replace("{ type ipv4_addr; }",
                                                                      "{ type ipv4_addr; flags interval; }"),
         "not installed: a verdict cache for allowed connections": _verdict_cache(text),

@@ -175,7 +175,7 @@ def apply(
                 log.debug("fence_lowered", rules=lowered)
             with clock("verify"):
                 installed = backend.read(expect=ruleset.sets, want=ruleset)
-                diffs = differences(backend.canonical(ruleset), installed)
+                diffs = differences(backend.canonical(ruleset), installed, backend.describe)
             if diffs:
                 raise VerifyFailed("read-back differs from the plan: " + "; ".join(diffs[:3]))
             log.info("rules_verified")
@@ -278,4 +278,4 @@ def verify(
     missing = [h for h, optional in hosts_of(policy) if not optional and h not in (hosts or {})]
     if missing:
         raise ApplyFailed(f"host {missing[0]}: no record of its resolved addresses (status file missing)")
-    return differences(backend.canonical(want), backend.read(want=want))
+    return differences(backend.canonical(want), backend.read(want=want), backend.describe)

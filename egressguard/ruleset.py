@@ -151,6 +151,9 @@ class Rule:
     ctmark_set: int | None = None  # ORs these bits into the connection's conntrack mark, then the verdict
     nflog_prefix: str | None = None  # NFLOG --nflog-prefix: the policy line, for `egressguard watch`
     nflog_group: int | None = None  # NFLOG --nflog-group
+    # With an owned chain as target: the chain's end (or RETURN) also ends the chain this rule is in
+    # (iptables -g, nft goto), so a packet judged there meets none of the rules after this one.
+    goto: bool = False
 
 
 _LIMIT_PERIOD_MS = {"sec": 1000, "second": 1000, "min": 60_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
@@ -505,11 +508,14 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
     for u in named:
         if mark and not orig_sets and policy.confines_everyone:  # a uid list's: atop the confined chain
             rules.append(Rule(target="CONNMARK", comment=comment, uid=str(u), ctmark_set=bit))
-        rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None))
+        # A confined uid's packet goes to `into` for good: nothing after this rule concerns it (the
+        # other uids' rules, the closing rule's owner lookup), and each rule walked costs every packet.
+        rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None,
+                          goto=verdict == into))
     if mark and named:
         rules.append(Rule(target=verdict, comment=closing, uid="!" + _ANY_USER, ctdir="ORIGINAL", ctmark=bit))
     if policy.confines_everyone:
-        rules.append(Rule(target=into, comment="confine"))
+        rules.append(Rule(target=into, comment="confine", goto=True))
     return tuple(rules)
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from egressguard.backends import Installed, InstalledTable
-from egressguard.ruleset import Ruleset
+from egressguard.ruleset import Family, Rule, Ruleset
+
+# One rule as the back end's own tool shows it (Backend.describe): (family, table, rule) -> text.
+Describe = Callable[[Family, str, Rule], str]
 
 
-def differences(want: Ruleset, have: Installed) -> list[str]:
-    """Every way `have` differs from `want`, as short sentences (empty: identical)."""
+def differences(want: Ruleset, have: Installed, describe: Describe) -> list[str]:
+    """Every way `have` differs from `want`, as short sentences (empty: identical); a differing
+    rule is spelled by `describe`, the back end's own spelling."""
     out: list[str] = []
     got_sets = {s.name: s for s in have.sets}
     for st in want.sets:
@@ -50,13 +56,11 @@ def differences(want: Ruleset, have: Installed) -> list[str]:
             elif name not in want_chains:
                 out.append(f"{where}: unexpected chain {name}")
             elif want_chains[name] != got_chains[name]:
-                from egressguard.backends.iptables.render import args  # noqa: PLC0415 - rules spelled as iptables arguments
-
                 w, g = want_chains[name], got_chains[name]
                 first = next((i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b), min(len(w), len(g)))
                 detail = f"rule {first}: "
-                detail += f"expected {' '.join(args(w[first]))}" if first < len(w) else "expected nothing"
-                detail += f", found {' '.join(args(g[first]))}" if first < len(g) else ", found nothing"
+                detail += f"expected {describe(t.family, t.name, w[first])}" if first < len(w) else "expected nothing"
+                detail += f", found {describe(t.family, t.name, g[first])}" if first < len(g) else ", found nothing"
                 out.append(f"{where}: chain {name} has {len(g)} rules, expected {len(w)}; {detail}")
         out += _entry_differences(where, got)
     return out

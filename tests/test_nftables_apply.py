@@ -117,6 +117,27 @@ def test_a_foreign_rule_in_our_chain_is_exit_5_and_apply_removes_it(guarded: tup
     assert eg(lab, "verify", "--policy", str(path))[0] == 0
 
 
+def test_a_dispatch_that_jumps_where_the_plan_goes_is_exit_5_and_apply_restores_the_goto(guarded: tuple[Lab, Path]) -> None:
+    """The read-back compares a rule's verdict kind, not only its target chain: the confined uid's
+    dispatch rule is a `goto` (the rules after it are not walked by its packets); the same rule
+    as a `jump` is a difference, and apply puts the goto back."""
+    lab, path = guarded
+    (line,) = [ln for ln in nft(lab, "-a", "list", "chain", "inet", "egressguard", "dispatch4").splitlines()
+               if 'comment "confine"' in ln]
+    assert "goto confined4" in line, line
+    body, _, handle = line.strip().rpartition(" # handle ")
+    nft(lab, "replace", "rule", "inet", "egressguard", "dispatch4", "handle", handle,
+        body.replace("goto confined4", "jump confined4"))
+    code, out = eg(lab, "verify", "--policy", str(path))
+    mark = "meta skuid 1000 counter ct mark set ct mark or 0x10000000"
+    assert code == 5 and f'expected {mark} goto confined4 comment "confine", found {mark} jump confined4' in out, out
+    code, out = eg(lab, "apply", "--policy", str(path))
+    assert code == 0, out
+    assert "goto confined4" in nft(lab, "list", "chain", "inet", "egressguard", "dispatch4")
+    assert eg(lab, "verify", "--policy", str(path))[0] == 0
+    stopped(lab, "tcp", "203.0.113.11", 22)
+
+
 def _set_name(lab: Lab) -> str:
     sets = [o["set"]["name"] for o in json.loads(nft(lab, "-j", "list", "sets"))["nftables"] if "set" in o]
     assert len(sets) == 1, sets

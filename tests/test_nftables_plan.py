@@ -179,9 +179,9 @@ def test_every_golden_ruleset_reads_back_equal_from_the_kernel(tmp_path: Path) -
         found = {}
         for name, rs in [*rulesets.items(), ("default-again", rulesets["default"])]:
             backend.commit(rs)
-            found[name] = differences(render.canonical(rs), backend.read(expect=rs.sets))
+            found[name] = differences(render.canonical(rs), backend.read(expect=rs.sets), backend.describe)
             if not rs.sets:
-                found[name + " (read without expectations)"] = differences(render.canonical(rs), backend.read())
+                found[name + " (read without expectations)"] = differences(render.canonical(rs), backend.read(), backend.describe)
             else:  # without `expect`, a set is reported as the kernel keeps it: collapsed intervals
                 got = {st.name: st.members for st in backend.read().sets}
                 want = {st.name: render.networks(st.family, render.intervals(st)) for st in rs.sets}

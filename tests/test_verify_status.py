@@ -58,6 +58,20 @@ def test_verify_exits_5_when_our_jump_was_moved(guarded: tuple[Lab, Path]) -> No
     assert code == 5 and "jump" in out, out
 
 
+def test_verify_exits_5_when_the_dispatch_jumps_where_the_plan_goes(guarded: tuple[Lab, Path]) -> None:
+    """The read-back compares the goto flag: the confined uid's dispatch rule as `-j` instead of
+    `-g` (what iptables-save shows) is a difference, though its target chain is the same."""
+    lab, path = guarded
+    rules = lab.in_pod("iptables-legacy", "-S", "EGRESSGUARD").stdout.splitlines()[1:]  # less "-N EGRESSGUARD"
+    (at,) = [i for i, r in enumerate(rules, 1) if r.endswith("-g EGRESSGUARD-CONFINED") and "--uid-owner" in r]
+    spec = rules[at - 1].split()[2:-2] + ["-j", "EGRESSGUARD-CONFINED"]  # less "-A EGRESSGUARD", "-g CHAIN"
+    done = lab.in_pod("iptables-legacy", "-R", "EGRESSGUARD", str(at), *spec)
+    assert done.returncode == 0, done.stderr
+    code, out = _verify(lab, path)
+    rule = "-m owner --uid-owner 1000 -m comment --comment confine"
+    assert code == 5 and f"expected {rule} -g EGRESSGUARD-CONFINED, found {rule} -j EGRESSGUARD-CONFINED" in out, out
+
+
 def test_verify_exits_5_for_a_rule_added_to_our_chain(guarded: tuple[Lab, Path]) -> None:
     lab, path = guarded
     assert lab.in_pod("ip6tables-legacy", "-I", "EGRESSGUARD-CONFINED", "1", "-j", "RETURN").returncode == 0

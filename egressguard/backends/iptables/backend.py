@@ -468,7 +468,7 @@ class IptablesBackend(Backend):
         if r.ctmark is not None:
             x.create_match("connmark").set_parameter("mark", f"{r.ctmark:#x}/{r.ctmark:#x}")
         x.create_match("comment").set_parameter("comment", r.comment)
-        t = x.create_target(r.target)
+        t = x.create_target(r.target, goto=r.goto)
         if r.target == "CONNMARK" and r.ctmark_set is not None:
             t.set_parameter("set-xmark", f"{r.ctmark_set:#x}/{r.ctmark_set:#x}")
         if r.reject_with:
@@ -799,7 +799,7 @@ _HASHLIMIT_KEYS = {"hashlimit-upto", "hashlimit-burst", "hashlimit-name", "hashl
 
 def _decode(x: Any) -> Rule:
     """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
-    fields: dict[str, Any] = {"target": x.target.name, "comment": ""}
+    fields: dict[str, Any] = {"target": x.target.name, "comment": "", "goto": x.target.goto}
     fields["dst"] = _net(x.dst)
     fields["out_iface"] = x.out_interface or None
     proto = x.protocol

@@ -69,7 +69,7 @@ def args(rule: Rule) -> list[str]:
     a += ["-m", "comment", "--comment", rule.comment]
     if rule.ctmark_set is not None and rule.target != "CONNMARK":  # nftables only: mark and verdict in one
         a += ["--ctmark-or", f"{rule.ctmark_set:#x}"]
-    a += ["-j", rule.target]
+    a += ["-g" if rule.goto else "-j", rule.target]
     if rule.target == "CONNMARK" and rule.ctmark_set is not None:  # --or-mark, as iptables-save prints it
         a += ["--set-xmark", f"{rule.ctmark_set:#x}/{rule.ctmark_set:#x}"]
     if rule.reject_with:

@@ -359,8 +359,10 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             return False
         f["target"], f["to_ports"] = "REDIRECT", int(rd["port"])
         return True
-    if "jump" in e:
-        target = e["jump"]["target"]
+    if "jump" in e or "goto" in e:
+        target = (e.get("jump") or e["goto"])["target"]
+        if "goto" in e:
+            f["goto"] = True
         for ours in (CONFINED, REDIRECT, *(_refuse_chains([str(target)], family) if table == "filter" else [])):
             try:
                 if target == chain_name(family, table, ours):

@@ -69,7 +69,7 @@ HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
     "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
-    "ctmark", "ctmark_set",
+    "ctmark", "ctmark_set", "goto",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
@@ -250,6 +250,8 @@ def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
 
 
 def _verdict(family: Family, table: str, r: Rule) -> str:
+    if r.goto and not (r.target in (CONFINED, REDIRECT) or refuse_index(r.target) is not None):
+        raise UnsupportedRule(f"goto {r.target} (rule {r.comment!r}): only to an owned chain")
     if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
         raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
     if (r.nflog_prefix is not None or r.nflog_group is not None) != (r.target == "NFLOG"):
@@ -272,7 +274,7 @@ def _verdict(family: Family, table: str, r: Rule) -> str:
             raise UnsupportedRule(f"REDIRECT without a port (rule {r.comment!r})")
         return f"redirect to :{r.to_ports}"
     if r.target in (CONFINED, REDIRECT) or refuse_index(r.target) is not None:
-        return f"jump {chain_name(family, table, r.target)}"
+        return f"{'goto' if r.goto else 'jump'} {chain_name(family, table, r.target)}"
     raise UnsupportedRule(f"target {r.target} (rule {r.comment!r})")
 
 
