@@ -492,14 +492,18 @@ EXEMPT_CTMARK = 0x20000000
 CONFINED_CTMARK = 0x10000000
 
 
-def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = False) -> tuple[Rule, ...]:
+def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = False,
+              socketless: Sequence[Rule] = ()) -> tuple[Rule, ...]:
     """Under `confine: all`, exempt uids leave first, then everyone goes to `into`; under a uid
     list, only those uids go (a uid cannot be in both lists, so an exempt rule would only cost
     every confined packet one more owner lookup). `mark` (the filter table): the uids named mark
     their connections (EXEMPT_CTMARK, CONFINED_CTMARK), and socketless packets on a marked connection,
     in its opener's direction, go the same way (`exempt-closing`, `confine-closing`). `orig_sets`
     (nftables): a rule marks and jumps at once; iptables' CONNMARK marks and goes on to the next
-    (a uid list's is the confined chain's first rule, `_confined_head`: no owner match to repeat)."""
+    (a uid list's is the confined chain's first rule, `_confined_head`: no owner match to repeat).
+    `socketless`: rules for packets without a socket owner (the kernel's membership reports), after
+    the named uids' rules, which match by owner only (so no packet meets both), and before the closing
+    and catch-all rules, which they must precede: a named uid's packet does not walk them."""
     named, bit, verdict, closing = (
         (sorted(set(policy.exempt.uids)), EXEMPT_CTMARK, "RETURN", "exempt-closing") if policy.confines_everyone
         else (sorted(set(cast(list[int], policy.confine.uids))), CONFINED_CTMARK, into, "confine-closing"))
@@ -512,6 +516,7 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
         # other uids' rules, the closing rule's owner lookup), and each rule walked costs every packet.
         rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None,
                           goto=verdict == into))
+    rules += socketless
     if mark and named:
         rules.append(Rule(target=verdict, comment=closing, uid="!" + _ANY_USER, ctdir="ORIGINAL", ctmark=bit))
     if policy.confines_everyone:
@@ -829,8 +834,8 @@ def build(policy: Policy, facts: Facts, *, lockdown: bool = False, orig_sets: bo
                 family=family,
                 name="filter",
                 chains=(
-                    Chain(DISPATCH, (*_membership_reports(family),
-                                      *_dispatch(policy, CONFINED, mark=True, orig_sets=orig_sets))),
+                    Chain(DISPATCH, _dispatch(policy, CONFINED, mark=True, orig_sets=orig_sets,
+                                              socketless=_membership_reports(family))),
                     Chain(CONFINED, tuple(confined)),
                     *refusal_chains,
                 ),

@@ -164,18 +164,26 @@ def test_source_routes_are_refused_before_replies(family: int) -> None:
 
 
 @pytest.mark.parametrize("confine", [{"uids": [1000]}, {"uids": "all"}])
-def test_membership_reports_are_judged_before_any_uid(confine: dict[str, Any]) -> None:
+def test_membership_reports_are_judged_before_any_rule_a_socketless_packet_meets(confine: dict[str, Any]) -> None:
+    """Reports have no socket owner. The named uids' rules (owner matches only) come first and
+    never match one; the reports' rules follow, before every rule a socketless packet can meet (the
+    closing rule, `confine: all`'s catch-all)."""
     rs = _build({"confine": confine})
-    v4 = _chain(rs, 4, "filter", DISPATCH)
-    assert (v4[0].comment, v4[0].protocol, v4[0].uid, v4[0].target) == ("igmp", "igmp", "!0-4294967294", "DROP")
-    v6 = _chain(rs, 6, "filter", DISPATCH)
-    mld = [r for r in v6 if r.comment.startswith("mld")]
-    assert v6[: len(mld)] == tuple(mld)
-    passed = [r for r in mld if r.target == "RETURN"]
-    assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.uid == "!0-4294967294" for r in passed)
-    assert {r.limit_name for r in passed} == {"egressguard-mld"}  # one bucket for all five, not one each
-    assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
-    assert [(r.icmp6_type, r.target) for r in mld[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
+    for family in (4, 6):
+        chain = _chain(rs, family, "filter", DISPATCH)
+        owned = [r for r in chain if r.uid is not None and not r.uid.startswith("!")]
+        assert owned and chain[: len(owned)] == tuple(owned)
+        after = chain[len(owned):]
+        reports = [r for r in after if r.comment in ("igmp", "mld", "mld-solicited-node")]
+        assert after[: len(reports)] == tuple(reports) and len(after) > len(reports)
+        if family == 4:
+            assert [(r.comment, r.protocol, r.uid, r.target) for r in reports] == [("igmp", "igmp", "!0-4294967294", "DROP")]
+            continue
+        passed = [r for r in reports if r.target == "RETURN"]
+        assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.uid == "!0-4294967294" for r in passed)
+        assert {r.limit_name for r in passed} == {"egressguard-mld"}  # one bucket for all five, not one each
+        assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
+        assert [(r.icmp6_type, r.target) for r in reports[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
 
 
 def test_mld_report_tests_fit_u32_and_pin_the_kernels_layout() -> None:
