@@ -203,34 +203,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             hosts_of(loaded.policy), resolvers, max_addresses=loaded.policy.dns.max_addresses_per_host
         ).addresses
     backend = args.backend or os.environ.get("EGRESSGUARD_BACKEND") or _default_backend()
-    from egressguard.backends import BACKEND_CHOICES  # noqa: PLC0415
+    from egressguard.backends import BACKEND_CHOICES, plan_json, plan_text, sets_by_original_destination  # noqa: PLC0415
 
     if backend not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {backend!r} ($EGRESSGUARD_BACKEND); choose one of {', '.join(BACKEND_CHOICES)}")
-    nftables = backend in ("nftables", "auto")  # auto: the nftables plan, as where the kernel accepts it
-    # The nftables back end matches kernel sets by the original destination: a different ruleset
-    # (and digest) from the iptables one, text or JSON.
-    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown, orig_sets=nftables)
-    from egressguard.backends.iptables.render import render, to_json  # noqa: PLC0415
-
-    if nftables:
-        from egressguard.backends.nftables import render as nft_render  # noqa: PLC0415
-
-        if args.json:  # the rules as the nft script this back end commits (iptables arguments cannot say them)
-            print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), "backend": "nftables",
-                              **to_json(rs, tables=False), "script": nft_render.render(rs)}, indent=2))
-            return 0
-        header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}",
-                  "nftables back end" + (" (auto: where the kernel accepts nf_tables, else the iptables plan)"
-                                         if backend == "auto" else "")]
-        sys.stdout.write(nft_render.render(rs, header=header))
-        return 0
+    rs = build(loaded.policy, Facts(resolvers=resolvers, hosts=hosts), lockdown=args.lockdown,
+               orig_sets=sets_by_original_destination(backend))
     if args.json:
-        print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), "backend": "iptables", **to_json(rs)},
-                         indent=2))
+        print(json.dumps({"policy_digest": policy_mod.digest(loaded.policy), **plan_json(backend, rs)}, indent=2))
     else:
         header = [f"egressguard {rs.kind} for {loaded.source}", f"policy {policy_mod.digest(loaded.policy)}"]
-        sys.stdout.write(render(rs, header=header))
+        sys.stdout.write(plan_text(backend, rs, header))
     return 0
 
 

@@ -127,6 +127,37 @@ DEFAULT_BACKEND = "auto"
 BACKEND_CHOICES = ("auto", "nftables", "iptables")
 
 
+def sets_by_original_destination(name: str) -> bool:
+    """Whether back end `name` (`auto`: as where the kernel accepts nf_tables) matches kernel sets
+    by a connection's original destination, which makes its Ruleset (and digest) differ."""
+    return name != "iptables"
+
+
+def plan_text(name: str, ruleset: Ruleset, header: Sequence[str]) -> str:
+    """`plan`: the ruleset as back end `name` commits it (`auto`: the nftables script)."""
+    if name == "iptables":
+        from egressguard.backends.iptables.render import render  # noqa: PLC0415
+
+        return render(ruleset, header=header)
+    from egressguard.backends.nftables import render as nft  # noqa: PLC0415
+
+    auto = " (auto: where the kernel accepts nf_tables, else the iptables plan)" if name == "auto" else ""
+    return nft.render(ruleset, header=[*header, f"nftables back end{auto}"])
+
+
+def plan_json(name: str, ruleset: Ruleset) -> dict[str, object]:
+    """`plan --json`: the back end, the ruleset's digest and sets, and its rules in that back end's form
+    (iptables: arguments per rule; nftables: the script, which iptables arguments cannot say)."""
+    if name == "iptables":
+        from egressguard.backends.iptables.render import to_json  # noqa: PLC0415
+
+        return {"backend": "iptables", **to_json(ruleset)}
+    from egressguard.backends.iptables.render import to_json as head  # noqa: PLC0415
+    from egressguard.backends.nftables import render as nft  # noqa: PLC0415
+
+    return {"backend": "nftables", **head(ruleset, tables=False), "script": nft.render(ruleset)}
+
+
 def select(requested: str | None = None) -> Backend:
     """The back end for `requested` (or $EGRESSGUARD_BACKEND, or DEFAULT_BACKEND), said in one log
     line. `auto`: nftables if the kernel accepts an nf_tables transaction here, else iptables if
