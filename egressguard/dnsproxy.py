@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import dns.asyncquery
 import dns.exception
@@ -36,8 +36,6 @@ import dns.rdataclass
 import dns.rdatatype
 
 from egressguard import logs
-from egressguard.backends.nftables.render import TABLE
-from egressguard.errors import EgressGuardError
 from egressguard.policy import Policy
 from egressguard.ruleset import Family, LearnedEntry, learned_entries
 
@@ -79,6 +77,14 @@ class Config:
                    ttl_max=policy.dns.ttl.max, port=policy.dns.forwarder_port)
 
 
+class LearnedWriter(Protocol):
+    """What writes learned addresses into one back end's kernel sets (its `learned` module)."""
+
+    def add(self, items: Sequence[tuple[str, str, int]]) -> None: ...
+    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]: ...
+    def close(self) -> None: ...
+
+
 class LearnedSets:
     """The learned sets wherever `apply` made them: ipsets (iptables back end) if the kernel holds
     one of this policy's, else the nftables table's. Looked for at the first answer (the forwarder
@@ -86,18 +92,16 @@ class LearnedSets:
 
     def __init__(self, config: Config) -> None:
         self.names = {name for e in config.entries for name in e.sets.values()}
-        self.impl: KernelSets | IpsetSets | None = None
+        self.impl: LearnedWriter | None = None
 
-    def _find(self) -> KernelSets | IpsetSets:
-        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415 - the iptables back end's
+    def _find(self) -> LearnedWriter:
+        from egressguard.backends.iptables.learned import LearnedIpsets, holds_any  # noqa: PLC0415
 
-        try:
-            with Ipsets() as ipsets:
-                if self.names & set(ipsets.owned()):
-                    return IpsetSets()
-        except EgressGuardError:  # no ipset in this kernel: the nftables back end
-            pass
-        return KernelSets()
+        if holds_any(self.names):
+            return LearnedIpsets()
+        from egressguard.backends.nftables.learned import LearnedElements  # noqa: PLC0415
+
+        return LearnedElements()
 
     def held(self) -> list[tuple[str, str, int]]:
         """(set, address, seconds left) of every address the learned sets hold now."""
@@ -122,56 +126,6 @@ class LearnedSets:
     def close(self) -> None:
         if self.impl is not None:
             self.impl.close()
-
-
-class IpsetSets:
-    """Adds learned addresses to the entries' ipsets (iptables back end), one message per set; a
-    member already there takes the new timeout (never shorter than promised: Promises)."""
-
-    def __init__(self) -> None:
-        from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415 - the iptables back end's
-
-        self.ipsets = Ipsets()
-
-    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
-        by_set: dict[str, list[tuple[str, int]]] = {}
-        for name, addr, ttl in items:
-            by_set.setdefault(name, []).append((addr, ttl))
-        for name, elems in by_set.items():
-            self.ipsets.add_timed(name, elems)
-
-    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
-        out = []
-        for name in names:
-            listed = self.ipsets.timed(name)
-            out += [(name, addr, left) for addr, left in (listed[3] if listed else [])]
-        return out
-
-    def close(self) -> None:
-        self.ipsets.close()
-
-
-class KernelSets:
-    """Adds learned addresses to the entries' nftables sets, one transaction per batch of answers
-    (transport.TimedElements: netlink, not libnftables, for the forwarder's per-answer cost)."""
-
-    def __init__(self) -> None:
-        from egressguard.backends.nftables.transport import TimedElements  # noqa: PLC0415
-
-        self.table = TABLE.split()[1]
-        self.elements = TimedElements(self.table)
-
-    def held(self, names: Sequence[str]) -> list[tuple[str, str, int]]:
-        from egressguard.backends.nftables.transport import timed_elements  # noqa: PLC0415
-
-        return [(name, addr, left) for name in names for addr, left in timed_elements(self.table, name) or []]
-
-    def add(self, items: Sequence[tuple[str, str, int]]) -> None:
-        """(set, address, seconds): each address in its set with that timeout, in one transaction."""
-        self.elements.add(list(items))
-
-    def close(self) -> None:
-        self.elements.close()
 
 
 class Promises:
@@ -368,7 +322,7 @@ class Forwarder:
     def __init__(self, config: Config, sets: Any, clock: Callable[[], float] = time.monotonic,
                  resolve: Callable[[dns.message.Message, str, bool], Any] | None = None) -> None:
         self.config = config
-        self.sets = sets  # KernelSets, or any object with add(items) (the fuzz tests' recorder)
+        self.sets = sets  # LearnedSets, or any object with add(items) (the fuzz tests' recorder)
         self.batches = _Batches(sets, Promises(clock), config.ttl_max)
         self.clock = clock
         self.resolve = resolve or _upstream
