@@ -60,8 +60,6 @@ _LIMIT_UNIT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  
 _MULTIPORT_MAX = 15
 # IPv6 neighbour discovery (RS, RA, NS, NA) the kernel sends for itself.
 _NDP_TYPES = ("133", "134", "135", "136")  # router solicitation, advertisement; neighbour solicitation, advertisement
-# Uids of user processes: `! --uid-owner` over the whole range matches only socketless (kernel) packets.
-_ANY_USER = "0-4294967294"
 
 # Multicast membership reports are socketless, and any process may join groups of its choice: the
 # kernel then announces them. Only IPv6 needs reports (for the solicited-node groups of its own
@@ -125,7 +123,8 @@ class Rule:
     dst: str | None = None  # destination network, normalised (203.0.113.0/24)
     out_iface: str | None = None  # "lo" or "!lo"
     protocol: str | None = None  # tcp, udp, icmp, ipv6-icmp, igmp
-    uid: str | None = None  # owner match: "1000" or "!0-4294967294"
+    uid: int | None = None  # owner match: packets of this uid's sockets
+    socketless: bool = False  # packets without a user socket's owner: the kernel's own (and a closed socket's)
     src_type: str | None = None  # addrtype --src-type: "LOCAL" or "!LOCAL"
     dst_type: str | None = None  # addrtype --dst-type: "LOCAL"
     ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
@@ -511,14 +510,14 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
     rules: list[Rule] = []
     for u in named:
         if mark and not orig_sets and policy.confines_everyone:  # a uid list's: atop the confined chain
-            rules.append(Rule(target="CONNMARK", comment=comment, uid=str(u), ctmark_set=bit))
+            rules.append(Rule(target="CONNMARK", comment=comment, uid=u, ctmark_set=bit))
         # A confined uid's packet goes to `into` for good: nothing after this rule concerns it (the
         # other uids' rules, the closing rule's owner lookup), and each rule walked costs every packet.
-        rules.append(Rule(target=verdict, comment=comment, uid=str(u), ctmark_set=bit if mark and orig_sets else None,
+        rules.append(Rule(target=verdict, comment=comment, uid=u, ctmark_set=bit if mark and orig_sets else None,
                           goto=verdict == into))
     rules += socketless
     if mark and named:
-        rules.append(Rule(target=verdict, comment=closing, uid="!" + _ANY_USER, ctdir="ORIGINAL", ctmark=bit))
+        rules.append(Rule(target=verdict, comment=closing, socketless=True, ctdir="ORIGINAL", ctmark=bit))
     if policy.confines_everyone:
         rules.append(Rule(target=into, comment="confine", goto=True))
     return tuple(rules)
@@ -527,28 +526,26 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
 def _membership_reports(family: Family) -> list[Rule]:
     """The kernel's multicast membership reports, judged before any uid: they are socketless, so
     under `confine: uids` they would never be confined, yet any process may choose their groups."""
-    kernel = "!" + _ANY_USER
     if family == 4:
         # IPv4 works without IGMP: no report leaves.
-        return [Rule(target="DROP", comment="igmp", protocol="igmp", uid=kernel)]
+        return [Rule(target="DROP", comment="igmp", protocol="igmp", socketless=True)]
     rules = [
-        Rule(target="RETURN", comment="mld-solicited-node", protocol="ipv6-icmp", uid=kernel,
+        Rule(target="RETURN", comment="mld-solicited-node", protocol="ipv6-icmp", socketless=True,
              icmp6_type=_MLD_V2_REPORT, u32=_mld_report_u32(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
              limit_name=_MLD_LIMIT_NAME)
         for n in range(1, _MLD_MAX_RECORDS + 1)
     ]
     rules.append(Rule(target="RETURN", comment="mld-solicited-node", dst=_SOLICITED_NODE, protocol="ipv6-icmp",
-                      uid=kernel, icmp6_type=_MLD_V1_REPORT, limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
+                      socketless=True, icmp6_type=_MLD_V1_REPORT, limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
                       limit_name=_MLD_LIMIT_NAME))
     for t in (_MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE):
-        rules.append(Rule(target="DROP", comment="mld", protocol="ipv6-icmp", uid=kernel, icmp6_type=t))
+        rules.append(Rule(target="DROP", comment="mld", protocol="ipv6-icmp", socketless=True, icmp6_type=t))
     return rules
 
 
 def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool = False) -> list[Rule]:
     """What confined traffic meets first, in lockdown and under the policy: the kernel's own packets
     that must keep working, then the source invariant and source routes, then replies."""
-    kernel = "!" + _ANY_USER
     rules: list[Rule] = []
     if not policy.confines_everyone and not orig_sets:
         # iptables, a uid list: only the listed uids' packets and their connections' socketless ones
@@ -558,11 +555,11 @@ def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool
         # The kernel's own neighbour discovery: only from kernel sockets, never a user's. Before the
         # source check: duplicate address detection sends from `::`.
         for t in _NDP_TYPES:
-            rules.append(Rule(target="RETURN", comment="kernel-ndp", protocol="ipv6-icmp", uid=kernel, icmp6_type=t))
+            rules.append(Rule(target="RETURN", comment="kernel-ndp", protocol="ipv6-icmp", socketless=True, icmp6_type=t))
     if policy.confines_everyone:
         # Kernel packets to a local destination never leave the pod: among them the reset our own
         # REJECT sends back to the local client, whose source is the refused destination.
-        rules.append(Rule(target="RETURN", comment="kernel-local", uid=kernel, dst_type="LOCAL"))
+        rules.append(Rule(target="RETURN", comment="kernel-local", socketless=True, dst_type="LOCAL"))
     # The source invariant: a confined packet leaves only from one of this pod's own addresses.
     # IPV6_FREEBIND lets any socket send from an address the pod does not own; whatever answers
     # such a packet (the pod's own kernel over loopback, conntrack's idea of a reply, our REJECT)

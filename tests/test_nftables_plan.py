@@ -67,7 +67,7 @@ def test_a_rule_field_this_back_end_does_not_know_is_refused_not_dropped() -> No
 
 
 @pytest.mark.parametrize("rule", [
-    Rule(target="RETURN", comment="x", uid="!1000"),  # only "no user socket" is expressible
+    Rule(target="RETURN", comment="x", socketless=True),  # only in a chain of its own (kernel_rules)
     Rule(target="REJECT", comment="x", reject_with="icmp-host-prohibited"),
     Rule(target="REJECT", comment="x", reject_with="tcp-reset"),  # without -p tcp
     Rule(target="QUEUE", comment="x"),
@@ -79,7 +79,7 @@ def test_rules_nft_cannot_mean_the_same_are_refused(rule: Rule) -> None:
 
 
 def test_rules_sharing_a_limit_jump_to_one_chain_and_must_agree_on_it() -> None:
-    kernel = {"target": "RETURN", "comment": "x", "uid": "!0-4294967294", "limit": "10/sec", "limit_burst": 20,
+    kernel = {"target": "RETURN", "comment": "x", "socketless": True, "limit": "10/sec", "limit_burst": 20,
               "limit_name": "egressguard-x"}
     rs = build_one(Rule(**kernel, icmp6_type="143"), Rule(**kernel, icmp6_type="131"))
     script = render.rules_script(rs, render.Existing())

@@ -145,7 +145,7 @@ def test_forged_sources_are_dropped_before_anything_accepts_or_rejects(family: i
     before = rules[: at[0]]
     # Only kernel (socketless) packets pass before it: neighbour discovery (from `::` during DAD)
     # and packets to a local destination (our own REJECT's reset to the local client).
-    assert all(r.uid == "!0-4294967294" and r.target == "RETURN" for r in before)
+    assert all(r.socketless and r.uid is None and r.target == "RETURN" for r in before)
     assert all(r.icmp6_type in ("133", "134", "135", "136") or r.dst_type == "LOCAL" for r in before)
 
 
@@ -171,16 +171,16 @@ def test_membership_reports_are_judged_before_any_rule_a_socketless_packet_meets
     rs = _build({"confine": confine})
     for family in (4, 6):
         chain = _chain(rs, family, "filter", DISPATCH)
-        owned = [r for r in chain if r.uid is not None and not r.uid.startswith("!")]
+        owned = [r for r in chain if r.uid is not None]
         assert owned and chain[: len(owned)] == tuple(owned)
         after = chain[len(owned):]
         reports = [r for r in after if r.comment in ("igmp", "mld", "mld-solicited-node")]
         assert after[: len(reports)] == tuple(reports) and len(after) > len(reports)
         if family == 4:
-            assert [(r.comment, r.protocol, r.uid, r.target) for r in reports] == [("igmp", "igmp", "!0-4294967294", "DROP")]
+            assert [(r.comment, r.protocol, r.socketless, r.target) for r in reports] == [("igmp", "igmp", True, "DROP")]
             continue
         passed = [r for r in reports if r.target == "RETURN"]
-        assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.uid == "!0-4294967294" for r in passed)
+        assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.socketless for r in passed)
         assert {r.limit_name for r in passed} == {"egressguard-mld"}  # one bucket for all five, not one each
         assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
         assert [(r.icmp6_type, r.target) for r in reports[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
@@ -219,11 +219,11 @@ def test_outbound_rules_do_not_depend_on_connection_state() -> None:
 def test_exempt_uids_leave_dispatch_before_everyone_is_confined() -> None:
     rules = _chain(_build({"confine": {"uids": "all"}, "exempt": {"uids": [1003, 1001]}}), 4, "filter", DISPATCH)
     assert [(r.comment, r.uid, r.target) for r in rules if r.comment != "igmp"] == [
-        ("exempt", "1001", "CONNMARK"),
-        ("exempt", "1001", "RETURN"),
-        ("exempt", "1003", "CONNMARK"),
-        ("exempt", "1003", "RETURN"),
-        ("exempt-closing", "!0-4294967294", "RETURN"),
+        ("exempt", 1001, "CONNMARK"),
+        ("exempt", 1001, "RETURN"),
+        ("exempt", 1003, "CONNMARK"),
+        ("exempt", 1003, "RETURN"),
+        ("exempt-closing", None, "RETURN"),
         ("confine", None, CONFINED),
     ]
 
@@ -238,7 +238,7 @@ def test_the_uids_named_mark_their_connections_and_socketless_packets_on_them_go
     out with the exempt uid; a uid list: to the confined chain). With nftables the mark and the verdict
     are one rule; only the opener's direction, only that bit; never in nat, which sees first packets."""
     data = {"confine": {"uids": confine}, "exempt": {"uids": [1001]}}
-    named = "1001" if confine == "all" else "1000"
+    named = 1001 if confine == "all" else 1000
     for orig_sets, marking in ((False, [("CONNMARK", bit), (verdict, None)]), (True, [(verdict, bit)])):
         built = _build(data, orig_sets=orig_sets)
         rules = [r for r in _chain(built, 4, "filter", DISPATCH) if r.comment != "igmp"]
@@ -250,7 +250,7 @@ def test_the_uids_named_mark_their_connections_and_socketless_packets_on_them_go
             assert head.target != "CONNMARK"
         assert [(r.target, r.ctmark_set) for r in rules if r.uid == named] == marking
         closings = [r for r in rules if r.comment == closing]
-        assert [(r.uid, r.ctdir, r.ctmark, r.target) for r in closings] == [("!0-4294967294", "ORIGINAL", bit, verdict)]
+        assert [(r.socketless, r.ctdir, r.ctmark, r.target) for r in closings] == [(True, "ORIGINAL", bit, verdict)]
         after = rules[rules.index(closings[0]) + 1:]
         assert [r.comment for r in after] == (["confine"] if confine == "all" else [])
     nat = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), 4, "nat", DISPATCH)
@@ -264,23 +264,23 @@ def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() ->
     for family in FAMILIES:
         for table, into in (("filter", CONFINED), ("nat", REDIRECT)):
             rules = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), family, table, DISPATCH)
-            assert [(r.comment, r.uid, r.target) for r in rules if r.uid is None or not r.uid.startswith("!")] == [
-                ("confine", "1000", into),
-                ("confine", "1002", into),
+            assert [(r.comment, r.uid, r.target) for r in rules if not r.socketless] == [
+                ("confine", 1000, into),
+                ("confine", 1002, into),
             ]
 
 
 def test_root_is_not_confined_unless_listed() -> None:
     rules = _chain(_build(), 4, "filter", DISPATCH)
-    assert "0" not in {r.uid for r in rules}
+    assert 0 not in {r.uid for r in rules}
     listed = _chain(_build({"confine": {"uids": [0, 1000]}}), 4, "filter", DISPATCH)
-    assert [r.uid for r in listed if r.comment == "confine" and r.target == CONFINED] == ["0", "1000"]
+    assert [r.uid for r in listed if r.comment == "confine" and r.target == CONFINED] == [0, 1000]
 
 
 def test_confine_all_sends_everyone_but_exempt_to_the_confined_chain() -> None:
     rules = _chain(_build({"confine": {"uids": "all"}}), 6, "filter", DISPATCH)
-    assert [(r.comment, r.uid) for r in rules if not r.comment.startswith("mld")] == [
-        ("exempt", "1001"), ("exempt", "1001"), ("exempt-closing", "!0-4294967294"), ("confine", None)]
+    assert [(r.comment, r.uid, r.socketless) for r in rules if not r.comment.startswith("mld")] == [
+        ("exempt", 1001, False), ("exempt", 1001, False), ("exempt-closing", None, True), ("confine", None, False)]
 
 
 def test_confine_all_lets_only_kernel_sockets_send_neighbour_discovery() -> None:
@@ -288,7 +288,7 @@ def test_confine_all_lets_only_kernel_sockets_send_neighbour_discovery() -> None
     ndp = [r for r in rules if r.comment == "kernel-ndp"]
     # MLD reports (143) are judged in the dispatch chain, for every uid mode.
     assert sorted(r.icmp6_type for r in ndp) == ["133", "134", "135", "136"]  # type: ignore[type-var]
-    assert all(r.uid == "!0-4294967294" and r.protocol == "ipv6-icmp" and r.target == "RETURN" for r in ndp)
+    assert all(r.socketless and r.protocol == "ipv6-icmp" and r.target == "RETURN" for r in ndp)
     assert not any(r.comment == "kernel-ndp" for r in _confined(_build({"confine": {"uids": "all"}}), 4))
 
 
@@ -431,7 +431,7 @@ def test_redirect_rewrites_non_loopback_tcp_of_confined_uids_only() -> None:
     for family in FAMILIES:
         nat = rs.table(family, "nat")
         assert nat.jump is not None
-        assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("confine", "1000")]
+        assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("confine", 1000)]
         (rule,) = [r for r in _chain(rs, family, "nat", REDIRECT) if r.target == "REDIRECT"]
         assert (rule.target, rule.out_iface, rule.protocol, rule.dports, rule.to_ports) == (
             "REDIRECT", "!lo", "tcp", (80, 443), 8444
@@ -479,7 +479,8 @@ def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(fam
 
 def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
     rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
-    assert [r.uid for r in _chain(rs, 4, "filter", DISPATCH) if r.target == CONFINED] == ["1000", "1002", "!0-4294967294"]
+    assert [(r.uid, r.socketless) for r in _chain(rs, 4, "filter", DISPATCH) if r.target == CONFINED] == [
+        (1000, False), (1002, False), (None, True)]
 
 
 # -- determinism, digest, rendering ------------------------------------------------------------

@@ -418,8 +418,10 @@ class IptablesBackend(Backend):
                 _fix_ipv6_iface_mask(x)
         if r.protocol:
             x.protocol = "icmpv6" if r.protocol == "ipv6-icmp" else r.protocol
-        if r.uid:
-            x.create_match("owner").set_parameter("uid-owner", r.uid)
+        if r.uid is not None:
+            x.create_match("owner").set_parameter("uid-owner", str(r.uid))
+        elif r.socketless:
+            x.create_match("owner").set_parameter("uid-owner", "!" + render.ANY_USER)
         if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as render.args()
             m = x.create_match("conntrack")
             if r.ctstate:
@@ -810,8 +812,9 @@ def _decode(x: Any) -> Rule:
         p = {k: [v for v in vals if v != "!"] for k, vals in raw.items()}
         neg = any("!" in vals for vals in raw.values())
         one = {k: v[0] if v else "" for k, v in p.items()}
-        if m.name == "owner" and set(one) == {"uid-owner"}:
-            fields["uid"] = ("!" if neg else "") + one["uid-owner"]
+        if m.name == "owner" and set(one) == {"uid-owner"} and (one["uid-owner"] == render.ANY_USER) == neg \
+                and (neg or one["uid-owner"].isdigit()):
+            fields["socketless" if neg else "uid"] = True if neg else int(one["uid-owner"])
         elif m.name == "addrtype" and one and set(one) <= {"src-type", "dst-type"}:
             for key, name in (("src-type", "src_type"), ("dst-type", "dst_type")):
                 if key in raw:

@@ -8,6 +8,9 @@ from collections.abc import Iterable
 
 from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Rule, Ruleset, shared_limit_expire_ms
 
+# Every user uid: `! --uid-owner` over the whole range matches only packets with no socket owner.
+ANY_USER = "0-4294967294"
+
 
 def args(rule: Rule) -> list[str]:
     """The rule as iptables arguments, in iptables-save's order."""
@@ -18,9 +21,10 @@ def args(rule: Rule) -> list[str]:
         a += ["!", "-o", rule.out_iface[1:]] if rule.out_iface.startswith("!") else ["-o", rule.out_iface]
     if rule.protocol:
         a += ["-p", rule.protocol]
-    if rule.uid:
-        neg = rule.uid.startswith("!")
-        a += ["-m", "owner"] + (["!"] if neg else []) + ["--uid-owner", rule.uid.lstrip("!")]
+    if rule.uid is not None:
+        a += ["-m", "owner", "--uid-owner", str(rule.uid)]
+    elif rule.socketless:  # no uid at all: the owner match over every user uid, negated
+        a += ["-m", "owner", "!", "--uid-owner", ANY_USER]
     if rule.ctorigdst_set:
         raise ValueError(f"iptables cannot look a set up by the original destination (rule {rule.comment!r})")
     # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,

@@ -154,7 +154,7 @@ class NftablesBackend(Backend):
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         try:
-            kernel = "<its own chain>" if rule.uid and rule.uid.startswith("!") else None
+            kernel = "<its own chain>" if rule.socketless else None
             text = render.rule_text(family, table, dataclasses.replace(rule, u32=()), kernel)
             if rule.u32:  # read back as the byte and bit ranges they constrain (see render.canonical)
                 words = text.split(" ")

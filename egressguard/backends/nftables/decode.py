@@ -204,7 +204,7 @@ def decode_rule(r: dict[str, Any], family: Family, table: str,
         if body is None or len(body) != 2 or body[0].get("expr") != _USER_RETURN:
             unknown.append(f"jump {last['jump']['target']} (not a socketless rule's chain)")
         else:
-            f["uid"] = "!" + ANY_USER
+            f["socketless"] = True
             if kernel_chain["shared"]:
                 f["limit_name"] = kernel_chain["shared"]
             exprs += [{"kernel": True}, *body[1].get("expr", [])]
@@ -295,10 +295,8 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
                 return _put(f, "protocol", str(right))
             if mk == "oifname" and op in ("==", "!="):
                 return _put(f, "out_iface", ("!" if op == "!=" else "") + str(right))
-            if mk == "skuid" and op == "==":
-                if isinstance(right, dict) and "range" in right:
-                    return _put(f, "uid", f"{right['range'][0]}-{right['range'][1]}")
-                return _put(f, "uid", str(int(right)))
+            if mk == "skuid" and op == "==" and isinstance(right, int):  # a range: not something a plan renders
+                return _put(f, "uid", right)
             return False
         if "&" in left and op == "==" and left["&"][0] == {"ct": {"key": "mark"}}:
             bits = left["&"][1]

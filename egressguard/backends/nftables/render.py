@@ -66,7 +66,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 # Every field of Rule this back end renders and decodes. A field not listed here (added to the
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
-    "target", "comment", "dst", "out_iface", "protocol", "uid", "ctstate", "ctdir", "ctorigdst",
+    "target", "comment", "dst", "out_iface", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
     "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set", "goto",
@@ -117,7 +117,7 @@ def kernel_rules(ruleset: Ruleset) -> list[tuple[Table, Rule, str]]:
         n = 0
         for c in t.chains:
             for r in c.rules:
-                if r.uid and r.uid.startswith("!"):
+                if r.socketless:
                     if r.limit_name:
                         out.append((t, r, kernel_chain(t.family, t.name, r.limit_name)))
                         continue
@@ -163,14 +163,10 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         a.append(f"oifname {'!= ' if neg else ''}{quote(r.out_iface.lstrip('!'))}")
     if r.protocol:
         a.append(f"meta l4proto {r.protocol}")
-    if r.uid:
-        if r.uid.startswith("!"):
-            if r.uid != "!" + ANY_USER:
-                raise UnsupportedRule(f"uid {r.uid}: only !{ANY_USER} (no user socket) is expressible")
-            if kernel is None:
-                raise UnsupportedRule(f"uid {r.uid} needs a chain of its own (rule {r.comment!r})")
-        else:
-            a.append(f"meta skuid {r.uid}")
+    if r.socketless and kernel is None:
+        raise UnsupportedRule(f"a socketless match needs a chain of its own (rule {r.comment!r})")
+    if r.uid is not None:
+        a.append(f"meta skuid {r.uid}")
     if r.ctstate:
         words = r.ctstate.split(",")
         status = [w for w in words if w in _CT_STATUS]
