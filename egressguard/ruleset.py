@@ -125,8 +125,8 @@ class Rule:
     protocol: str | None = None  # tcp, udp, icmp, ipv6-icmp, igmp
     uid: int | None = None  # owner match: packets of this uid's sockets
     socketless: bool = False  # packets without a user socket's owner: the kernel's own (and a closed socket's)
-    src_type: str | None = None  # addrtype --src-type: "LOCAL" or "!LOCAL"
-    dst_type: str | None = None  # addrtype --dst-type: "LOCAL"
+    src_local: bool | None = None  # the source is (True) or is not (False) one of this namespace's addresses
+    dst_local: bool | None = None  # the same of the destination
     ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
     ctdir: str | None = None  # ORIGINAL or REPLY
     ctorigdst: str | None = None  # conntrack original destination (before any DNAT)
@@ -559,12 +559,12 @@ def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool
     if policy.confines_everyone:
         # Kernel packets to a local destination never leave the pod: among them the reset our own
         # REJECT sends back to the local client, whose source is the refused destination.
-        rules.append(Rule(target="RETURN", comment="kernel-local", socketless=True, dst_type="LOCAL"))
+        rules.append(Rule(target="RETURN", comment="kernel-local", socketless=True, dst_local=True))
     # The source invariant: a confined packet leaves only from one of this pod's own addresses.
     # IPV6_FREEBIND lets any socket send from an address the pod does not own; whatever answers
     # such a packet (the pod's own kernel over loopback, conntrack's idea of a reply, our REJECT)
     # answers the forged source. Dropped, never rejected: the guard never answers a non-local source.
-    rules.append(Rule(target="DROP", comment="forged-source", src_type="!LOCAL"))
+    rules.append(Rule(target="DROP", comment="forged-source", src_local=False))
     # Source routes: the rules judge only the first hop of a routed packet. Refused here, a confined
     # uid's packet cannot reach the pod's FORWARD path either: a packet the pod sends is delivered
     # locally or sent out; it is forwarded only if, delivered locally, it names a next hop (a
@@ -681,7 +681,7 @@ def _confined(
     # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
     # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
     # resolver (kube-dns style), as before.
-    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_type="!LOCAL")
+    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_local=False)
     if not lockdown:
         allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
                                         orig_sets=orig_sets)

@@ -141,12 +141,12 @@ def test_forged_sources_are_dropped_before_anything_accepts_or_rejects(family: i
     rules = _confined(_build({**BROAD, "confine": confine, "action": action,
                               "redirect": [{"ports": [80], "to_port": 8444}]}), family)
     at = [i for i, r in enumerate(rules) if r.comment == "forged-source"]
-    assert len(at) == 1 and (rules[at[0]].src_type, rules[at[0]].target) == ("!LOCAL", "DROP")
+    assert len(at) == 1 and (rules[at[0]].src_local, rules[at[0]].target) == (False, "DROP")
     before = rules[: at[0]]
     # Only kernel (socketless) packets pass before it: neighbour discovery (from `::` during DAD)
     # and packets to a local destination (our own REJECT's reset to the local client).
     assert all(r.socketless and r.uid is None and r.target == "RETURN" for r in before)
-    assert all(r.icmp6_type in ("133", "134", "135", "136") or r.dst_type == "LOCAL" for r in before)
+    assert all(r.icmp6_type in ("133", "134", "135", "136") or r.dst_local is True for r in before)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -567,7 +567,7 @@ def test_a_connection_natted_to_another_host_is_refused_before_the_allow_list(fa
     rules = _confined(_build(BROAD), family)
     at = _first(rules, "nat-elsewhere")
     assert _last(rules, "dns") < at < _first(rules, "allow[")
-    assert all(r.ctstate == "DNAT" and r.dst_type == "!LOCAL" and r.target == "REJECT"
+    assert all(r.ctstate == "DNAT" and r.dst_local is False and r.target == "REJECT"
                for r in rules if r.comment == "nat-elsewhere")
 
 

@@ -432,12 +432,12 @@ class IptablesBackend(Backend):
                 m.set_parameter("ctorigdstport", str(r.ctorigdstport))
             if r.ctdir:
                 m.set_parameter("ctdir", r.ctdir)
-        if r.src_type or r.dst_type:
+        if r.src_local is not None or r.dst_local is not None:
             m = x.create_match("addrtype")
-            if r.src_type:
-                m.set_parameter("src-type", r.src_type)
-            if r.dst_type:
-                m.set_parameter("dst-type", r.dst_type)
+            if r.src_local is not None:
+                m.set_parameter("src-type", "LOCAL" if r.src_local else "!LOCAL")
+            if r.dst_local is not None:
+                m.set_parameter("dst-type", "LOCAL" if r.dst_local else "!LOCAL")
         if r.hoplimit is not None:
             x.create_match("hl").set_parameter("hl-eq", str(r.hoplimit))
         if r.icmp6_type:
@@ -815,10 +815,11 @@ def _decode(x: Any) -> Rule:
         if m.name == "owner" and set(one) == {"uid-owner"} and (one["uid-owner"] == render.ANY_USER) == neg \
                 and (neg or one["uid-owner"].isdigit()):
             fields["socketless" if neg else "uid"] = True if neg else int(one["uid-owner"])
-        elif m.name == "addrtype" and one and set(one) <= {"src-type", "dst-type"}:
-            for key, name in (("src-type", "src_type"), ("dst-type", "dst_type")):
+        elif m.name == "addrtype" and one and set(one) <= {"src-type", "dst-type"} \
+                and all(v == "LOCAL" for v in one.values()):
+            for key, name in (("src-type", "src_local"), ("dst-type", "dst_local")):
                 if key in raw:
-                    fields[name] = ("!" if "!" in raw[key] else "") + one[key]
+                    fields[name] = "!" not in raw[key]
         elif m.name == "rt" and not raw:
             fields["routing_header"] = True
         elif m.name == "u32" and set(one) == {"u32"} and not neg:

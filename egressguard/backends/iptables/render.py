@@ -39,11 +39,11 @@ def args(rule: Rule) -> list[str]:
             a += ["--ctorigdstport", str(rule.ctorigdstport)]
         if rule.ctdir:
             a += ["--ctdir", rule.ctdir]
-    if rule.src_type or rule.dst_type:
+    if rule.src_local is not None or rule.dst_local is not None:
         a += ["-m", "addrtype"]
-        for opt, value in (("--src-type", rule.src_type), ("--dst-type", rule.dst_type)):
-            if value:
-                a += (["!", opt, value[1:]] if value.startswith("!") else [opt, value])
+        for opt, local in (("--src-type", rule.src_local), ("--dst-type", rule.dst_local)):
+            if local is not None:
+                a += ([opt, "LOCAL"] if local else ["!", opt, "LOCAL"])
     if rule.hoplimit is not None:
         a += ["-m", "hl", "--hl-eq", str(rule.hoplimit)]
     if rule.icmp6_type:

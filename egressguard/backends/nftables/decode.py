@@ -259,10 +259,10 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             return True
         if "fib" in left:
             fib = left["fib"]
-            word = {("saddr",): "src_type", ("daddr",): "dst_type"}.get(tuple(fib.get("flags", [])))
+            word = {("saddr",): "src_local", ("daddr",): "dst_local"}.get(tuple(fib.get("flags", [])))
             if fib.get("result") != "type" or word is None or right != "local" or op not in ("==", "!="):
                 return False
-            return _put(f, word, ("!" if op == "!=" else "") + "LOCAL")
+            return _put(f, word, op == "==")
         if "exthdr" in left:
             if left["exthdr"] == {"name": "rt"} and op == "==" and right is True and family == 6:
                 return _put(f, "routing_header", True)

@@ -68,7 +68,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
-    "src_type", "dst_type", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
+    "src_local", "dst_local", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set", "goto",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
@@ -187,11 +187,9 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
     if r.ctorigdst_set:
         a.append(f"ct original {ip} daddr @{r.ctorigdst_set}")
     # After conntrack (as with iptables): a rule with both looks the route up only for DNATed packets.
-    for word, value in (("saddr", r.src_type), ("daddr", r.dst_type)):
-        if value:
-            if value.lstrip("!") != "LOCAL":
-                raise UnsupportedRule(f"address type {value} (rule {r.comment!r})")
-            a.append(f"fib {word} type {'!= ' if value.startswith('!') else ''}local")
+    for word, local in (("saddr", r.src_local), ("daddr", r.dst_local)):
+        if local is not None:
+            a.append(f"fib {word} type {'' if local else '!= '}local")
     if r.hoplimit is not None:
         a.append(f"ip6 hoplimit {r.hoplimit}")
     if r.icmp6_type:
