@@ -121,7 +121,8 @@ class Rule:
     target: str  # RETURN (allowed: later rules decide), REJECT, DROP, REDIRECT, or an owned chain
     comment: str  # the policy line that decides, e.g. "allow[0]", "dns", "metadata"
     dst: str | None = None  # destination network, normalised (203.0.113.0/24)
-    out_iface: str | None = None  # "lo" or "!lo"
+    out_iface: str | None = None  # leaves by this interface ("lo")
+    out_iface_not: str | None = None  # leaves by any interface but this one
     protocol: str | None = None  # tcp, udp, icmp, ipv6-icmp, igmp
     uid: int | None = None  # owner match: packets of this uid's sockets
     socketless: bool = False  # packets without a user socket's owner: the kernel's own (and a closed socket's)
@@ -797,7 +798,7 @@ def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]
     for i, r in enumerate(policy.redirect):
         for group in _port_groups(r.ports):
             rules.append(
-                Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface="!lo", protocol="tcp", dports=group,
+                Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface_not="lo", protocol="tcp", dports=group,
                      to_ports=r.to_port)
             )
     if rules:

@@ -433,8 +433,8 @@ def test_redirect_rewrites_non_loopback_tcp_of_confined_uids_only() -> None:
         assert nat.jump is not None
         assert [(r.comment, r.uid) for r in _chain(rs, family, "nat", DISPATCH)] == [("confine", 1000)]
         (rule,) = [r for r in _chain(rs, family, "nat", REDIRECT) if r.target == "REDIRECT"]
-        assert (rule.target, rule.out_iface, rule.protocol, rule.dports, rule.to_ports) == (
-            "REDIRECT", "!lo", "tcp", (80, 443), 8444
+        assert (rule.target, rule.out_iface_not, rule.protocol, rule.dports, rule.to_ports) == (
+            "REDIRECT", "lo", "tcp", (80, 443), 8444
         )
 
 

@@ -195,7 +195,9 @@ def test_ipv6_interface_mask_is_0xff_over_the_name_and_its_nul(name: str, monkey
     for cls in (backend.iptc.Table, backend.iptc.Table6):  # never open a table (it would be created here)
         monkeypatch.setattr(cls, "existing_table_names", {t: False for t in cls.ALL})
     for family in (6, 4):
-        x = backend._encode(family, Rule(target="RETURN", comment="loopback", out_iface=name))
+        neg = name.startswith("!")
+        x = backend._encode(family, Rule(target="RETURN", comment="loopback", out_iface=None if neg else name,
+                                         out_iface_not=plain if neg else None))
         header = dict(xtables_raw.parse_entry(family, bytes(x.rule))[0].header)  # the bytes libiptc is given
         assert header["outiface_mask"] == want, family
         assert header["outiface"] == plain.encode().ljust(16, b"\0")

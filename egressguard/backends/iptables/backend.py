@@ -412,8 +412,8 @@ class IptablesBackend(Backend):
         x = iptc.Rule6() if family == 6 else iptc.Rule()
         if r.dst:
             x.dst = r.dst
-        if r.out_iface:
-            x.out_interface = r.out_iface
+        if r.out_iface or r.out_iface_not:
+            x.out_interface = r.out_iface or f"!{r.out_iface_not}"
             if family == 6:
                 _fix_ipv6_iface_mask(x)
         if r.protocol:
@@ -803,7 +803,8 @@ def _decode(x: Any) -> Rule:
     """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
     fields: dict[str, Any] = {"target": x.target.name, "comment": "", "goto": x.target.goto}
     fields["dst"] = _net(x.dst)
-    fields["out_iface"] = x.out_interface or None
+    out = x.out_interface or ""
+    fields["out_iface_not" if out.startswith("!") else "out_iface"] = out.lstrip("!") or None
     proto = x.protocol
     fields["protocol"] = {"icmpv6": "ipv6-icmp", "ip": None, "all": None, "0": None, None: None}.get(proto, proto)
     unknown: list[str] = []

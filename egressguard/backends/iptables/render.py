@@ -18,7 +18,9 @@ def args(rule: Rule) -> list[str]:
     if rule.dst:
         a += ["-d", rule.dst]
     if rule.out_iface:
-        a += ["!", "-o", rule.out_iface[1:]] if rule.out_iface.startswith("!") else ["-o", rule.out_iface]
+        a += ["-o", rule.out_iface]
+    elif rule.out_iface_not:
+        a += ["!", "-o", rule.out_iface_not]
     if rule.protocol:
         a += ["-p", rule.protocol]
     if rule.uid is not None:

@@ -294,7 +294,7 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
             if mk == "l4proto" and op == "==":
                 return _put(f, "protocol", str(right))
             if mk == "oifname" and op in ("==", "!="):
-                return _put(f, "out_iface", ("!" if op == "!=" else "") + str(right))
+                return _put(f, "out_iface_not" if op == "!=" else "out_iface", str(right))
             if mk == "skuid" and op == "==" and isinstance(right, int):  # a range: not something a plan renders
                 return _put(f, "uid", right)
             return False

@@ -66,7 +66,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 # Every field of Rule this back end renders and decodes. A field not listed here (added to the
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
-    "target", "comment", "dst", "out_iface", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
+    "target", "comment", "dst", "out_iface", "out_iface_not", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
     "src_local", "dst_local", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set", "goto",
@@ -159,8 +159,9 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
     if r.match_set:
         a.append(f"{ip} daddr @{r.match_set}")
     if r.out_iface:
-        neg = r.out_iface.startswith("!")
-        a.append(f"oifname {'!= ' if neg else ''}{quote(r.out_iface.lstrip('!'))}")
+        a.append(f"oifname {quote(r.out_iface)}")
+    elif r.out_iface_not:
+        a.append(f"oifname != {quote(r.out_iface_not)}")
     if r.protocol:
         a.append(f"meta l4proto {r.protocol}")
     if r.socketless and kernel is None:
