@@ -13,6 +13,9 @@ from egressguard.canonical import json_sha256
 from egressguard.policy import METADATA_CIDRS, AllowEntry, DenyEntry, Policy
 
 Family = Literal[4, 6]
+# A test on a packet's headers: (bit offset from the start of the network header, width in bits, the
+# value ranges it may hold). The back ends spell them (iptables: u32 matches; nftables: raw payload).
+HeaderTest = tuple[int, int, tuple[tuple[int, int], ...]]
 FAMILIES: tuple[Family, ...] = (4, 6)
 
 # Owned objects. Nothing else in the kernel is touched.
@@ -76,39 +79,31 @@ _MLD_LIMIT, _MLD_BURST, _MLD_LIMIT_NAME = "10/sec", 20, SET_PREFIX + "mld"
 _MLD_MAX_RECORDS = 4
 
 
-def _mld_report_u32(records: int) -> tuple[str, ...]:
-    """u32 tests (offsets from the IPv6 header) for an MLDv2 report exactly as the kernel builds it:
-    hop-by-hop header of 8 bytes (router alert) at 40, ICMPv6 at 48, records of 20 bytes from 56,
-    each a join, leave or current state (type 2, 3, 4) without aux data or sources, for a
-    solicited-node group. Printed as ip6tables-save prints u32 (hex), so the read-back compares equal.
-    A u32 match holds at most 10 tests: one match per record, the header tests in the first."""
-    head = [
-        f"0x4>>0x10={_hex(16 + 20 * records)}",  # payload length: hop-by-hop 8 + MLD header 8 + records
-        "0x4>>0x8&0xff=0x0",  # next header: hop-by-hop
-        "0x28>>0x10=0x3a00",  # hop-by-hop: next header ICMPv6, length 0 (8 bytes)
-        f"0x34&0xffff={_hex(records)}",  # number of records
+def _mld_report_tests(records: int) -> tuple[HeaderTest, ...]:
+    """An MLDv2 report exactly as the kernel builds it: hop-by-hop header of 8 bytes (router alert) at
+    byte 40, ICMPv6 at 48, records of 20 bytes from 56, each a join, leave or current state (type 2,
+    3, 4) without aux data or sources, for a solicited-node group (ff02::1:ffXX:XXXX)."""
+    def one(bit: int, width: int, *values: int) -> HeaderTest:
+        return bit, width, tuple((v, v) for v in values)
+
+    tests = [
+        one(32, 16, 16 + 20 * records),  # payload length: hop-by-hop 8 + MLD header 8 + records
+        one(48, 8, 0),  # next header: hop-by-hop
+        one(320, 16, 0x3A00),  # hop-by-hop: next header ICMPv6, length 0 (8 bytes)
+        one(432, 16, records),  # number of records
     ]
-    matches = []
     for i in range(records):
-        at = 56 + 20 * i
-        tests = [
-            f"{_hex(at)}=0x2000000,0x3000000,0x4000000",  # record type 2-4, aux length 0, 0 sources
-            f"{_hex(at + 4)}=0xff020000",
-            f"{_hex(at + 8)}=0x0",
-            f"{_hex(at + 12)}=0x1",
-            f"{_hex(at + 16)}>>0x18=0xff",
+        at = (56 + 20 * i) * 8
+        tests += [
+            one(at, 32, 0x2000000, 0x3000000, 0x4000000),  # record type 2-4, aux length 0, 0 sources
+            one(at + 32, 32, 0xFF020000), one(at + 64, 32, 0), one(at + 96, 32, 1), one(at + 128, 8, 0xFF),
         ]
-        matches.append("&&".join((head if i == 0 else []) + tests))
-    return tuple(matches)
-
-
-def _hex(n: int) -> str:
-    return f"{n:#x}"
+    return tuple(tests)
 
 
 # IPv4 header length over 5 words: the packet carries IP options (an unprivileged socket may set
 # loose or strict source routes with IP_OPTIONS).
-_IP_OPTIONS_U32 = "0x0>>0x18&0xf=0x6:0xf"
+_IP_OPTIONS: tuple[HeaderTest, ...] = ((4, 4, ((6, 15),)),)
 # RFC 6052 well-known NAT64 prefix: IPv4 a.b.c.d is reached as 64:ff9b::a.b.c.d over IPv6.
 NAT64_PREFIX = "64:ff9b::/96"
 _NAT64_HEAD = socket.inet_pton(socket.AF_INET6, "64:ff9b::")[:12]
@@ -139,7 +134,7 @@ class Rule:
     dports: tuple[int, ...] = ()  # one port: -m tcp --dport; more: -m multiport --dports
     sport: int | None = None  # -m tcp --sport (never with dports)
     match_set: str | None = None  # ipset name, matched on dst
-    u32: tuple[str, ...] = ()  # one -m u32 --u32 per element, in ip6tables-save's hex spelling
+    header: tuple[HeaderTest, ...] = ()  # tests on the packet's headers, every one must hold
     limit: str | None = None  # -m limit --limit, e.g. "10/sec"
     limit_burst: int | None = None
     # One bucket shared by every rule that names it (iptables: -m hashlimit --hashlimit-name; nftables:
@@ -532,7 +527,7 @@ def _membership_reports(family: Family) -> list[Rule]:
         return [Rule(target="DROP", comment="igmp", protocol="igmp", socketless=True)]
     rules = [
         Rule(target="RETURN", comment="mld-solicited-node", protocol="ipv6-icmp", socketless=True,
-             icmp6_type=_MLD_V2_REPORT, u32=_mld_report_u32(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
+             icmp6_type=_MLD_V2_REPORT, header=_mld_report_tests(n), limit=_MLD_LIMIT, limit_burst=_MLD_BURST,
              limit_name=_MLD_LIMIT_NAME)
         for n in range(1, _MLD_MAX_RECORDS + 1)
     ]
@@ -574,7 +569,7 @@ def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool
     if family == 6:
         rules += _refuse(policy.action, family, "routing-header", routing_header=True)
     else:
-        rules += _refuse(policy.action, family, "ip-options", u32=(_IP_OPTIONS_U32,))
+        rules += _refuse(policy.action, family, "ip-options", header=_IP_OPTIONS)
     rules += _forwarder_port(policy)
     # Replies on connections others opened to us (health probes, inbound services).
     rules.append(Rule(target="RETURN", comment="replies", ctstate="RELATED,ESTABLISHED", ctdir="REPLY"))

@@ -194,7 +194,7 @@ def test_every_golden_ruleset_reads_back_equal_from_the_kernel(tmp_path: Path) -
 
 
 def test_u32_tests_compare_by_the_bits_they_constrain_however_nft_merges_them() -> None:
-    from egressguard.backends.nftables import u32  # noqa: PLC0415
+    from egressguard.backends import u32  # noqa: PLC0415
 
     planned = u32.normal(u32.parse("0x4>>0x10=0x34&&0x4>>0x8&0xff=0x0&&0x0>>0x18&0xf=0x6:0xf"))
     # as nft 1.0.6 lists them: the two adjacent matches merged, the nibble as a masked byte

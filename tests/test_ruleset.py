@@ -160,7 +160,7 @@ def test_source_routes_are_refused_before_replies(family: int) -> None:
     if family == 6:
         assert all(r.routing_header for r in routed)
     else:
-        assert all(r.u32 == ("0x0>>0x18&0xf=0x6:0xf",) for r in routed)
+        assert all(r.header == ((4, 4, ((6, 15),)),) for r in routed)  # IPv4 header length 6-15 words
 
 
 @pytest.mark.parametrize("confine", [{"uids": [1000]}, {"uids": "all"}])
@@ -186,13 +186,16 @@ def test_membership_reports_are_judged_before_any_rule_a_socketless_packet_meets
         assert [(r.icmp6_type, r.target) for r in reports[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
 
 
-def test_mld_report_tests_fit_u32_and_pin_the_kernels_layout() -> None:
-    from egressguard.ruleset import _mld_report_u32  # noqa: PLC0415
+def test_mld_report_tests_pin_the_kernels_layout_and_fit_u32() -> None:
+    from egressguard.backends.u32 import u32_matches  # noqa: PLC0415
+    from egressguard.ruleset import _mld_report_tests  # noqa: PLC0415
 
-    one, two = _mld_report_u32(1), _mld_report_u32(2)
-    assert all(len(m.split("&&")) <= 10 for n in range(1, 5) for m in _mld_report_u32(n))  # the kernel's limit per u32 match
-    assert one[0].startswith("0x4>>0x10=0x24&&")  # payload length 36: hop-by-hop 8 + MLD 8 + one record 20
-    assert two[0].startswith("0x4>>0x10=0x38&&") and two[1].startswith("0x4c=")  # 56: second record at 76
+    one, two = _mld_report_tests(1), _mld_report_tests(2)
+    assert one[0] == (32, 16, ((36, 36),))  # payload length 36: hop-by-hop 8 + MLD 8 + one record 20
+    assert two[0] == (32, 16, ((56, 56),)) and two[-5][0] == 76 * 8  # 56: the second record at byte 76
+    assert all(len(m.split("&&")) <= 10 for n in range(1, 5) for m in u32_matches(_mld_report_tests(n)))  # xt_u32's limit
+    assert u32_matches(one) == ("0x4>>0x10=0x24&&0x4>>0x8&0xff=0x0&&0x28>>0x10=0x3a00&&0x34&0xffff=0x1&&"
+                                "0x38=0x2000000,0x3000000,0x4000000&&0x3c=0xff020000&&0x40=0x0&&0x44=0x1&&0x48>>0x18=0xff",)
 
 
 def test_nat64_forms_of_metadata_and_ipv4_deny_entries_are_refused_over_ipv6() -> None:

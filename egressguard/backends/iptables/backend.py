@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from egressguard import logs
-from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding
+from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, u32
 from egressguard.backends.iptables import fence, render, xtables_raw
 from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
@@ -39,6 +39,7 @@ from egressguard.ruleset import (
     AddressSet,
     Chain,
     Family,
+    HeaderTest,
     LearnedSet,
     Rule,
     Ruleset,
@@ -452,7 +453,7 @@ class IptablesBackend(Backend):
             x.create_match("multiport").set_parameter("dports", ",".join(map(str, r.dports)))
         if r.match_set:
             x.create_match("set").set_parameter("match-set", [r.match_set, "dst"])
-        for tests in r.u32:
+        for tests in u32.u32_matches(r.header):
             x.create_match("u32").set_parameter("u32", tests)
         if r.limit and r.limit_name:
             # The entry lifetime is always given: python-iptables leaves it 0 (EINVAL) where
@@ -799,6 +800,14 @@ def _write_nflog_prefix(target: Any, prefix: str) -> None:
 _HASHLIMIT_KEYS = {"hashlimit-upto", "hashlimit-burst", "hashlimit-name", "hashlimit-htable-expire"}
 
 
+def _header_tests(text: str) -> list[HeaderTest] | None:
+    """A u32 match's tests, as the Ruleset says them; None if they are not ones a plan renders."""
+    try:
+        return u32.parse(text)
+    except u32.UnsupportedU32:
+        return None
+
+
 def _decode(x: Any) -> Rule:
     """An installed rule back into a Rule; anything unexpected makes it differ from every plan."""
     fields: dict[str, Any] = {"target": x.target.name, "comment": "", "goto": x.target.goto}
@@ -823,8 +832,8 @@ def _decode(x: Any) -> Rule:
                     fields[name] = "!" not in raw[key]
         elif m.name == "rt" and not raw:
             fields["routing_header"] = True
-        elif m.name == "u32" and set(one) == {"u32"} and not neg:
-            fields["u32"] = (*fields.get("u32", ()), one["u32"])
+        elif m.name == "u32" and set(one) == {"u32"} and not neg and (tests := _header_tests(one["u32"])) is not None:
+            fields["header"] = (*fields.get("header", ()), *tests)
         elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"}:
             fields["limit"] = one["limit"]
             fields["limit_burst"] = int(one["limit-burst"]) if "limit-burst" in one else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from egressguard.backends.u32 import u32_matches
 from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Rule, Ruleset, shared_limit_expire_ms
 
 # Every user uid: `! --uid-owner` over the whole range matches only packets with no socket owner.
@@ -60,7 +61,7 @@ def args(rule: Rule) -> list[str]:
         a += ["-m", "multiport", "--dports", ",".join(map(str, rule.dports))]
     if rule.match_set:
         a += ["-m", "set", "--match-set", rule.match_set, "dst"]
-    for tests in rule.u32:
+    for tests in u32_matches(rule.header):
         a += ["-m", "u32", "--u32", tests]
     if rule.ctmark is not None:
         a += ["-m", "connmark", "--mark", f"{rule.ctmark:#x}/{rule.ctmark:#x}"]

@@ -155,12 +155,7 @@ class NftablesBackend(Backend):
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         try:
             kernel = "<its own chain>" if rule.socketless else None
-            text = render.rule_text(family, table, dataclasses.replace(rule, u32=()), kernel)
-            if rule.u32:  # read back as the byte and bit ranges they constrain (see render.canonical)
-                words = text.split(" ")
-                at = words.index("counter")
-                text = " ".join([*words[:at], *rule.u32, *words[at:]])
-            return text
+            return render.rule_text(family, table, rule, kernel)
         except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
             from egressguard.backends.iptables.render import args  # noqa: PLC0415
 

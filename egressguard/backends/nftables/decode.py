@@ -12,8 +12,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from egressguard.backends import Installed, InstalledTable, LearnedHolding
-from egressguard.backends.nftables import transport, u32
+from egressguard.backends import Installed, InstalledTable, LearnedHolding, u32
+from egressguard.backends.nftables import transport
 from egressguard.backends.nftables.render import (
     ANY_USER,
     BASE,
@@ -226,7 +226,7 @@ def decode_rule(r: dict[str, Any], family: Family, table: str,
             unknown.append(json.dumps(e, sort_keys=True))
         proto_implied = f.pop("_implied", None) or proto_implied
     if "_u32" in f:
-        f["u32"] = u32.normal(f.pop("_u32"))
+        f["header"] = u32.normal(f.pop("_u32"))
     # `tcp dport`, `icmpv6 type`, `reject with tcp reset` make nft drop the `meta l4proto` it implies
     if f.get("protocol") is None and proto_implied:
         f["protocol"] = proto_implied

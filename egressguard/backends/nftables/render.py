@@ -10,7 +10,7 @@ from array import array
 from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, fields
 
-from egressguard.backends.nftables import u32
+from egressguard.backends import u32
 from egressguard.errors import ApplyFailed
 from egressguard.ruleset import (
     CONFINED,
@@ -68,7 +68,7 @@ CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "D
 HANDLED_FIELDS = frozenset({
     "target", "comment", "dst", "out_iface", "out_iface_not", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
     "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
-    "src_local", "dst_local", "routing_header", "u32", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
+    "src_local", "dst_local", "routing_header", "header", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
     "ctmark", "ctmark_set", "goto",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
@@ -208,8 +208,7 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
             raise UnsupportedRule(f"ports need protocol tcp or udp (rule {r.comment!r})")
         ports = str(r.dports[0]) if len(r.dports) == 1 else "{ " + ", ".join(map(str, r.dports)) + " }"
         a.append(f"{r.protocol} dport {ports}")
-    for text in r.u32:
-        a += u32.nft_text(u32.parse(text))
+    a += u32.nft_text(r.header)
     if r.ctmark is not None:
         a.append(f"ct mark and {r.ctmark:#x} == {r.ctmark:#x}")
     if kernel is not None:
@@ -274,7 +273,7 @@ def _verdict(family: Family, table: str, r: Rule) -> str:
 
 
 def canonical(ruleset: Ruleset) -> Ruleset:
-    """The ruleset as this back end reads it back: u32 tests as the bit ranges they constrain (nft
+    """The ruleset as this back end reads it back: header tests as the bit ranges they constrain (nft
     merges and rewrites raw matches), a limit with its burst and iptables-save's unit spelling."""
     tables = []
     for t in ruleset.tables:
@@ -288,8 +287,8 @@ def canonical(ruleset: Ruleset) -> Ruleset:
 
 def _canonical_rule(r: Rule) -> Rule:
     changes: dict[str, object] = {}
-    if r.u32:
-        changes["u32"] = u32.normal(t for text in r.u32 for t in u32.parse(text))
+    if r.header:
+        changes["header"] = u32.normal(r.header)
     if r.limit:
         rate, _, unit = r.limit.partition("/")
         changes["limit"] = f"{rate}/{LIMIT_SHORT.get(LIMIT_UNITS.get(unit, unit), unit)}"

@@ -1,16 +1,18 @@
-"""iptables u32 tests <-> nft raw payload matches (@nh,offset,length), and one normal form for both:
-nft merges adjacent payload matches and rewrites a nibble as a masked byte, so a read-back is
-compared as the bit ranges it constrains, not as text."""
+"""A rule's header tests (ruleset.HeaderTest: bit ranges from the network header) as iptables u32
+matches and as nft raw payload matches (@nh,offset,length), read back from either, and one normal
+form: nft merges adjacent payload matches and rewrites a nibble as a masked byte, so a read-back
+is compared as the bit ranges it constrains, not as text. Shared by both back ends."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from egressguard.errors import ApplyFailed
+from egressguard.ruleset import HeaderTest as Test
 
-Test = tuple[int, int, tuple[tuple[int, int], ...]]  # (bit offset from the network header, width, value ranges)
+U32_MAX_TESTS = 10  # tests one u32 match holds (xt_u32's U32_MAXSIZE)
 
 _LOCATION = re.compile(r"^(0x[0-9a-fA-F]+|\d+)(?:>>(0x[0-9a-fA-F]+|\d+))?(?:&(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -42,6 +44,23 @@ def parse(text: str) -> list[Test]:
     return tests
 
 
+def u32_text(test: Test) -> str:
+    """One test as ip6tables-save prints it (hex): the 32-bit word holding its bits, shifted down
+    to them and masked where bits above them remain: (4, 4, ((6, 15),)) -> `0x0>>0x18&0xf=0x6:0xf`."""
+    bit, width, ranges = test
+    word, inner = bit // 32 * 4, bit % 32
+    if inner + width > 32:
+        raise UnsupportedU32(f"header test at bit {bit}, {width} bits: crosses a 32-bit word")
+    shift = 32 - inner - width
+    where = hex(word) + (f">>{hex(shift)}" if shift else "") + (f"&{hex((1 << width) - 1)}" if inner else "")
+    return where + "=" + ",".join(hex(lo) if lo == hi else f"{hex(lo)}:{hex(hi)}" for lo, hi in ranges)
+
+
+def u32_matches(tests: Sequence[Test]) -> tuple[str, ...]:
+    """The tests as `--u32` arguments, in order, at most U32_MAX_TESTS to a match."""
+    return tuple("&&".join(u32_text(t) for t in tests[i:i + U32_MAX_TESTS]) for i in range(0, len(tests), U32_MAX_TESTS))
+
+
 def nft_text(tests: Iterable[Test]) -> list[str]:
     out = []
     for bit, width, ranges in tests:
@@ -50,11 +69,11 @@ def nft_text(tests: Iterable[Test]) -> list[str]:
     return out
 
 
-def normal(tests: Iterable[Test]) -> tuple[str, ...]:
-    """Constraints as sorted text: byte-aligned single values are taken apart into bytes and put
-    back together as maximal runs of adjacent bytes (so merged and unmerged spellings agree);
-    anything else stays one (bit, width, ranges) constraint."""
-    found = set()
+def normal(tests: Iterable[Test]) -> tuple[Test, ...]:
+    """Constraints, sorted: byte-aligned single values are taken apart into bytes and put back
+    together as maximal runs of adjacent bytes (so merged and unmerged spellings agree); anything
+    else stays one constraint. Two values for one byte (nothing matches) stay visible, byte by byte."""
+    found: set[Test] = set()
     byte_values: dict[int, set[int]] = {}
     for bit, width, ranges in tests:
         if len(ranges) == 1 and ranges[0][0] == ranges[0][1] and bit % 8 == 0 and width % 8 == 0:
@@ -62,25 +81,20 @@ def normal(tests: Iterable[Test]) -> tuple[str, ...]:
             for i in range(n):
                 byte_values.setdefault(bit // 8 + i, set()).add((value >> (8 * (n - 1 - i))) & 0xFF)
         else:
-            found.add(f"@nh,{bit},{width} in " + ",".join(f"0x{lo:x}" if lo == hi else f"0x{lo:x}-0x{hi:x}" for lo, hi in ranges))
+            found.add((bit, width, tuple(sorted(ranges))))
     run: list[int] = []
-    for at in sorted(byte_values) + [-2]:
+    for at in [*sorted(byte_values), -2]:
         if run and at != run[-1] + 1:
             vals = [byte_values[b] for b in run]
             if all(len(v) == 1 for v in vals):
-                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == 0x" + "".join(f"{next(iter(v)):02x}" for v in vals))
-            else:  # two different values for one byte: nothing matches; keep every one visible
-                values = "/".join(",".join(f"0x{x:02x}" for x in sorted(v)) for v in vals)
-                found.add(f"@nh,{run[0] * 8},{len(run) * 8} == " + values)
+                value = int.from_bytes(bytes(next(iter(v)) for v in vals), "big")
+                found.add((run[0] * 8, len(run) * 8, ((value, value),)))
+            else:
+                found.update((b * 8, 8, ((x, x),)) for b in run for x in byte_values[b])
             run = []
         if at >= 0:
             run.append(at)
-    return tuple(sorted(found, key=_order))
-
-
-def _order(s: str) -> tuple[int, str]:
-    m = re.match(r"@nh,(\d+),", s)
-    return (int(m.group(1)) if m else 0), s
+    return tuple(sorted(found))
 
 
 # Network-header fields nft names when it lists a raw match that covers exactly one of them.
