@@ -123,8 +123,9 @@ class Rule:
     socketless: bool = False  # packets without a user socket's owner: the kernel's own (and a closed socket's)
     src_local: bool | None = None  # the source is (True) or is not (False) one of this namespace's addresses
     dst_local: bool | None = None  # the same of the destination
-    ctstate: str | None = None  # conntrack states, e.g. "RELATED,ESTABLISHED"
-    ctdir: str | None = None  # ORIGINAL or REPLY
+    ct_states: tuple[str, ...] = ()  # the connection is in one of these states: "related", "established"
+    ct_dnat: bool = False  # the connection's destination was translated (DNAT, REDIRECT)
+    ct_direction: str | None = None  # the packet goes the connection's "original" or "reply" way
     ctorigdst: str | None = None  # conntrack original destination (before any DNAT)
     ctorigdstport: int | None = None  # conntrack original destination port (before any DNAT/REDIRECT)
     ctorigdst_set: str | None = None  # set name, matched on the conntrack original destination (nftables only)
@@ -513,7 +514,7 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
                           goto=verdict == into))
     rules += socketless
     if mark and named:
-        rules.append(Rule(target=verdict, comment=closing, socketless=True, ctdir="ORIGINAL", ctmark=bit))
+        rules.append(Rule(target=verdict, comment=closing, socketless=True, ct_direction="original", ctmark=bit))
     if policy.confines_everyone:
         rules.append(Rule(target=into, comment="confine", goto=True))
     return tuple(rules)
@@ -572,7 +573,7 @@ def _confined_head(policy: Policy, family: Family, facts: Facts, orig_sets: bool
         rules += _refuse(policy.action, family, "ip-options", header=_IP_OPTIONS)
     rules += _forwarder_port(policy)
     # Replies on connections others opened to us (health probes, inbound services).
-    rules.append(Rule(target="RETURN", comment="replies", ctstate="RELATED,ESTABLISHED", ctdir="REPLY"))
+    rules.append(Rule(target="RETURN", comment="replies", ct_states=("related", "established"), ct_direction="reply"))
     return rules
 
 
@@ -600,10 +601,10 @@ def _loopback(policy: Policy, family: Family) -> list[Rule]:
     # still with its original output device, so `-o lo` does not see it: match the address.
     redirect_ports = sorted({r.to_port for r in policy.redirect})
     local = "::1/128" if family == 6 else "127.0.0.1/32"
-    # Only connections our nat REDIRECT redirected (ctstate DNAT): a direct connection to the proxy
+    # Only connections our nat REDIRECT redirected (ct_dnat): a direct connection to the proxy
     # port is local traffic like any other, governed by `loopback`.
     for group in _port_groups(redirect_ports) if redirect_ports else []:
-        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", ctstate="DNAT", dports=group))
+        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", ct_dnat=True, dports=group))
     return rules
 
 
@@ -612,7 +613,7 @@ def _dns(policy: Policy, family: Family, facts: Facts) -> list[Rule]:
         # Confined queries reach only the forwarder, where the nat table's redirect sent them (a
         # direct query to a resolver is refused like any other destination).
         local = "::1/128" if family == 6 else "127.0.0.1/32"
-        return [Rule(target="RETURN", comment="dns-proxy", dst=local, protocol=proto, ctstate="DNAT",
+        return [Rule(target="RETURN", comment="dns-proxy", dst=local, protocol=proto, ct_dnat=True,
                      dports=(policy.dns.forwarder_port,)) for proto in ("udp", "tcp")]
     # Matched on the original destination, so a resolver reached through DNAT (Docker's 127.0.0.11)
     # is still recognised, and a DNAT to elsewhere does not make a non-resolver look like one.
@@ -677,7 +678,7 @@ def _confined(
     # to a process on this host (a mesh relay, our proxy), whose own connections are judged by its
     # uid, never on to another host. After DNS: a resolver's service address may be DNATed to the
     # resolver (kube-dns style), as before.
-    rules += _refuse(policy.action, family, "nat-elsewhere", ctstate="DNAT", dst_local=False)
+    rules += _refuse(policy.action, family, "nat-elsewhere", ct_dnat=True, dst_local=False)
     if not lockdown:
         allow, allow_sets = _list_rules(policy.allow, "allow", family, facts, "RETURN", policy.action, orig=True,
                                         orig_sets=orig_sets)
@@ -737,7 +738,7 @@ def _dnat_unjudged(policy: Policy, family: Family) -> list[Rule]:
     where sets judge (iptables), a DNATed connection the allow list would judge is refused: a set
     could neither allow it nor, for a deny set, refuse it. Fail-closed; nftables looks sets up by
     the original destination (`ct original ip daddr @set`) and needs none of this."""
-    return _refuse(policy.action, family, "dnat-set", ctstate="DNAT")
+    return _refuse(policy.action, family, "dnat-set", ct_dnat=True)
 
 
 # dns.mode proxy: the conntrack mark bit of connections a learned address let through. Only ever
@@ -756,7 +757,7 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
     rules: list[Rule] = []
     entries = learned_entries(policy)
     if entries:
-        rules.append(Rule(target="RETURN", comment=LEARNED_OPEN, ctdir="ORIGINAL", ctmark=LEARNED_CTMARK))
+        rules.append(Rule(target="RETURN", comment=LEARNED_OPEN, ct_direction="original", ctmark=LEARNED_CTMARK))
     for entry in entries:
         e = policy.allow[entry.index]
         proto = _protocol(e.protocol, family)

@@ -130,7 +130,8 @@ def test_allowed_traffic_returns_and_never_accepts() -> None:
 def test_replies_are_the_first_rule_that_accepts_and_only_in_the_reply_direction(family: int) -> None:
     rules = _confined(_build(), family)
     first = next(r for r in rules if r.target == "RETURN")
-    assert (first.comment, first.ctstate, first.ctdir, first.target) == ("replies", "RELATED,ESTABLISHED", "REPLY", "RETURN")
+    assert (first.comment, first.ct_states, first.ct_direction, first.target) == (
+        "replies", ("related", "established"), "reply", "RETURN")
 
 
 @pytest.mark.parametrize("confine", [{"uids": [1000]}, {"uids": "all"}])
@@ -213,7 +214,7 @@ def test_outbound_rules_do_not_depend_on_connection_state() -> None:
     # Every outbound packet is checked, so an existing connection is cut when the policy changes.
     # (nat-elsewhere tests conntrack's DNAT bit, a property of the connection, not its state.)
     rules = _confined(_build(BROAD), 4)
-    assert [r.comment for r in rules if r.ctstate and r.ctstate != "DNAT"] == ["replies"]
+    assert [r.comment for r in rules if r.ct_states] == ["replies"]
 
 
 # -- who is confined ---------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_the_uids_named_mark_their_connections_and_socketless_packets_on_them_go
             assert head.target != "CONNMARK"
         assert [(r.target, r.ctmark_set) for r in rules if r.uid == named] == marking
         closings = [r for r in rules if r.comment == closing]
-        assert [(r.socketless, r.ctdir, r.ctmark, r.target) for r in closings] == [(True, "ORIGINAL", bit, verdict)]
+        assert [(r.socketless, r.ct_direction, r.ctmark, r.target) for r in closings] == [(True, "original", bit, verdict)]
         after = rules[rules.index(closings[0]) + 1:]
         assert [r.comment for r in after] == (["confine"] if confine == "all" else [])
     nat = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), 4, "nat", DISPATCH)
@@ -457,7 +458,7 @@ def test_redirected_traffic_is_allowed_to_the_local_port_even_with_loopback_deni
     rs = _build({"loopback": "deny", "redirect": [{"ports": [80], "to_port": 8444}]})
     rules = [r for r in _confined(rs, family) if r.comment == "redirect"]
     # Only connections our REDIRECT rewrote (DNAT): a direct connection to the port is loopback traffic.
-    assert [(r.dst, r.protocol, r.ctstate, r.dports) for r in rules] == [(local, "tcp", "DNAT", (8444,))]
+    assert [(r.dst, r.protocol, r.ct_dnat, r.dports) for r in rules] == [(local, "tcp", True, (8444,))]
 
 
 def test_without_redirects_egressguard_owns_nothing_in_nat() -> None:
@@ -570,7 +571,7 @@ def test_a_connection_natted_to_another_host_is_refused_before_the_allow_list(fa
     rules = _confined(_build(BROAD), family)
     at = _first(rules, "nat-elsewhere")
     assert _last(rules, "dns") < at < _first(rules, "allow[")
-    assert all(r.ctstate == "DNAT" and r.dst_local is False and r.target == "REJECT"
+    assert all(r.ct_dnat and r.dst_local is False and r.target == "REJECT"
                for r in rules if r.comment == "nat-elsewhere")
 
 
@@ -583,7 +584,7 @@ def test_iptables_sets_refuse_dnatted_connections_before_the_allow_list() -> Non
             "deny": _listed(20, "198.18.0")}
     rules = _confined(_build(data), 4)
     (at,) = {i for i, r in enumerate(rules) if r.comment == "dnat-set" and r.protocol == "tcp"}
-    assert rules[at].ctstate == "DNAT" and rules[at].target == "REJECT"
+    assert rules[at].ct_dnat and rules[at].target == "REJECT"
     assert _last(rules, "dns") < at < _first(rules, "allow[")
     assert {r.match_set for r in rules if r.match_set} and not any(r.ctorigdst_set for r in rules)
     # Without sets, or where sets are looked up by the original destination, nothing is refused so.
@@ -700,7 +701,7 @@ def test_learned_sets_on_iptables_sit_behind_dnat_set_and_mark_before_they_allow
             "allow": [{"host": "pypi.org", "ports": [443, 8443]}]}
     rules = _confined(_build(data), 4)
     at = _first(rules, "dnat-set")
-    assert rules[at].ctstate == "DNAT" and _last(rules, "dns-proxy") < at < _first(rules, "dns-learned-open")
+    assert rules[at].ct_dnat and _last(rules, "dns-proxy") < at < _first(rules, "dns-learned-open")
     learned = [r for r in rules if r.comment == "allow[0]"]
     assert [r.target for r in learned] == ["CONNMARK", "RETURN"]
     assert learned[0].ctmark_set == LEARNED_CTMARK and learned[1].ctmark_set is None

@@ -423,16 +423,16 @@ class IptablesBackend(Backend):
             x.create_match("owner").set_parameter("uid-owner", str(r.uid))
         elif r.socketless:
             x.create_match("owner").set_parameter("uid-owner", "!" + render.ANY_USER)
-        if r.ctstate or r.ctdir or r.ctorigdst or r.ctorigdstport is not None:  # before addrtype, as render.args()
+        if render.uses_conntrack(r):  # before addrtype, as render.args()
             m = x.create_match("conntrack")
-            if r.ctstate:
-                m.set_parameter("ctstate", r.ctstate)
+            if render.ctstate(r):
+                m.set_parameter("ctstate", render.ctstate(r))
             if r.ctorigdst:
                 m.set_parameter("ctorigdst", r.ctorigdst)
             if r.ctorigdstport is not None:
                 m.set_parameter("ctorigdstport", str(r.ctorigdstport))
-            if r.ctdir:
-                m.set_parameter("ctdir", r.ctdir)
+            if r.ct_direction:
+                m.set_parameter("ctdir", r.ct_direction.upper())
         if r.src_local is not None or r.dst_local is not None:
             m = x.create_match("addrtype")
             if r.src_local is not None:
@@ -493,7 +493,7 @@ class IptablesBackend(Backend):
             t._final_check()
         else:
             x.final_check()
-        if family == 4 and (r.ctorigdst or r.ctstate or r.ctdir or r.ctorigdstport is not None):
+        if family == 4 and render.uses_conntrack(r):
             _fix_ipv4_conntrack_addrs(next(m for m in x.matches if m.name == "conntrack"))
         return x
 
@@ -800,6 +800,16 @@ def _write_nflog_prefix(target: Any, prefix: str) -> None:
 _HASHLIMIT_KEYS = {"hashlimit-upto", "hashlimit-burst", "hashlimit-name", "hashlimit-htable-expire"}
 
 
+def _ct_states(words: str) -> dict[str, Any] | None:
+    """A --ctstate as the Ruleset says it (ct_states or ct_dnat); None if no plan renders it so."""
+    if words == "DNAT":
+        return {"ct_dnat": True}
+    states = words.split(",") if words else []
+    if not set(states) <= set(render.CTSTATE_WORDS):
+        return None
+    return {"ct_states": tuple(w.lower() for w in render.CTSTATE_WORDS if w in states)}
+
+
 def _header_tests(text: str) -> list[HeaderTest] | None:
     """A u32 match's tests, as the Ruleset says them; None if they are not ones a plan renders."""
     try:
@@ -842,9 +852,11 @@ def _decode(x: Any) -> Rule:
                           limit_name=one["hashlimit-name"])
             if int(one["hashlimit-htable-expire"]) != shared_limit_expire_ms(fields["limit"], fields["limit_burst"]):
                 unknown.append(f"hashlimit-htable-expire {one['hashlimit-htable-expire']}")
-        elif m.name == "conntrack" and not neg and set(one) <= {"ctstate", "ctdir", "ctorigdst", "ctorigdstport"}:
-            fields["ctstate"] = one.get("ctstate")
-            fields["ctdir"] = one.get("ctdir")
+        elif m.name == "conntrack" and not neg and set(one) <= {"ctstate", "ctdir", "ctorigdst", "ctorigdstport"} \
+                and (states := _ct_states(one.get("ctstate", ""))) is not None \
+                and one.get("ctdir", "ORIGINAL") in ("ORIGINAL", "REPLY"):
+            fields.update(states)
+            fields["ct_direction"] = one["ctdir"].lower() if "ctdir" in one else None
             fields["ctorigdst"] = _net(one.get("ctorigdst"))
             fields["ctorigdstport"] = int(one["ctorigdstport"]) if "ctorigdstport" in one else None
         elif m.name == "hl" and set(one) == {"hl-eq"} and not neg:

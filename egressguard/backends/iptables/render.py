@@ -13,6 +13,24 @@ from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Rule, Ruleset
 ANY_USER = "0-4294967294"
 
 
+# The conntrack match's --ctstate words, in iptables-save's order; DNAT is a status bit it tests as a state.
+CTSTATE_WORDS = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED")
+
+
+def ctstate(rule: Rule) -> str:
+    """`--ctstate` for the rule's states or its DNAT test ("" for neither). Both in one would be
+    either, not both, to the conntrack match: refused."""
+    if rule.ct_states and rule.ct_dnat:
+        raise ValueError(f"connection states and DNAT in one rule (rule {rule.comment!r})")
+    if rule.ct_dnat:
+        return "DNAT"
+    return ",".join(w for w in CTSTATE_WORDS if w.lower() in rule.ct_states)
+
+
+def uses_conntrack(rule: Rule) -> bool:
+    return bool(rule.ct_states or rule.ct_dnat or rule.ct_direction or rule.ctorigdst or rule.ctorigdstport is not None)
+
+
 def args(rule: Rule) -> list[str]:
     """The rule as iptables arguments, in iptables-save's order."""
     a: list[str] = []
@@ -32,16 +50,16 @@ def args(rule: Rule) -> list[str]:
         raise ValueError(f"iptables cannot look a set up by the original destination (rule {rule.comment!r})")
     # conntrack before addrtype: a rule with both (nat-elsewhere) tests the conntrack bit first,
     # and skips the address-type lookup for every packet that was not DNATed.
-    if rule.ctstate or rule.ctdir or rule.ctorigdst or rule.ctorigdstport is not None:
+    if uses_conntrack(rule):
         a += ["-m", "conntrack"]
-        if rule.ctstate:
-            a += ["--ctstate", rule.ctstate]
+        if ctstate(rule):
+            a += ["--ctstate", ctstate(rule)]
         if rule.ctorigdst:
             a += ["--ctorigdst", rule.ctorigdst]
         if rule.ctorigdstport is not None:
             a += ["--ctorigdstport", str(rule.ctorigdstport)]
-        if rule.ctdir:
-            a += ["--ctdir", rule.ctdir]
+        if rule.ct_direction:
+            a += ["--ctdir", rule.ct_direction.upper()]
     if rule.src_local is not None or rule.dst_local is not None:
         a += ["-m", "addrtype"]
         for opt, local in (("--src-type", rule.src_local), ("--dst-type", rule.dst_local)):

@@ -304,14 +304,14 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         if "ct" in left:
             ck, cdir = left["ct"].get("key"), left["ct"].get("dir")
             if ck == "state" and op in ("==", "in") and cdir is None:
-                states = {s.upper() for s in (right if isinstance(right, list) else [right])}
+                states = {str(s) for s in (right if isinstance(right, list) else [right])}
                 if states - set(CT_STATES):
                     return False
-                return _put(f, "ctstate", ",".join(s for s in CT_STATES if s in states))
-            if ck == "status" and op in ("==", "in") and cdir is None and right in ("dnat", "snat", ["dnat"], ["snat"]):
-                return _put(f, "ctstate", (right if isinstance(right, str) else right[0]).upper())
-            if ck == "direction" and op == "==" and cdir is None:
-                return _put(f, "ctdir", str(right).upper())
+                return _put(f, "ct_states", tuple(s for s in CT_STATES if s in states))
+            if ck == "status" and op in ("==", "in") and cdir is None and right in ("dnat", ["dnat"]):
+                return _put(f, "ct_dnat", True)
+            if ck == "direction" and op == "==" and cdir is None and right in ("original", "reply"):
+                return _put(f, "ct_direction", right)
             if ck == f"{ip} daddr" and cdir == "original" and op == "==":
                 if isinstance(right, str) and right.startswith("@"):
                     return _put(f, "ctorigdst_set", right[1:])

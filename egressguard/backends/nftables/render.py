@@ -60,22 +60,22 @@ REJECT = {  # iptables' --reject-with -> nft's reject statement
     "icmp-port-unreachable": "reject with icmp type port-unreachable",
     "icmp6-port-unreachable": "reject with icmpv6 type port-unreachable",
 }
-# ctstate words in iptables' print order, so a read-back spells them as the Ruleset does.
-CT_STATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
+# Connection states, in the order the Ruleset lists them (a read-back spells them the same way).
+CT_STATES = ("invalid", "new", "related", "established", "untracked")
 
 # Every field of Rule this back end renders and decodes. A field not listed here (added to the
 # model for another back end first) is refused loudly, never silently left out of a rule.
 HANDLED_FIELDS = frozenset({
-    "target", "comment", "dst", "out_iface", "out_iface_not", "protocol", "uid", "socketless", "ctstate", "ctdir", "ctorigdst",
-    "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type", "dports", "sport", "match_set", "reject_with", "to_ports",
-    "src_local", "dst_local", "routing_header", "header", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group",
-    "ctmark", "ctmark_set", "goto",
+    "target", "comment", "dst", "out_iface", "out_iface_not", "protocol", "uid", "socketless", "ct_states",
+    "ct_dnat", "ct_direction", "ctorigdst", "ctorigdstport", "ctorigdst_set", "hoplimit", "icmp6_type",
+    "dports", "sport", "match_set", "reject_with", "to_ports", "src_local", "dst_local", "routing_header",
+    "header", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group", "ctmark", "ctmark_set",
+    "goto",
 })
 LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
                "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
 LIMIT_SHORT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 DEFAULT_BURST = 5  # iptables' and nft's
-_CT_STATUS = {"DNAT": "dnat", "SNAT": "snat"}  # iptables --ctstate words that are conntrack status bits
 
 
 class UnsupportedRule(ApplyFailed):
@@ -168,17 +168,16 @@ def rule_text(family: Family, table: str, r: Rule, kernel: str | None = None) ->
         raise UnsupportedRule(f"a socketless match needs a chain of its own (rule {r.comment!r})")
     if r.uid is not None:
         a.append(f"meta skuid {r.uid}")
-    if r.ctstate:
-        words = r.ctstate.split(",")
-        status = [w for w in words if w in _CT_STATUS]
-        if status and len(status) != len(words) or len(status) > 1:
-            raise UnsupportedRule(f"ctstate {r.ctstate}: states and NAT status in one match (rule {r.comment!r})")
-        if status:
-            a.append(f"ct status {_CT_STATUS[status[0]]}")
-        else:
-            a.append("ct state " + ",".join(w.lower() for w in words))
-    if r.ctdir:
-        a.append(f"ct direction {r.ctdir.lower()}")
+    if r.ct_states:
+        if set(r.ct_states) - set(CT_STATES):
+            raise UnsupportedRule(f"connection state {r.ct_states} (rule {r.comment!r})")
+        a.append("ct state " + ",".join(r.ct_states))
+    if r.ct_dnat:
+        a.append("ct status dnat")
+    if r.ct_direction:
+        if r.ct_direction not in ("original", "reply"):
+            raise UnsupportedRule(f"connection direction {r.ct_direction} (rule {r.comment!r})")
+        a.append(f"ct direction {r.ct_direction}")
     if r.ctorigdst:
         a.append(f"ct original {ip} daddr {_net(r.ctorigdst)}")
     if r.ctorigdstport is not None:
