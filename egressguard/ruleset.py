@@ -141,7 +141,7 @@ class Rule:
     # One bucket shared by every rule that names it (iptables: -m hashlimit --hashlimit-name; nftables:
     # the rules jump to one chain holding the limit). Those rules must agree on limit and burst.
     limit_name: str | None = None
-    reject_with: str | None = None
+    reject_with: str | None = None  # REJECT's answer: "tcp-reset", or "port-unreachable" (ICMP or ICMPv6, by family)
     to_ports: int | None = None  # REDIRECT --to-ports
     ctmark: int | None = None  # matches connections whose conntrack mark has these bits (connmark --mark N/N)
     ctmark_set: int | None = None  # ORs these bits into the connection's conntrack mark, then the verdict
@@ -374,13 +374,12 @@ def _refuse(policy_action: str, family: Family, comment: str, **match: object) -
         return [Rule(target="DROP", comment=comment, **match)]  # type: ignore[arg-type]
     # TCP gets a reset: an ICMP error can reach a connecting socket while connect() holds it, and
     # is then only a soft error (seen with IPv6: the refusal came a second later, on the SYN retry).
-    unreachable = "icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable"
     proto = match.get("protocol")
     rules = []
     if proto in (None, "tcp"):
         rules.append(Rule(target="REJECT", comment=comment, reject_with="tcp-reset", **{**match, "protocol": "tcp"}))  # type: ignore[arg-type]
     if proto != "tcp":
-        rules.append(Rule(target="REJECT", comment=comment, reject_with=unreachable, **match))  # type: ignore[arg-type]
+        rules.append(Rule(target="REJECT", comment=comment, reject_with="port-unreachable", **match))  # type: ignore[arg-type]
     return rules
 
 

@@ -23,6 +23,7 @@ from egressguard.ruleset import (
     LOG_PREFIX_MAX,
     REDIRECT,
     Facts,
+    Family,
     Rule,
     Ruleset,
     build,
@@ -106,14 +107,14 @@ def test_deny_is_written_per_family(family: int) -> None:
 def test_confined_chain_ends_by_refusing_everything_else(family: int) -> None:
     last = _confined(_build(), family)[-1]
     assert last.comment == "default" and last.target == "REJECT" and last.dst is None and last.protocol is None
-    assert last.reject_with == ("icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable")
+    assert last.reject_with == "port-unreachable"
 
 
 def test_policy_without_ipv6_allows_still_refuses_confined_ipv6() -> None:
     rs = _build({"allow": [{"cidr": "203.0.113.0/24"}]})
     v6 = _confined(rs, 6)
     assert not any(r.comment.startswith("allow[") for r in v6)
-    assert v6[-1].target == "REJECT" and v6[-1].reject_with == "icmp6-port-unreachable"
+    assert v6[-1].target == "REJECT" and v6[-1].reject_with == "port-unreachable"
     assert rs.table(6, "filter").jump is not None
 
 
@@ -303,8 +304,14 @@ def test_listed_confinement_needs_no_kernel_exceptions() -> None:
 # -- action ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "icmp"), [(4, "icmp-port-unreachable"), (6, "icmp6-port-unreachable")])
-def test_reject_resets_tcp_and_answers_other_protocols_with_the_family_unreachable(family: int, icmp: str) -> None:
+@pytest.mark.parametrize(("family", "iptables", "nft"), [
+    (4, "icmp-port-unreachable", "reject with icmp type port-unreachable"),
+    (6, "icmp6-port-unreachable", "reject with icmpv6 type port-unreachable")])
+def test_reject_resets_tcp_and_answers_other_protocols_with_the_family_unreachable(family: Family, iptables: str,
+                                                                                   nft: str) -> None:
+    from egressguard.backends.nftables.render import rule_text  # noqa: PLC0415
+
+    icmp = "port-unreachable"
     refusals = [r for r in _confined(_build(BROAD), family) if r.target == "REJECT"]
     assert refusals
     for r in refusals:
@@ -312,11 +319,14 @@ def test_reject_resets_tcp_and_answers_other_protocols_with_the_family_unreachab
     # Every refusal that covers TCP comes as a reset plus an unreachable for the rest, in that order.
     default = [r for r in refusals if r.comment == "default"]
     assert [(r.protocol, r.reject_with) for r in default] == [("tcp", "tcp-reset"), (None, icmp)]
+    # Each back end answers in the family's own ICMP.
+    assert args(default[1], family)[-2:] == ["--reject-with", iptables]
+    assert nft in rule_text(family, "filter", default[1])
 
 
 def test_reject_of_a_udp_entry_needs_no_reset() -> None:
     rs = _build({"deny": [{"cidr": "192.0.2.0/24", "protocol": "udp"}]})
-    assert [r.reject_with for r in _confined(rs, 4) if r.comment == "deny[0]"] == ["icmp-port-unreachable"]
+    assert [r.reject_with for r in _confined(rs, 4) if r.comment == "deny[0]"] == ["port-unreachable"]
 
 
 def test_drop_never_rejects() -> None:
@@ -373,8 +383,8 @@ def test_nat_table_ports_are_split_in_multiport_groups_of_fifteen() -> None:
 
 
 def test_single_port_and_multiport_render_differently() -> None:
-    one = args(Rule(target="RETURN", comment="c", protocol="udp", dports=(53,)))
-    many = args(Rule(target="RETURN", comment="c", protocol="tcp", dports=(80, 443)))
+    one = args(Rule(target="RETURN", comment="c", protocol="udp", dports=(53,)), 4)
+    many = args(Rule(target="RETURN", comment="c", protocol="tcp", dports=(80, 443)), 4)
     assert one[:5] == ["-p", "udp", "-m", "udp", "--dport"]
     assert many[:5] == ["-p", "tcp", "-m", "multiport", "--dports"] and many[5] == "80,443"
 
@@ -621,7 +631,7 @@ def test_every_refusal_jumps_to_its_lines_chain_which_logs_then_refuses(family: 
         # it matches every packet that enters: no match but its limit
         assert dataclasses.replace(log, limit=None, limit_burst=None, nflog_prefix=None, nflog_group=None) == \
             Rule(target="NFLOG", comment=r.comment)
-        unreachable = "icmp6-port-unreachable" if family == 6 else "icmp-port-unreachable"
+        unreachable = "port-unreachable"
         want = [("DROP", None, None)] if action == "drop" or r.comment == "forged-source" else \
             [("REJECT", "tcp-reset", "tcp"), ("REJECT", unreachable, None)]
         got = [(v.target, v.reject_with, v.protocol) for v in verdicts]
@@ -707,7 +717,7 @@ def test_learned_sets_on_iptables_sit_behind_dnat_set_and_mark_before_they_allow
     assert learned[0].ctmark_set == LEARNED_CTMARK and learned[1].ctmark_set is None
     assert learned[0].match_set == learned[1].match_set and learned[0].match_set.startswith("egressguard-d4-")
     assert learned[0].dports == learned[1].dports == (443, 8443)
-    assert args(learned[0])[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
+    assert args(learned[0], 4)[-4:] == ["-j", "CONNMARK", "--set-xmark", "0x40000000/0x40000000"]
     assert {(s["family"], s["host"]) for s in to_json(_build(data))["learned_sets"]} == {
         ("ipv4", "pypi.org"), ("ipv6", "pypi.org")}
     nft = _confined(build(validate({"version": 1, **data}), Facts(resolvers=RESOLVERS), orig_sets=True), 4)

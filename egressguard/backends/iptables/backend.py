@@ -475,7 +475,7 @@ class IptablesBackend(Backend):
         if r.target == "CONNMARK" and r.ctmark_set is not None:
             t.set_parameter("set-xmark", f"{r.ctmark_set:#x}/{r.ctmark_set:#x}")
         if r.reject_with:
-            t.set_parameter("reject-with", r.reject_with)
+            t.set_parameter("reject-with", render.reject_with(family, r.reject_with))
         if r.to_ports is not None:
             t.set_parameter("to-ports", str(r.to_ports))
         if r.nflog_group is not None:
@@ -609,7 +609,7 @@ class IptablesBackend(Backend):
         return entry
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
-        return " ".join(render.args(rule))
+        return " ".join(render.args(rule, family))
 
     def other_firewalls(self) -> list[str]:
         found = []
@@ -883,7 +883,9 @@ def _decode(x: Any) -> Rule:
     else:
         tparams = {k: v[0] if v else "" for k, v in x.target.get_all_parameters().items()}
     if "reject-with" in tparams:
-        fields["reject_with"] = tparams.pop("reject-with")
+        answer = tparams.pop("reject-with")
+        fields["reject_with"] = {"icmp-port-unreachable": "port-unreachable", "icmp6-port-unreachable": "port-unreachable"
+                                 }.get(answer, answer)
     if x.target.name == "CONNMARK" and set(tparams) == {"set-xmark"} and _bits(tparams["set-xmark"]) is not None:
         fields["ctmark_set"] = _bits(tparams.pop("set-xmark"))
     if "to-ports" in tparams:

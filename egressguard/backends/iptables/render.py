@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 
 from egressguard.backends.u32 import u32_matches
-from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Rule, Ruleset, shared_limit_expire_ms
+from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Family, Rule, Ruleset, shared_limit_expire_ms
 
 # Every user uid: `! --uid-owner` over the whole range matches only packets with no socket owner.
 ANY_USER = "0-4294967294"
@@ -31,8 +31,13 @@ def uses_conntrack(rule: Rule) -> bool:
     return bool(rule.ct_states or rule.ct_dnat or rule.ct_direction or rule.ctorigdst or rule.ctorigdstport is not None)
 
 
-def args(rule: Rule) -> list[str]:
-    """The rule as iptables arguments, in iptables-save's order."""
+def reject_with(family: Family, answer: str) -> str:
+    """`--reject-with` for a Rule's answer in `family`: the ICMP message is each family's own."""
+    return f"icmp{'6' if family == 6 else ''}-{answer}" if answer == "port-unreachable" else answer
+
+
+def args(rule: Rule, family: Family) -> list[str]:
+    """The rule as `family`'s iptables arguments, in iptables-save's order."""
     a: list[str] = []
     if rule.dst:
         a += ["-d", rule.dst]
@@ -98,7 +103,7 @@ def args(rule: Rule) -> list[str]:
     if rule.target == "CONNMARK" and rule.ctmark_set is not None:  # --or-mark, as iptables-save prints it
         a += ["--set-xmark", f"{rule.ctmark_set:#x}/{rule.ctmark_set:#x}"]
     if rule.reject_with:
-        a += ["--reject-with", rule.reject_with]
+        a += ["--reject-with", reject_with(family, rule.reject_with)]
     if rule.to_ports is not None:
         a += ["--to-ports", str(rule.to_ports)]
     if rule.nflog_prefix is not None:
@@ -139,10 +144,10 @@ def render(ruleset: Ruleset, *, header: Iterable[str] = ()) -> str:
         for c in t.chains:
             lines.append(f":{c.name} - [0:0]")
         if t.jump:
-            lines.append(_join(["-I", "OUTPUT", "1", *args(t.jump)]))
+            lines.append(_join(["-I", "OUTPUT", "1", *args(t.jump, t.family)]))
         for c in t.chains:
             for r in c.rules:
-                lines.append(_join(["-A", c.name, *args(r)]))
+                lines.append(_join(["-A", c.name, *args(r, t.family)]))
         lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -168,8 +173,8 @@ def to_json(ruleset: Ruleset, *, tables: bool = True) -> dict[str, object]:
             {
                 "family": f"ipv{t.family}",
                 "table": t.name,
-                "jump": args(t.jump) if t.jump else None,
-                "chains": {c.name: [args(r) for r in c.rules] for c in t.chains},
+                "jump": args(t.jump, t.family) if t.jump else None,
+                "chains": {c.name: [args(r, t.family) for r in c.rules] for c in t.chains},
             }
             for t in ruleset.tables
         ],

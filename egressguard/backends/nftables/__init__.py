@@ -159,7 +159,7 @@ class NftablesBackend(Backend):
         except Exception:  # noqa: BLE001 - a rule we cannot render (tampered): show it as decoded
             from egressguard.backends.iptables.render import args  # noqa: PLC0415
 
-            return " ".join(args(rule))
+            return " ".join(args(rule, family))
 
     def canonical(self, ruleset: Ruleset) -> Ruleset:
         return render.canonical(ruleset)

@@ -46,7 +46,7 @@ from egressguard.ruleset import (
 
 _WORD_FAMILY = {"ipv4": 4, "ipv6": 6}
 _ICMP6_NUMBER = {v: k for k, v in ICMP6_NAMES.items()}
-_REJECT_BACK = {text: name for name, text in REJECT.items()}
+_REJECT_BACK = {(text, family): name for (name, family), text in REJECT.items()}
 _KERNEL_CHAIN = re.compile(rf"^(nat)?{KERNEL_PREFIX}[46]-(\d+|(?P<shared>{SET_PREFIX}[a-z0-9-]+))$")
 _REFUSE_CHAIN = re.compile(r"^refuse([46])-(0|[1-9]\d*)$")
 _SET_ELEM_KEY, _SET_ELEM_FLAGS, _SET_ELEM_USERDATA, _DATA_VALUE = 1, 3, 6, 1  # NFTA_SET_ELEM_*, NFTA_DATA_VALUE
@@ -338,7 +338,7 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
     if "reject" in e:
         rj = e["reject"] or {}
         text = "reject with tcp reset" if rj.get("type") == "tcp reset" else f"reject with {rj.get('type')} type {rj.get('expr')}"
-        name = _REJECT_BACK.get(text)
+        name = _REJECT_BACK.get((text, family))
         if name is None:
             return False
         f["target"], f["reject_with"] = "REJECT", name

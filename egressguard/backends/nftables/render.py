@@ -55,10 +55,11 @@ ICMP6_NAMES = {
     "132": "mld-listener-done",
     "143": "mld2-listener-report",
 }
-REJECT = {  # iptables' --reject-with -> nft's reject statement
-    "tcp-reset": "reject with tcp reset",
-    "icmp-port-unreachable": "reject with icmp type port-unreachable",
-    "icmp6-port-unreachable": "reject with icmpv6 type port-unreachable",
+REJECT = {  # (a Rule's reject_with, family) -> nft's reject statement
+    ("tcp-reset", 4): "reject with tcp reset",
+    ("tcp-reset", 6): "reject with tcp reset",
+    ("port-unreachable", 4): "reject with icmp type port-unreachable",
+    ("port-unreachable", 6): "reject with icmpv6 type port-unreachable",
 }
 # Connection states, in the order the Ruleset lists them (a read-back spells them the same way).
 CT_STATES = ("invalid", "new", "related", "established", "untracked")
@@ -256,11 +257,9 @@ def _verdict(family: Family, table: str, r: Rule) -> str:
     if r.target == "DROP":
         return "drop"
     if r.target == "REJECT":
-        text = REJECT.get(r.reject_with or "")
+        text = REJECT.get((r.reject_with or "", family))
         if text is None or (r.reject_with == "tcp-reset" and r.protocol != "tcp"):
-            raise UnsupportedRule(f"REJECT --reject-with {r.reject_with} (rule {r.comment!r})")
-        if (family == 6) != (r.reject_with == "icmp6-port-unreachable") and r.reject_with != "tcp-reset":
-            raise UnsupportedRule(f"{r.reject_with} in an IPv{family} chain (rule {r.comment!r})")
+            raise UnsupportedRule(f"REJECT with {r.reject_with} (rule {r.comment!r})")
         return text
     if r.target == "REDIRECT":
         if r.to_ports is None:
