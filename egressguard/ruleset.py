@@ -59,8 +59,6 @@ LOG_GROUP = 14
 LOG_PREFIX_MAX = 63  # NFLOG's prefix holds 64 bytes with its NUL (xt_nflog_info)
 _LIMIT_UNIT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 
-# A multiport match takes at most 15 ports.
-_MULTIPORT_MAX = 15
 # IPv6 neighbour discovery (RS, RA, NS, NA) the kernel sends for itself.
 _NDP_TYPES = ("133", "134", "135", "136")  # router solicitation, advertisement; neighbour solicitation, advertisement
 
@@ -361,11 +359,10 @@ def _protocol(proto: str, family: Family) -> str | None:
     return proto
 
 
-def _port_groups(ports: Sequence[int] | None) -> list[tuple[int, ...]]:
-    if not ports:
-        return [()]
-    uniq = sorted(set(ports))
-    return [tuple(uniq[i : i + _MULTIPORT_MAX]) for i in range(0, len(uniq), _MULTIPORT_MAX)]
+def _port_list(ports: Sequence[int] | None) -> tuple[int, ...]:
+    """A policy's ports as one rule's, sorted and unique (a back end whose port match holds fewer
+    splits the rule: iptables' multiport takes 15)."""
+    return tuple(sorted(set(ports))) if ports else ()
 
 
 def _refuse(policy_action: str, family: Family, comment: str, **match: object) -> list[Rule]:
@@ -465,15 +462,13 @@ def _list_rules(
                         match: dict[str, object] = {"ctorigdst_set": name, "protocol": key[0], "ctorigdstport": port}
                         rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
                 else:
-                    for group in _port_groups(list(key[1]) or None):
-                        match = {"match_set": name, "protocol": key[0], "dports": group}
-                        rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
+                    match = {"match_set": name, "protocol": key[0], "dports": key[1]}
+                    rules += _match_rules(action, family, _span(kind, groups[key]), target, **match)
             nets = everywhere
         for net in nets:
             dst = None if net.endswith("/0") else net  # what iptables reads back for "everywhere"
-            for group in _port_groups(entry.ports):
-                for match in _destination(orig, dst, group):
-                    rules += _match_rules(action, family, f"{kind}[{i}]", target, protocol=key[0], **match)
+            for match in _destination(orig, dst, _port_list(entry.ports)):
+                rules += _match_rules(action, family, f"{kind}[{i}]", target, protocol=key[0], **match)
     return rules, list(sets.values())
 
 
@@ -594,16 +589,17 @@ def _loopback(policy: Policy, family: Family) -> list[Rule]:
         rules.append(Rule(target="RETURN", comment="loopback", out_iface="lo"))
     elif isinstance(policy.loopback, list):
         for proto in ("tcp", "udp"):
-            for group in _port_groups(policy.loopback):
-                rules.append(Rule(target="RETURN", comment="loopback", out_iface="lo", protocol=proto, dports=group))
+            rules.append(Rule(target="RETURN", comment="loopback", out_iface="lo", protocol=proto,
+                              dports=_port_list(policy.loopback)))
     # A redirected packet reaches this chain with its new destination (the loopback address) but
     # still with its original output device, so `-o lo` does not see it: match the address.
     redirect_ports = sorted({r.to_port for r in policy.redirect})
     local = "::1/128" if family == 6 else "127.0.0.1/32"
     # Only connections our nat REDIRECT redirected (ct_dnat): a direct connection to the proxy
     # port is local traffic like any other, governed by `loopback`.
-    for group in _port_groups(redirect_ports) if redirect_ports else []:
-        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", ct_dnat=True, dports=group))
+    if redirect_ports:
+        rules.append(Rule(target="RETURN", comment="redirect", dst=local, protocol="tcp", ct_dnat=True,
+                          dports=tuple(redirect_ports)))
     return rules
 
 
@@ -764,7 +760,7 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
         ports: list[int | None] = [*sorted(set(e.ports or []))] or [None]
         matches: list[dict[str, object]] = (
             [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
-            if orig_sets else [{"match_set": entry.sets[family], "dports": g} for g in _port_groups(e.ports)])
+            if orig_sets else [{"match_set": entry.sets[family], "dports": _port_list(e.ports)}])
         for match in matches:
             if not orig_sets:  # iptables: CONNMARK marks and goes on, the RETURN after it allows
                 rules.append(Rule(target="CONNMARK", comment=f"allow[{entry.index}]", protocol=proto,
@@ -791,11 +787,8 @@ def _dns_redirects(policy: Policy) -> list[Rule]:
 def _redirects(policy: Policy, family: Family, facts: Facts) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     for i, r in enumerate(policy.redirect):
-        for group in _port_groups(r.ports):
-            rules.append(
-                Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface_not="lo", protocol="tcp", dports=group,
-                     to_ports=r.to_port)
-            )
+        rules.append(Rule(target="REDIRECT", comment=f"redirect[{i}]", out_iface_not="lo", protocol="tcp",
+                          dports=_port_list(r.ports), to_ports=r.to_port))
     if rules:
         # Denied destinations and metadata endpoints are not handed to the proxy (an exempt process
         # that would connect to them on the confined process's behalf): left as they are, the

@@ -376,10 +376,20 @@ def test_ports_are_sorted_deduplicated_and_judged_one_original_port_per_rule() -
     assert judged == [("192.0.2.0/24", p, ()) for p in (22, *range(1000, 1020))]
 
 
-def test_nat_table_ports_are_split_in_multiport_groups_of_fifteen() -> None:
+def test_a_port_list_is_one_rule_which_iptables_splits_in_multiport_groups_of_fifteen() -> None:
+    """The Ruleset holds a policy's ports as one rule's (nftables: one `tcp dport { ... }`); the
+    iptables back end installs, plans and reads back one rule per 15 (its multiport match's limit)."""
+    from egressguard.backends.iptables.render import split_ports  # noqa: PLC0415
+    from egressguard.backends.nftables.render import rule_text  # noqa: PLC0415
+
     rs = _build({"redirect": [{"ports": [*range(1019, 999, -1), 22], "to_port": 8444}]})
-    groups = [r.dports for r in _chain(rs, 4, "nat", "EGRESSGUARD-REDIRECT") if r.comment == "redirect[0]"]
-    assert groups == [(22, *range(1000, 1014)), tuple(range(1014, 1020))]
+    (rule,) = [r for r in _chain(rs, 4, "nat", "EGRESSGUARD-REDIRECT") if r.comment == "redirect[0]"]
+    assert rule.dports == (22, *range(1000, 1020))
+    assert "tcp dport { 22, 1000, " in rule_text(4, "nat", rule)
+    split = [r for r in _chain(split_ports(rs), 4, "nat", "EGRESSGUARD-REDIRECT") if r.comment == "redirect[0]"]
+    assert [r.dports for r in split] == [(22, *range(1000, 1014)), tuple(range(1014, 1020))]
+    assert {dataclasses.replace(r, dports=()) for r in split} == {dataclasses.replace(rule, dports=())}
+    assert render(rs).count("--comment redirect[0]") == 4  # two rules in each family's nat table
 
 
 def test_single_port_and_multiport_render_differently() -> None:

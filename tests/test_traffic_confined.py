@@ -41,6 +41,9 @@ POLICY = policy(
         {"cidr": "fd00::/8", "protocol": "any"},
         {"cidr": "203.0.113.0/24", "ports": [5000]},
         {"cidr": "2001:db8:2::/64", "ports": [5000]},
+        # 20 ports in one entry: one nftables rule; iptables' multiport holds 15, so two rules there.
+        {"cidr": f"{OTHER_RESOLVER_V4}/32", "ports": [*range(1001, 1019), 443, 5000]},
+        {"cidr": f"{OTHER_RESOLVER_V6}/128", "ports": [*range(1001, 1019), 443, 5000]},
     ],
     deny=[{"cidr": "203.0.113.11/32"}, {"cidr": "2001:db8:2::11/128"}],
 )
@@ -114,6 +117,16 @@ def test_a_broad_allow_reaches_every_host_on_its_port(lab: Lab, family: int) -> 
     h = HOSTS[family]
     for host in (h["other"], h["unlisted"]):
         assert reached(lab.tcp(host, 8444, timeout=FAST), host)
+
+
+@FAMILIES
+def test_a_port_list_longer_than_one_multiport_match_allows_each_listed_port(lab: Lab, family: int) -> None:
+    """The entry of 20 ports: its first (443) and its twentieth (5000, past iptables' 15 to a rule)
+    are reached; a port between them that it does not list is refused, as everywhere else."""
+    host = HOSTS[family]["unlisted"]
+    assert reached(lab.tcp(host, 443, timeout=FAST), host)
+    assert reached(lab.tcp(host, 5000, timeout=FAST), host)
+    stopped(lab, "tcp", host, 853)
 
 
 @FAMILIES

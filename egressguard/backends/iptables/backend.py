@@ -268,6 +268,7 @@ class IptablesBackend(Backend):
     def commit(self, ruleset: Ruleset) -> None:
         from egressguard.backends.iptables.sets import Ipsets  # noqa: PLC0415
 
+        ruleset = render.split_ports(ruleset)
         if ruleset.sets:
             self._sets_touched = True
             with Ipsets() as ipsets:
@@ -500,6 +501,7 @@ class IptablesBackend(Backend):
     # -- read back ---------------------------------------------------------------------------
 
     def read(self, expect: Sequence[AddressSet] = (), want: Ruleset | None = None) -> Installed:
+        want = None if want is None else render.split_ports(want)
         tables: list[InstalledTable] = []
         calls = ((self._read_family, (f, None if want is None else [t for t in want.tables if t.family == f])) for f in FAMILIES)
         for found in _in_children(*calls):
@@ -607,6 +609,9 @@ class IptablesBackend(Backend):
         if r.target in ours or r.target in _VERDICTS:
             entry = dataclasses.replace(entry, target=xtables_raw.Ext(r.target, 0, b""))
         return entry
+
+    def canonical(self, ruleset: Ruleset) -> Ruleset:
+        return render.split_ports(ruleset)  # a port list over 15 is several rules here
 
     def describe(self, family: Family, table: str, rule: Rule) -> str:
         return " ".join(render.args(rule, family))

@@ -3,6 +3,7 @@ its JSON form) for a Ruleset. The Ruleset itself (ruleset.py) decides every rule
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 
@@ -119,8 +120,28 @@ def ipset_lines(st: AddressSet) -> list[str]:
     return lines + [f"add {st.name} {m}" for m in st.members]
 
 
+MULTIPORT_MAX = 15  # ports one multiport match holds
+
+
+def split_ports(ruleset: Ruleset) -> Ruleset:
+    """The ruleset as this back end installs it: a rule of more than MULTIPORT_MAX ports becomes one
+    rule per MULTIPORT_MAX of them, in its place (each the same match but for its ports, so a
+    packet meets the same verdict)."""
+    def split(r: Rule) -> list[Rule]:
+        if len(r.dports) <= MULTIPORT_MAX:
+            return [r]
+        return [dataclasses.replace(r, dports=r.dports[i:i + MULTIPORT_MAX]) for i in range(0, len(r.dports), MULTIPORT_MAX)]
+
+    if not any(len(r.dports) > MULTIPORT_MAX for t in ruleset.tables for c in t.chains for r in c.rules):
+        return ruleset
+    tables = tuple(dataclasses.replace(t, chains=tuple(dataclasses.replace(c, rules=tuple(x for r in c.rules for x in split(r)))
+                                                       for c in t.chains)) for t in ruleset.tables)
+    return dataclasses.replace(ruleset, tables=tables)
+
+
 def render(ruleset: Ruleset, *, header: Iterable[str] = ()) -> str:
     """iptables-save style text, one block per family and table (loadable with iptables-restore -n)."""
+    ruleset = split_ports(ruleset)
     lines = [f"# {h}" for h in header]
     for host in ruleset.unresolved_hosts:
         lines.append(f"# host {host}: resolved at apply time (A and AAAA); its rules are not shown")
@@ -167,6 +188,7 @@ def to_json(ruleset: Ruleset, *, tables: bool = True) -> dict[str, object]:
     }
     if not tables:
         return head
+    ruleset = split_ports(ruleset)  # the rules as installed; the digest above is the Ruleset's, as apply records it
     return {
         **head,
         "tables": [
