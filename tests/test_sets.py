@@ -11,6 +11,7 @@ from refusals import resolved
 
 from egressguard.backends import Installed
 from egressguard.backends.iptables import sets
+from egressguard.backends.iptables.backend import IptablesBackend
 from egressguard.backends.iptables.render import render
 from egressguard.policy import validate
 from egressguard.ruleset import (
@@ -122,10 +123,11 @@ def test_verify_reports_a_set_missing_members() -> None:
     from egressguard.backends import InstalledTable  # noqa: PLC0415
 
     tables = tuple(InstalledTable(t.family, t.name, True, (0,) if t.chains else (), t.chains) for t in rs.tables)
-    assert differences(rs, Installed(tables=tables, sets=(st,))) == []
-    diffs = differences(rs, Installed(tables=tables, sets=(short,)))
+    describe = IptablesBackend().describe
+    assert differences(rs, Installed(tables=tables, sets=(st,)), describe) == []
+    diffs = differences(rs, Installed(tables=tables, sets=(short,)), describe)
     assert diffs == [f"set {st.name}: 19 members, expected 20 (1 missing, 0 unexpected)"]
-    assert differences(rs, Installed(tables=tables)) == [f"set {st.name}: missing"]
+    assert differences(rs, Installed(tables=tables), describe) == [f"set {st.name}: missing"]
 
 
 def test_canonical_members_sorts_like_ipaddress_and_prints_like_inet_ntop() -> None:
