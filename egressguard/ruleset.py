@@ -57,7 +57,6 @@ _SET_NAME_MAX = 31  # ipset names hold at most 31 bytes
 # Groups are per network namespace: one pod's guard never sees another's.
 LOG_GROUP = 14
 LOG_PREFIX_MAX = 63  # NFLOG's prefix holds 64 bytes with its NUL (xt_nflog_info)
-_LIMIT_UNIT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 
 # IPv6 neighbour discovery (RS, RA, NS, NA) the kernel sends for itself.
 _NDP_TYPES = ("133", "134", "135", "136")  # router solicitation, advertisement; neighbour solicitation, advertisement
@@ -70,7 +69,7 @@ _MLD_V2_REPORT, _MLD_V1_REPORT, _MLD_V1_DONE = "143", "131", "132"
 _SOLICITED_NODE = "ff02::1:ff00:0/104"
 # One bucket for every report the rules let out, whatever its record count (a limit per rule would
 # multiply the bound by the number of rules).
-_MLD_LIMIT, _MLD_BURST, _MLD_LIMIT_NAME = "10/sec", 20, SET_PREFIX + "mld"
+_MLD_LIMIT, _MLD_BURST, _MLD_LIMIT_NAME = (10, "second"), 20, SET_PREFIX + "mld"
 # Reports with up to this many records pass. The kernel merges pending joins into one report: a
 # pod with a link-local and a global address that adds a third sent 3 records (seen by capture);
 # each record is one more 24-bit choice for a process that joins groups itself.
@@ -134,7 +133,7 @@ class Rule:
     sport: int | None = None  # -m tcp --sport (never with dports)
     match_set: str | None = None  # ipset name, matched on dst
     header: tuple[HeaderTest, ...] = ()  # tests on the packet's headers, every one must hold
-    limit: str | None = None  # -m limit --limit, e.g. "10/sec"
+    limit: tuple[int, str] | None = None  # at most this many packets per unit (LIMIT_PERIOD_MS), e.g. (10, "second")
     limit_burst: int | None = None
     # One bucket shared by every rule that names it (iptables: -m hashlimit --hashlimit-name; nftables:
     # the rules jump to one chain holding the limit). Those rules must agree on limit and burst.
@@ -150,15 +149,15 @@ class Rule:
     goto: bool = False
 
 
-_LIMIT_PERIOD_MS = {"sec": 1000, "second": 1000, "min": 60_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+LIMIT_PERIOD_MS = {"second": 1000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}  # a limit's units
 
 
-def shared_limit_expire_ms(limit: str, burst: int | None) -> int:
+def shared_limit_expire_ms(limit: tuple[int, str], burst: int | None) -> int:
     """How long hashlimit keeps a shared bucket while no packet arrives: the time an empty bucket takes
     to refill (burst / rate). iptables' default, one rate period, would start a fresh full burst
-    after an idle second: 20 reports a second from a 10/sec limit with burst 20."""
-    rate, _, unit = limit.partition("/")
-    return -(-(burst or 5) * _LIMIT_PERIOD_MS[unit] // int(rate))
+    after an idle second: 20 reports a second from a 10/second limit with burst 20."""
+    rate, unit = limit
+    return -(-(burst or 5) * LIMIT_PERIOD_MS[unit] // rate)
 
 
 @dataclass(frozen=True)
@@ -701,7 +700,7 @@ def _log_refusals(rules: list[Rule], policy: Policy) -> tuple[list[Rule], list[C
     if not policy.log.refused:
         return rules, []
     rate, _, unit = policy.log.rate.partition("/")
-    limit = f"{rate}/{_LIMIT_UNIT[unit]}"
+    limit = (int(rate), unit)
     chains: dict[str, list[Rule]] = {}  # comment -> the chain's refusals, in first-seen order
     out: list[Rule] = []
     for r in rules:

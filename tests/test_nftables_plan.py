@@ -79,7 +79,7 @@ def test_rules_nft_cannot_mean_the_same_are_refused(rule: Rule) -> None:
 
 
 def test_rules_sharing_a_limit_jump_to_one_chain_and_must_agree_on_it() -> None:
-    kernel = {"target": "RETURN", "comment": "x", "socketless": True, "limit": "10/sec", "limit_burst": 20,
+    kernel = {"target": "RETURN", "comment": "x", "socketless": True, "limit": (10, "second"), "limit_burst": 20,
               "limit_name": "egressguard-x"}
     rs = build_one(Rule(**kernel, icmp6_type="143"), Rule(**kernel, icmp6_type="131"))
     script = render.rules_script(rs, render.Existing())
@@ -89,7 +89,7 @@ def test_rules_sharing_a_limit_jump_to_one_chain_and_must_agree_on_it() -> None:
     with pytest.raises(render.UnsupportedRule, match="sharing limit"):
         render.rules_script(other, render.Existing())
     with pytest.raises(render.UnsupportedRule, match="shared limit"):  # outside a socketless rule's chain
-        render.rule_text(6, "filter", Rule(target="RETURN", comment="x", limit="1/sec", limit_name="egressguard-x"))
+        render.rule_text(6, "filter", Rule(target="RETURN", comment="x", limit=(1, "second"), limit_name="egressguard-x"))
 
 
 def build_one(*rules: Rule) -> Ruleset:

@@ -182,7 +182,7 @@ def test_membership_reports_are_judged_before_any_rule_a_socketless_packet_meets
             assert [(r.comment, r.protocol, r.socketless, r.target) for r in reports] == [("igmp", "igmp", True, "DROP")]
             continue
         passed = [r for r in reports if r.target == "RETURN"]
-        assert all(r.limit == "10/sec" and r.limit_burst == 20 and r.socketless for r in passed)
+        assert all(r.limit == (10, "second") and r.limit_burst == 20 and r.socketless for r in passed)
         assert {r.limit_name for r in passed} == {"egressguard-mld"}  # one bucket for all five, not one each
         assert [r.icmp6_type for r in passed] == ["143"] * 4 + ["131"] and passed[-1].dst == "ff02::1:ff00:0/104"
         assert [(r.icmp6_type, r.target) for r in reports[len(passed):]] == [("143", "DROP"), ("131", "DROP"), ("132", "DROP")]
@@ -637,7 +637,7 @@ def test_every_refusal_jumps_to_its_lines_chain_which_logs_then_refuses(family: 
         log, *verdicts = chains[r.target]
         assert log.target == "NFLOG" and log.nflog_group == LOG_GROUP and log.comment == r.comment
         assert log.nflog_prefix == ("deny_metadata" if r.comment == "metadata" else r.comment)
-        assert (log.limit, log.limit_burst) == ("10/sec", 50)
+        assert (log.limit, log.limit_burst) == ((10, "second"), 50)
         # it matches every packet that enters: no match but its limit
         assert dataclasses.replace(log, limit=None, limit_burst=None, nflog_prefix=None, nflog_group=None) == \
             Rule(target="NFLOG", comment=r.comment)
@@ -700,7 +700,7 @@ def test_log_refused_false_installs_no_log_rule_and_no_refusal_chain() -> None:
 def test_log_rate_and_burst_are_the_policys() -> None:
     rs = _build({**LOGGED, "log": {"rate": "5/minute", "burst": 3}})
     rules = [r for c in _refusal_chains(rs, 4).values() for r in c]
-    assert {(r.limit, r.limit_burst) for r in rules if r.target == "NFLOG"} == {("5/min", 3)}
+    assert {(r.limit, r.limit_burst) for r in rules if r.target == "NFLOG"} == {((5, "minute"), 3)}
 
 
 def test_a_long_policy_line_is_cut_to_what_nflog_carries() -> None:

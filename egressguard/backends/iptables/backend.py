@@ -460,13 +460,13 @@ class IptablesBackend(Backend):
             # The entry lifetime is always given: python-iptables leaves it 0 (EINVAL) where
             # iptables-restore fills in its default (bytes compared in tests/test_xtables_encoding.py).
             m = x.create_match("hashlimit")
-            for key, value in (("hashlimit-upto", r.limit), ("hashlimit-burst", str(r.limit_burst or 5)),
+            for key, value in (("hashlimit-upto", render.limit_text(r.limit)), ("hashlimit-burst", str(r.limit_burst or 5)),
                                ("hashlimit-name", r.limit_name),
                                ("hashlimit-htable-expire", str(shared_limit_expire_ms(r.limit, r.limit_burst)))):
                 m.set_parameter(key, value)
         elif r.limit:
             m = x.create_match("limit")
-            m.set_parameter("limit", r.limit)
+            m.set_parameter("limit", render.limit_text(r.limit))
             if r.limit_burst is not None:
                 m.set_parameter("limit-burst", str(r.limit_burst))
         if r.ctmark is not None:
@@ -849,11 +849,13 @@ def _decode(x: Any) -> Rule:
             fields["routing_header"] = True
         elif m.name == "u32" and set(one) == {"u32"} and not neg and (tests := _header_tests(one["u32"])) is not None:
             fields["header"] = (*fields.get("header", ()), *tests)
-        elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"}:
-            fields["limit"] = one["limit"]
+        elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"} \
+                and render.parse_limit(one["limit"]) is not None:
+            fields["limit"] = render.parse_limit(one["limit"])
             fields["limit_burst"] = int(one["limit-burst"]) if "limit-burst" in one else None
-        elif m.name == "hashlimit" and not neg and set(one) == _HASHLIMIT_KEYS:
-            fields.update(limit=one["hashlimit-upto"], limit_burst=int(one["hashlimit-burst"]),
+        elif m.name == "hashlimit" and not neg and set(one) == _HASHLIMIT_KEYS \
+                and render.parse_limit(one["hashlimit-upto"]) is not None:
+            fields.update(limit=render.parse_limit(one["hashlimit-upto"]), limit_burst=int(one["hashlimit-burst"]),
                           limit_name=one["hashlimit-name"])
             if int(one["hashlimit-htable-expire"]) != shared_limit_expire_ms(fields["limit"], fields["limit_burst"]):
                 unknown.append(f"hashlimit-htable-expire {one['hashlimit-htable-expire']}")

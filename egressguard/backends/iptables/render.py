@@ -8,7 +8,31 @@ import json
 from collections.abc import Iterable
 
 from egressguard.backends.u32 import u32_matches
-from egressguard.ruleset import LEARNED_SET_TIMEOUT_S, AddressSet, Family, Rule, Ruleset, shared_limit_expire_ms
+from egressguard.ruleset import (
+    LEARNED_SET_TIMEOUT_S,
+    LIMIT_PERIOD_MS,
+    AddressSet,
+    Family,
+    Rule,
+    Ruleset,
+    shared_limit_expire_ms,
+)
+
+# A limit's unit as iptables-save prints it (--limit, --hashlimit-upto).
+_LIMIT_WORD = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}
+
+
+def limit_text(limit: tuple[int, str]) -> str:
+    """(10, "second") -> "10/sec"."""
+    return f"{limit[0]}/{_LIMIT_WORD[limit[1]]}"
+
+
+def parse_limit(text: str) -> tuple[int, str] | None:
+    """"10/sec" -> (10, "second"); None for a spelling iptables-save does not print."""
+    rate, _, word = text.partition("/")
+    unit = next((u for u, w in _LIMIT_WORD.items() if w == word), None)
+    return (int(rate), unit) if rate.isdigit() and unit in LIMIT_PERIOD_MS else None
+
 
 # Every user uid: `! --uid-owner` over the whole range matches only packets with no socket owner.
 ANY_USER = "0-4294967294"
@@ -91,10 +115,10 @@ def args(rule: Rule, family: Family) -> list[str]:
         a += ["-m", "connmark", "--mark", f"{rule.ctmark:#x}/{rule.ctmark:#x}"]
     if rule.limit and rule.limit_name:
         expire = shared_limit_expire_ms(rule.limit, rule.limit_burst)
-        a += ["-m", "hashlimit", "--hashlimit-upto", rule.limit, "--hashlimit-burst", str(rule.limit_burst or 5),
+        a += ["-m", "hashlimit", "--hashlimit-upto", limit_text(rule.limit), "--hashlimit-burst", str(rule.limit_burst or 5),
               "--hashlimit-name", rule.limit_name, "--hashlimit-htable-expire", str(expire)]
     elif rule.limit:
-        a += ["-m", "limit", "--limit", rule.limit]
+        a += ["-m", "limit", "--limit", limit_text(rule.limit)]
         if rule.limit_burst is not None:
             a += ["--limit-burst", str(rule.limit_burst)]
     a += ["-m", "comment", "--comment", rule.comment]

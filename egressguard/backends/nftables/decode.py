@@ -20,7 +20,6 @@ from egressguard.backends.nftables.render import (
     CT_STATES,
     ICMP6_NAMES,
     KERNEL_PREFIX,
-    LIMIT_SHORT,
     REJECT,
     Existing,
     bounds,
@@ -33,6 +32,7 @@ from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
     FAMILIES,
+    LIMIT_PERIOD_MS,
     OWNED_CHAINS,
     REDIRECT,
     SET_PREFIX,
@@ -246,10 +246,10 @@ def _decode_expr(e: dict[str, Any], f: dict[str, Any], family: Family, table: st
         return True
     if "limit" in e:
         lim = e["limit"]
-        if set(lim) - {"rate", "burst", "per"} or lim.get("per") not in LIMIT_SHORT:
+        if set(lim) - {"rate", "burst", "per"} or lim.get("per") not in LIMIT_PERIOD_MS:
             return False
         _put(f, "limit_burst", int(lim.get("burst", 5)))
-        return _put(f, "limit", f"{int(lim['rate'])}/{LIMIT_SHORT[lim['per']]}")
+        return _put(f, "limit", (int(lim["rate"]), str(lim["per"])))
     if "match" in e:
         m = e["match"]
         left, op, right = m["left"], m["op"], m["right"]

@@ -16,6 +16,7 @@ from egressguard.ruleset import (
     CONFINED,
     DISPATCH,
     FAMILIES,
+    LIMIT_PERIOD_MS,
     REDIRECT,
     AddressSet,
     Family,
@@ -73,9 +74,6 @@ HANDLED_FIELDS = frozenset({
     "header", "limit", "limit_burst", "limit_name", "nflog_prefix", "nflog_group", "ctmark", "ctmark_set",
     "goto",
 })
-LIMIT_UNITS = {"s": "second", "sec": "second", "second": "second", "m": "minute", "min": "minute",
-               "minute": "minute", "h": "hour", "hour": "hour", "d": "day", "day": "day"}
-LIMIT_SHORT = {"second": "sec", "minute": "min", "hour": "hour", "day": "day"}  # as iptables-save prints
 DEFAULT_BURST = 5  # iptables' and nft's
 
 
@@ -230,11 +228,11 @@ def limit_text(r: Rule) -> list[str]:
         if r.limit_burst is not None:
             raise UnsupportedRule(f"limit_burst without limit (rule {r.comment!r})")
         return []
-    rate, _, unit = r.limit.partition("/")
-    if not rate.isdigit() or unit not in LIMIT_UNITS:
+    rate, unit = r.limit
+    if rate < 1 or unit not in LIMIT_PERIOD_MS:
         raise UnsupportedRule(f"limit {r.limit} (rule {r.comment!r})")
     burst = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
-    return [f"limit rate {int(rate)}/{LIMIT_UNITS[unit]} burst {burst} packets"]
+    return [f"limit rate {rate}/{unit} burst {burst} packets"]
 
 
 def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
@@ -288,8 +286,6 @@ def _canonical_rule(r: Rule) -> Rule:
     if r.header:
         changes["header"] = u32.normal(r.header)
     if r.limit:
-        rate, _, unit = r.limit.partition("/")
-        changes["limit"] = f"{rate}/{LIMIT_SHORT.get(LIMIT_UNITS.get(unit, unit), unit)}"
         changes["limit_burst"] = r.limit_burst if r.limit_burst is not None else DEFAULT_BURST
     return dataclasses.replace(r, **changes) if changes else r  # type: ignore[arg-type]
 
