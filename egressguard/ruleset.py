@@ -311,6 +311,16 @@ class Ruleset:
     def rule_count(self) -> int:
         return sum(len(c.rules) for t in self.tables for c in t.chains)
 
+    def summary(self) -> dict[str, object]:
+        """What `plan --json` says of the ruleset whatever the back end: kind, digest, sets."""
+        return {
+            "kind": self.kind,
+            "digest": self.digest(),
+            "unresolved_hosts": list(self.unresolved_hosts),
+            "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in self.sets],
+            "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in self.learned_sets],
+        }
+
     def digest(self) -> str:
         """Digest of exactly what is installed (covers resolved addresses and resolvers)."""
         data: list[object] = [_plain(t) for t in self.tables]
@@ -514,8 +524,9 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
 
 
 def _membership_reports(family: Family) -> list[Rule]:
-    """The kernel's multicast membership reports, judged before any uid: they are socketless, so
-    under `confine: uids` they would never be confined, yet any process may choose their groups."""
+    """The kernel's multicast membership reports, judged before any rule a socketless packet can meet
+    (`_dispatch`): under `confine: uids` they would never be confined, yet any process may choose
+    their groups."""
     if family == 4:
         # IPv4 works without IGMP: no report leaves.
         return [Rule(target="DROP", comment="igmp", protocol="igmp", socketless=True)]
@@ -756,7 +767,7 @@ def _learned_allow(policy: Policy, family: Family, orig_sets: bool) -> list[Rule
         e = policy.allow[entry.index]
         proto = _protocol(e.protocol, family)
         # Judged by the original destination where the back end can (as the other allow entries)
-        ports: list[int | None] = [*sorted(set(e.ports or []))] or [None]
+        ports: list[int | None] = [*_port_list(e.ports)] or [None]
         matches: list[dict[str, object]] = (
             [{"ctorigdst_set": entry.sets[family], "ctorigdstport": p} for p in ports]
             if orig_sets else [{"match_set": entry.sets[family], "dports": _port_list(e.ports)}])

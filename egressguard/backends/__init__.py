@@ -124,6 +124,9 @@ class Backend(abc.ABC):
 # The back end used when neither --backend nor $EGRESSGUARD_BACKEND names one: nftables where the
 # kernel accepts it (legacy x_tables is off by default since Linux 6.17), else iptables, else exit 3.
 DEFAULT_BACKEND = "auto"
+# Every user uid: an owner match over the whole range, negated (iptables) or as the chain a
+# socketless rule returns owned packets from (nftables), leaves only packets with no socket owner.
+ANY_USER = "0-4294967294"
 BACKEND_CHOICES = ("auto", "nftables", "iptables")
 
 
@@ -152,10 +155,9 @@ def plan_json(name: str, ruleset: Ruleset) -> dict[str, object]:
         from egressguard.backends.iptables.render import to_json  # noqa: PLC0415
 
         return {"backend": "iptables", **to_json(ruleset)}
-    from egressguard.backends.iptables.render import to_json as head  # noqa: PLC0415
     from egressguard.backends.nftables import render as nft  # noqa: PLC0415
 
-    return {"backend": "nftables", **head(ruleset, tables=False), "script": nft.render(ruleset)}
+    return {"backend": "nftables", **ruleset.summary(), "script": nft.render(ruleset)}
 
 
 def select(requested: str | None = None) -> Backend:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from egressguard import logs
-from egressguard.backends import Backend, Installed, InstalledTable, LearnedHolding, u32
+from egressguard.backends import ANY_USER, Backend, Installed, InstalledTable, LearnedHolding, u32
 from egressguard.backends.iptables import fence, render, xtables_raw
 from egressguard.backends.iptables.xtables_raw import Entry
 from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported
@@ -423,11 +423,11 @@ class IptablesBackend(Backend):
         if r.uid is not None:
             x.create_match("owner").set_parameter("uid-owner", str(r.uid))
         elif r.socketless:
-            x.create_match("owner").set_parameter("uid-owner", "!" + render.ANY_USER)
+            x.create_match("owner").set_parameter("uid-owner", "!" + ANY_USER)
         if render.uses_conntrack(r):  # before addrtype, as render.args()
             m = x.create_match("conntrack")
-            if render.ctstate(r):
-                m.set_parameter("ctstate", render.ctstate(r))
+            if words := render.ctstate(r):
+                m.set_parameter("ctstate", words)
             if r.ctorigdst:
                 m.set_parameter("ctorigdst", r.ctorigdst)
             if r.ctorigdstport is not None:
@@ -837,7 +837,7 @@ def _decode(x: Any) -> Rule:
         p = {k: [v for v in vals if v != "!"] for k, vals in raw.items()}
         neg = any("!" in vals for vals in raw.values())
         one = {k: v[0] if v else "" for k, v in p.items()}
-        if m.name == "owner" and set(one) == {"uid-owner"} and (one["uid-owner"] == render.ANY_USER) == neg \
+        if m.name == "owner" and set(one) == {"uid-owner"} and (one["uid-owner"] == ANY_USER) == neg \
                 and (neg or one["uid-owner"].isdigit()):
             fields["socketless" if neg else "uid"] = True if neg else int(one["uid-owner"])
         elif m.name == "addrtype" and one and set(one) <= {"src-type", "dst-type"} \
@@ -850,12 +850,12 @@ def _decode(x: Any) -> Rule:
         elif m.name == "u32" and set(one) == {"u32"} and not neg and (tests := _header_tests(one["u32"])) is not None:
             fields["header"] = (*fields.get("header", ()), *tests)
         elif m.name == "limit" and not neg and "limit" in one and set(one) <= {"limit", "limit-burst"} \
-                and render.parse_limit(one["limit"]) is not None:
-            fields["limit"] = render.parse_limit(one["limit"])
+                and (limit := render.parse_limit(one["limit"])) is not None:
+            fields["limit"] = limit
             fields["limit_burst"] = int(one["limit-burst"]) if "limit-burst" in one else None
         elif m.name == "hashlimit" and not neg and set(one) == _HASHLIMIT_KEYS \
-                and render.parse_limit(one["hashlimit-upto"]) is not None:
-            fields.update(limit=render.parse_limit(one["hashlimit-upto"]), limit_burst=int(one["hashlimit-burst"]),
+                and (limit := render.parse_limit(one["hashlimit-upto"])) is not None:
+            fields.update(limit=limit, limit_burst=int(one["hashlimit-burst"]),
                           limit_name=one["hashlimit-name"])
             if int(one["hashlimit-htable-expire"]) != shared_limit_expire_ms(fields["limit"], fields["limit_burst"]):
                 unknown.append(f"hashlimit-htable-expire {one['hashlimit-htable-expire']}")

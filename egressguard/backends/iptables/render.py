@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Iterable
 
+from egressguard.backends import ANY_USER
 from egressguard.backends.u32 import u32_matches
 from egressguard.ruleset import (
     LEARNED_SET_TIMEOUT_S,
@@ -32,10 +33,6 @@ def parse_limit(text: str) -> tuple[int, str] | None:
     rate, _, word = text.partition("/")
     unit = next((u for u, w in _LIMIT_WORD.items() if w == word), None)
     return (int(rate), unit) if rate.isdigit() and unit in LIMIT_PERIOD_MS else None
-
-
-# Every user uid: `! --uid-owner` over the whole range matches only packets with no socket owner.
-ANY_USER = "0-4294967294"
 
 
 # The conntrack match's --ctstate words, in iptables-save's order; DNAT is a status bit it tests as a state.
@@ -82,8 +79,8 @@ def args(rule: Rule, family: Family) -> list[str]:
     # and skips the address-type lookup for every packet that was not DNATed.
     if uses_conntrack(rule):
         a += ["-m", "conntrack"]
-        if ctstate(rule):
-            a += ["--ctstate", ctstate(rule)]
+        if words := ctstate(rule):
+            a += ["--ctstate", words]
         if rule.ctorigdst:
             a += ["--ctorigdst", rule.ctorigdst]
         if rule.ctorigdstport is not None:
@@ -201,18 +198,10 @@ def _join(words: list[str]) -> str:
     return " ".join(a if a and " " not in a and '"' not in a else json.dumps(a) for a in words)
 
 
-def to_json(ruleset: Ruleset, *, tables: bool = True) -> dict[str, object]:
-    """`plan --json`; without `tables` (rules as iptables arguments), for a back end that shows its own form."""
-    head: dict[str, object] = {
-        "kind": ruleset.kind,
-        "digest": ruleset.digest(),
-        "unresolved_hosts": list(ruleset.unresolved_hosts),
-        "sets": [{"name": st.name, "family": f"ipv{st.family}", "members": list(st.members)} for st in ruleset.sets],
-        "learned_sets": [{"name": st.name, "family": f"ipv{st.family}", "host": st.host} for st in ruleset.learned_sets],
-    }
-    if not tables:
-        return head
-    ruleset = split_ports(ruleset)  # the rules as installed; the digest above is the Ruleset's, as apply records it
+def to_json(ruleset: Ruleset) -> dict[str, object]:
+    """`plan --json`: the Ruleset's summary, then its rules as iptables arguments."""
+    head = ruleset.summary()  # the digest is the Ruleset's, as apply records it
+    ruleset = split_ports(ruleset)  # the rules as installed
     return {
         **head,
         "tables": [

@@ -12,10 +12,9 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from egressguard.backends import Installed, InstalledTable, LearnedHolding, u32
+from egressguard.backends import ANY_USER, Installed, InstalledTable, LearnedHolding, u32
 from egressguard.backends.nftables import transport
 from egressguard.backends.nftables.render import (
-    ANY_USER,
     BASE,
     CT_STATES,
     ICMP6_NAMES,

@@ -10,7 +10,7 @@ from array import array
 from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, fields
 
-from egressguard.backends import u32
+from egressguard.backends import ANY_USER, u32
 from egressguard.errors import ApplyFailed
 from egressguard.ruleset import (
     CONFINED,
@@ -43,7 +43,6 @@ BASE = {
 # (after its limit, which thus counts only kernel packets, as with iptables). An allowed verdict
 # there is `accept`: our base chains hold only jumps, so it ends our table's say, as RETURN does.
 KERNEL_PREFIX = "kernel"
-ANY_USER = "0-4294967294"
 
 _FAMILY_WORD = {4: "ipv4", 6: "ipv6"}
 _ADDR = {4: "ip", 6: "ip6"}
@@ -241,8 +240,12 @@ def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
     return [f"meta skuid {ANY_USER} return", " ".join([*limit_text(r), verdict])]
 
 
+def _owned_chain(target: str) -> bool:
+    return target in (CONFINED, REDIRECT) or refuse_index(target) is not None
+
+
 def _verdict(family: Family, table: str, r: Rule) -> str:
-    if r.goto and not (r.target in (CONFINED, REDIRECT) or refuse_index(r.target) is not None):
+    if r.goto and not _owned_chain(r.target):
         raise UnsupportedRule(f"goto {r.target} (rule {r.comment!r}): only to an owned chain")
     if r.reject_with and r.target != "REJECT" or r.to_ports is not None and r.target != "REDIRECT":
         raise UnsupportedRule(f"{r.target} with reject_with/to_ports (rule {r.comment!r})")
@@ -263,14 +266,14 @@ def _verdict(family: Family, table: str, r: Rule) -> str:
         if r.to_ports is None:
             raise UnsupportedRule(f"REDIRECT without a port (rule {r.comment!r})")
         return f"redirect to :{r.to_ports}"
-    if r.target in (CONFINED, REDIRECT) or refuse_index(r.target) is not None:
+    if _owned_chain(r.target):
         return f"{'goto' if r.goto else 'jump'} {chain_name(family, table, r.target)}"
     raise UnsupportedRule(f"target {r.target} (rule {r.comment!r})")
 
 
 def canonical(ruleset: Ruleset) -> Ruleset:
     """The ruleset as this back end reads it back: header tests as the bit ranges they constrain (nft
-    merges and rewrites raw matches), a limit with its burst and iptables-save's unit spelling."""
+    merges and rewrites raw matches), a limit with its burst."""
     tables = []
     for t in ruleset.tables:
         chains = []
