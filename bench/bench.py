@@ -553,8 +553,8 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
 def peak_rss(sizes: list[int], runs: int = 3) -> list[tuple[str, float]]:
     """Largest peak RSS of `runs` applies per back end and size (the process tree's largest process);
     at the largest size also a re-apply of the same policy, and one after a set element was
-    deleted by hand (the set is refilled: libnftables reads and sends it all); on nftables the
-    largest size again as networks (an interval set: libnftables also fetches what it holds)."""
+    deleted by hand (the set is refilled whole: on nftables over netlink, transport.SetRefill); on
+    nftables the largest size again as networks (an interval set)."""
     rows = []
     for backend in ("nftables", "iptables"):
         for n, nets in [(n, False) for n in sizes] + ([(max(sizes), True)] if backend == "nftables" else []):

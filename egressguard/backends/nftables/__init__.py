@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from egressguard import logs
@@ -12,6 +11,7 @@ from egressguard.backends.nftables.transport import (
     Nft,
     NftablesError,
     NftablesUnavailable,
+    SetRefill,
     generation,
     set_elements,
     tables,
@@ -85,31 +85,39 @@ class NftablesBackend(Backend):
         transaction the kernel (or libnftables' own cache check) refuses, say a chain that was read
         and is gone. Returned (retry: read again, render again) when the generation id moved by
         more than our own commits; a refusal with no other commit in between is raised.
-        `keep_same_sets`: a kept set that holds exactly its members already (its netlink dump says
-        so) is not refilled: libnftables would fetch its 10,000 elements, then parse and send
-        10,000 more (~17 MiB). If anyone else committed meanwhile, that is a race: the next attempt
-        refills."""
+        Transactions: new sets, created and filled; kept sets that no longer hold exactly their
+        members (tampered with: a set is named after its members), flushed and refilled over
+        netlink (transport.SetRefill); then the rules. `keep_same_sets`: a kept set whose netlink
+        dump holds exactly its members is not refilled. If anyone else committed meanwhile, that
+        is a race: the next attempt refills every kept set."""
         start = generation()
         before = decode.existing(nft.list_json(f"table {render.TABLE}", terse=True))
-        if keep_same_sets:
-            table = render.TABLE.split()[1]
-            before = dataclasses.replace(before, same_sets=tuple(
-                st.name for st in ruleset.sets
-                if st.name in before.sets and decode.holds_exactly(st, set_elements(table, st.name))))
+        table = render.TABLE.split()[1]
+        kept = [st for st in ruleset.sets if st.name in before.sets]
+        same = [st.name for st in kept if keep_same_sets and decode.holds_exactly(st, set_elements(table, st.name))]
+        refill = [(st.name, render.encoded_elements(st)) for st in kept if st.name not in same]
         new_sets = render.new_sets_script(ruleset, before)
         rules = render.rules_script(ruleset, before)  # rendered before any change: an unsupported rule changes nothing
         ours = 0
         try:
-            for script in (new_sets, rules):
-                if script:
-                    nft.run(script)
-                    ours += 1
+            if new_sets:
+                nft.run(new_sets)
+                ours += 1
+            if refill:
+                with SetRefill(table) as writer:
+                    writer.refill(refill)
+                ours += 1
+                log.info("sets_refilled", backend="nftables", sets=[name for name, _ in refill])
+                refill.clear()
+            if rules:
+                nft.run(rules)
+                ours += 1
         except NftablesError as exc:
             if (generation() - start) % 2**32 == ours:  # nobody else committed: this transaction is refused
                 raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
             return exc
-        if before.same_sets and (generation() - start) % 2**32 != ours:  # someone else committed too
-            return NftablesError(f"another commit between our read of set(s) {', '.join(before.same_sets)} "
+        if same and (generation() - start) % 2**32 != ours:  # someone else committed too
+            return NftablesError(f"another commit between our read of set(s) {', '.join(same)} "
                                  "and our transaction: refilled in the next")
         return None
 

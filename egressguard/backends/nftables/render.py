@@ -11,6 +11,7 @@ from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, fields
 
 from egressguard.backends import ANY_USER, u32
+from egressguard.backends.nftables.transport import address_elements, interval_elements
 from egressguard.errors import ApplyFailed
 from egressguard.ruleset import (
     CONFINED,
@@ -421,10 +422,13 @@ def learned_set_decl(st: LearnedSet) -> str:
     return f"add set {TABLE} {st.name} {{ type {typ}; flags timeout; }}"
 
 
-def fill_set(st: AddressSet) -> list[str]:
-    """`add element` for a kept set (its elements, none or all)."""
-    elems = _element_lines(st)
-    return [f"add element {TABLE} {st.name} {{ {elems} }}"] if elems else []
+def encoded_elements(st: AddressSet) -> list[bytes]:
+    """A kept set's elements as netlink attributes, for its refill (transport.SetRefill): the
+    elements `_elements` spells in text, encoded as nft encodes them."""
+    af, bits = _AF[st.family]
+    if hosts_only(st):
+        return address_elements(socket.inet_pton(af, m.rpartition("/")[0]) for m in st.members)
+    return interval_elements(bits // 8, *bounds(st))
 
 
 def _element_lines(st: AddressSet, per_line: int = 4096) -> str:
@@ -446,7 +450,6 @@ class Existing:
     chains: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
     stale_base_chains: tuple[str, ...] = ()  # base chains whose type, hook, priority or policy differ
-    same_sets: tuple[str, ...] = ()  # kept sets that hold exactly the ruleset's members already
 
 
 def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
@@ -466,7 +469,10 @@ def new_sets_script(ruleset: Ruleset, existing: Existing) -> str | None:
 
 def rules_script(ruleset: Ruleset, existing: Existing) -> str:
     """Transaction 2: the whole ruleset, both families. Table, chains and sets are kept and
-    refilled, never deleted and re-created (that refused connections to kept destinations)."""
+    refilled, never deleted and re-created (that refused connections to kept destinations). A kept
+    set is not in this script: a set is named after its members, so a kept one holds them already,
+    or was tampered with and is refilled in a transaction of its own before this one
+    (NftablesBackend._attempt, transport.SetRefill)."""
     if not any(t.chains for t in ruleset.tables):
         return f"delete table {TABLE}\n" if existing.table else ""
     wanted = chain_names(ruleset)
@@ -476,11 +482,6 @@ def rules_script(ruleset: Ruleset, existing: Existing) -> str:
     lines += [f"delete chain {TABLE} {c}" for c in existing.stale_base_chains]
     for name in wanted:
         lines.append(base_chain_decl(name) if name in BASE else f"add chain {TABLE} {name}")
-    for st in ruleset.sets:
-        # kept: refilled in place (repairs a tampered set), unless it holds exactly its members
-        if st.name in existing.sets and st.name not in existing.same_sets:
-            lines.append(f"flush set {TABLE} {st.name}")
-            lines += fill_set(st)
     for base in BASE:
         if base not in wanted:
             continue

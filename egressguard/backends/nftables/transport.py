@@ -8,8 +8,8 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Self
 
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
 
@@ -26,7 +26,11 @@ _NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS
 _NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END, _NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 0x10, 0x11, 12, 14
 _NLM_F_ACK, _NLM_F_CREATE, _NFPROTO_INET, _NLA_F_NESTED = 0x4, 0x400, 1, 0x8000
 _NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_TIMEOUT, _NFTA_DATA_VALUE = 1, 1, 4, 1
-_NFTA_SET_ELEM_EXPIRATION = 5
+_NFTA_SET_ELEM_EXPIRATION, _NFTA_SET_ELEM_FLAGS, _NFTA_SET_ELEM_USERDATA = 5, 3, 6
+_INTERVAL_END = struct.pack(">I", 1)  # NFT_SET_ELEM_INTERVAL_END
+_OPEN = bytes([1, 4, 1, 0, 0, 0])  # nft's element note NFTNL_UDATA_SET_ELEM_FLAGS: NFTNL_SET_ELEM_F_INTERVAL_OPEN
+_SO_SNDBUFFORCE, _SNDBUF = 32, 200_000  # a batch larger than the default send buffer (208 KiB) raises it (CAP_NET_ADMIN)
+_PER_MESSAGE = 1024  # elements per NEWSETELEM message: at most 40 bytes each (IPv6), far below 64 KiB
 _CHUNK = 512  # elements per transaction: ~120 bytes each (three messages), far below the 208 KiB send buffer
 
 # A read-back whose reads a commit changed in between (the generation id moved) is read again.
@@ -316,13 +320,9 @@ def _request(kind: int, flags: int, family: int = socket.AF_UNSPEC, attrs: bytes
                 at += (length + 3) & ~3
 
 
-class TimedElements:
-    """Adds (set, address, seconds) elements to timeout sets of one inet table, one transaction per
-    call, over a netlink socket kept open. Hand-written (NFT_MSG_NEWSETELEM/DELSETELEM in one
-    batch) because libnftables parses a script and fetches the table's sets before every
-    transaction: 0.10 ms per commit here against 0.02 ms (bench/RESULTS.md, run Q); pyroute2's
-    nftables module has no set elements. tests/test_nftables_elements.py checks the result against
-    `nft list set`."""
+class _Batches:
+    """nf_tables batches over a netlink socket kept open: each `_transaction` is one transaction
+    (every message or none), its messages acked one by one."""
 
     def __init__(self, table: str) -> None:
         self.table = table.encode() + b"\0"
@@ -337,43 +337,38 @@ class TimedElements:
     def close(self) -> None:
         self.sock.close()
 
-    def add(self, items: list[tuple[str, str, int]]) -> None:
-        """Each address in its set with its timeout: added, deleted and added again with the
-        timeout (a plain add of an element already there keeps its old timeout on kernels before
-        6.10; the transaction is atomic, so a packet never sees the address missing). One
-        transaction per _CHUNK elements, so a batch always fits the socket's send buffer."""
-        for at in range(0, len(items), _CHUNK):
-            self._transaction(items[at:at + _CHUNK])
+    def __enter__(self) -> Self:
+        return self
 
-    def _transaction(self, items: list[tuple[str, str, int]]) -> None:
-        by_set: dict[str, list[tuple[bytes, int]]] = {}
-        for name, addr, ttl in items:
-            packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
-            by_set.setdefault(name, []).append((packed, ttl))
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _transaction(self, parts: list[tuple[int, int, bytes]], what: str) -> None:
+        """One batch of (NFT_MSG_*, netlink flags, payload) messages to the inet family; `what`
+        names them in an error."""
         messages = [self._message(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES, b"")]
-        for name, elems in by_set.items():
-            head = _nla(_NFTA_SET_ELEM_LIST_TABLE, self.table) + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-            plain = [_nest(_NFTA_LIST_ELEM, _nest(_NFTA_SET_ELEM_KEY, _nla(_NFTA_DATA_VALUE, key))) for key, _ in elems]
-            timed = [_nest(_NFTA_LIST_ELEM, _nest(_NFTA_SET_ELEM_KEY, _nla(_NFTA_DATA_VALUE, key)),
-                           _nla(_NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", ttl * 1000))) for key, ttl in elems]
-            for kind, elements in ((_NFT_MSG_NEWSETELEM, plain), (_NFT_MSG_DELSETELEM, plain), (_NFT_MSG_NEWSETELEM, timed)):
-                messages.append(self._message(_NFNL_SUBSYS_NFTABLES << 8 | kind,
-                                              _NLM_F_REQUEST | _NLM_F_ACK | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0),
-                                              _NFPROTO_INET, 0, head + _nest(_NFTA_SET_ELEM_LIST_ELEMENTS, *elements)))
+        messages += [self._message(_NFNL_SUBSYS_NFTABLES << 8 | kind, _NLM_F_REQUEST | _NLM_F_ACK | flags,
+                                   _NFPROTO_INET, 0, payload) for kind, flags, payload in parts]
         messages.append(self._message(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES, b""))
         first, last = self.seq - len(messages) + 2, self.seq - 1  # the acked messages: all but begin and end
+        batch = b"".join(messages)
+        if len(batch) > _SNDBUF:  # one send is one batch: the buffer must hold it whole
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, len(batch))
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(batch))
         try:
-            self.sock.send(b"".join(messages))
-            self._acks(first, last)
+            self.sock.send(batch)
+            self._acks(first, last, what)
         except OSError as exc:
-            raise NftablesError(f"nftables: adding learned addresses failed: {exc.strerror or exc}") from None
+            raise NftablesError(f"nftables: writing {what} failed: {exc.strerror or exc}") from None
 
     def _message(self, kind: int, flags: int, family: int, res_id: int, payload: bytes) -> bytes:
         self.seq += 1
         return struct.pack("=IHHIIBBH", 20 + len(payload), kind, flags, self.seq, 0, family, 0,
                            socket.htons(res_id)) + payload
 
-    def _acks(self, first: int, last: int) -> None:
+    def _acks(self, first: int, last: int, what: str) -> None:
         """Wait for the ack of every message in [first, last]; the first error refuses the batch
         (the kernel then applied none of it)."""
         waiting = set(range(first, last + 1))
@@ -386,7 +381,7 @@ class TimedElements:
                     code = -struct.unpack_from("=i", data, at + 16)[0]
                     if code and seq in waiting:
                         self._drain()
-                        raise NftablesError(f"nftables: the kernel refused learned addresses: {os.strerror(code)}")
+                        raise NftablesError(f"nftables: the kernel refused {what}: {os.strerror(code)}")
                     waiting.discard(seq)
                 at += max(16, (length + 3) & ~3)
 
@@ -400,6 +395,92 @@ class TimedElements:
             pass
         finally:
             self.sock.settimeout(5)
+
+    def _head(self, name: str) -> bytes:
+        return _nla(_NFTA_SET_ELEM_LIST_TABLE, self.table) + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+
+
+class TimedElements(_Batches):
+    """Adds (set, address, seconds) elements to timeout sets of one inet table, one transaction per
+    call, over a netlink socket kept open. Hand-written (NFT_MSG_NEWSETELEM/DELSETELEM in one
+    batch) because libnftables parses a script and fetches the table's sets before every
+    transaction: 0.10 ms per commit here against 0.02 ms (bench/RESULTS.md, run Q); pyroute2's
+    nftables module has no set elements. tests/test_nftables_elements.py checks the result against
+    `nft list set`."""
+
+    def add(self, items: list[tuple[str, str, int]]) -> None:
+        """Each address in its set with its timeout: added, deleted and added again with the
+        timeout (a plain add of an element already there keeps its old timeout on kernels before
+        6.10; the transaction is atomic, so a packet never sees the address missing). One
+        transaction per _CHUNK elements, so a batch always fits the socket's send buffer."""
+        for at in range(0, len(items), _CHUNK):
+            self._add(items[at:at + _CHUNK])
+
+    def _add(self, items: list[tuple[str, str, int]]) -> None:
+        by_set: dict[str, list[tuple[bytes, int]]] = {}
+        for name, addr, ttl in items:
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+            by_set.setdefault(name, []).append((packed, ttl))
+        parts = []
+        for name, elems in by_set.items():
+            head = self._head(name)
+            plain = [_nest(_NFTA_LIST_ELEM, _key(key)) for key, _ in elems]
+            timed = [_nest(_NFTA_LIST_ELEM, _key(key), _nla(_NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", ttl * 1000)))
+                     for key, ttl in elems]
+            for kind, elements in ((_NFT_MSG_NEWSETELEM, plain), (_NFT_MSG_DELSETELEM, plain), (_NFT_MSG_NEWSETELEM, timed)):
+                parts.append((kind, _NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0,
+                              head + _nest(_NFTA_SET_ELEM_LIST_ELEMENTS, *elements)))
+        self._transaction(parts, "learned addresses")
+
+
+class SetRefill(_Batches):
+    """Empties sets of one inet table and fills each with its elements, all in one transaction
+    (NFT_MSG_DELSETELEM without elements is nft's `flush set`). Hand-written because libnftables
+    1.0.6 first fetches everything an interval set holds (its overlap check) and then parses the
+    script's elements: refilling 10,000 intervals peaked at 48.8 MiB against 37 MiB for a re-apply
+    that refills nothing (bench/RESULTS.md, run V). The elements are encoded as nft encodes them
+    (interval_elements, address_elements): tests/test_nftables_elements.py compares the bytes with
+    what `nft` sends and the kernel's dump with what it holds after nft's refill."""
+
+    def refill(self, sets: Sequence[tuple[str, Sequence[bytes]]]) -> None:
+        """(set name, its NFTA_LIST_ELEM attributes) for each set: flushed and filled in one batch."""
+        parts = []
+        for name, elements in sets:
+            head = self._head(name)
+            parts.append((_NFT_MSG_DELSETELEM, 0, head))
+            for at in range(0, len(elements), _PER_MESSAGE):  # an attribute holds at most 64 KiB
+                parts.append((_NFT_MSG_NEWSETELEM, _NLM_F_CREATE,
+                              head + _nest(_NFTA_SET_ELEM_LIST_ELEMENTS, *elements[at:at + _PER_MESSAGE])))
+        self._transaction(parts, f"the elements of set(s) {', '.join(name for name, _ in sets)}")
+
+
+def _key(packed: bytes) -> bytes:
+    return _nest(_NFTA_SET_ELEM_KEY, _nla(_NFTA_DATA_VALUE, packed))
+
+
+def address_elements(keys: Iterable[bytes]) -> list[bytes]:
+    """A set of addresses (no `flags interval`): one element per address, its key alone."""
+    return [_nest(_NFTA_LIST_ELEM, _key(k)) for k in keys]
+
+
+def interval_elements(width: int, starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    """An interval set's elements for sorted, disjoint, non-adjacent intervals [start, end] of
+    `width`-byte addresses, as nft 1.0.6 sends them: an interval end at address 0 first unless an
+    interval starts there, then each interval's start and its end one past its last address
+    (NFTA_SET_ELEM_FLAGS = NFT_SET_ELEM_INTERVAL_END, before the key), and for an interval that
+    reaches the top address no end, but nft's note on its start that it is open."""
+    out = []
+    end_flag = _nla(_NFTA_SET_ELEM_FLAGS, _INTERVAL_END)
+    top = (1 << width * 8) - 1
+    if starts and starts[0] != 0:
+        out.append(_nest(_NFTA_LIST_ELEM, end_flag, _key(bytes(width))))
+    for start, end in zip(starts, ends, strict=True):
+        if end == top:
+            out.append(_nest(_NFTA_LIST_ELEM, _key(start.to_bytes(width, "big")), _nla(_NFTA_SET_ELEM_USERDATA, _OPEN)))
+            break
+        out.append(_nest(_NFTA_LIST_ELEM, _key(start.to_bytes(width, "big"))))
+        out.append(_nest(_NFTA_LIST_ELEM, end_flag, _key((end + 1).to_bytes(width, "big"))))
+    return out
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
