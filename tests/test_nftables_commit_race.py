@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from egtraffic import FAST, dns_answered, reached, stopped
@@ -138,3 +139,48 @@ def test_a_transaction_the_kernel_refuses_is_not_retried(lab: Lab) -> None:
     assert len(human) == 1 and ("owned by another program" in human[0] or (
         "the kernel refused the transaction" in human[0] and "not permitted" in human[0])), human
     assert "inet egressguard" not in nft_tables(lab)  # the owner's table went with its socket
+
+
+def _listing_beside_a_writer() -> dict[str, Any]:
+    """A table of 3,000 rules listed by libnftables while tests/nft_race_writer.py commits without
+    pause in a table of its own: libnftables 1.0.6 reads its cache again, unbounded, whenever the
+    generation id moved while it read, so the listing never ends; Nft abandons it at the deadline
+    (shortened here to 2 s). Quiet before and after: the same listing completes."""
+    import time  # noqa: PLC0415
+
+    from egressguard.backends.nftables import transport  # noqa: PLC0415
+
+    transport.CALL_DEADLINE_S = 2.0
+    with transport.Nft() as nft:
+        nft.run("add table inet big\nadd chain inet big c\n" + "".join(
+            f"add rule inet big c ip daddr 192.0.2.{i % 250} tcp dport {i} counter accept\n" for i in range(3000)))
+        quiet = len(nft.list_json("table inet big"))
+    writer = subprocess.Popen([sys.executable, WRITER, "own", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        try:
+            with transport.Nft() as nft:
+                nft.list_json("table inet big")
+            busy = "listed"
+        except transport.NftablesBusy as exc:
+            busy = str(exc)
+        waited = time.monotonic() - started
+    finally:
+        assert writer.stdin is not None and writer.stdout is not None
+        writer.stdin.close()
+        landed = int(writer.stdout.read().split()[1])
+        writer.wait(timeout=30)
+    with transport.Nft() as nft:
+        after = len(nft.list_json("table inet big"))
+    return {"quiet": quiet, "busy": busy, "waited": waited, "landed": landed, "after": after}
+
+
+def test_a_listing_that_a_writer_keeps_restarting_is_abandoned_at_the_deadline_not_awaited_forever() -> None:
+    from test_nftables_plan import _in_fresh_netns  # noqa: PLC0415
+
+    got = _in_fresh_netns(_listing_beside_a_writer)
+    assert got["quiet"] == got["after"] == 3002, got  # table, chain, 3,000 rules
+    assert "did not finish in 2 s" in got["busy"] and "commits without pause" in got["busy"], got
+    assert 2.0 <= got["waited"] < 5.0, got
+    assert got["landed"] > 100, got

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Self
 
@@ -35,6 +36,12 @@ _CHUNK = 512  # elements per transaction: ~120 bytes each (three messages), far 
 
 # A read-back whose reads a commit changed in between (the generation id moved) is read again.
 READ_ATTEMPTS = 5
+# libnftables 1.0.6 reads the ruleset again, without a bound, whenever the generation id moved
+# while it read (its cache), so another program committing without pause in this namespace keeps
+# a listing or a commit reading forever: measured, an apply beside tests/nft_race_writer.py hung
+# in `list ruleset` until killed. A call still running after this long is abandoned (exit 4);
+# the largest measured call (10,000 elements) takes ~0.1 s.
+CALL_DEADLINE_S = 10.0
 
 _lib: Any = None
 _trim: Any = None
@@ -42,6 +49,10 @@ _trim: Any = None
 
 class NftablesError(ApplyFailed):
     """libnftables or the kernel refused a transaction (exit 4)."""
+
+
+class NftablesBusy(NftablesError):
+    """A libnftables call that did not return within CALL_DEADLINE_S (exit 4)."""
 
 
 class NftablesUnavailable(EnvironmentUnsupported):
@@ -101,12 +112,30 @@ class Nft:
         """Run `script` (nft syntax); its output. Raises NftablesError with nft's own message."""
         self.lib.nft_ctx_output_set_flags(self.ctx, (_OUTPUT_JSON if json_output else 0) | (_OUTPUT_TERSE if terse else 0))
         self.lib.nft_ctx_set_dry_run(self.ctx, dry_run)
-        rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
+        rc = self._call(script.encode())
         out = (self.lib.nft_ctx_get_output_buffer(self.ctx) or b"").decode(errors="replace")
         err = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace")
         if rc != 0:
             raise NftablesError(_first_error(err) or f"nft exited {rc}")
         return out
+
+    def _call(self, data: bytes) -> int:
+        """nft_run_cmd_from_buffer, abandoned after CALL_DEADLINE_S. ctypes releases the GIL for the
+        call, so it runs in a thread this one waits for; an abandoned call keeps its context (never
+        freed) and ends with the process. A commit abandoned this way may still land: it is this
+        run's ruleset or its lockdown, never less restrictive than what apply reports."""
+        done: list[int] = []
+        worker = threading.Thread(target=lambda: done.append(self.lib.nft_run_cmd_from_buffer(self.ctx, data)),
+                                  name="libnftables", daemon=True)
+        worker.start()
+        worker.join(CALL_DEADLINE_S)
+        if worker.is_alive():
+            self.ctx = None
+            raise NftablesBusy(f"nftables: libnftables did not finish in {CALL_DEADLINE_S:g} s: the ruleset changed "
+                               "under each of its reads (another program commits without pause in this namespace)")
+        if not done:
+            raise NftablesError("nftables: the libnftables call failed")
+        return done[0]
 
     def list_json(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
         """`list WHAT` as JSON objects (metainfo dropped); [] when WHAT does not exist. `terse`:
