@@ -292,7 +292,7 @@ def cold_start(runs: int) -> list[tuple[str, str, float, float | None, float | N
 # any apply on that back end, whatever the policy.
 _FLOOR = "import egressguard.cli, egressguard.apply, egressguard.policy, egressguard.logs as l; l._structlog(); "
 IMPORTS_FOR_APPLY = {
-    "nftables": _FLOOR + "import egressguard.backends.nftables as b; b.transport.load()",
+    "nftables": _FLOOR + "import egressguard.backends.nftables.backend, egressguard.backends.nftables.transport as t; t.load()",
     "iptables": _FLOOR + "import egressguard.backends.iptables.backend as b; b.import_iptc()",
 }
 

@@ -129,7 +129,7 @@ def _arm_common() -> None:
 def arm_nftables() -> None:
     import subprocess  # noqa: PLC0415
 
-    from egressguard.backends import nftables as nftb
+    from egressguard.backends.nftables import backend as nftb
     from egressguard.backends.nftables import render
     from egressguard.backends.nftables.transport import Nft
 

@@ -19,7 +19,7 @@ from egtraffic import FAST, dns_answered, reached, stopped
 from nftbed import nft_tables
 from test_faults import POLICY_A, POLICY_B
 
-from egressguard.backends.nftables import COMMIT_ATTEMPTS
+from egressguard.backends.nftables.backend import COMMIT_ATTEMPTS
 from egressguard.lab import RESOLVER_V4, Lab
 
 pytestmark = pytest.mark.netns

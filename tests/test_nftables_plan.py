@@ -136,7 +136,7 @@ def _in_fresh_netns(fn: Callable[[], Any]) -> Any:
 
 
 def _legacy_untouched() -> list[str]:
-    from egressguard.backends.nftables import legacy_tables_in_use  # noqa: PLC0415
+    from egressguard.backends.nftables.backend import legacy_tables_in_use  # noqa: PLC0415
 
     return legacy_tables_in_use()
 
@@ -167,7 +167,7 @@ def _rulesets(tmp: Path) -> dict[str, Any]:
 def test_every_golden_ruleset_reads_back_equal_from_the_kernel(tmp_path: Path) -> None:
     """One namespace, every ruleset in turn (so each is also a re-apply over another): the kernel's
     listing decodes to exactly the plan, and no legacy x_tables table is created on the way."""
-    from egressguard.backends.nftables import NftablesBackend  # noqa: PLC0415
+    from egressguard.backends.nftables.backend import NftablesBackend  # noqa: PLC0415
     from egressguard.verify import differences  # noqa: PLC0415
 
     rulesets = _rulesets(tmp_path)

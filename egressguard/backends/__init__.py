@@ -175,7 +175,7 @@ def select(requested: str | None = None) -> Backend:
     if name not in BACKEND_CHOICES:
         raise PolicyError(f"unknown back end {name!r} ({source}); choose one of {', '.join(BACKEND_CHOICES)}")
     if name == "nftables":
-        from egressguard.backends.nftables import NftablesBackend  # noqa: PLC0415
+        from egressguard.backends.nftables.backend import NftablesBackend  # noqa: PLC0415
 
         chosen: Backend = NftablesBackend()
         log.info("backend_selected", backend=chosen.name, requested=name, via=source)
@@ -186,7 +186,7 @@ def select(requested: str | None = None) -> Backend:
         chosen = IptablesBackend()
         log.info("backend_selected", backend=chosen.name, requested=name, via=source)
         return chosen
-    from egressguard.backends.nftables import NftablesBackend  # noqa: PLC0415
+    from egressguard.backends.nftables.backend import NftablesBackend  # noqa: PLC0415
 
     nft = NftablesBackend()
     try:

@@ -677,8 +677,14 @@ def _remove_nftables_table() -> None:
     falling back): its table goes once ours are in force, so one guard, this one, says what holds.
     Nothing to do where libnftables or nf_tables is missing: then no such table can exist."""
     from egressguard.backends.nftables import transport  # noqa: PLC0415
-    from egressguard.backends.nftables.render import TABLE  # noqa: PLC0415
 
+    TABLE = transport.TABLE  # noqa: N806
+    family, name = TABLE.split()
+    try:
+        if not any(t.family == family and t.name == name for t in transport.tables()):
+            return  # the usual case, told by one netlink dump: neither libnftables nor the renderer loaded
+    except transport.NftablesError:
+        pass  # not listable this way: libnftables decides, below
     try:
         with transport.Nft() as nft:
             if nft.list_json(f"table {TABLE}", terse=True):

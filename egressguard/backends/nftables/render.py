@@ -11,7 +11,7 @@ from collections.abc import Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, fields
 
 from egressguard.backends import ANY_USER, u32
-from egressguard.backends.nftables.transport import address_elements, interval_elements
+from egressguard.backends.nftables.transport import TABLE, address_elements, interval_elements
 from egressguard.errors import ApplyFailed
 from egressguard.ruleset import (
     CONFINED,
@@ -28,7 +28,6 @@ from egressguard.ruleset import (
     refuse_index,
 )
 
-TABLE = "inet egressguard"
 # Base chains: name -> spec. Priority 0 is iptables' filter. nat runs at -101, just before dstnat
 # (-100), where iptables' nat table and meshes' nat chains (Istio's `inet istio-proxy-nat`) hook:
 # the kernel asks nat chains in priority order until one maps the connection, so our `redirect`

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any, NamedTuple, Self
 from egressguard.errors import ApplyFailed, EnvironmentUnsupported
 
 LIBRARY = "libnftables.so.1"
+TABLE = "inet egressguard"  # the one table the nftables back end owns
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _OUTPUT_TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 _NETLINK_NETFILTER = 12
@@ -60,9 +60,12 @@ class NftablesUnavailable(EnvironmentUnsupported):
 
 
 def load() -> Any:
-    """The library, loaded once; a missing one is exit 3."""
+    """The library, loaded once; a missing one is exit 3. (ctypes is imported here: the netlink
+    calls below need none of it, and the iptables back end uses them alone.)"""
     global _lib
     if _lib is None:
+        import ctypes  # noqa: PLC0415
+
         try:
             lib = ctypes.CDLL(LIBRARY, use_errno=True)
         except OSError as exc:
@@ -207,6 +210,8 @@ def _release_freed() -> None:
     a 10,000-element commit leaves ~8 MiB there that apply's read-back would otherwise add to."""
     global _trim
     if _trim is None:
+        import ctypes  # noqa: PLC0415
+
         _trim = getattr(ctypes.CDLL(None), "malloc_trim", False)  # glibc only
     if _trim:
         _trim(0)
