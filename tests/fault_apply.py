@@ -131,7 +131,7 @@ def arm_nftables() -> None:
 
     from egressguard.backends.nftables import backend as nftb
     from egressguard.backends.nftables import render
-    from egressguard.backends.nftables.transport import Nft
+    from egressguard.backends.nftables.transport import Nft, SetRefill
 
     kind: dict[str, str | None] = {"now": "?", "sets": None}
     race = os.environ.get("EG_NFT_RACE", "0")
@@ -182,6 +182,14 @@ def arm_nftables() -> None:
         return out
 
     Nft.run, Nft.list_json = wrapped_run, wrapped_list  # type: ignore[method-assign]
+    refill = SetRefill.refill
+
+    def wrapped_refill(self, sets):  # type: ignore[no-untyped-def]
+        hit(f"{kind['now']}:refill:before")
+        refill(self, sets)
+        hit(f"{kind['now']}:refill:after")
+
+    SetRefill.refill = wrapped_refill  # type: ignore[method-assign]
     read = nftb.NftablesBackend.read
 
     def wrapped_read(self, expect=(), want=None):  # type: ignore[no-untyped-def]

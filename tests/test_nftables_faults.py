@@ -8,6 +8,7 @@ reaches it in the same run), and a re-apply restores exactly the policy."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -316,6 +317,55 @@ def test_named_kills_covered_every_window(figures: list[str]) -> None:
     figures.append(f"nftables named-point kills per window: {_windows}, {_named_escapes[0]} escapes")
     assert all(n >= MIN_NAMED_PER_WINDOW for n in _windows.values()), _windows
     assert _named_escapes[0] == 0
+
+
+REPAIR_PATH = ("fence:lower:before", "fence:lower:after", "resolve", "policy:start", "policy:read",
+               "policy:refill:before", "policy:refill:after", "policy:rules:before", "policy:rules:after", *_TAIL)
+TAMPERED = "198.18.3.5"  # one of B's set members, deleted by hand before each re-apply
+
+
+def _tampered(named: NamedBed) -> str:
+    """B applied, then one element of its set deleted by hand; the set's name."""
+    _applied(named, "B")
+    sets, _ = _blocks(named.table())
+    (name,) = [n for n, block in sets.items() if re.search(rf"\b{re.escape(TAMPERED)}\b", block)]
+    done = named.lab.in_pod("nft", "delete", "element", "inet", "egressguard", name, f"{{ {TAMPERED} }}")
+    assert done.returncode == 0, done.stderr
+    return name
+
+
+def test_sigkill_at_every_named_point_of_a_tampered_sets_repair(named: NamedBed, figures: list[str]) -> None:
+    """A re-apply of B after one element of its set was deleted by hand: the set is flushed and
+    refilled in a netlink transaction of its own (transport.SetRefill), before the rules'. Killed at
+    any point, the table holds B's rules with the set as it was tampered (before the refill landed) or
+    whole (after), each other set whole, and nothing reaches the world; a re-apply restores B."""
+    name = _tampered(named)
+    path = named.trace("B")
+    assert path == REPAIR_PATH, path
+    assert _blocks(named.table()) == _blocks(named.ref["B"])  # the unarmed re-apply repaired it
+    want_sets, want_chains = _blocks(named.ref["B"])
+    tally = {"tampered": 0, "repaired": 0}
+    for at, point in enumerate(path):
+        _tampered(named)
+        tampered_sets, _ = _blocks(named.table())
+        fired = named.lab.workdir / "fired"
+        fired.unlink(missing_ok=True)
+        done = named.run("B", point, env={"EG_FAULT_FIRED": str(fired)})
+        assert fired.read_text() == point and done.returncode == -signal.SIGKILL, (point, done.stderr[-500:])
+        sets, chains = _blocks(named.table())
+        what = f"re-apply of B over its tampered set, killed at {point}"
+        assert chains == want_chains, f"{what}: B's rules are not whole"
+        landed = at >= path.index("policy:refill:after")
+        assert sets == (want_sets if landed else tampered_sets), f"{what}: set {name} is neither as tampered nor whole"
+        tally["repaired" if landed else "tampered"] += 1
+        leaks = named.escapes()
+        assert not leaks, f"{what}: {leaks}"
+        repaired = named.run("B")
+        assert repaired.returncode == 0, f"{what}: re-apply failed: {repaired.stderr[-800:]}"
+        assert _blocks(named.table()) == (want_sets, want_chains), f"{what}: the re-apply did not restore B"
+    assert tally["tampered"] >= 5 and tally["repaired"] >= 5, tally
+    figures.append(f"nftables repair of a tampered set: SIGKILL at {len(path)} named points, left {tally}, "
+                   "no escape, each repaired by a re-apply")
 
 
 def _legacy_guarded_families(lab: Lab) -> set[int]:
