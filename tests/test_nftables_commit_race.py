@@ -184,3 +184,46 @@ def test_a_listing_that_a_writer_keeps_restarting_is_abandoned_at_the_deadline_n
     assert "did not finish in 2 s" in got["busy"] and "commits without pause" in got["busy"], got
     assert 2.0 <= got["waited"] < 5.0, got
     assert got["landed"] > 100, got
+
+
+def _commit_whose_transaction_is_abandoned() -> dict[str, Any]:
+    """NftablesBackend.commit while a writer commits without pause in its own table (so the
+    generation id always moved: a refusal would read as a race) and every commit script's
+    libnftables call is abandoned at its deadline (stood in for by raising NftablesBusy, as Nft
+    does when its deadline passes): the abandoned call ends the commit at once, it is not retried."""
+    from egressguard.backends.nftables import transport  # noqa: PLC0415
+    from egressguard.backends.nftables.backend import NftablesBackend  # noqa: PLC0415
+    from egressguard.policy import DEFAULT_POLICY, validate  # noqa: PLC0415
+    from egressguard.ruleset import Facts, build  # noqa: PLC0415
+
+    scripts: list[str] = []
+    run = transport.Nft.run
+
+    def abandoned(self: Any, script: str, **kw: Any) -> str:
+        if kw.get("json_output") or kw.get("dry_run"):
+            return run(self, script, **kw)
+        scripts.append(script)
+        raise transport.NftablesBusy("nftables: libnftables did not finish in 10 s (stand-in)")
+
+    transport.Nft.run = abandoned  # type: ignore[method-assign]
+    writer = subprocess.Popen([sys.executable, WRITER, "own", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        try:
+            NftablesBackend().commit(build(validate(DEFAULT_POLICY), Facts(), lockdown=True, orig_sets=True))
+            raised = ""
+        except transport.NftablesBusy as exc:
+            raised = str(exc)
+    finally:
+        assert writer.stdin is not None and writer.stdout is not None
+        writer.stdin.close()
+        landed = int(writer.stdout.read().split()[1])
+        writer.wait(timeout=30)
+    return {"raised": raised, "attempts": len(scripts), "landed": landed}
+
+
+def test_an_abandoned_libnftables_call_ends_the_commit_and_is_not_retried_as_a_race() -> None:
+    from test_nftables_plan import _in_fresh_netns  # noqa: PLC0415
+
+    got = _in_fresh_netns(_commit_whose_transaction_is_abandoned)
+    assert "did not finish" in got["raised"] and got["attempts"] == 1 and got["landed"] > 0, got

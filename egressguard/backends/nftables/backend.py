@@ -9,6 +9,7 @@ from egressguard.backends import Backend, Installed
 from egressguard.backends.nftables import decode, render
 from egressguard.backends.nftables.transport import (
     Nft,
+    NftablesBusy,
     NftablesError,
     NftablesUnavailable,
     SetRefill,
@@ -112,6 +113,8 @@ class NftablesBackend(Backend):
             if rules:
                 nft.run(rules)
                 ours += 1
+        except NftablesBusy:
+            raise  # abandoned after its deadline: another attempt would wait as long again
         except NftablesError as exc:
             if (generation() - start) % 2**32 == ours:  # nobody else committed: this transaction is refused
                 raise NftablesError(f"nftables: the kernel refused the transaction: {exc}") from None
