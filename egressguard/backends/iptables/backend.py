@@ -678,8 +678,8 @@ def _remove_nftables_table() -> None:
     Nothing to do where libnftables or nf_tables is missing: then no such table can exist."""
     from egressguard.backends.nftables import transport  # noqa: PLC0415
 
-    TABLE = transport.TABLE  # noqa: N806
-    family, name = TABLE.split()
+    table = transport.TABLE
+    family, name = table.split()
     try:
         if not any(t.family == family and t.name == name for t in transport.tables()):
             return  # the usual case, told by one netlink dump: neither libnftables nor the renderer loaded
@@ -687,13 +687,13 @@ def _remove_nftables_table() -> None:
         pass  # not listable this way: libnftables decides, below
     try:
         with transport.Nft() as nft:
-            if nft.list_json(f"table {TABLE}", terse=True):
-                nft.run(f"delete table {TABLE}")
-                log.info("nftables_table_removed", table=TABLE)
+            if nft.list_json(f"table {table}", terse=True):
+                nft.run(f"delete table {table}")
+                log.info("nftables_table_removed", table=table)
     except (transport.NftablesUnavailable, OSError):
         return
     except transport.NftablesError as exc:
-        raise ApplyFailed(f"could not remove the nftables back end's table {TABLE}: {exc}") from None
+        raise ApplyFailed(f"could not remove the nftables back end's table {table}: {exc}") from None
 
 
 def tables_in_use(family: Family) -> set[str] | None:

@@ -109,7 +109,7 @@ class NftablesBackend(Backend):
                     writer.refill(refill)
                 ours += 1
                 log.info("sets_refilled", backend="nftables", sets=[name for name, _ in refill])
-                refill.clear()
+                refill.clear()  # their encoded elements (~1 MiB for 10,000 intervals), freed before the rules' commit
             if rules:
                 nft.run(rules)
                 ours += 1

@@ -281,7 +281,7 @@ def set_elements(table: str, name: str) -> list[bytes] | None:
     (NFT_MSG_GETSETELEM): libnftables lists 10,000 elements as JSON in ~60 ms and ~14 MiB, this
     dump and its decoding in ~20 ms and under 1 MiB (bench/RESULTS.md, run S); pyroute2's import
     alone costs ~0.1 s, and libnftnl through ctypes would be several foreign calls per element."""
-    attrs = _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
+    attrs = _set_head(table, name)
     try:
         answer = _request(_NFT_MSG_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, _NFPROTO_INET, attrs)
     except FileNotFoundError:
@@ -359,7 +359,7 @@ class _Batches:
     (every message or none), its messages acked one by one."""
 
     def __init__(self, table: str) -> None:
-        self.table = table.encode() + b"\0"
+        self.table = table
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
         except OSError as exc:
@@ -430,9 +430,6 @@ class _Batches:
         finally:
             self.sock.settimeout(5)
 
-    def _head(self, name: str) -> bytes:
-        return _nla(_NFTA_SET_ELEM_LIST_TABLE, self.table) + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-
 
 class TimedElements(_Batches):
     """Adds (set, address, seconds) elements to timeout sets of one inet table, one transaction per
@@ -457,8 +454,8 @@ class TimedElements(_Batches):
             by_set.setdefault(name, []).append((packed, ttl))
         parts = []
         for name, elems in by_set.items():
-            head = self._head(name)
-            plain = [_nest(_NFTA_LIST_ELEM, _key(key)) for key, _ in elems]
+            head = _set_head(self.table, name)
+            plain = address_elements(key for key, _ in elems)
             timed = [_nest(_NFTA_LIST_ELEM, _key(key), _nla(_NFTA_SET_ELEM_TIMEOUT, struct.pack(">Q", ttl * 1000)))
                      for key, ttl in elems]
             for kind, elements in ((_NFT_MSG_NEWSETELEM, plain), (_NFT_MSG_DELSETELEM, plain), (_NFT_MSG_NEWSETELEM, timed)):
@@ -480,12 +477,17 @@ class SetRefill(_Batches):
         """(set name, its NFTA_LIST_ELEM attributes) for each set: flushed and filled in one batch."""
         parts = []
         for name, elements in sets:
-            head = self._head(name)
+            head = _set_head(self.table, name)
             parts.append((_NFT_MSG_DELSETELEM, 0, head))
             for at in range(0, len(elements), _PER_MESSAGE):  # an attribute holds at most 64 KiB
                 parts.append((_NFT_MSG_NEWSETELEM, _NLM_F_CREATE,
                               head + _nest(_NFTA_SET_ELEM_LIST_ELEMENTS, *elements[at:at + _PER_MESSAGE])))
         self._transaction(parts, f"the elements of set(s) {', '.join(name for name, _ in sets)}")
+
+
+def _set_head(table: str, name: str) -> bytes:
+    """The attributes naming set `name` of inet `table`, ahead of its elements in a set-element message."""
+    return _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0") + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
 
 
 def _key(packed: bytes) -> bytes:
