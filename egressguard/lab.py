@@ -1020,6 +1020,7 @@ class Lab:
         """`world_received` for several (proto, port) pairs, read in one listing per family."""
         pairs = sorted(set(wanted))
         devs = devices or self.world_ifaces
+        self._world_connections_settled()
         total = dict.fromkeys(pairs, 0)
         for tool in ("iptables-legacy", "ip6tables-legacy") if pairs else ():
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
@@ -1040,6 +1041,21 @@ class Lab:
                         if line.rstrip().endswith(f"{proto} dpt:{port}"):  # not dpt:2200 for 22
                             total[(proto, port)] += int(fields[0])
         return total
+
+    def _world_connections_settled(self, within: float = 2.0) -> None:
+        """Wait (at most `within` seconds) until no connection to a world listener is still opening
+        or closing. An answered probe's client returns once it has the banner; its last ACK or FIN may
+        still be on its way through the link and would be counted in the next window (read as a
+        blocked probe's packet). A world listener sends its banner and closes, so every connection
+        to one ends in TIME-WAIT (or is gone) once the client's last packet has arrived. Half-open
+        ones (SYN-RECV) are not waited for: an answered probe's handshake is over before its answer,
+        and a forged SYN's half-open connection lasts until the world gives up on it."""
+        ports = " or ".join(f"sport = :{p}" for p in WORLD_TCP_PORTS)
+        deadline = time.monotonic() + within
+        while _sh("ss", "-N", self.world, "-Htn", "state", "all", "exclude", "listening", "exclude", "time-wait",
+                  "exclude", "syn-recv",
+                  f"( {ports} )").stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def world_mac(self, second: bool = False) -> str:
         dev = SECOND_WORLD_IFACE if second else WORLD_IFACE

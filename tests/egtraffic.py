@@ -74,7 +74,8 @@ def stopped(lab: Lab, op: str, *args: Any, verdict: str = "refused", uid: int = 
     get `verdict` (refused: an immediate error within 0.5 s; silence: a timeout). For TCP and UDP to a
     world host the client's error is not the proof: not one of `uid`'s packets may arrive on the
     world's side of the pod's links (counted there, where the control's arrival shows the counter
-    sees this port). Returns `uid`'s result."""
+    sees this port; each count waits until the control's connection has ended, so its last packet is
+    not taken for `uid`'s). Returns `uid`'s result."""
     port = world_port(op, args)
     before = lab.world_received(*port) if port else 0
     control = lab.probe(op, *args, uid=control_uid, timeout=timeout, **kwargs)

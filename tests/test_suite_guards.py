@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,36 @@ def test_the_topology_scan_sees_a_suite_that_runs_only_on_eth0(tmp_path: Path) -
     assert OWN_IFACE.search('Lab(iface="net1")') and OWN_IFACE.search('{"iface": "tun0"}')
     assert OWN_IFACE.search("Lab(prefix='egf', iface=name)")
     assert not OWN_IFACE.search('Lab(iface="eth0")') and not OWN_IFACE.search('{"iface": "eth0"}')
+
+
+# -- the world's packet counter --------------------------------------------------------------------
+# `stopped` judges a blocked probe by the world's count of packets to its port between the control's
+# answer and the blocked probe's end. An answered connection's last packet (the client's FIN, or its
+# ACK of the world's FIN) can still be on its way when the client returns: a CI run counted one such
+# packet as the confined uid's. The count is read only once every answered connection has ended.
+
+
+@pytest.mark.netns
+def test_a_world_count_is_read_after_an_answered_connections_last_packet_has_arrived() -> None:
+    """An exempt connection to a world banner port is held open after the world has closed its side
+    and is ended 0.3 s later (its last packet then goes out): a count read meanwhile waits for that
+    packet, and a later count finds nothing more."""
+    from egressguard.lab import EXEMPT, WORLD_HOSTS_V4, Lab  # noqa: PLC0415
+
+    with Lab(prefix="egs", iface="net1") as lab:
+        host = WORLD_HOSTS_V4[0]
+        before = lab.world_received("tcp", 5000)  # the counting rule exists before the connection
+        held = lab.hold_tcp(host, 5000, uid=EXEMPT)
+        assert held.opened.ok, held.opened
+        closer = threading.Timer(0.3, held.close)
+        started = time.monotonic()
+        closer.start()
+        try:
+            counted = lab.world_received("tcp", 5000)
+            waited = time.monotonic() - started
+        finally:
+            closer.join()
+        assert counted > before, "the held connection's packets were not counted"
+        time.sleep(0.3)
+        assert lab.world_received("tcp", 5000) == counted, "the held connection's last packet came after the count"
+        assert waited >= 0.25, f"the count did not wait for the held connection ({waited:.2f} s)"
