@@ -3,6 +3,7 @@ IPv6 disabled, and a pod with the kernel's default ping_group_range (as Kubernet
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -118,19 +119,71 @@ def test_an_ipv6_disabled_pod_is_guarded_and_stays_guarded_when_ipv6_comes_back(
         applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]},
                                    {"cidr": "2001:db8:2::10/128", "ports": [22]}]))
         assert reached(lab.tcp("203.0.113.10", 22, timeout=FAST), "203.0.113.10")
-        assert refused_fast(lab.tcp("203.0.113.11", 22, timeout=FAST))
-        assert reached(lab.tcp("203.0.113.11", 22, uid=EXEMPT, timeout=FAST), "203.0.113.11")
+        stopped(lab, "tcp", "203.0.113.11", 22)
         assert lab.tcp("2001:db8:2::11", 22, uid=EXEMPT, timeout=FAST).outcome == "unreachable"  # no IPv6 at all
 
         lab.in_pod("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0", f"net.ipv6.conf.{lab.iface}.disable_ipv6=0",
                    "net.ipv6.conf.lo.disable_ipv6=0", check=True)
         lab.in_pod("ip", "addr", "add", f"{POD_V6}/64", "dev", lab.iface, "nodad", check=True)
         lab.in_pod("ip", "-6", "route", "add", "default", "via", WORLD_V6, check=True)
-        control = lab.tcp("2001:db8:2::11", 22, uid=EXEMPT, timeout=2.0)
+        control = lab.tcp("2001:db8:2::11", 22, uid=EXEMPT, timeout=2.0)  # the link is up again
         assert reached(control, "2001:db8:2::11"), control
-        assert refused_fast(lab.tcp("2001:db8:2::11", 22, timeout=FAST))
+        stopped(lab, "tcp", "2001:db8:2::11", 22)
         assert reached(lab.tcp("2001:db8:2::10", 22, timeout=FAST), "2001:db8:2::10")
         assert lab.egressguard("verify", "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
+
+
+# -- a link that comes after the guard ------------------------------------------------------------
+
+LATE_POD, LATE_WORLD = "wg0", "eth7w"  # a VPN sidecar's link, or a CNI's that came late
+LATE_ADDRS = {4: ("198.18.7.2", "198.18.7.1", 24), 6: ("2001:db8:7::2", "2001:db8:7::1", 64)}
+LATE_ALLOWED = {4: "203.0.113.10", 6: "2001:db8:2::10"}
+LATE_REFUSED = {4: "203.0.113.11", 6: "2001:db8:2::11"}
+
+
+def _add_late_link(lab: Lab) -> None:
+    """A link from the pod to the world made after apply, carrying the routes to LATE_ALLOWED and
+    LATE_REFUSED (both families)."""
+    def ip(netns: str, *argv: str) -> None:
+        subprocess.run(["ip", "-n", netns, *argv], check=True, capture_output=True, text=True)
+
+    ip(lab.pod, "link", "add", LATE_POD, "type", "veth", "peer", "name", LATE_WORLD, "netns", lab.world)
+    for family, (pod_addr, world_addr, bits) in LATE_ADDRS.items():
+        nodad = ("nodad",) if family == 6 else ()
+        ip(lab.pod, "addr", "add", f"{pod_addr}/{bits}", "dev", LATE_POD, *nodad)
+        ip(lab.world, "addr", "add", f"{world_addr}/{bits}", "dev", LATE_WORLD, *nodad)
+    ip(lab.pod, "link", "set", LATE_POD, "up")
+    ip(lab.world, "link", "set", LATE_WORLD, "up")
+    for family in (4, 6):
+        for host in (LATE_ALLOWED[family], LATE_REFUSED[family]):
+            ip(lab.pod, f"-{family}", "route", "replace", host, "via", LATE_ADDRS[family][1], "dev", LATE_POD)
+            route = lab.in_pod("ip", "route", "get", host).stdout
+            assert f"dev {LATE_POD} " in route, route  # the lab really routes it out of the new link
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_link_added_after_apply_is_guarded_from_its_first_packet(backend: str) -> None:
+    """The rules name no interface but lo, so what leaves by a link that did not exist when the policy
+    was applied is judged as on any other: not one of the confined uid's packets to a refused host
+    arrives at the new link's far end, while the exempt uid's do and an allowed host answers."""
+    with Lab(iface="eth0") as lab:
+        applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]},
+                                   {"cidr": "2001:db8:2::10/128", "ports": [22]}]), "--backend", backend)
+        _add_late_link(lab)
+        for family in (4, 6):
+            refused, allowed = LATE_REFUSED[family], LATE_ALLOWED[family]
+            for _ in range(50):  # neighbour discovery on the new link
+                if reached(lab.tcp(refused, 22, uid=EXEMPT, timeout=0.5), refused):
+                    break
+            before = lab.world_received("tcp", 22, devices=(LATE_WORLD,))
+            got = lab.tcp(refused, 22, timeout=FAST)
+            assert refused_fast(got), got
+            mid = lab.world_received("tcp", 22, devices=(LATE_WORLD,))
+            assert mid == before, f"{mid - before} of the confined uid's packets to {refused} reached the new link's end"
+            assert reached(lab.tcp(refused, 22, uid=EXEMPT, timeout=FAST), refused)
+            assert lab.world_received("tcp", 22, devices=(LATE_WORLD,)) > mid  # the counter sees this link
+            assert reached(lab.tcp(allowed, 22, timeout=FAST), allowed)
+        assert lab.egressguard("verify", "--backend", backend, "--policy", str(lab.workdir / "policy.yaml")).returncode == 0
 
 
 # -- the kernel's default ping_group_range --------------------------------------------------------
