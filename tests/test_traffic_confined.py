@@ -227,9 +227,18 @@ def _everything(family: int) -> list[tuple[str, tuple[object, ...], dict[str, ob
 @FAMILIES
 @pytest.mark.parametrize("uid", [EXEMPT, ROOT], ids=["exempt-1001", "root-not-listed"])
 def test_unconfined_uid_reaches_everything_the_confined_uid_may_not(lab: Lab, family: int, uid: int) -> None:
+    """Each probe is blocked for the confined uid, judged where the world receives too (TCP, UDP and
+    DNS by port: not one of its packets arrives), and answered for `uid`, whose packets the same
+    counters see."""
     probes = _everything(family)
+    counted = [("tcp", 22), ("tcp", 5000), ("tcp", 443), ("udp", 9999), ("udp", 53), ("tcp", 53)]
+    before = lab.world_counts(counted)
+    confined = lab.batch(probes, uid=CONFINED, each=FAST)
+    assert all(r.blocked for r in confined), [(p, str(r)) for p, r in zip(probes, confined, strict=True) if not r.blocked]
+    mid = lab.world_counts(counted)
+    assert mid == before, {k: mid[k] - before[k] for k in counted if mid[k] != before[k]}
     results = lab.batch(probes, uid=uid, each=FAST)
     failed = [(p, str(r)) for p, r in zip(probes, results, strict=True) if not r.ok]
     assert not failed
-    confined = lab.batch(probes, uid=CONFINED, each=FAST)
-    assert all(r.blocked for r in confined), [(p, str(r)) for p, r in zip(probes, confined, strict=True) if not r.blocked]
+    after = lab.world_counts(counted)
+    assert all(after[k] > mid[k] for k in counted), {k: after[k] - mid[k] for k in counted}

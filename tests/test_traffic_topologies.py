@@ -105,8 +105,12 @@ def test_nothing_a_confined_uid_sends_by_the_second_link_arrives_there(two_links
 
 def test_confined_ipv6_to_the_second_links_own_neighbours_is_refused(two_links: Lab) -> None:
     ll = two_links.world_link_local(second=True)
+    before = _second_link_packets(two_links, "tcp", 22)
     assert refused_fast(two_links.tcp(ll, 22, timeout=FAST))
+    mid = _second_link_packets(two_links, "tcp", 22)
+    assert mid == before, "a confined packet to the second link's neighbour arrived there"
     assert two_links.tcp(ll, 22, uid=EXEMPT, timeout=FAST).ok
+    assert _second_link_packets(two_links, "tcp", 22) > mid  # the counter sees the control
 
 
 # -- IPv6 disabled in the pod ---------------------------------------------------------------------
