@@ -20,7 +20,7 @@ from egressguard import policy as policy_mod
 from egressguard import status as status_mod
 from egressguard._version import __version__
 from egressguard.backends import Backend
-from egressguard.errors import ApplyFailed, EgressGuardError, EnvironmentUnsupported, PolicyError, VerifyFailed
+from egressguard.errors import ApplyFailed, EgressGuardError, VerifyFailed
 from egressguard.policy import Policy
 from egressguard.ruleset import FAMILIES, Facts, Ruleset, Table, build, hosts_of
 from egressguard.verify import differences
@@ -99,28 +99,13 @@ class Outcome:
 # registers netdev_max_backlog and the rest of net_core_table for init_net alone, and /proc/sys/net
 # shows the namespace of the process that reads it.
 INIT_NAMESPACE_ONLY = Path("/proc/sys/net/core/netdev_max_backlog")
-HOST_NAMESPACE_ENV = "EGRESSGUARD_HOST_NAMESPACE"
 
 
 def in_initial_namespace() -> bool:
-    """This process is in the machine's own network namespace (docker run --network host, a pod with
-    hostNetwork: true), not a container's or pod's. Unknown (no /proc/sys) reads as not."""
+    """This process is in its machine's own network namespace: a VM-isolated pod's (Kata and
+    Firecracker run a pod's containers in the guest's), or a container given the host's
+    (docker run --network host, hostNetwork: true). Unknown (no /proc/sys) reads as not."""
     return INIT_NAMESPACE_ONLY.exists()
-
-
-def refuse_host_namespace(option: bool) -> None:
-    """Exit 3, before a back end is chosen (nothing changed), in the machine's own network namespace
-    unless --host-namespace (`option`) or $EGRESSGUARD_HOST_NAMESPACE=1 (the Docker entrypoint takes
-    no option) says to guard it; exit 2 for another value of the variable."""
-    value = os.environ.get(HOST_NAMESPACE_ENV, "")
-    if value not in ("", "0", "1"):
-        raise PolicyError(f"{HOST_NAMESPACE_ENV}={value!r}: expected 1 (guard the machine's own namespace) or 0")
-    if not (option or value == "1") and in_initial_namespace():
-        raise EnvironmentUnsupported(
-            "this is the machine's own network namespace (docker run --network host, or a pod with "
-            "hostNetwork: true), not a container's or pod's: the policy would confine the machine's "
-            "processes and outlive the container; nothing was changed (to guard this namespace anyway, "
-            f"e.g. inside a microVM, pass --host-namespace or set {HOST_NAMESPACE_ENV}=1)")
 
 
 def _netns_id() -> str | None:
@@ -155,6 +140,12 @@ def apply(
                   dns_mode=policy.dns.mode)
     clock = _Clock(out.timings_ms)
     with clock("preflight"):
+        if in_initial_namespace():
+            # Not refused: a VM-isolated pod's containers run in the guest's own namespace.
+            log.warning("initial_network_namespace", effect="the policy confines every process of this machine "
+                        "that runs as a confined uid, and stays after the container ends",
+                        hint="on a shared host (docker run --network host, hostNetwork: true) give the container "
+                        "a network namespace of its own")
         backend.preflight()  # exit 3 before any change
         out.resolvers = facts_mod.resolvers_for(policy, resolv_conf)
         if policy.dns.resolvers == "auto" and not out.resolvers:

@@ -60,13 +60,6 @@ def _apply_args(sp: argparse.ArgumentParser) -> None:
     _policy_args(sp)
     _status_arg(sp)
     sp.add_argument("--no-status", action="store_true", help="do not write a status file")
-    _host_namespace_arg(sp)
-
-
-def _host_namespace_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--host-namespace", action="store_true",
-                    help="guard the machine's own network namespace too (refused otherwise: exit 3); "
-                    "also $EGRESSGUARD_HOST_NAMESPACE=1")
 
 
 def _verify_args(sp: argparse.ArgumentParser) -> None:
@@ -98,7 +91,6 @@ def _run_args(sp: argparse.ArgumentParser) -> None:
     _backend_arg(sp)
     _policy_args(sp)
     _status_arg(sp)
-    _host_namespace_arg(sp)
     sp.add_argument("--user", default="sandbox", help="user to run CMD as (default: %(default)s)")
     sp.add_argument("--watch-user", default=None, help="user `egressguard watch` runs as beside CMD when the "
                     "policy logs refusals (default: nobody)")
@@ -229,7 +221,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from egressguard import apply as apply_mod  # noqa: PLC0415
 
     loaded = _load(args)
-    apply_mod.refuse_host_namespace(args.host_namespace)
     out = apply_mod.apply(loaded.policy, loaded.source, _backend(args), None if args.no_status else args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,

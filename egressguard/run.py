@@ -33,7 +33,6 @@ def main(args: argparse.Namespace) -> int:
     from egressguard import apply as apply_mod  # noqa: PLC0415 - loads python-iptables
     from egressguard.backends import select  # noqa: PLC0415
 
-    apply_mod.refuse_host_namespace(getattr(args, "host_namespace", False))
     out = apply_mod.apply(loaded.policy, loaded.source, select(getattr(args, "backend", None)), args.status_file,
                           resolv_conf=args.resolv_conf)
     log.info("policy_applied", policy_digest=out.policy_digest, source=out.source,
