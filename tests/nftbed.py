@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,11 +29,25 @@ def nft_tables(lab: Lab) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def nftables_backend(module_lab: Lab) -> Iterator[None]:
-    saved = os.environ.get("EGRESSGUARD_BACKEND")
-    os.environ["EGRESSGUARD_BACKEND"] = "nftables"
-    try:
+    with backend_env("nftables"):
         yield
         assert legacy_tables(module_lab) == [], "the nftables back end touched legacy x_tables"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nftables_env() -> Iterator[None]:
+    """EGRESSGUARD_BACKEND=nftables for a module whose pods are its own fixtures' (not `module_lab`):
+    those fixtures check the back end themselves."""
+    with backend_env("nftables"):
+        yield
+
+
+@contextmanager
+def backend_env(name: str) -> Iterator[None]:
+    saved = os.environ.get("EGRESSGUARD_BACKEND")
+    os.environ["EGRESSGUARD_BACKEND"] = name
+    try:
+        yield
     finally:
         if saved is None:
             os.environ.pop("EGRESSGUARD_BACKEND", None)

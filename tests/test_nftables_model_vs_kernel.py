@@ -3,12 +3,11 @@ the kernel's verdict (judged at the world's end for refusals) against the indepe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import test_model_vs_kernel as suite
-from nftbed import nft_tables
+from nftbed import backend_env, nft_tables
 from test_model_vs_kernel import *  # noqa: F403 - the suite's tests, collected again here
 
 from egressguard.lab import Lab
@@ -17,16 +16,9 @@ from egressguard.lab import Lab
 @pytest.fixture(scope="module", autouse=True)
 def nftables_backend(figures: list[str]) -> Iterator[None]:
     """EGRESSGUARD_BACKEND=nftables for this module; its own line of figures."""
-    saved = os.environ.get("EGRESSGUARD_BACKEND")
-    os.environ["EGRESSGUARD_BACKEND"] = "nftables"
     start = dict(suite._pairs)
-    try:
+    with backend_env("nftables"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("EGRESSGUARD_BACKEND", None)
-        else:
-            os.environ["EGRESSGUARD_BACKEND"] = saved
     done = {k: suite._pairs[k] - start.get(k, 0) for k in suite._pairs}
     if done["policies"]:
         figures.append(f"model vs kernel (nftables): {done['policies']} policies, {done['pairs']} policy x probe "

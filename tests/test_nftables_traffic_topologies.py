@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
-from nftbed import legacy_tables
+from nftbed import legacy_tables, nftables_env  # noqa: F401 - the autouse fixture: EGRESSGUARD_BACKEND=nftables
 from test_traffic_topologies import *  # noqa: F403 - the suite's tests, collected again here
 from test_traffic_topologies import test_a_link_added_after_apply_is_guarded_from_its_first_packet
 
@@ -15,20 +14,6 @@ from egressguard.lab import Lab
 
 # Runs on both back ends by its own parameter already.
 del test_a_link_added_after_apply_is_guarded_from_its_first_packet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nftables_backend() -> Iterator[None]:
-    """EGRESSGUARD_BACKEND=nftables for this module (its pods are its tests' own, not `module_lab`)."""
-    saved = os.environ.get("EGRESSGUARD_BACKEND")
-    os.environ["EGRESSGUARD_BACKEND"] = "nftables"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("EGRESSGUARD_BACKEND", None)
-        else:
-            os.environ["EGRESSGUARD_BACKEND"] = saved
 
 
 @pytest.fixture(autouse=True)
