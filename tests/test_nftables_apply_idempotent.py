@@ -22,6 +22,8 @@ from test_apply_idempotent import (
 
 from egressguard.lab import Lab
 
+LAB_TOPOLOGIES = [{"iface": "net1"}, {"iface": "tun0"}]  # the iptables suite runs on eth0
+
 # iptables' chain names, and a text comparison that nft's listing order defeats: replaced below.
 del test_each_owned_chain_and_jump_exists_once, test_going_back_to_the_first_policy_restores_its_exact_rules
 
