@@ -1020,7 +1020,8 @@ class Lab:
         """`world_received` for several (proto, port) pairs, read in one listing per family."""
         pairs = sorted(set(wanted))
         devs = devices or self.world_ifaces
-        self._world_connections_settled()
+        if any(proto == "tcp" for proto, _ in pairs):
+            self._world_connections_settled()
         total = dict.fromkeys(pairs, 0)
         for tool in ("iptables-legacy", "ip6tables-legacy") if pairs else ():
             world = ("ip", "netns", "exec", self.world, tool, "-w", "-t", "raw")
@@ -1043,8 +1044,8 @@ class Lab:
         return total
 
     def _world_connections_settled(self, within: float = 2.0) -> None:
-        """Wait (at most `within` seconds) until no connection to a world listener is still opening
-        or closing. An answered probe's client returns once it has the banner; its last ACK or FIN may
+        """Wait (at most `within` seconds) until every established connection to a world listener
+        has ended. An answered probe's client returns once it has the banner; its last ACK or FIN may
         still be on its way through the link and would be counted in the next window (read as a
         blocked probe's packet). A world listener sends its banner and closes, so every connection
         to one ends in TIME-WAIT (or is gone) once the client's last packet has arrived. Half-open

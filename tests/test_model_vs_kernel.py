@@ -251,34 +251,28 @@ def test_kernel_verdict_equals_the_model(labs: dict[str, Lab], topology: dict[st
     assert {k: set(v) for k, v in reported["hosts"].items()} == {k: set(v) for k, v in facts.hosts.items()}, reported["hosts"]
     disagreements = []
     wanted = [(p, evaluate(validated, facts, p)) for p in batch]
+    refused = [(p, want) for p, want in wanted if want.verdict == "refuse"]
+    others = [(p, want) for p, want in wanted if want.verdict != "refuse"]
     # The probes the model refuses go first, judged where the world receives too: not one packet of
     # theirs may arrive (TCP, UDP and DNS, counted by port on every link of the pod).
-    wanted.sort(key=lambda pw: pw[1].verdict != "refuse")
-    counted = sorted({(p.protocol, p.port) for p, want in wanted if want.verdict == "refuse" and p.port
-                      and p.protocol in ("tcp", "udp") and p.destination not in LOCAL_DESTS})
+    counted = sorted({(p.protocol, p.port) for p, _ in refused
+                      if p.port and p.protocol in ("tcp", "udp") and p.destination not in LOCAL_DESTS})
     before = lab.world_counts(counted)
-    for i, (p, want) in enumerate(wanted):
-        if i and want.verdict != "refuse" and wanted[i - 1][1].verdict == "refuse":
-            before = _arrived(lab, counted, before, disagreements)
-        r = send(lab, p)
-        if not agrees(p, want, r) or metadata_refused(policy, p) and observed(p, r) != "refuse":
-            disagreements.append(f"uid {p.uid} {p.destination}:{p.port}/{p.protocol}: model {want}, kernel {r} {r.answer!r}")
-    if wanted and wanted[-1][1].verdict == "refuse":
-        _arrived(lab, counted, before, disagreements)
+    for group in (refused, others):
+        for p, want in group:
+            r = send(lab, p)
+            if not agrees(p, want, r) or metadata_refused(policy, p) and observed(p, r) != "refuse":
+                disagreements.append(f"uid {p.uid} {p.destination}:{p.port}/{p.protocol}: model {want}, "
+                                     f"kernel {r} {r.answer!r}")
+        if group is refused:
+            after = lab.world_counts(counted)
+            disagreements += [f"{after[k] - before[k]} packet(s) of refused probes to {k[0]} port {k[1]} "
+                              "reached the world" for k in counted if after[k] != before[k]]
     _shapes.add(lab.topology)
     _pairs["policies"] += 1
     _pairs["pairs"] += len(batch)
     _pairs["disagreements"] += len(disagreements)
     assert not disagreements, "\n".join([f"pod topology {lab.topology}", json.dumps(policy), *disagreements])
-
-
-def _arrived(lab: Lab, counted: list[tuple[str, int]], before: dict[tuple[str, int], int],
-             disagreements: list[str]) -> dict[tuple[str, int], int]:
-    """After the refused probes: any of their packets the world received is a disagreement."""
-    after = lab.world_counts(counted)
-    disagreements += [f"{after[k] - before[k]} packet(s) of refused probes to {k[0]} port {k[1]} reached the world"
-                      for k in counted if after[k] != before[k]]
-    return after
 
 
 def test_reapply_with_new_resolvers_when_root_is_confined(lab: Lab) -> None:
