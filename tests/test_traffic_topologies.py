@@ -170,7 +170,7 @@ def test_a_link_added_after_apply_is_guarded_from_its_first_packet(backend: str)
     """The rules name no interface but lo, so what leaves by a link that did not exist when the policy
     was applied is judged as on any other: not one of the confined uid's packets to a refused host
     arrives at the new link's far end, while the exempt uid's do and an allowed host answers."""
-    with Lab(iface="eth0") as lab:
+    with Lab(iface="tun0") as lab:
         applied(lab, policy(allow=[{"cidr": "203.0.113.10/32", "ports": [22]},
                                    {"cidr": "2001:db8:2::10/128", "ports": [22]}]), "--backend", backend)
         _add_late_link(lab)
