@@ -489,6 +489,7 @@ def _list_rules(
 # judged as it is, instead of leaving unconfined after a re-apply took its destination's allow away).
 EXEMPT_CTMARK = 0x20000000
 CONFINED_CTMARK = 0x10000000
+KERNEL_OPENED = "kernel-opened"  # the rule for connections the kernel opens for a process (_dispatch)
 
 
 def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = False,
@@ -518,6 +519,15 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
     rules += socketless
     if mark and named:
         rules.append(Rule(target=verdict, comment=closing, socketless=True, ct_direction="original", ctmark=bit))
+    if mark and not policy.confines_everyone:
+        # A connection the kernel opens on a process's behalf sends its first packet from a kernel
+        # socket, which no owner match attributes to anyone: an MPTCP socket's extra subflows (to
+        # addresses the peer announces), SMC's TCP handshake, RDS over TCP, RxRPC's UDP. Under a uid
+        # list such a packet would leave unjudged, so every socketless packet that opens a connection
+        # is judged as confined, whoever asked for it (under `confine: all` everything is). Marked as
+        # confined, so that its connection's later socketless packets are judged too (`confine-closing`).
+        rules.append(Rule(target=into, comment=KERNEL_OPENED, socketless=True, ct_states=("new",),
+                          ct_direction="original", ctmark_set=bit if orig_sets else None))
     if policy.confines_everyone:
         rules.append(Rule(target=into, comment="confine", goto=True))
     return tuple(rules)

@@ -18,6 +18,7 @@ from egressguard.ruleset import (
     DISPATCH,
     EXEMPT_CTMARK,
     FAMILIES,
+    KERNEL_OPENED,
     LEARNED_CTMARK,
     LOG_GROUP,
     LOG_PREFIX_MAX,
@@ -257,9 +258,27 @@ def test_the_uids_named_mark_their_connections_and_socketless_packets_on_them_go
         closings = [r for r in rules if r.comment == closing]
         assert [(r.socketless, r.ct_direction, r.ctmark, r.target) for r in closings] == [(True, "original", bit, verdict)]
         after = rules[rules.index(closings[0]) + 1:]
-        assert [r.comment for r in after] == (["confine"] if confine == "all" else [])
+        assert [r.comment for r in after] == (["confine"] if confine == "all" else [KERNEL_OPENED])
     nat = _chain(_build({**data, "redirect": [{"ports": [80], "to_port": 8444}]}), 4, "nat", DISPATCH)
     assert not [r for r in nat if r.ctmark_set or r.ctmark or "closing" in r.comment]
+
+
+def test_under_a_uid_list_socketless_packets_that_open_a_connection_are_judged_as_confined() -> None:
+    """A connection the kernel opens for a process (an MPTCP subflow, SMC, RDS, RxRPC) starts with a
+    packet no owner match attributes: under a uid list the dispatch's last rule sends such first
+    packets to the confined chain, marked as confined (nftables in the rule; iptables by the confined
+    chain's first rule), so the rest of their connection is judged as well. Under `confine: all`
+    everything not exempt goes there already; nat sees them unredirected."""
+    data = {"confine": {"uids": [1000]}, "redirect": [{"ports": [80], "to_port": 8444}]}
+    for family in FAMILIES:
+        for orig_sets in (False, True):
+            built = _build(data, orig_sets=orig_sets)
+            last = _chain(built, family, "filter", DISPATCH)[-1]
+            assert (last.comment, last.socketless, last.ct_states, last.ct_direction, last.target, last.ctmark_set) == (
+                KERNEL_OPENED, True, ("new",), "original", CONFINED, CONFINED_CTMARK if orig_sets else None)
+            assert KERNEL_OPENED not in {r.comment for r in _chain(built, family, "nat", DISPATCH)}
+        everyone = _build({"confine": {"uids": "all"}})
+        assert KERNEL_OPENED not in {r.comment for r in _chain(everyone, family, "filter", DISPATCH)}
 
 
 def test_a_confined_uid_list_dispatches_only_those_uids_with_no_exempt_rule() -> None:
@@ -504,7 +523,7 @@ def test_lockdown_keeps_replies_loopback_and_dns_and_refuses_everything_else(fam
 def test_lockdown_confines_the_same_uids_as_the_policy() -> None:
     rs = _build({"confine": {"uids": [1000, 1002]}}, lockdown=True)
     assert [(r.uid, r.socketless) for r in _chain(rs, 4, "filter", DISPATCH) if r.target == CONFINED] == [
-        (1000, False), (1002, False), (None, True)]
+        (1000, False), (1002, False), (None, True), (None, True)]  # confine-closing, kernel-opened
 
 
 # -- determinism, digest, rendering ------------------------------------------------------------

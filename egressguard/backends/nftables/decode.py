@@ -215,7 +215,7 @@ def decode_rule(r: dict[str, Any], family: Family, table: str,
         if kernel and "accept" in e and not f["target"]:
             f["target"] = "RETURN"
             continue
-        if kernel and "counter" not in e and "limit" not in e and not _is_verdict(e):
+        if kernel and "counter" not in e and "limit" not in e and "mangle" not in e and not _is_verdict(e):
             unknown.append("in the socketless chain: " + json.dumps(e, sort_keys=True))
             continue
         try:

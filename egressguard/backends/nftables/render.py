@@ -237,7 +237,8 @@ def limit_text(r: Rule) -> list[str]:
 def kernel_chain_rules(family: Family, table: str, r: Rule) -> list[str]:
     """The body of a socketless rule's own chain: user-owned packets go back, the rest is judged."""
     verdict = "accept" if r.target == "RETURN" else _verdict(family, table, r)
-    return [f"meta skuid {ANY_USER} return", " ".join([*limit_text(r), verdict])]
+    mark = [f"ct mark set ct mark or {r.ctmark_set:#x}"] if r.ctmark_set is not None else []
+    return [f"meta skuid {ANY_USER} return", " ".join([*limit_text(r), *mark, verdict])]
 
 
 def _owned_chain(target: str) -> bool:
