@@ -522,6 +522,7 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
     destination last) loaded with `nft -f`, less one group of rules at a time, rows interleaved."""
     dest = list_addresses(2)[-1]
     text = plan(write_policy(n, False), "nftables")
+    redirecting = plan(write_policy(n, True), "nftables")
     configs = {
         "no guard, connection tracking on (nft rule)": NFT_TRACKED,
         "+ an empty output filter chain (no rule)": NFT_TRACKED + NFT_FILTER_HOOK,
@@ -543,6 +544,11 @@ def ablation(runs: int, count: int, n: int) -> dict[str, list[tuple[float, float
         "its set as an interval set (as before run T)": text.replace("{ type ipv4_addr; }",
                                                                      "{ type ipv4_addr; flags interval; }"),
         "not installed: a verdict cache for allowed connections": _verdict_cache(text),
+        # Issue 12's target is the default policy's, which redirects (a nat chain on the output hook).
+        "+ empty output filter and nat chains (no rule)": NFT_TRACKED + NFT_FILTER_HOOK + NFT_NAT_HOOK,
+        "default policy (redirect: nat) + the same addresses, as installed": redirecting,
+        "default policy, dispatch only (owner match, nothing judged: the floor of a uid guard with a redirect)":
+            _without(redirecting),
     }
     def load(script: str) -> Callable[[str], object]:
         return lambda pod: sh("nft", "-f", "-", ns=pod, input=script)
@@ -593,7 +599,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5, help="runs per figure (median)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and connections")
     ap.add_argument("--sections", default="1234567", help="which sections to run, e.g. 13 (6: the DNS forwarder, "
-                    "7: import time)")
+                    "7: import time, b: section 3b alone)")
     ap.add_argument("--dns-rt", action="store_true", help="section 6: forwarder, client and upstream as "
                     "real-time processes (chrt -f 10) instead of nice -20")
     ap.add_argument("--dns-against", metavar="DIR", help="section 6 only: rounds alternating between this "
@@ -621,6 +627,7 @@ def main() -> int:
         section_scale(runs, sizes)
     if "3" in args.sections:
         section_per_packet(runs, args.quick)
+    if "3" in args.sections or "b" in args.sections:
         section_ablation(runs, args.quick)
     if "5" in args.sections:
         section_log_cost(runs, args.quick)
@@ -698,7 +705,8 @@ def section_ablation(runs: int, quick: bool) -> None:
     base = "no guard, connection tracking on (nft rule)"
     full = "egressguard as installed"
     print(f"\n### 3b. Where the nftables guard's cost is (no redirect, {n:,} addresses, dest last; "
-          f"its nft plan less one group of rules at a time, {count} connections per run)\n")
+          f"its nft plan less one group of rules at a time; the last rows with the default policy's "
+          f"redirect; {count} connections per run)\n")
     print("| what | conns per CPU-s | vs conntrack on (nft rule) | vs egressguard as installed |\n|---|---:|---:|---:|")
     for name, found in rates.items():
         cpu = statistics.median(r[1] for r in found)
