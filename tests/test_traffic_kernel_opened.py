@@ -3,7 +3,8 @@ SYN from a kernel socket that has no owner yet, so no owner match sees whose it 
 and RxRPC send from such sockets too (this kernel has only MPTCP, so only it is tested). Under a uid
 list those SYNs left unjudged: a confined process's MPTCP connection to an allowed host that announces
 another address (ADD_ADDR) made the pod's kernel send a SYN to that address, though the policy
-refuses it. Judged at the world's end of the pod's link."""
+refuses it. Judged at the world's end of the pod's link. A VXLAN device stands in for the kernel UDP
+sockets (RxRPC's): its outer packets have no owner either."""
 
 from __future__ import annotations
 
@@ -137,3 +138,47 @@ def test_an_mptcp_subflow_to_an_address_the_peer_announces_is_judged_as_the_conf
         finally:
             server.kill()
             server.wait()
+
+
+# -- a kernel tunnel in the pod: the price of the rule, and the same rule for a kernel UDP socket --
+
+TUNNEL_PEER = {4: "203.0.113.11", 6: "2001:db8:2::11"}
+VXLAN_PORT = 4789
+INTO_TUNNEL = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(10):
+    s.sendto(b"x", ("198.18.42.1", 9))
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize(("backend", "family", "iface"), [("iptables", 4, "net1"), ("nftables", 6, "veth1a2b3c4d")],
+                         ids=lambda v: str(v))
+def test_a_kernel_tunnel_in_the_pod_reaches_its_peer_only_once_the_policy_allows_it(
+        backend: str, family: int, iface: str) -> None:
+    """A VXLAN device in the pod (what a platform's own tunnel would be) sends its outer UDP from a
+    kernel socket, as RxRPC does for a process: no owner. Under a uid list (root is not confined) not
+    one outer packet reaches the peer until the policy allows the peer's port; then they arrive."""
+    peer = TUNNEL_PEER[family]
+    with Lab(iface=iface, prefix="kt") as lab:
+        applied(lab, policy(), "--backend", backend)
+        made = lab.in_pod("ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "remote", peer,
+                          "dstport", str(VXLAN_PORT), "dev", iface)
+        assert made.returncode == 0, made.stderr
+        for argv in (("ip", "addr", "add", "198.18.42.2/24", "dev", "vx0"), ("ip", "link", "set", "vx0", "up")):
+            assert lab.in_pod(*argv).returncode == 0
+        counted = [("udp", VXLAN_PORT)]
+
+        def outer_packets_arriving() -> int:
+            before = lab.world_counts(counted)[counted[0]]
+            # Datagrams into the tunnel (as root: unconfined); its neighbour lookups go out as outer UDP.
+            sent = lab.in_pod(PYTHON, "-c", INTO_TUNNEL)
+            assert sent.returncode == 0, sent.stderr
+            return lab.world_counts(counted)[counted[0]] - before
+
+        assert outer_packets_arriving() == 0
+        net = "/32" if family == 4 else "/128"
+        applied(lab, policy(allow=[{"cidr": peer + net, "ports": [VXLAN_PORT], "protocol": "udp"}]),
+                "--backend", backend)
+        assert outer_packets_arriving() > 0
