@@ -503,7 +503,8 @@ def _dispatch(policy: Policy, into: str, mark: bool = False, orig_sets: bool = F
     (a uid list's is the confined chain's first rule, `_confined_head`: no owner match to repeat).
     `socketless`: rules for packets without a socket owner (the kernel's membership reports), after
     the named uids' rules, which match by owner only (so no packet meets both), and before the closing
-    and catch-all rules, which they must precede: a named uid's packet does not walk them."""
+    and catch-all rules, which they must precede: a named uid's packet does not walk them. Under a uid
+    list the last rule (`kernel-opened`) sends socketless packets that open a connection to `into`."""
     named, bit, verdict, closing = (
         (sorted(set(policy.exempt.uids)), EXEMPT_CTMARK, "RETURN", "exempt-closing") if policy.confines_everyone
         else (sorted(set(cast(list[int], policy.confine.uids))), CONFINED_CTMARK, into, "confine-closing"))
