@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 from egtraffic import FAST, applied, policy
 
-from egressguard.lab import CONFINED, EXEMPT, Lab
+from egressguard.lab import CONFINED, EXEMPT, WORLD_IFACE, Lab
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(Path("/proc/sys/net/mptcp/enabled").read_text().strip() != "1"
-                       if Path("/proc/sys/net/mptcp/enabled").exists() else True,
-                       reason="this kernel has no MPTCP (or has it off)"),
-]
+pytestmark = pytest.mark.netns
+
+_MPTCP_SWITCH = Path("/proc/sys/net/mptcp/enabled")
+needs_mptcp = pytest.mark.skipif(not _MPTCP_SWITCH.exists() or _MPTCP_SWITCH.read_text().strip() != "1",
+                                 reason="this kernel has no MPTCP (or has it off)")
 
 PYTHON = "/usr/bin/python3"
 IPPROTO_MPTCP = 262
@@ -81,9 +80,8 @@ def _mptcp_world(lab: Lab, family: int) -> subprocess.Popen[bytes]:
     # An IPv6 announcement with a port takes 30 bytes of TCP options: no room beside timestamps.
     subprocess.run(["ip", "netns", "exec", lab.world, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0"], check=True)
     _mptcp(lab.world, "limits", "set", "subflows", "4", "add_addr_accepted", "4")
-    dev = "eth0w"
-    _mptcp(lab.world, "endpoint", "add", refused, "dev", dev, "port", str(REFUSED_PORT), "signal")
-    _mptcp(lab.world, "endpoint", "add", allowed, "dev", dev, "port", str(ALLOWED_PORT), "signal")
+    _mptcp(lab.world, "endpoint", "add", refused, "dev", WORLD_IFACE, "port", str(REFUSED_PORT), "signal")
+    _mptcp(lab.world, "endpoint", "add", allowed, "dev", WORLD_IFACE, "port", str(ALLOWED_PORT), "signal")
     server = subprocess.Popen(["ip", "netns", "exec", lab.world, PYTHON, "-c", SERVER])
     for _ in range(200):
         if subprocess.run(["ss", "-N", lab.world, "-Hltn", f"sport = :{PORT}"], capture_output=True,
@@ -94,6 +92,7 @@ def _mptcp_world(lab: Lab, family: int) -> subprocess.Popen[bytes]:
     raise AssertionError("the world's MPTCP server did not start")
 
 
+@needs_mptcp
 @pytest.mark.parametrize(("backend", "confine", "family", "iface"), [
     ("iptables", "uids", 4, "net1"),
     ("iptables", "uids", 6, "veth1a2b3c4d"),
@@ -168,14 +167,13 @@ def test_a_kernel_tunnel_in_the_pod_reaches_its_peer_only_once_the_policy_allows
         assert made.returncode == 0, made.stderr
         for argv in (("ip", "addr", "add", "198.18.42.2/24", "dev", "vx0"), ("ip", "link", "set", "vx0", "up")):
             assert lab.in_pod(*argv).returncode == 0
-        counted = [("udp", VXLAN_PORT)]
 
         def outer_packets_arriving() -> int:
-            before = lab.world_counts(counted)[counted[0]]
+            before = lab.world_received("udp", VXLAN_PORT)
             # Datagrams into the tunnel (as root: unconfined); its neighbour lookups go out as outer UDP.
             sent = lab.in_pod(PYTHON, "-c", INTO_TUNNEL)
             assert sent.returncode == 0, sent.stderr
-            return lab.world_counts(counted)[counted[0]] - before
+            return lab.world_received("udp", VXLAN_PORT) - before
 
         assert outer_packets_arriving() == 0
         net = "/32" if family == 4 else "/128"
